@@ -1,0 +1,46 @@
+# The two commands of the README: `make demo` and `make test`. Each sets up what it needs:
+# a virtualenv with the package installed editable, and the consul / redis-server binaries.
+PYTHON ?= python3
+VENV := .venv
+VENV_PYCONSUL := .venv-py-consul
+SERVERS := .servers/env
+PYTEST_ARGS ?=
+
+.PHONY: demo test test-python-consul2 test-py-consul lint bench servers venv clean
+
+demo: $(VENV)/.installed $(SERVERS)
+	$(VENV)/bin/python -m example_project.demo
+
+test: lint test-python-consul2 test-py-consul
+
+# The whole suite, with python-consul2 (the declared dependency).
+test-python-consul2: $(VENV)/.installed $(SERVERS)
+	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+
+# The adapter and lock tests again with the maintained fork py-consul instead.
+test-py-consul: $(VENV_PYCONSUL)/.installed $(SERVERS)
+	$(VENV_PYCONSUL)/bin/python -m pytest -m client $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check celery_consul_lock tests bench example_project
+	$(VENV)/bin/ruff format --check celery_consul_lock
+
+bench: $(VENV)/.installed $(SERVERS)
+	$(VENV)/bin/python bench/lock_cost.py
+
+servers: $(SERVERS)
+venv: $(VENV)/.installed
+
+$(SERVERS): scripts/provision.sh
+	bash scripts/provision.sh
+
+$(VENV)/.installed: pyproject.toml scripts/venv.sh
+	bash scripts/venv.sh $(PYTHON) $(VENV) python-consul2
+	touch $@
+
+$(VENV_PYCONSUL)/.installed: pyproject.toml scripts/venv.sh
+	bash scripts/venv.sh $(PYTHON) $(VENV_PYCONSUL) py-consul
+	touch $@
+
+clean:
+	rm -rf $(VENV) $(VENV_PYCONSUL) .servers .demo

@@ -1,0 +1,348 @@
+"""The one door to Consul: every HTTP call this package makes goes through :class:`ConsulClient`.
+
+This is the only module that imports the Consul client library (``consul``, installed by
+python-consul2 or by its maintained fork py-consul; both are supported). It pins down
+what the two libraries do differently: it never lets them read ``CONSUL_HTTP_*`` (the
+settings module already did, with our precedence), sends the token as a header on the
+connection (so it is in no URL, log line or exception text), sets a timeout on every
+request, and turns every failure into a :class:`~celery_consul_lock.errors.ConsulLockError`
+that names the agent's address or the ACL permission involved.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import re
+import threading
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import consul as consul_lib
+import requests
+
+from .errors import ACLDenied, ConsulLockError, ConsulUnavailable, SessionGone
+from .settings import ConsulSettings
+
+__all__ = ["LOCK_FLAG", "ConsulClient", "KVEntry", "LockAttempt", "thread_client"]
+
+log = logging.getLogger(__name__)
+
+#: The flags value ``consul lock`` and the Go client write on a lock key
+#: (``api.LockFlagValue``); a key with other non-zero flags is not a lock.
+LOCK_FLAG = 0x2DDCCBC058A50C18
+
+#: How much longer than ``wait`` a blocking query may take: Consul adds up to wait/16
+#: of jitter before answering.
+BLOCKING_JITTER = 1 / 16
+
+
+@dataclass(frozen=True)
+class KVEntry:
+    """One key as Consul returns it."""
+
+    key: str
+    value: bytes | None
+    flags: int
+    session: str | None
+    create_index: int
+    modify_index: int
+    lock_index: int
+
+    @classmethod
+    def from_api(cls, data: dict[str, Any]) -> KVEntry:
+        value = data.get("Value")
+        if isinstance(value, str):
+            value = base64.b64decode(value)
+        return cls(
+            key=data["Key"],
+            value=value,
+            flags=int(data.get("Flags") or 0),
+            session=data.get("Session") or None,
+            create_index=int(data.get("CreateIndex") or 0),
+            modify_index=int(data.get("ModifyIndex") or 0),
+            lock_index=int(data.get("LockIndex") or 0),
+        )
+
+
+@dataclass(frozen=True)
+class LockAttempt:
+    """The answer to one acquire: taken (with its fencing token) or why not."""
+
+    acquired: bool
+    #: The key's ModifyIndex written by this acquire: the fencing token.
+    modify_index: int = 0
+    #: When not acquired: "held" (another session has it), "lock-delay" (free, but inside
+    #: a lock-delay), or "session" (our session is gone).
+    reason: str = ""
+
+
+class ConsulClient:
+    """A connection to one agent, with our error handling around every call.
+
+    Not shared between threads: each thread that talks to Consul (callers, the renewer,
+    each watcher) uses its own, so a blocking query never holds up a renewal.
+    """
+
+    def __init__(self, settings: ConsulSettings, *, timeout: float | None = None) -> None:
+        self.settings = settings
+        self.address = settings.base_url
+        self.timeout = settings.timeout if timeout is None else timeout
+        self._client = _make_client(settings, self.timeout)
+
+    def __repr__(self) -> str:
+        return f"<ConsulClient {self.address}>"
+
+    def close(self) -> None:
+        self._client.http.session.close()
+
+    # -- sessions -------------------------------------------------------------------
+
+    def session_create(
+        self,
+        name: str,
+        *,
+        ttl: float,
+        lock_delay: float,
+        checks: Sequence[str],
+        behavior: str = "release",
+    ) -> str:
+        """Create a session; returns its ID."""
+        with self._errors("creating a session", "session:write", "the agent's node"):
+            return str(
+                self._client.session.create(
+                    name=name,
+                    checks=list(checks),
+                    lock_delay=_seconds(lock_delay),
+                    behavior=behavior,
+                    ttl=_seconds(ttl),
+                    dc=self.settings.datacenter,
+                )
+            )
+
+    def session_renew(self, session: str, *, timeout: float | None = None) -> float:
+        """Renew a session; returns the TTL the server now uses. Raises SessionGone."""
+        with self._errors("renewing a session", "session:write", "the agent's node", timeout=timeout, session=session):
+            answer = self._client.session.renew(session, dc=self.settings.datacenter)
+        if answer is None:
+            raise SessionGone(session, self.address)
+        return _parse_go_duration(answer.get("TTL", "")) or self.settings.ttl
+
+    def session_destroy(self, session: str) -> bool:
+        with self._errors("destroying a session", "session:write", "the agent's node"):
+            return bool(self._client.session.destroy(session, dc=self.settings.datacenter))
+
+    def session_info(self, session: str) -> dict[str, Any] | None:
+        with self._errors("reading a session", "session:read", "the agent's node"):
+            _, info = self._client.session.info(session, dc=self.settings.datacenter)
+        return info
+
+    def session_list(self) -> list[dict[str, Any]]:
+        with self._errors("listing sessions", "session:read", "any node"):
+            _, sessions = self._client.session.list(dc=self.settings.datacenter)
+        return list(sessions or [])
+
+    # -- KV ---------------------------------------------------------------------------
+
+    def kv_get(
+        self,
+        key: str,
+        *,
+        index: int | None = None,
+        wait: float | None = None,
+        consistent: bool = False,
+    ) -> tuple[int, KVEntry | None]:
+        """Read a key; with ``index``, a blocking query that returns when the key's index
+        passes it or ``wait`` ends. Returns (X-Consul-Index, entry or None)."""
+        timeout = None
+        if index:
+            timeout = self.timeout + (wait or 300) * (1 + BLOCKING_JITTER)
+        with self._errors("reading a key", "key:read", key, timeout=timeout):
+            idx, data = self._client.kv.get(
+                key,
+                index=index or None,
+                wait=_go_duration(wait) if index and wait is not None else None,
+                consistency="consistent" if consistent else None,
+                dc=self.settings.datacenter,
+            )
+        return int(idx or 0), (KVEntry.from_api(data) if data else None)
+
+    def kv_keys(self, prefix: str) -> list[KVEntry]:
+        """Every key under ``prefix``."""
+        with self._errors("listing keys", "key:read", prefix):
+            _, data = self._client.kv.get(prefix, recurse=True, dc=self.settings.datacenter)
+        return [KVEntry.from_api(d) for d in data or []]
+
+    def kv_put(self, key: str, value: bytes, *, cas: int | None = None, flags: int | None = None) -> bool:
+        """Write a key; with ``cas``, only if its ModifyIndex is ``cas`` (0: if absent)."""
+        with self._errors("writing a key", "key:write", key):
+            return bool(self._client.kv.put(key, value, cas=cas, flags=flags, dc=self.settings.datacenter))
+
+    def kv_delete(self, key: str, *, cas: int | None = None) -> bool:
+        with self._errors("deleting a key", "key:write", key):
+            return bool(self._client.kv.delete(key, cas=cas, dc=self.settings.datacenter))
+
+    def kv_lock(self, key: str, session: str, value: bytes, flags: int = LOCK_FLAG) -> LockAttempt:
+        """Acquire ``key`` for ``session`` in one transaction, which also returns the
+        key's new ModifyIndex atomically: the fencing token."""
+        op = {"Verb": "lock", "Key": key, "Value": base64.b64encode(value).decode(), "Flags": flags, "Session": session}
+        ok, results, errors = self.txn([{"KV": op}], action="acquiring a lock", resource=key)
+        if ok:
+            return LockAttempt(True, int(results[0]["KV"]["ModifyIndex"]))
+        what = " ".join(str(e.get("What", "")) for e in errors)
+        if "lock delay" in what:
+            return LockAttempt(False, reason="lock-delay")
+        if "invalid session" in what:
+            return LockAttempt(False, reason="session")
+        if "already held" in what:
+            return LockAttempt(False, reason="held")
+        raise ConsulLockError(f"Consul at {self.address} refused to lock {key!r}: {what}")
+
+    def kv_acquire(self, key: str, session: str, value: bytes, flags: int = LOCK_FLAG) -> bool:
+        """``PUT ?acquire=`` (what ``consul lock`` and curl scripts do); True if taken."""
+        with self._errors("acquiring a lock", "key:write", key, session=session):
+            return bool(self._client.kv.put(key, value, acquire=session, flags=flags, dc=self.settings.datacenter))
+
+    def kv_release(self, key: str, session: str, value: bytes, flags: int = LOCK_FLAG) -> bool:
+        """``PUT ?release=``: frees the key only if ``session`` holds it (Consul checks);
+        no lock-delay follows. True if we held it."""
+        with self._errors("releasing a lock", "key:write", key):
+            return bool(self._client.kv.put(key, value, release=session, flags=flags, dc=self.settings.datacenter))
+
+    def txn(
+        self, ops: list[dict[str, Any]], *, action: str = "running a transaction", resource: str = "the keys involved"
+    ) -> tuple[bool, list[dict[str, Any]], list[dict[str, Any]]]:
+        """``PUT /v1/txn``: all operations or none. Returns (ok, results, errors); a
+        ``check-session`` that fails gives ok=False, not an exception."""
+        params = [("dc", self.settings.datacenter)] if self.settings.datacenter else None
+        with self._errors(action, "key:write", resource):
+            code, body = self._client.http.put(_raw, "/v1/txn", params=params, data=json.dumps(ops))
+        if code == 403:
+            raise ACLDenied(self.address, action, "key:write", resource)
+        if code not in (200, 409):
+            raise ConsulLockError(f"Consul at {self.address} answered {code} while {action}: {body.strip()}")
+        data = json.loads(body)
+        return code == 200, list(data.get("Results") or []), list(data.get("Errors") or [])
+
+    # -- errors -----------------------------------------------------------------------
+
+    @contextmanager
+    def _errors(
+        self, action: str, permission: str, resource: str, *, timeout: float | None = None, session: str | None = None
+    ) -> Iterator[None]:
+        http = self._client.http
+        if timeout is not None:
+            saved = _get_timeout(http)
+            _set_timeout(http, timeout)
+        try:
+            yield
+        except requests.exceptions.SSLError as exc:
+            raise ConsulUnavailable(self.address, action, f"TLS failed ({_short(exc)}); check consul_lock_ca_file / CONSUL_CACERT and the client certificate") from None
+        except requests.exceptions.Timeout:
+            raise ConsulUnavailable(self.address, action, "no answer within the timeout") from None
+        except requests.exceptions.RequestException as exc:
+            raise ConsulUnavailable(self.address, action, _short(exc)) from None
+        except consul_lib.ACLPermissionDenied:
+            raise ACLDenied(self.address, action, permission, resource) from None
+        except consul_lib.ConsulException as exc:
+            text = str(exc)
+            if session is not None and (isinstance(exc, consul_lib.NotFound) or "invalid session" in text.lower()):
+                raise SessionGone(session, self.address) from None
+            raise ConsulLockError(f"Consul at {self.address} failed while {action}: {text.strip()}") from None
+        finally:
+            if timeout is not None:
+                _set_timeout(http, saved)
+
+
+class _ThreadClients(threading.local):
+    clients: dict[ConsulSettings, ConsulClient]
+
+    def __init__(self) -> None:
+        self.clients = {}
+
+
+_THREAD_CLIENTS = _ThreadClients()
+
+
+def _forget_thread_clients() -> None:
+    # A forked child must not reuse the parent's keep-alive sockets.
+    global _THREAD_CLIENTS
+    _THREAD_CLIENTS = _ThreadClients()
+
+
+os.register_at_fork(after_in_child=_forget_thread_clients)
+
+
+def thread_client(settings: ConsulSettings) -> ConsulClient:
+    """This thread's keep-alive connection for ``settings`` (one per thread and process)."""
+    clients = _THREAD_CLIENTS.clients
+    client = clients.get(settings)
+    if client is None:
+        client = clients[settings] = ConsulClient(settings)
+    return client
+
+
+def _raw(response: Any) -> tuple[int, str]:
+    return int(response.code), str(response.body)
+
+
+def _short(exc: BaseException) -> str:
+    """The gist of a requests error, without the URL (which never holds the token anyway)."""
+    text = str(exc)
+    for marker in ("Connection refused", "Name or service not known", "certificate verify failed", "timed out", "No route to host"):
+        if marker in text:
+            return marker.lower()
+    return type(exc).__name__
+
+
+def _seconds(value: float) -> int | float:
+    """Seconds as the client libraries format them ("%ss"): whole numbers without ".0"."""
+    return int(value) if float(value).is_integer() else value
+
+
+def _go_duration(seconds: float) -> str:
+    return f"{int(seconds * 1000)}ms"
+
+
+def _parse_go_duration(text: str) -> float | None:
+    units = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+    parts = re.findall(r"([\d.]+)(ns|us|µs|ms|s|m|h)", text or "")
+    return sum(float(n) * units[u] for n, u in parts) if parts else None
+
+
+def _get_timeout(http: Any) -> float | None:
+    return http.connections_timeout if callable(getattr(http, "timeout", None)) else http.timeout
+
+
+def _set_timeout(http: Any, seconds: float | None) -> None:
+    # py-consul computes the timeout per request from `connections_timeout` (adding a
+    # blocking query's wait itself); python-consul2 reads a plain `timeout` attribute.
+    if callable(getattr(http, "timeout", None)):
+        http.connections_timeout = seconds
+    else:
+        http.timeout = seconds
+
+
+def _make_client(settings: ConsulSettings, timeout: float) -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        client = consul_lib.Consul(host=settings.host, port=settings.port, scheme=settings.scheme, dc=settings.datacenter)
+    # Replace the connection the library built from CONSUL_HTTP_* with one built from our
+    # settings, whatever the environment says.
+    verify: bool | str = settings.verify
+    if settings.verify and settings.ca_file:
+        verify = settings.ca_file
+    cert = (settings.client_cert, settings.client_key) if settings.client_cert else None
+    http = type(client.http)(host=settings.host, port=settings.port, scheme=settings.scheme, verify=verify, cert=cert)
+    _set_timeout(http, timeout)
+    if settings.token:
+        http.session.headers["X-Consul-Token"] = settings.token
+    client.http = http
+    client.token = None  # never sent as a URL parameter
+    client.scheme = settings.scheme
+    return client

@@ -1,0 +1,130 @@
+"""The package's exceptions: one base class, each error carrying what it is about.
+
+Every exception keeps its constructor arguments in ``args`` so that it pickles (Celery
+pickles a task's exception to store it as the result) and compares by value. Messages
+say what happened and what to do; none ever contains an ACL token.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ACLDenied",
+    "ConsulLockError",
+    "ConsulUnavailable",
+    "InvalidSetting",
+    "LockConflict",
+    "LockLost",
+    "LockTimeout",
+    "SessionGone",
+]
+
+
+class ConsulLockError(Exception):
+    """Base class of every error raised by celery-consul-lock."""
+
+    def __reduce__(self) -> tuple[type[ConsulLockError], tuple[object, ...]]:
+        return (type(self), self.args)
+
+
+class InvalidSetting(ConsulLockError, ValueError):
+    """A setting has a value we refuse at start-up; names the setting and the value."""
+
+    def __init__(self, setting: str, value: object, reason: str) -> None:
+        super().__init__(setting, value, reason)
+        self.setting = setting
+        self.value = value
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{self.setting}={self.value!r} is invalid: {self.reason}"
+
+
+class ConsulUnavailable(ConsulLockError):
+    """The Consul agent could not be reached (refused, timed out, TLS failure)."""
+
+    def __init__(self, address: str, action: str, detail: str) -> None:
+        super().__init__(address, action, detail)
+        self.address = address
+        self.action = action
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return (
+            f"Consul agent at {self.address} is unreachable while {self.action}: {self.detail}. "
+            "Check that the agent runs there, or point consul_lock_address / CONSUL_HTTP_ADDR at it."
+        )
+
+
+class ACLDenied(ConsulLockError):
+    """Consul refused a request with 403: the token lacks ``permission`` on ``resource``."""
+
+    def __init__(self, address: str, action: str, permission: str, resource: str) -> None:
+        super().__init__(address, action, permission, resource)
+        self.address = address
+        self.action = action
+        self.permission = permission
+        self.resource = resource
+
+    def __str__(self) -> str:
+        return (
+            f"Consul at {self.address} denied {self.action}: the ACL token needs "
+            f"{self.permission} on {self.resource!r} (set consul_lock_token / CONSUL_HTTP_TOKEN "
+            "to a token whose policy grants it)."
+        )
+
+
+class SessionGone(ConsulLockError):
+    """The Consul session no longer exists (destroyed, TTL expired, or a check failed)."""
+
+    def __init__(self, session: str, address: str) -> None:
+        super().__init__(session, address)
+        self.session = session
+        self.address = address
+
+    def __str__(self) -> str:
+        return (
+            f"Consul session {self.session} is gone at {self.address} (destroyed, expired or "
+            "invalidated by a failing check); every lock it held is lost. A new acquire "
+            "creates a new session."
+        )
+
+
+class LockConflict(ConsulLockError):
+    """The key exists with flags that mark it as something other than a lock."""
+
+    def __init__(self, key: str, flags: int) -> None:
+        super().__init__(key, flags)
+        self.key = key
+        self.flags = flags
+
+    def __str__(self) -> str:
+        return (
+            f"key {self.key!r} has flags {self.flags:#x}, so it is not a lock (a semaphore or "
+            "other data?); refusing to overwrite it. Use another key."
+        )
+
+
+class LockTimeout(ConsulLockError, TimeoutError):
+    """A blocking acquire gave up at its timeout; carries who held the key, if known."""
+
+    def __init__(self, key: str, timeout: float, holder: str | None = None) -> None:
+        super().__init__(key, timeout, holder)
+        self.key = key
+        self.timeout = timeout
+        self.holder = holder
+
+    def __str__(self) -> str:
+        held = f"; held by {self.holder}" if self.holder else ""
+        return f"could not acquire {self.key!r} within {self.timeout:g} s{held}"
+
+
+class LockLost(ConsulLockError):
+    """The lock was lost while held: the work it guards may now run elsewhere."""
+
+    def __init__(self, key: str, reason: str) -> None:
+        super().__init__(key, reason)
+        self.key = key
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"lock {self.key!r} was lost: {self.reason}"

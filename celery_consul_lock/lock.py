@@ -1,0 +1,472 @@
+"""ConsulLock: a mutual-exclusion lock on one Consul KV key, compatible with ``consul lock``.
+
+The key (``PREFIX/.lock`` by convention, e.g. ``locks/backup/.lock``) is acquired for a
+Consul session with the flags ``consul lock`` and the Go client use, so this lock, the
+``consul lock`` command and a hand-written curl script that acquires the same key exclude
+each other. The key's value says who holds it (JSON: host, pid, name, acquired_at, plus
+whatever the caller adds); :meth:`ConsulLock.holder` reads it.
+
+Guarantee: while Consul works, at most one session holds the key, and within one process
+at most one ``ConsulLock`` (and one thread) holds it although they share a session.
+
+Limit: like every lease, the lock can be lost while held — the session destroyed, its node
+failing a check, the agent unreachable past the fencing deadline, the key deleted. Loss
+sets :attr:`ConsulLock.lost` and runs the ``on_lost`` callbacks, before Consul can give the
+key to another holder when the cause is a lost connection (self-fencing). It is NOT safe
+to assume the lock is held until :meth:`release`: check :attr:`held` before side effects,
+or pass :attr:`fencing_token` along so the resource can refuse a stale holder.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from datetime import datetime, timezone
+from typing import Any
+
+from .consul import LOCK_FLAG, ConsulClient, KVEntry, thread_client
+from .errors import ConsulLockError, LockConflict, LockLost, LockTimeout, SessionGone
+from .session import LockSession, retire_if_unused, shared_session
+from .settings import ConsulSettings
+
+__all__ = ["ConsulLock", "LockHolder"]
+
+acquire_log = logging.getLogger("celery_consul_lock.lock.acquire")
+release_log = logging.getLogger("celery_consul_lock.lock.release")
+watch_log = logging.getLogger("celery_consul_lock.lock.watch")
+
+#: A key in lock-delay cannot be taken and tells nobody when it frees; poll it this often
+#: so that once a lock-delay is in effect, we do not hot loop (the Go client waits 5 s,
+#: which would add seconds to every takeover).
+LOCK_DELAY_RETRY = 0.25
+#: Longest single blocking query while waiting for a held key; Consul caps waits at 10 min.
+WAIT_MAX = 60.0
+#: The watcher's blocking-query wait; the release of the key ends it early.
+WATCH_WAIT = 60.0
+#: After a watcher's read fails, try again after this (the Go client's MonitorRetryTime);
+#: the session's fencing deadline covers longer outages.
+WATCH_RETRY = 1.0
+#: Several failed attempts in a row with a session Consul says is gone means something
+#: destroys our sessions as fast as we create them; give up rather than loop.
+SESSION_RETRIES = 3
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    """Who holds a lock key, as far as the key's value and its session tell."""
+
+    key: str
+    session: str
+    host: str | None = None
+    pid: int | None = None
+    name: str | None = None
+    acquired_at: str | None = None
+    #: Whatever else the holder wrote into the value (e.g. a Celery task id).
+    extra: dict[str, Any] = field(default_factory=dict)
+    #: The session's name and node, as Consul reports them (for holders that write no value).
+    session_name: str | None = None
+    node: str | None = None
+    #: The key's ModifyIndex when it was taken: the holder's fencing token.
+    fencing_token: int | None = None
+
+    @classmethod
+    def from_entry(cls, entry: KVEntry, session_info: dict[str, Any] | None = None) -> LockHolder:
+        data: dict[str, Any] = {}
+        if entry.value:
+            try:
+                loaded = json.loads(entry.value)
+                data = loaded if isinstance(loaded, dict) else {"value": loaded}
+            except ValueError:
+                data = {"value": entry.value.decode("utf-8", "replace")}
+        known = {k: data.pop(k, None) for k in ("host", "pid", "name", "acquired_at")}
+        data.pop("session", None)
+        return cls(
+            key=entry.key,
+            session=entry.session or "",
+            host=known["host"],
+            pid=known["pid"],
+            name=known["name"],
+            acquired_at=known["acquired_at"],
+            extra=data,
+            session_name=(session_info or {}).get("Name"),
+            node=(session_info or {}).get("Node"),
+            fencing_token=entry.modify_index,
+        )
+
+    def __str__(self) -> str:
+        parts = []
+        if self.name:
+            parts.append(f"{self.name!r}")
+        if self.host or self.pid:
+            parts.append(f"on {self.host or '?'} pid {self.pid or '?'}")
+        parts.extend(f"{k}={v}" for k, v in sorted(self.extra.items()))
+        if not (self.host or self.name) and self.session_name:
+            parts.append(f"session {self.session_name!r} on node {self.node or '?'}")
+        parts.append(f"(session {self.session[:8]})")
+        return " ".join(parts)
+
+
+class _LocalKeys:
+    """Keys held in this process: Consul answers true when the same session acquires a
+    key twice, so two locks sharing a session must be kept apart here."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._held: dict[tuple[str, str | None, str], ConsulLock] = {}
+
+    def claim(self, ident: tuple[str, str | None, str], owner: ConsulLock, deadline: float | None) -> ConsulLock | None:
+        """Claim ``ident`` for ``owner`` by ``deadline``; returns None, or the other owner."""
+        with self._cond:
+            while ident in self._held:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return self._held[ident]
+                self._cond.wait(left)
+            self._held[ident] = owner
+            return None
+
+    def free(self, ident: tuple[str, str | None, str], owner: ConsulLock) -> None:
+        with self._cond:
+            if self._held.get(ident) is owner:
+                del self._held[ident]
+                self._cond.notify_all()
+
+
+_LOCAL = _LocalKeys()
+#: Keys this process has checked are locks (flags 0 or LOCK_FLAG), so the fast path can
+#: acquire without reading first.
+_KNOWN_LOCK_KEYS: set[tuple[str, str]] = set()
+
+
+class ConsulLock:
+    """A lock on one Consul key, held by a Consul session.
+
+    ``with ConsulLock("locks/backup/.lock"): ...`` waits for the lock (up to ``timeout``
+    if given, then raises :class:`LockTimeout`) and releases it on exit.
+    ``acquire(blocking=False)`` takes it or reports the holder in :attr:`last_holder` at
+    once. Settings not given as keyword arguments come from Consul's ``CONSUL_HTTP_*``
+    environment variables, then the defaults (see :class:`ConsulSettings`).
+
+    By default the lock uses its process's shared session, so an acquire + release costs
+    two KV writes; ``private_session=True`` gives it a session of its own for each
+    acquisition, destroyed after release.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        *,
+        name: str | None = None,
+        value: dict[str, Any] | None = None,
+        timeout: float | None = None,
+        private_session: bool = False,
+        on_lost: Callable[[ConsulLock, str], None] | None = None,
+        settings: ConsulSettings | None = None,
+        **setting_values: Any,
+    ) -> None:
+        if settings is None:
+            settings = ConsulSettings.resolve(setting_values)
+        elif setting_values:
+            settings = ConsulSettings.resolve({**_as_dict(settings), **setting_values}, env={})
+        self.settings = settings
+        self.key = settings.full_key(key)
+        self.name = name or self.key
+        self.value = dict(value or {})
+        self.timeout = timeout
+        self.private_session = private_session
+        #: Set when the lock is lost while held; cleared by the next acquire.
+        self.lost = threading.Event()
+        #: Why the lock was lost, once :attr:`lost` is set.
+        self.lost_reason: str | None = None
+        #: The key's ModifyIndex at our acquisition; grows with every new holder.
+        self.fencing_token: int | None = None
+        #: Who held the key when our last acquire gave up (None if nobody: lock-delay).
+        self.last_holder: LockHolder | None = None
+        self._callbacks: list[Callable[[ConsulLock, str], None]] = [on_lost] if on_lost else []
+        self._ident = (settings.base_url, settings.datacenter, self.key)
+        self._mutex = threading.Lock()
+        self._session: LockSession | None = None
+        self._sid: str | None = None
+        self._held_value = b""
+        self._released = threading.Event()
+
+    def __repr__(self) -> str:
+        state = "held" if self._sid else "free"
+        if self.lost.is_set():
+            state = "lost"
+        return f"<ConsulLock {self.key!r} {state} at {self.settings.base_url}>"
+
+    # -- public -------------------------------------------------------------------------
+
+    def acquire(self, blocking: bool = True, timeout: float | None = None) -> bool:
+        """Take the lock; True if taken.
+
+        ``blocking=False`` tries once and returns at once. Otherwise waits (with Consul
+        blocking queries, not polling) until the key frees or ``timeout`` seconds pass;
+        ``timeout=None`` waits forever. Raises :class:`ConsulLockError` subclasses when
+        Consul cannot be asked (unreachable, ACL), never returns False for that.
+        """
+        if timeout is not None and timeout < 0:
+            timeout = None
+        if not blocking:
+            deadline: float | None = time.monotonic()
+        else:
+            deadline = None if timeout is None else time.monotonic() + timeout
+        if self._sid is not None:
+            raise ConsulLockError(f"{self!r} is already held by this object; release it first (it is not reentrant)")
+        other = _LOCAL.claim(self._ident, self, deadline)
+        if other is not None:
+            self.last_holder = other._as_holder()
+            acquire_log.info("%s is held in this process by %s", self.key, self.last_holder)
+            return False
+        try:
+            taken = self._acquire_in_consul(deadline)
+        except BaseException:
+            _LOCAL.free(self._ident, self)
+            raise
+        if not taken:
+            _LOCAL.free(self._ident, self)
+        return taken
+
+    def release(self) -> bool:
+        """Release the lock if we hold it; True if Consul confirmed we still held it.
+
+        Consul frees the key only for the session that holds it, so this never frees a
+        lock that moved on to someone else. Errors are logged, not raised (the session's
+        TTL frees the key if the agent cannot be reached).
+        """
+        with self._mutex:
+            sid, session, value = self._sid, self._session, self._held_value
+            if sid is None or session is None:
+                return False
+            self._sid = None
+            self._released.set()
+        client = thread_client(self.settings)
+        ok = False
+        try:
+            ok = client.kv_release(self.key, sid, value)
+            if ok:
+                release_log.debug("released %s (token %s)", self.key, self.fencing_token)
+            else:
+                release_log.warning("%s was no longer held by our session when released (lost: %s)", self.key, self.lost_reason)
+        except ConsulLockError as exc:
+            release_log.warning("could not release %s (the session's TTL will free it): %s", self.key, exc)
+        finally:
+            session.unhold(self)
+            _LOCAL.free(self._ident, self)
+            if self.private_session:
+                session.destroy(client)
+            else:
+                retire_if_unused(session)
+        return ok
+
+    @property
+    def held(self) -> bool:
+        """True while we hold the lock, have not seen it lost, and are inside the session's
+        self-fencing deadline. Check it right before a side effect."""
+        session = self._session
+        return self._sid is not None and not self.lost.is_set() and session is not None and session.alive()
+
+    def check(self) -> None:
+        """Raise :class:`LockLost` unless :attr:`held`."""
+        if not self.held:
+            reason = self.lost_reason or ("not acquired" if self._sid is None else "the session's fencing deadline passed")
+            raise LockLost(self.key, reason)
+
+    def on_lost(self, callback: Callable[[ConsulLock, str], None]) -> None:
+        """Call ``callback(lock, reason)`` when the lock is lost while held."""
+        self._callbacks.append(callback)
+
+    def close(self) -> None:
+        """Release the lock if held (a private session is destroyed with it)."""
+        self.release()
+
+    def __enter__(self) -> ConsulLock:
+        if not self.acquire(blocking=True, timeout=self.timeout):
+            raise LockTimeout(self.key, self.timeout or 0.0, str(self.last_holder) if self.last_holder else None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    @classmethod
+    def holder(cls, key: str, *, settings: ConsulSettings | None = None, **setting_values: Any) -> LockHolder | None:
+        """Who holds ``key`` now (a consistent read), or None if nobody does."""
+        settings = settings or ConsulSettings.resolve(setting_values)
+        return _read_holder(thread_client(settings), settings.full_key(key))
+
+    # -- acquiring ----------------------------------------------------------------------
+
+    def _acquire_in_consul(self, deadline: float | None) -> bool:
+        client = thread_client(self.settings)
+        if (self.settings.base_url, self.key) not in _KNOWN_LOCK_KEYS:
+            _, entry = client.kv_get(self.key)
+            self._check_is_lock(entry)
+            _KNOWN_LOCK_KEYS.add((self.settings.base_url, self.key))
+        session = self._new_session()
+        session_failures = 0
+        while True:
+            if session.id is not None and not session.alive():
+                session.lose(session.lost_reason or "fencing deadline passed")
+            if session.lost_reason is not None:
+                session = self._new_session()
+            sid = session.ensure(client)
+            value = self._value(sid)
+            attempt = client.kv_lock(self.key, sid, value)
+            if attempt.acquired:
+                self._acquired(session, sid, value, attempt.modify_index)
+                return True
+            if attempt.reason == "session":
+                session.lose("Consul does not know the session")
+                session_failures += 1
+                if session_failures >= SESSION_RETRIES:
+                    raise SessionGone(sid, client.address)
+                continue
+            index, entry = client.kv_get(self.key)
+            self._check_is_lock(entry)
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                self._gave_up(client, entry, session)
+                return False
+            if entry is not None and entry.session:
+                # Held: wait for the key to change, with a blocking query.
+                wait = WAIT_MAX if left is None else min(WAIT_MAX, left)
+                acquire_log.debug("%s is held by session %s; waiting up to %.1f s", self.key, entry.session, wait)
+                client.kv_get(self.key, index=max(entry.modify_index, index, 1), wait=wait)
+            else:
+                # Free but inside a lock-delay: Consul says nothing of when it ends.
+                acquire_log.debug("%s is in lock-delay; retrying in %.2f s", self.key, LOCK_DELAY_RETRY)
+                time.sleep(LOCK_DELAY_RETRY if left is None else min(LOCK_DELAY_RETRY, left))
+
+    def _new_session(self) -> LockSession:
+        if self.private_session:
+            return LockSession(self.settings, name=f"celery-consul-lock {self.name} {socket.gethostname()} pid {os.getpid()}")
+        return shared_session(self.settings)
+
+    def _gave_up(self, client: ConsulClient, entry: KVEntry | None, session: LockSession) -> None:
+        if entry is not None and entry.session:
+            try:
+                info = client.session_info(entry.session)
+            except ConsulLockError:
+                info = None
+            self.last_holder = LockHolder.from_entry(entry, info)
+            acquire_log.info("%s is held by %s", self.key, self.last_holder)
+        else:
+            self.last_holder = None
+            acquire_log.info("%s is free but inside a lock-delay", self.key)
+        if self.private_session and session.holding() == 0:
+            session.destroy(client)
+
+    def _check_is_lock(self, entry: KVEntry | None) -> None:
+        if entry is not None and entry.flags not in (0, LOCK_FLAG):
+            raise LockConflict(self.key, entry.flags)
+
+    def _value(self, sid: str) -> bytes:
+        data = {
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "name": self.name,
+            "acquired_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "session": sid,
+            **self.value,
+        }
+        return json.dumps(data, separators=(",", ":"), default=str).encode()
+
+    def _acquired(self, session: LockSession, sid: str, value: bytes, token: int) -> None:
+        with self._mutex:
+            self._session, self._sid, self._held_value = session, sid, value
+            self.fencing_token = token
+            self.lost_reason = None
+            self.lost.clear()
+            self.last_holder = None
+            self._released = released = threading.Event()
+        session.hold(self)
+        if session.lost_reason is not None:  # lost between ensure() and hold()
+            self._session_lost(session.lost_reason)
+        threading.Thread(
+            target=self._watch, args=(sid, token, released), name=f"consul-lock-watch {self.key}", daemon=True
+        ).start()
+        acquire_log.debug("acquired %s (session %s, token %d)", self.key, sid, token)
+
+    def _as_holder(self) -> LockHolder:
+        return LockHolder(
+            key=self.key,
+            session=self._sid or "",
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            name=self.name,
+            extra=dict(self.value),
+            fencing_token=self.fencing_token,
+        )
+
+    # -- losing -------------------------------------------------------------------------
+
+    def _session_lost(self, reason: str) -> None:
+        self._mark_lost(f"session lost: {reason}")
+
+    def _mark_lost(self, reason: str, released: threading.Event | None = None) -> None:
+        with self._mutex:
+            if self._sid is None or self.lost.is_set() or (released is not None and released.is_set()):
+                return
+            self.lost_reason = reason
+            self.lost.set()
+            callbacks = list(self._callbacks)
+        watch_log.warning("lock %s lost: %s", self.key, reason)
+        for callback in callbacks:
+            try:
+                callback(self, reason)
+            except Exception:
+                watch_log.exception("on_lost callback %r for %s failed", callback, self.key)
+
+    def _watch(self, sid: str, index: int, released: threading.Event) -> None:
+        """Consistent blocking reads of the key until it is released, deleted or taken."""
+        client = ConsulClient(self.settings)
+        try:
+            while not released.is_set():
+                try:
+                    new_index, entry = client.kv_get(self.key, index=index, wait=WATCH_WAIT, consistent=True)
+                except ConsulLockError as exc:
+                    if released.wait(WATCH_RETRY):
+                        return
+                    watch_log.debug("watching %s failed, retrying: %s", self.key, exc)
+                    continue
+                if released.is_set():
+                    return
+                if entry is None:
+                    self._mark_lost("the key was deleted", released)
+                    return
+                if entry.session != sid:
+                    who = f"now held by session {entry.session}" if entry.session else "released by someone else"
+                    self._mark_lost(f"the key is {who}", released)
+                    return
+                index = new_index if new_index >= index else 1
+                index = max(index, 1)
+        except Exception:
+            watch_log.exception("watcher of %s crashed", self.key)
+        finally:
+            client.close()
+
+
+def _read_holder(client: ConsulClient, key: str) -> LockHolder | None:
+    _, entry = client.kv_get(key, consistent=True)
+    if entry is None or not entry.session:
+        return None
+    try:
+        info = client.session_info(entry.session)
+    except ConsulLockError:
+        info = None
+    return LockHolder.from_entry(entry, info)
+
+
+def _as_dict(settings: ConsulSettings) -> dict[str, Any]:
+    return {f.name: getattr(settings, f.name) for f in fields(settings)}

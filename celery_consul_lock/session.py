@@ -1,0 +1,280 @@
+"""Consul sessions: one per process (or one per lock on request), renewed in the background.
+
+A lock in Consul is only as alive as the session that holds it. This module owns that
+session's life: it creates it lazily (in the process that uses it, never inherited
+through ``fork``), renews it from a daemon thread, keeps the *self-fencing deadline* — the
+moment after which we may no longer assume our locks are ours — and destroys it on
+``close()`` and at interpreter exit, releasing its locks first so the next holder does not
+wait out a lock-delay.
+
+Guarantee and its limit: once :meth:`LockSession.deadline` has passed without a
+successful renewal, every lock of the session is reported lost, *before* Consul can hand
+it to anyone else (a failing check frees it no sooner than lock-delay after our last
+contact; a TTL no sooner than TTL after it). That holds only while this host's clock and
+the Consul servers' advance at about the same rate, and while this process is scheduled;
+a paused process learns of the loss when it resumes.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from .consul import ConsulClient
+from .errors import ConsulLockError, SessionGone
+from .settings import ConsulSettings
+
+__all__ = ["LockSession", "SessionPool", "close_sessions", "shared_session"]
+
+log = logging.getLogger("celery_consul_lock.session")
+renew_log = logging.getLogger("celery_consul_lock.session.renew")
+
+#: Renewals per fencing window: at window/3 two renewals may fail before we fence.
+RENEWALS_PER_WINDOW = 3
+#: After a failed renewal, try again this soon (but never after the deadline).
+RENEW_RETRY = 0.5
+#: Part of the fencing window kept back for clock-rate differences and scheduling.
+FENCE_MARGIN_RATIO = 0.1
+#: ... and never less than this.
+FENCE_MARGIN_MIN = 0.5
+
+
+class SessionUser(Protocol):
+    """What a session tells its locks."""
+
+    def _session_lost(self, reason: str) -> None: ...
+
+
+class LockSession:
+    """One Consul session and its renewer thread.
+
+    ``id`` is None until :meth:`ensure` creates the session. Once lost (destroyed behind
+    our back, expired, or fenced locally) a LockSession is never revived; the pool makes a
+    new one for the next acquire.
+    """
+
+    def __init__(self, settings: ConsulSettings, *, name: str) -> None:
+        self.settings = settings
+        self.name = name
+        self.id: str | None = None
+        self.pid = os.getpid()
+        self.lost_reason: str | None = None
+        self.window = settings.fence_window
+        self.margin = max(FENCE_MARGIN_MIN, self.window * FENCE_MARGIN_RATIO)
+        self.interval = self.window / RENEWALS_PER_WINDOW
+        self._last_contact = 0.0
+        self._mutex = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._users: set[SessionUser] = set()
+
+    def __repr__(self) -> str:
+        state = "lost" if self.lost_reason else ("active" if self.id else "new")
+        return f"<LockSession {self.id or '-'} {state} at {self.settings.base_url}>"
+
+    # -- life -------------------------------------------------------------------------
+
+    def ensure(self, client: ConsulClient) -> str:
+        """Create the session if it does not exist yet; returns its ID."""
+        with self._mutex:
+            if self.id is None:
+                t0 = time.monotonic()
+                self.id = client.session_create(
+                    self.name,
+                    ttl=self.settings.ttl,
+                    lock_delay=self.settings.lock_delay,
+                    checks=self.settings.session_checks,
+                )
+                self._last_contact = t0
+                self._thread = threading.Thread(target=self._renew_loop, name=f"consul-session-renew-{self.id[:8]}", daemon=True)
+                self._thread.start()
+                log.debug("created session %s (ttl=%gs lock_delay=%gs)", self.id, self.settings.ttl, self.settings.lock_delay)
+            return self.id
+
+    @property
+    def deadline(self) -> float:
+        """``time.monotonic()`` value after which our locks must be taken as lost."""
+        return self._last_contact + self.window - self.margin
+
+    def alive(self) -> bool:
+        """True if the session exists, is not lost, and its fencing deadline is ahead."""
+        return self.id is not None and self.lost_reason is None and time.monotonic() < self.deadline
+
+    def hold(self, user: SessionUser) -> None:
+        with self._mutex:
+            self._users.add(user)
+
+    def unhold(self, user: SessionUser) -> None:
+        with self._mutex:
+            self._users.discard(user)
+
+    def holding(self) -> int:
+        with self._mutex:
+            return len(self._users)
+
+    def lose(self, reason: str) -> None:
+        """Mark the session lost: stop renewing, tell every lock it holds. Idempotent."""
+        with self._mutex:
+            if self.lost_reason is not None:
+                return
+            self.lost_reason = reason
+            self._stop.set()
+            users = list(self._users)
+        log.warning("session %s lost: %s", self.id, reason)
+        for user in users:
+            user._session_lost(reason)
+
+    def destroy(self, client: ConsulClient, release: Callable[[], None] | None = None) -> None:
+        """Stop renewing and destroy the session, after ``release`` freed its keys.
+
+        Errors are logged, not raised: an unreachable agent lets the TTL end the session.
+        """
+        if release is not None:
+            release()
+        with self._mutex:
+            self._stop.set()
+            sid, self.id = self.id, None
+            if self.lost_reason is None:
+                self.lost_reason = "destroyed"
+        if sid is None:
+            return
+        try:
+            client.session_destroy(sid)
+            log.debug("destroyed session %s", sid)
+        except ConsulLockError as exc:
+            log.warning("could not destroy session %s (its TTL will end it): %s", sid, exc)
+
+    # -- renewer ----------------------------------------------------------------------
+
+    def _renew_loop(self) -> None:
+        client = ConsulClient(self.settings)
+        sid = self.id
+        failing: str | None = None
+        next_at = self._last_contact + self.interval
+        try:
+            while not self._stop.wait(max(0.0, min(next_at, self.deadline) - time.monotonic())):
+                t0 = time.monotonic()
+                left = self.deadline - t0
+                if left <= 0:
+                    self.lose(f"no successful renewal for {self.window - self.margin:.1f} s (self-fenced; last error: {failing})")
+                    return
+                try:
+                    client.session_renew(sid or "", timeout=min(self.settings.timeout, left))
+                except SessionGone:
+                    self.lose("Consul no longer knows the session (destroyed, expired or invalidated by a check)")
+                    return
+                except ConsulLockError as exc:
+                    if failing is None:
+                        renew_log.warning("renewing session %s failed, retrying until the fencing deadline: %s", sid, exc)
+                    failing = str(exc)
+                    next_at = min(t0 + RENEW_RETRY, self.deadline)
+                    continue
+                except Exception as exc:  # never let the renewer die silently
+                    renew_log.exception("renewer of session %s crashed", sid)
+                    self.lose(f"renewer crashed: {exc!r}")
+                    return
+                if failing is not None:
+                    renew_log.warning("renewing session %s works again", sid)
+                    failing = None
+                self._last_contact = t0
+                next_at = t0 + self.interval
+        finally:
+            client.close()
+
+
+class SessionPool:
+    """The process's shared sessions, one per distinct settings.
+
+    Sessions are per process: after ``fork`` the child forgets the parent's sessions
+    without touching them (the parent still renews and owns them) and creates its own.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)
+        atexit.register(self.close_all)
+
+    def _reset(self) -> None:
+        self._mutex = threading.Lock()
+        self._sessions: dict[ConsulSettings, LockSession] = {}
+        self._pid = os.getpid()
+
+    def get(self, settings: ConsulSettings) -> LockSession:
+        """The current shared session for ``settings``; a fresh one if the last was lost."""
+        if self._pid != os.getpid():  # forked without register_at_fork
+            self._reset()
+        with self._mutex:
+            session = self._sessions.get(settings)
+            if session is None or session.lost_reason is not None:
+                session = LockSession(settings, name=f"celery-consul-lock {socket.gethostname()} pid {os.getpid()}")
+                self._sessions[settings] = session
+            return session
+
+    def drop(self, session: LockSession) -> None:
+        with self._mutex:
+            if self._sessions.get(session.settings) is session:
+                del self._sessions[session.settings]
+
+    def sessions(self) -> list[LockSession]:
+        with self._mutex:
+            return list(self._sessions.values())
+
+    def close_all(self) -> None:
+        """Release every lock and destroy every session of this process."""
+        if self._pid != os.getpid():
+            return
+        for session in self.sessions():
+            close_session(session)
+
+
+def close_session(session: LockSession) -> None:
+    """Release the session's locks, then destroy it (release first: no lock-delay)."""
+    _POOL.drop(session)
+    if session.id is None:
+        return
+    client = ConsulClient(session.settings)
+
+    def release_all() -> None:
+        with session._mutex:
+            users = list(session._users)
+        for user in users:
+            release = getattr(user, "release", None)
+            if release is not None:
+                try:
+                    release()
+                except Exception:
+                    log.exception("releasing %r before destroying its session failed", user)
+
+    try:
+        session.destroy(client, release_all)
+    finally:
+        client.close()
+
+
+_POOL = SessionPool()
+
+
+def shared_session(settings: ConsulSettings) -> LockSession:
+    """The session this process shares between its locks for ``settings``."""
+    return _POOL.get(settings)
+
+
+def retire_if_unused(session: LockSession) -> None:
+    """Destroy a lost session once none of its locks is held any more."""
+    if session.lost_reason is not None and session.holding() == 0 and session.id is not None:
+        close_session(session)
+
+
+def close_sessions() -> None:
+    """Release every lock held by this process and destroy its shared sessions.
+
+    Runs by itself at interpreter exit; call it earlier to end them sooner.
+    """
+    _POOL.close_all()

@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Create a virtualenv with the package installed editable and its test extra.
+# usage: venv.sh PYTHON DIR CLIENT   (CLIENT: python-consul2 or py-consul)
+set -euo pipefail
+python="$1" dir="$2" client="$3"
+
+if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
+  echo "venv: $python is older than 3.10; run make with PYTHON=python3.1x" >&2; exit 1
+fi
+if ! "$python" -m venv "$dir" >/dev/null 2>&1; then
+  rm -rf "$dir"
+  # Debian and Ubuntu ship `venv` separately.
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get -qq update && apt-get -qq install -y python3-venv >/dev/null
+    "$python" -m venv "$dir"
+  else
+    echo "venv: '$python -m venv' failed; install your distribution's venv package (Debian/Ubuntu: sudo apt-get install python3-venv)" >&2
+    exit 1
+  fi
+fi
+"$dir/bin/python" -m pip install -q --upgrade pip
+"$dir/bin/python" -m pip install -q -e '.[test]'
+if [ "$client" = py-consul ]; then
+  # Same `consul` module, so the two cannot be installed side by side.
+  "$dir/bin/python" -m pip uninstall -q -y python-consul2
+  "$dir/bin/python" -m pip install -q py-consul
+fi
+"$dir/bin/python" -c 'import consul, importlib.metadata as m; print("venv: consul client", [d for d in ("python-consul2", "py-consul") if any(x.metadata["Name"] == d for x in m.distributions())])'
