@@ -104,7 +104,7 @@ class LockConflict(ConsulLockError):
         )
 
 
-class LockTimeout(ConsulLockError, TimeoutError):
+class LockTimeout(ConsulLockError):
     """A blocking acquire gave up at its timeout; carries who held the key, if known."""
 
     def __init__(self, key: str, timeout: float, holder: str | None = None) -> None:

@@ -19,6 +19,8 @@ or pass :attr:`fencing_token` along so the resource can refuse a stale holder.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import json
 import logging
 import os
@@ -47,6 +49,8 @@ watch_log = logging.getLogger("celery_consul_lock.lock.watch")
 LOCK_DELAY_RETRY = 0.25
 #: Longest single blocking query while waiting for a held key; Consul caps waits at 10 min.
 WAIT_MAX = 60.0
+#: A lock held longer than this gets a watcher (see _WatchStarter).
+WATCH_DELAY = 0.5
 #: The watcher's blocking-query wait; the release of the key ends it early.
 WATCH_WAIT = 60.0
 #: After a watcher's read fails, try again after this (the Go client's MonitorRetryTime);
@@ -142,7 +146,45 @@ class _LocalKeys:
                 self._cond.notify_all()
 
 
+class _WatchStarter:
+    """Starts a lock's watcher once the lock has been held for WATCH_DELAY.
+
+    Most locks guard short work and are released sooner; watching those too would cost a
+    thread, a connection and a blocking query each, doubling the price of a lock. Until
+    its watcher starts, a lock's loss is still caught by its session (renewals and the
+    fencing deadline), only a deleted or stolen key goes unseen for that long.
+    """
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._due: list[tuple[float, int, Callable[..., None], tuple[Any, ...], threading.Event]] = []
+        self._seq = itertools.count()
+        self._thread: threading.Thread | None = None
+
+    def schedule(self, at: float, target: Callable[..., None], args: tuple[Any, ...], released: threading.Event) -> None:
+        with self._cond:
+            heapq.heappush(self._due, (at, next(self._seq), target, args, released))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="consul-lock-watch-starter", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._due or self._due[0][0] > time.monotonic():
+                    self._cond.wait(self._due[0][0] - time.monotonic() if self._due else None)
+                _, _, target, args, released = heapq.heappop(self._due)
+            if not released.is_set():
+                threading.Thread(target=target, args=args, name="consul-lock-watch", daemon=True).start()
+
+
 _LOCAL = _LocalKeys()
+_WATCHES = _WatchStarter()
 #: Keys this process has checked are locks (flags 0 or LOCK_FLAG), so the fast path can
 #: acquire without reading first.
 _KNOWN_LOCK_KEYS: set[tuple[str, str]] = set()
@@ -393,9 +435,7 @@ class ConsulLock:
         session.hold(self)
         if session.lost_reason is not None:  # lost between ensure() and hold()
             self._session_lost(session.lost_reason)
-        threading.Thread(
-            target=self._watch, args=(sid, token, released), name=f"consul-lock-watch {self.key}", daemon=True
-        ).start()
+        _WATCHES.schedule(time.monotonic() + WATCH_DELAY, self._watch, (sid, token, released), released)
         acquire_log.debug("acquired %s (session %s, token %d)", self.key, sid, token)
 
     def _as_holder(self) -> LockHolder:

@@ -209,7 +209,7 @@ class ConsulSettings:
             return cls(**out)
         except InvalidSetting as exc:
             # Re-name the setting after where its value came from.
-            raise InvalidSetting(src(exc.setting), exc.value, exc.reason) from None
+            raise InvalidSetting(src(exc.setting), values.get(exc.setting, exc.value), exc.reason) from None
 
     def replace(self, **changes: Any) -> ConsulSettings:
         """A copy with some fields changed, validated again."""

@@ -1,0 +1,73 @@
+"""Fixtures that run real servers: a Consul dev agent, a three-server Consul cluster and Redis.
+
+Every process is started on free ports in the test's temporary directory and stopped by
+its pid at teardown, also when the test fails.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from celery_consul_lock import ConsulSettings, close_sessions
+
+from .servers import ConsulAgent, ConsulCluster, RedisServer, start_cluster, start_consul, start_redis, wait_consul_ready
+
+
+@pytest.fixture(scope="session")
+def consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulAgent]:
+    """A Consul dev agent, shared by the session's tests (each uses its own keys)."""
+    agent = start_consul(tmp_path_factory.mktemp("consul-dev"))
+    try:
+        wait_consul_ready(agent)
+        yield agent
+    finally:
+        agent.stop()
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulCluster]:
+    """Three Consul servers on 127.0.0.11-13 (for failover tests; started on first use)."""
+    c = start_cluster(tmp_path_factory.mktemp("consul-cluster"))
+    try:
+        yield c
+    finally:
+        c.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def settings(consul: ConsulAgent) -> ConsulSettings:
+    """Settings for the dev agent, with a short lock-delay so tests run fast."""
+    return ConsulSettings(address=consul.address, lock_delay=1.0)
+
+
+@pytest.fixture
+def key(request: pytest.FixtureRequest) -> str:
+    """A lock key of this test's own, in the `consul lock` layout: locks/NAME/.lock."""
+    name = re.sub(r"[^A-Za-z0-9_-]+", "-", request.node.name)[:60]
+    return f"locks/{name}-{uuid.uuid4().hex[:8]}/.lock"
+
+
+@pytest.fixture(autouse=True)
+def _end_sessions() -> Iterator[None]:
+    """Each test ends with this process's shared sessions destroyed."""
+    yield
+    close_sessions()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    return tmp_path

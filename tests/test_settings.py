@@ -1,0 +1,138 @@
+"""Settings: where each value comes from, and the message every bad value gets."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+from celery import Celery
+
+from celery_consul_lock import ConsulLock, ConsulSettings, InvalidSetting
+from celery_consul_lock.errors import ACLDenied, ConsulUnavailable, LockTimeout, SessionGone
+
+
+def test_defaults_without_environment():
+    s = ConsulSettings.resolve({}, env={})
+    assert (s.address, s.scheme, s.token, s.ttl, s.lock_delay, s.fail_policy) == ("127.0.0.1:8500", "http", None, 15.0, 15.0, "closed")
+    assert s.session_checks == ("serfHealth",)
+
+
+def test_environment_fills_what_is_not_given():
+    env = {
+        "CONSUL_HTTP_ADDR": "https://consul.example:8501",
+        "CONSUL_HTTP_TOKEN": "env-token",
+        "CONSUL_HTTP_SSL_VERIFY": "false",
+    }
+    s = ConsulSettings.resolve({}, env=env)
+    assert (s.address, s.scheme, s.token, s.verify) == ("consul.example:8501", "https", "env-token", False)
+    assert s.base_url == "https://consul.example:8501"
+
+
+def test_address_without_scheme_and_consul_http_ssl():
+    s = ConsulSettings.resolve({}, env={"CONSUL_HTTP_ADDR": "10.1.2.3:8500", "CONSUL_HTTP_SSL": "true"})
+    assert s.base_url == "https://10.1.2.3:8500"
+
+
+def test_explicit_values_win_over_environment_including_the_token():
+    env = {"CONSUL_HTTP_ADDR": "10.0.0.1:8500", "CONSUL_HTTP_TOKEN": "env-token"}
+    s = ConsulSettings.resolve({"address": "127.0.0.1:9500", "token": "mine"}, env=env)
+    assert (s.address, s.token) == ("127.0.0.1:9500", "mine")
+
+
+def test_celery_settings_are_read_from_app_conf_then_environment(monkeypatch):
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", "127.0.0.1:9999")
+    app = Celery("t", set_as_current=False)
+    app.conf.consul_lock_ttl = "20s"
+    app.conf.consul_lock_lock_delay = 5
+    s = ConsulSettings.from_celery(app.conf)
+    assert (s.ttl, s.lock_delay, s.address) == (20.0, 5.0, "127.0.0.1:9999")
+
+
+def test_django_style_namespaced_settings(tmp_path, monkeypatch):
+    (tmp_path / "djsettings_ccl.py").write_text("CELERY_CONSUL_LOCK_ADDRESS = '127.0.0.1:8600'\nCELERY_CONSUL_LOCK_FAIL_POLICY = 'open'\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    app = Celery("t", set_as_current=False)
+    app.config_from_object("djsettings_ccl", namespace="CELERY")
+    s = ConsulSettings.from_celery(app.conf)
+    assert (s.address, s.fail_policy) == ("127.0.0.1:8600", "open")
+
+
+def test_consul_lock_reads_the_environment(monkeypatch):
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", "127.0.0.1:8600")
+    lock = ConsulLock("locks/x/.lock")
+    assert lock.settings.address == "127.0.0.1:8600"
+    assert ConsulLock("locks/x/.lock", address="127.0.0.1:8700").settings.address == "127.0.0.1:8700"
+
+
+def test_durations_accept_numbers_and_go_style_strings():
+    s = ConsulSettings.resolve({"ttl": "1m", "lock_delay": "500ms", "timeout": 2}, env={})
+    assert (s.ttl, s.lock_delay, s.timeout) == (60.0, 0.5, 2.0)
+
+
+@pytest.mark.parametrize(
+    ("given", "env", "message"),
+    [
+        ({"ttl": 5}, {}, "consul_lock_ttl=5 is invalid: Consul accepts a session TTL between 10 s and 86400 s"),
+        ({"ttl": "2d"}, {}, "consul_lock_ttl='2d' is invalid: expected seconds"),
+        ({"ttl": 90000}, {}, "consul_lock_ttl=90000 is invalid"),
+        ({"lock_delay": -1}, {}, "consul_lock_lock_delay=-1 is invalid: Consul accepts a lock-delay between 0 and 60 s"),
+        ({"lock_delay": 61}, {}, "consul_lock_lock_delay=61 is invalid: Consul accepts a lock-delay between 0 and 60 s"),
+        ({"lock_delay": 0}, {}, "consul_lock_lock_delay=0 is invalid: a lock-delay of 0 with session checks"),
+        ({"fail_policy": "maybe"}, {}, "consul_lock_fail_policy='maybe' is invalid: expected 'closed' or 'open'"),
+        ({"address": "localhost"}, {}, "consul_lock_address='localhost' is invalid: expected host:port"),
+        ({"address": "h:99999"}, {}, "consul_lock_address='h:99999' is invalid"),
+        ({}, {"CONSUL_HTTP_ADDR": "not an address"}, "CONSUL_HTTP_ADDR='not an address' is invalid: expected host:port"),
+        ({}, {"CONSUL_HTTP_SSL_VERIFY": "perhaps"}, "CONSUL_HTTP_SSL_VERIFY='perhaps' is invalid: expected true or false"),
+        ({}, {"CONSUL_CACERT": "/no/such/ca.pem"}, "CONSUL_CACERT='/no/such/ca.pem' is invalid: no such file"),
+        ({"key_prefix": "/abs"}, {}, "consul_lock_key_prefix='/abs' is invalid: a lock key must not start or end with '/'"),
+        ({"session_checks": 5}, {}, "consul_lock_session_checks=5 is invalid: must be a list of Consul check IDs"),
+        ({"scheme": "ftp"}, {}, "consul_lock_scheme='ftp' is invalid: expected 'http' or 'https'"),
+        ({"colour": "blue"}, {}, "consul_lock_colour='blue' is invalid: unknown setting"),
+    ],
+)
+def test_each_bad_setting_is_refused_naming_setting_and_value(given, env, message):
+    with pytest.raises(InvalidSetting) as info:
+        ConsulSettings.resolve(given, env=env, names="consul_lock_{}")
+    assert message in str(info.value)
+
+
+def test_lock_delay_zero_is_allowed_for_ttl_only_sessions():
+    s = ConsulSettings.resolve({"lock_delay": 0, "session_checks": []}, env={})
+    assert s.session_checks == () and s.fence_window == s.ttl
+
+
+@pytest.mark.parametrize("key", ["", "/locks/x", "locks/x/", "locks//x", "locks/../x", "locks/a b", "locks/x?y", "l" * 600])
+def test_keys_consul_would_reject_are_refused(key):
+    with pytest.raises(InvalidSetting) as info:
+        ConsulLock(key, address="127.0.0.1:8500")
+    assert "key=" in str(info.value)
+
+
+def test_token_never_in_repr_or_errors():
+    s = ConsulSettings.resolve({"token": "s3cr3t-token"}, env={})
+    assert "s3cr3t" not in repr(s)
+    lock = ConsulLock("locks/x/.lock", settings=s)
+    assert "s3cr3t" not in repr(lock)
+    with pytest.raises(InvalidSetting) as info:
+        ConsulSettings.resolve({"token": 123}, env={})
+    assert "123" not in str(info.value)
+
+
+def test_fence_window_is_min_of_ttl_and_lock_delay_with_checks():
+    assert ConsulSettings(ttl=15, lock_delay=3).fence_window == 3
+    assert ConsulSettings(ttl=10, lock_delay=30).fence_window == 10
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [
+        InvalidSetting("consul_lock_ttl", 5, "too short"),
+        ConsulUnavailable("http://127.0.0.1:1", "renewing a session", "connection refused"),
+        ACLDenied("http://127.0.0.1:8500", "acquiring a lock", "key:write", "locks/x/.lock"),
+        SessionGone("abc", "http://127.0.0.1:8500"),
+        LockTimeout("locks/x/.lock", 3.0, "someone"),
+    ],
+)
+def test_errors_pickle_and_keep_their_message(exc):
+    again = pickle.loads(pickle.dumps(exc))
+    assert type(again) is type(exc) and str(again) == str(exc) and again.args == exc.args
