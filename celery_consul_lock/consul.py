@@ -242,7 +242,11 @@ class ConsulClient:
         try:
             yield
         except requests.exceptions.SSLError as exc:
-            raise ConsulUnavailable(self.address, action, f"TLS failed ({_short(exc)}); check consul_lock_ca_file / CONSUL_CACERT and the client certificate") from None
+            raise ConsulUnavailable(
+                self.address,
+                action,
+                f"TLS failed ({_short(exc)}); check consul_lock_ca_file / CONSUL_CACERT and the client certificate",
+            ) from None
         except requests.exceptions.Timeout:
             raise ConsulUnavailable(self.address, action, "no answer within the timeout") from None
         except requests.exceptions.RequestException as exc:
@@ -294,7 +298,13 @@ def _raw(response: Any) -> tuple[int, str]:
 def _short(exc: BaseException) -> str:
     """The gist of a requests error, without the URL (which never holds the token anyway)."""
     text = str(exc)
-    for marker in ("Connection refused", "Name or service not known", "certificate verify failed", "timed out", "No route to host"):
+    for marker in (
+        "Connection refused",
+        "Name or service not known",
+        "certificate verify failed",
+        "timed out",
+        "No route to host",
+    ):
         if marker in text:
             return marker.lower()
     return type(exc).__name__

@@ -486,8 +486,10 @@ class ConsulLock:
                     self._mark_lost("the key was deleted", released)
                     return
                 if entry.session != sid:
-                    who = f"now held by session {entry.session}" if entry.session else "released by someone else"
-                    self._mark_lost(f"the key is {who}", released)
+                    if entry.session:
+                        self._mark_lost(f"the key is now held by session {entry.session}", released)
+                    else:
+                        self._mark_lost("the key was freed behind our back (our session destroyed or invalidated?)", released)
                     return
                 index = new_index if new_index >= index else 1
                 index = max(index, 1)

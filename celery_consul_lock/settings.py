@@ -140,7 +140,9 @@ class ConsulSettings:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(given) - known)
         if unknown:
-            raise InvalidSetting(names.format(unknown[0]), given[unknown[0]], f"unknown setting; known: {', '.join(sorted(known))}")
+            raise InvalidSetting(
+                names.format(unknown[0]), given[unknown[0]], f"unknown setting; known: {', '.join(sorted(known))}"
+            )
         values: dict[str, Any] = {}
         sources: dict[str, str] = {}
 
@@ -272,7 +274,9 @@ class ConsulSettings:
             if path is not None and not os.path.isfile(path):
                 raise InvalidSetting(name, path, "no such file")
         if (self.client_cert is None) != (self.client_key is None):
-            raise InvalidSetting("client_cert" if self.client_key else "client_key", None, "client_cert and client_key must be given together")
+            raise InvalidSetting(
+                "client_cert" if self.client_key else "client_key", None, "client_cert and client_key must be given together"
+            )
 
 
 def _parse_address(setting: str, value: object) -> tuple[str, str, str | None]:

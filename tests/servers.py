@@ -90,7 +90,8 @@ class Proc:
 def _spawn(name: str, args: list[str], workdir: Path) -> Proc:
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"{name}.log"
-    popen = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+    with log.open("wb") as out:
+        popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
     return Proc(name, popen, workdir, log)
 
 
@@ -259,7 +260,9 @@ def start_cluster(workdir: Path, size: int = 3) -> ConsulCluster:
             "-hcl", "performance { raft_multiplier = 1 }",
             *joins,
         ]  # fmt: skip
-        agents.append(ConsulAgent(_spawn(f"consul-server{i + 1}", args, workdir), bind, ports["http"], f"server{i + 1}", {"ports": ports}))
+        agents.append(
+            ConsulAgent(_spawn(f"consul-server{i + 1}", args, workdir), bind, ports["http"], f"server{i + 1}", {"ports": ports})
+        )
     cluster = ConsulCluster(agents)
     for agent in agents:
         wait_consul_ready(agent, timeout=60)

@@ -13,7 +13,14 @@ from celery_consul_lock.errors import ACLDenied, ConsulUnavailable, LockTimeout,
 
 def test_defaults_without_environment():
     s = ConsulSettings.resolve({}, env={})
-    assert (s.address, s.scheme, s.token, s.ttl, s.lock_delay, s.fail_policy) == ("127.0.0.1:8500", "http", None, 15.0, 15.0, "closed")
+    assert (s.address, s.scheme, s.token, s.ttl, s.lock_delay, s.fail_policy) == (
+        "127.0.0.1:8500",
+        "http",
+        None,
+        15.0,
+        15.0,
+        "closed",
+    )
     assert s.session_checks == ("serfHealth",)
 
 
@@ -49,7 +56,9 @@ def test_celery_settings_are_read_from_app_conf_then_environment(monkeypatch):
 
 
 def test_django_style_namespaced_settings(tmp_path, monkeypatch):
-    (tmp_path / "djsettings_ccl.py").write_text("CELERY_CONSUL_LOCK_ADDRESS = '127.0.0.1:8600'\nCELERY_CONSUL_LOCK_FAIL_POLICY = 'open'\n")
+    (tmp_path / "djsettings_ccl.py").write_text(
+        "CELERY_CONSUL_LOCK_ADDRESS = '127.0.0.1:8600'\nCELERY_CONSUL_LOCK_FAIL_POLICY = 'open'\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     app = Celery("t", set_as_current=False)
     app.config_from_object("djsettings_ccl", namespace="CELERY")

@@ -1,0 +1,226 @@
+"""What one lock costs: ConsulLock acquire + release against the floor and a curl script.
+
+Run: ``python bench/lock_cost.py [--rounds N] [--iterations N] [--json PATH]``
+
+Starts its own Consul *server* agent with a data directory (not ``-dev``: a server
+persists every Raft write to disk, as in production) in a temporary directory, and
+times, per iteration:
+
+floor   two raw KV writes (``PUT /v1/kv/bench/floor``) on one keep-alive connection (a
+        ``requests.Session``, the HTTP stack the package itself uses): the least any lock
+        can cost, since taking and freeing a key are two Raft writes.
+ours    ``ConsulLock.acquire()`` + ``release()``, warm: the lock object reused, the
+        process-wide session already created, its keep-alive connection open.
+script  what a hand-written curl script does: create a session, acquire the key with
+        ``?acquire=``, release it, destroy the session, each request on a new connection.
+
+The three run interleaved in rounds, in rotating order, so machine noise hits them
+alike. Exits 1 if ours/floor or script/ours misses its target, so it can serve as a check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import itertools
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import requests
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from celery_consul_lock import ConsulLock, close_sessions  # noqa: E402
+from tests.servers import ConsulAgent, start_consul, wait_consul_ready  # noqa: E402
+
+#: ours may cost at most this much more than two raw KV writes ...
+TARGET_OURS_FLOOR = 1.15
+#: ... and a curl script's flow must cost at least this many times ours.
+TARGET_SCRIPT_OURS = 3.0
+
+LOCK_KEY = "locks/bench/.lock"
+SCRIPT_KEY = "locks/bench-script/.lock"
+FLOOR_KEY = "bench/floor"
+#: About the size of the JSON value ConsulLock writes (host, pid, name, time, session).
+FLOOR_VALUE = json.dumps({"host": "bench-host", "pid": 12345, "name": LOCK_KEY, "acquired_at": "x" * 29, "session": "y" * 36})
+WARMUP = 20
+
+
+class Floor:
+    """Two raw KV writes on one keep-alive connection."""
+
+    def __init__(self, agent: ConsulAgent) -> None:
+        self.http = requests.Session()
+        self.url = f"{agent.url}/v1/kv/{FLOOR_KEY}"
+
+    def __call__(self) -> None:
+        for _ in range(2):
+            resp = self.http.put(self.url, data=FLOOR_VALUE, timeout=5)
+            if resp.status_code != 200 or resp.text.strip() != "true":
+                raise RuntimeError(f"floor PUT failed: {resp.status_code} {resp.text!r}")
+
+    def close(self) -> None:
+        self.http.close()
+
+
+class Ours:
+    """ConsulLock acquire + release, the lock object and the shared session reused."""
+
+    def __init__(self, agent: ConsulAgent) -> None:
+        self.lock = ConsulLock(LOCK_KEY, address=agent.address)
+
+    def __call__(self) -> None:
+        if not self.lock.acquire(blocking=False):
+            raise RuntimeError(f"could not acquire {LOCK_KEY}: held by {self.lock.last_holder}")
+        if not self.lock.release():
+            raise RuntimeError(f"release of {LOCK_KEY} was not confirmed")
+
+
+class Script:
+    """The curl-script flow, each request on a new connection.
+
+    Done with http.client in this process, not by spawning curl: four curl processes per
+    iteration would measure process start-up, not Consul, and make the comparison unfair
+    to the script. A new connection per request is what each curl invocation costs on top.
+    """
+
+    def __init__(self, agent: ConsulAgent) -> None:
+        self.host, self.port = agent.bind, agent.http_port
+
+    def request(self, path: str, body: str = "") -> str:
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=5)
+        try:
+            conn.request("PUT", path, body=body.encode(), headers={"Content-Type": "application/json"})
+            resp = conn.getresponse()
+            text = resp.read().decode()
+            if resp.status != 200:
+                raise RuntimeError(f"PUT {path} answered {resp.status}: {text!r}")
+            return text
+        finally:
+            conn.close()
+
+    def __call__(self) -> None:
+        sid = json.loads(self.request("/v1/session/create", json.dumps({"TTL": "15s"})))["ID"]
+        if self.request(f"/v1/kv/{SCRIPT_KEY}?acquire={sid}", "script").strip() != "true":
+            raise RuntimeError(f"script could not acquire {SCRIPT_KEY}")
+        if self.request(f"/v1/kv/{SCRIPT_KEY}?release={sid}", "script").strip() != "true":
+            raise RuntimeError(f"script could not release {SCRIPT_KEY}")
+        self.request(f"/v1/session/destroy/{sid}")
+
+
+def stats(samples: list[float]) -> dict[str, float]:
+    ms = [s * 1000 for s in samples]
+    return {
+        "median_ms": statistics.median(ms),
+        "p90_ms": statistics.quantiles(ms, n=10, method="inclusive")[8],
+        "mean_ms": statistics.fmean(ms),
+        "min_ms": min(ms),
+        "n": len(ms),
+    }
+
+
+def run(agent: ConsulAgent, rounds: int, iterations: int) -> dict[str, dict[str, float]]:
+    floor, ours, script = Floor(agent), Ours(agent), Script(agent)
+    methods: dict[str, Callable[[], None]] = {"floor": floor, "ours": ours, "script": script}
+    try:
+        for _ in range(WARMUP):
+            for fn in methods.values():
+                fn()
+        samples: dict[str, list[float]] = {name: [] for name in methods}
+        orders = itertools.cycle(list(itertools.permutations(methods)))
+        for _ in range(rounds):
+            for name in next(orders):
+                fn, out = methods[name], samples[name]
+                for _ in range(iterations):
+                    t0 = time.perf_counter()
+                    fn()
+                    out.append(time.perf_counter() - t0)
+        return {name: stats(s) for name, s in samples.items()}
+    finally:
+        floor.close()
+
+
+def agent_info(agent: ConsulAgent) -> dict[str, object]:
+    self_info = agent.api("/v1/agent/self")
+    config, debug = self_info["Config"], self_info.get("DebugConfig", {})
+    return {
+        "version": config["Version"],
+        "server": bool(config["Server"]),
+        "data_dir": debug.get("DataDir"),
+        "dev_mode": bool(debug.get("DevMode")),
+        "address": agent.address,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=15, help="rounds of the three, in rotating order (default 15)")
+    parser.add_argument("--iterations", type=int, default=40, help="iterations of each per round (default 40)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to PATH as JSON")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.iterations < 1:
+        parser.error("--rounds and --iterations must be at least 1")
+
+    with tempfile.TemporaryDirectory(prefix="lock-cost-") as tmp:
+        agent = start_consul(Path(tmp), dev=False, node="bench", server_args=["-bootstrap-expect=1"])
+        try:
+            wait_consul_ready(agent)
+            info = agent_info(agent)
+            if not info["server"] or info["dev_mode"] or not info["data_dir"]:
+                raise RuntimeError(f"expected a server agent with a data directory, got {info}")
+            print(f"Consul v{info['version']}, server agent with data dir {info['data_dir']} at {info['address']}")
+            print(f"{args.rounds} rounds x {args.iterations} iterations of each, rotating order, after {WARMUP} warm-up cycles")
+            results = run(agent, args.rounds, args.iterations)
+        finally:
+            try:
+                close_sessions()
+            finally:
+                agent.stop()
+
+    ours_floor = results["ours"]["median_ms"] / results["floor"]["median_ms"]
+    script_ours = results["script"]["median_ms"] / results["ours"]["median_ms"]
+    ok = ours_floor <= TARGET_OURS_FLOOR and script_ours >= TARGET_SCRIPT_OURS
+
+    labels = {
+        "floor": "2 raw KV PUTs, keep-alive",
+        "ours": "ConsulLock acquire+release",
+        "script": "curl-script flow, new conns",
+    }
+    print()
+    print(f"{'':8}{'what':30}{'median ms':>10}{'p90 ms':>10}{'n':>7}")
+    for name, r in results.items():
+        print(f"{name:8}{labels[name]:30}{r['median_ms']:10.3f}{r['p90_ms']:10.3f}{r['n']:7d}")
+    print()
+    print(
+        f"ratio ours/floor = {ours_floor:.2f} (target <= {TARGET_OURS_FLOOR:.2f})   "
+        f"script/ours = {script_ours:.1f}x (target >= {TARGET_SCRIPT_OURS:g})   {'OK' if ok else 'MISSED'}"
+    )
+
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "consul": info,
+                    "rounds": args.rounds,
+                    "iterations": args.iterations,
+                    "warmup": WARMUP,
+                    "results": results,
+                    "ratios": {"ours_floor": ours_floor, "script_ours": script_ours},
+                    "targets": {"ours_floor_max": TARGET_OURS_FLOOR, "script_ours_min": TARGET_SCRIPT_OURS},
+                    "ok": ok,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""The Consul adapter against a real agent: sessions, KV, blocking queries, txn, errors."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from celery_consul_lock import ConsulSettings, ConsulUnavailable, SessionGone
+from celery_consul_lock.consul import LOCK_FLAG, ConsulClient
+
+from .servers import free_port
+
+pytestmark = pytest.mark.client
+
+
+@pytest.fixture
+def client(settings: ConsulSettings):
+    c = ConsulClient(settings)
+    yield c
+    c.close()
+
+
+def test_session_create_renew_info_destroy(client, consul):
+    sid = client.session_create("t", ttl=10, lock_delay=2, checks=["serfHealth"])
+    info = client.session_info(sid)
+    assert info["Name"] == "t" and info["LockDelay"] == 2_000_000_000 and info["TTL"] == "10s"
+    assert client.session_renew(sid) == 10.0
+    assert client.session_destroy(sid)
+    assert client.session_info(sid) is None
+    with pytest.raises(SessionGone) as info_exc:
+        client.session_renew(sid)
+    assert sid in str(info_exc.value) and consul.address in str(info_exc.value)
+
+
+def test_lock_via_txn_returns_the_modify_index_and_why_it_failed(client, key):
+    a = client.session_create("a", ttl=10, lock_delay=1, checks=["serfHealth"])
+    b = client.session_create("b", ttl=10, lock_delay=1, checks=["serfHealth"])
+    try:
+        got = client.kv_lock(key, a, b"v")
+        _, entry = client.kv_get(key, consistent=True)
+        assert got.acquired and got.modify_index == entry.modify_index and entry.flags == LOCK_FLAG and entry.session == a
+        assert client.kv_lock(key, b, b"v").reason == "held"
+        client.session_destroy(a)  # an invalidation: lock-delay follows
+        assert client.kv_lock(key, b, b"v").reason == "lock-delay"
+        assert client.kv_lock(key, "00000000-0000-0000-0000-000000000000", b"v").reason in ("session", "lock-delay")
+    finally:
+        client.session_destroy(b)
+
+
+def test_release_only_frees_for_the_holding_session(client, key):
+    a = client.session_create("a", ttl=10, lock_delay=0, checks=[])
+    b = client.session_create("b", ttl=10, lock_delay=0, checks=[])
+    try:
+        assert client.kv_lock(key, a, b"v").acquired
+        assert client.kv_release(key, b, b"v") is False
+        assert client.kv_get(key)[1].session == a
+        assert client.kv_release(key, a, b"v") is True
+        assert client.kv_get(key)[1].session is None
+    finally:
+        client.session_destroy(a)
+        client.session_destroy(b)
+
+
+def test_blocking_read_returns_when_the_key_changes(client, settings, key):
+    client.kv_put(key, b"1")
+    index, _ = client.kv_get(key)
+    writer = ConsulClient(settings)
+    timer = threading.Timer(0.3, writer.kv_put, (key, b"2"))
+    timer.start()
+    t0 = time.monotonic()
+    new_index, entry = client.kv_get(key, index=index, wait=20, consistent=True)
+    assert entry.value == b"2" and new_index > index and time.monotonic() - t0 < 10
+    timer.join()
+    writer.close()
+
+
+def test_blocking_read_ends_at_its_wait(client, key):
+    client.kv_put(key, b"1")
+    index, _ = client.kv_get(key)
+    t0 = time.monotonic()
+    same, entry = client.kv_get(key, index=index, wait=1)
+    assert same == index and entry.value == b"1" and 0.9 < time.monotonic() - t0 < 5
+
+
+def test_fenced_write_with_check_session(client, key):
+    sid = client.session_create("f", ttl=10, lock_delay=0, checks=[])
+    other = client.session_create("o", ttl=10, lock_delay=0, checks=[])
+    mark = key.replace(".lock", "mark")
+    try:
+        assert client.kv_lock(key, sid, b"").acquired
+        ok, _, _ = client.txn(
+            [
+                {"KV": {"Verb": "check-session", "Key": key, "Session": sid}},
+                {"KV": {"Verb": "cas", "Key": mark, "Value": "MQ==", "Index": 0}},
+            ]
+        )
+        assert ok and client.kv_get(mark)[1].value == b"1"
+        ok, _, errors = client.txn(
+            [
+                {"KV": {"Verb": "check-session", "Key": key, "Session": other}},
+                {"KV": {"Verb": "set", "Key": mark, "Value": "Mg=="}},
+            ]
+        )
+        assert not ok and "failed session check" in errors[0]["What"] and client.kv_get(mark)[1].value == b"1"
+    finally:
+        client.session_destroy(sid)
+        client.session_destroy(other)
+
+
+def test_unreachable_agent_error_names_the_address():
+    port = free_port()
+    c = ConsulClient(ConsulSettings(address=f"127.0.0.1:{port}", timeout=2))
+    with pytest.raises(ConsulUnavailable) as info:
+        c.session_create("x", ttl=10, lock_delay=1, checks=[])
+    text = str(info.value)
+    assert f"http://127.0.0.1:{port}" in text and "connection refused" in text and "CONSUL_HTTP_ADDR" in text
+
+
+def test_token_goes_in_a_header_not_the_url(settings, monkeypatch):
+    monkeypatch.setenv("CONSUL_HTTP_TOKEN", "env-token-must-not-win")
+    c = ConsulClient(settings.replace(token="tok-123"))
+    http = c._client.http
+    assert http.session.headers["X-Consul-Token"] == "tok-123" and c._client.token is None
+    assert "tok-123" not in repr(c)
