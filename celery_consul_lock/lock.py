@@ -167,20 +167,38 @@ class _WatchStarter:
 
     def schedule(self, at: float, target: Callable[..., None], args: tuple[Any, ...], released: threading.Event) -> None:
         with self._cond:
+            was_empty = not self._due
             heapq.heappush(self._due, (at, next(self._seq), target, args, released))
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="consul-lock-watch-starter", daemon=True)
                 self._thread.start()
-            self._cond.notify()
+            if was_empty:  # later items never come due before the head: no need to wake
+                self._cond.notify()
 
     def _run(self) -> None:
+        try:
+            self._loop()
+        except BaseException:  # never die silently: say so, and let the next schedule() restart us
+            watch_log.exception("the watch starter thread crashed")
+            with self._cond:
+                self._thread = None
+            raise
+
+    def _loop(self) -> None:
         while True:
             with self._cond:
                 while not self._due or self._due[0][0] > time.monotonic():
-                    self._cond.wait(self._due[0][0] - time.monotonic() if self._due else None)
-                _, _, target, args, released = heapq.heappop(self._due)
-            if not released.is_set():
-                threading.Thread(target=target, args=args, name="consul-lock-watch", daemon=True).start()
+                    self._cond.wait(min(WATCH_WAIT, self._due[0][0] - time.monotonic()) if self._due else None)
+                # Take everything due within a batch window: one wake-up per window, not
+                # one per acquisition, under a high acquire rate.
+                horizon = time.monotonic() + WATCH_DELAY / 2
+                due = []
+                while self._due and self._due[0][0] <= horizon:
+                    due.append(heapq.heappop(self._due))
+            for _, _, target, args, released in due:
+                if not released.is_set():
+                    threading.Thread(target=target, args=args, name="consul-lock-watch", daemon=True).start()
+            time.sleep(WATCH_DELAY / 2)
 
 
 _LOCAL = _LocalKeys()
@@ -212,6 +230,7 @@ class ConsulLock:
         value: dict[str, Any] | None = None,
         timeout: float | None = None,
         private_session: bool = False,
+        token_at_acquire: bool = False,
         on_lost: Callable[[ConsulLock, str], None] | None = None,
         settings: ConsulSettings | None = None,
         **setting_values: Any,
@@ -226,12 +245,12 @@ class ConsulLock:
         self.value = dict(value or {})
         self.timeout = timeout
         self.private_session = private_session
+        self.token_at_acquire = token_at_acquire
         #: Set when the lock is lost while held; cleared by the next acquire.
         self.lost = threading.Event()
         #: Why the lock was lost, once :attr:`lost` is set.
         self.lost_reason: str | None = None
-        #: The key's ModifyIndex at our acquisition; grows with every new holder.
-        self.fencing_token: int | None = None
+        self._token: int | None = None
         #: Who held the key when our last acquire gave up (None if nobody: lock-delay).
         self.last_holder: LockHolder | None = None
         self._callbacks: list[Callable[[ConsulLock, str], None]] = [on_lost] if on_lost else []
@@ -298,7 +317,7 @@ class ConsulLock:
         try:
             ok = client.kv_release(self.key, sid, value)
             if ok:
-                release_log.debug("released %s (token %s)", self.key, self.fencing_token)
+                release_log.debug("released %s (token %s)", self.key, self._token)
             else:
                 release_log.warning("%s was no longer held by our session when released (lost: %s)", self.key, self.lost_reason)
         except ConsulLockError as exc:
@@ -311,6 +330,27 @@ class ConsulLock:
             else:
                 retire_if_unused(session)
         return ok
+
+    @property
+    def fencing_token(self) -> int | None:
+        """The key's ModifyIndex while we hold it: every later holder's is larger, so a
+        resource that remembers the largest token it saw can refuse a deposed holder.
+
+        Read atomically with the acquire when ``token_at_acquire=True``, else by a
+        consistent read on first access, which also checks that our session still holds
+        the key (and raises :class:`LockLost` if not). None when never acquired.
+        """
+        sid, token = self._sid, self._token
+        if token is not None or sid is None:
+            return token
+        _, entry = thread_client(self.settings).kv_get(self.key, consistent=True)
+        if entry is None or entry.session != sid:
+            self._mark_lost("the key is no longer held by our session")
+            raise LockLost(self.key, self.lost_reason or "the key is no longer held by our session")
+        with self._mutex:
+            if self._sid == sid:
+                self._token = entry.modify_index
+        return entry.modify_index
 
     @property
     def held(self) -> bool:
@@ -364,11 +404,18 @@ class ConsulLock:
                 session = self._new_session()
             sid = session.ensure(client)
             value = self._value(sid)
-            attempt = client.kv_lock(self.key, sid, value)
-            if attempt.acquired:
-                self._acquired(session, sid, value, attempt.modify_index)
+            try:
+                if self.token_at_acquire:
+                    attempt = client.kv_lock(self.key, sid, value)
+                    acquired, token, gone = attempt.acquired, attempt.modify_index or None, attempt.reason == "session"
+                else:  # ?acquire=, as `consul lock` does: the cheapest write; token read lazily
+                    acquired, token, gone = client.kv_acquire(self.key, sid, value), None, False
+            except SessionGone:
+                acquired, token, gone = False, None, True
+            if acquired:
+                self._acquired(session, sid, value, token)
                 return True
-            if attempt.reason == "session":
+            if gone:
                 session.lose("Consul does not know the session")
                 session_failures += 1
                 if session_failures >= SESSION_RETRIES:
@@ -424,10 +471,10 @@ class ConsulLock:
         }
         return json.dumps(data, separators=(",", ":"), default=str).encode()
 
-    def _acquired(self, session: LockSession, sid: str, value: bytes, token: int) -> None:
+    def _acquired(self, session: LockSession, sid: str, value: bytes, token: int | None) -> None:
         with self._mutex:
             self._session, self._sid, self._held_value = session, sid, value
-            self.fencing_token = token
+            self._token = token
             self.lost_reason = None
             self.lost.clear()
             self.last_holder = None
@@ -435,8 +482,8 @@ class ConsulLock:
         session.hold(self)
         if session.lost_reason is not None:  # lost between ensure() and hold()
             self._session_lost(session.lost_reason)
-        _WATCHES.schedule(time.monotonic() + WATCH_DELAY, self._watch, (sid, token, released), released)
-        acquire_log.debug("acquired %s (session %s, token %d)", self.key, sid, token)
+        _WATCHES.schedule(time.monotonic() + WATCH_DELAY, self._watch, (sid, released), released)
+        acquire_log.debug("acquired %s (session %s)", self.key, sid)
 
     def _as_holder(self) -> LockHolder:
         return LockHolder(
@@ -446,7 +493,7 @@ class ConsulLock:
             pid=os.getpid(),
             name=self.name,
             extra=dict(self.value),
-            fencing_token=self.fencing_token,
+            fencing_token=self._token,
         )
 
     # -- losing -------------------------------------------------------------------------
@@ -468,9 +515,10 @@ class ConsulLock:
             except Exception:
                 watch_log.exception("on_lost callback %r for %s failed", callback, self.key)
 
-    def _watch(self, sid: str, index: int, released: threading.Event) -> None:
+    def _watch(self, sid: str, released: threading.Event) -> None:
         """Consistent blocking reads of the key until it is released, deleted or taken."""
         client = ConsulClient(self.settings)
+        index = 0  # the first read answers at once, with the key's current index
         try:
             while not released.is_set():
                 try:

@@ -1,0 +1,146 @@
+"""A lean keep-alive HTTP/1.1 connection to the Consul agent.
+
+Taking a lock is two small requests to a local agent, so the HTTP client's own cost
+matters: ``requests`` spends about 1 ms a request here and ``http.client`` (through the
+``email`` header parser) about 0.2 ms of CPU, both more than Consul's KV write itself.
+This speaks just the HTTP/1.1 that Consul's agent answers: one request at a time on one
+connection, ``Content-Length`` or chunked bodies, reconnecting when the agent closed an
+idle connection. TLS goes through :mod:`ssl` with the context the caller builds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import ssl
+
+__all__ = ["Connection", "Headers"]
+
+#: Never read a header block larger than this (Consul's are a few hundred bytes).
+MAX_HEADER_BYTES = 64 * 1024
+
+
+class Headers(dict[str, str]):
+    """Response headers, looked up case-insensitively (keys stored lower-case)."""
+
+    def __getitem__(self, name: str) -> str:
+        return super().__getitem__(name.lower())
+
+    def get(self, name: str, default: object = None) -> object:  # type: ignore[override]
+        return super().get(name.lower(), default)
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and super().__contains__(name.lower())
+
+
+class Connection:
+    """One keep-alive connection; not thread-safe (one per thread)."""
+
+    def __init__(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None) -> None:
+        self.host, self.port = host, port
+        self.ssl_context = ssl_context
+        self._sock: socket.socket | None = None
+        self._file: object | None = None
+        self._host_header = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
+
+    def __del__(self) -> None:
+        # A thread's connection dies with the thread: close it quietly.
+        self.close()
+
+    def close(self) -> None:
+        sock, self._sock, self._file = self._sock, None, None
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                sock.close()
+
+    def request(
+        self, method: str, target: str, body: bytes | None, headers: dict[str, str], timeout: float
+    ) -> tuple[int, Headers, bytes]:
+        """Send one request and read its answer; reconnects once if a reused connection
+        turns out to have been closed by the agent before it answered."""
+        head = [f"{method} {target} HTTP/1.1", f"Host: {self._host_header}", f"Content-Length: {len(body or b'')}"]
+        head.extend(f"{k}: {v}" for k, v in headers.items())
+        payload = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b"")
+        for attempt in (1, 2):
+            reused = self._sock is not None
+            sock = self._sock or self._connect(timeout)
+            try:
+                if sock.gettimeout() != timeout:
+                    sock.settimeout(timeout)
+                sock.sendall(payload)
+                status, resp_headers, content = self._read_response(method)
+            except (ConnectionResetError, BrokenPipeError, _ClosedEarly):
+                self.close()
+                if reused and attempt == 1:
+                    continue
+                raise ConnectionResetError("the agent closed the connection without answering") from None
+            except BaseException:
+                self.close()
+                raise
+            if resp_headers.get("connection", "").lower() == "close":  # type: ignore[union-attr]
+                self.close()
+            return status, resp_headers, content
+        raise AssertionError("unreachable")
+
+    def _connect(self, timeout: float) -> socket.socket:
+        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ssl_context is not None:
+            sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+        self._sock = sock
+        self._file = sock.makefile("rb")
+        return sock
+
+    def _read_response(self, method: str) -> tuple[int, Headers, bytes]:
+        f = self._file
+        assert f is not None
+        line = f.readline(MAX_HEADER_BYTES)  # type: ignore[attr-defined]
+        if not line:
+            raise _ClosedEarly
+        parts = line.split(None, 2)
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
+            raise ConnectionError(f"not an HTTP answer: {line[:80]!r}")
+        status = int(parts[1])
+        headers = Headers()
+        size = 0
+        while True:
+            line = f.readline(MAX_HEADER_BYTES)  # type: ignore[attr-defined]
+            size += len(line)
+            if not line or size > MAX_HEADER_BYTES:
+                raise ConnectionError("truncated or oversized HTTP headers")
+            if line in (b"\r\n", b"\n"):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            headers[name.strip().lower()] = value.strip()
+        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            return status, headers, b""
+        if headers.get("transfer-encoding", "").lower() == "chunked":  # type: ignore[union-attr]
+            return status, headers, self._read_chunked()
+        length = headers.get("content-length")
+        if length is None:  # body until the agent closes
+            content = f.read()  # type: ignore[attr-defined]
+            self.close()
+            return status, headers, content
+        content = f.read(int(length))  # type: ignore[arg-type, attr-defined]
+        if len(content) != int(length):  # type: ignore[arg-type]
+            raise ConnectionError("connection closed in the middle of a response")
+        return status, headers, content
+
+    def _read_chunked(self) -> bytes:
+        f = self._file
+        chunks = []
+        while True:
+            size_line = f.readline(MAX_HEADER_BYTES)  # type: ignore[union-attr]
+            if not size_line:
+                raise ConnectionError("connection closed in the middle of a chunked response")
+            size = int(size_line.split(b";", 1)[0].strip(), 16)
+            if size == 0:
+                while f.readline(MAX_HEADER_BYTES) not in (b"\r\n", b"\n", b""):  # type: ignore[union-attr]
+                    pass
+                return b"".join(chunks)
+            chunks.append(f.read(size))  # type: ignore[union-attr]
+            f.readline(MAX_HEADER_BYTES)  # type: ignore[union-attr]
+
+
+class _ClosedEarly(Exception):
+    """The agent closed the connection before sending a status line."""
