@@ -8,6 +8,7 @@ from .errors import (
     ConsulUnavailable,
     InvalidSetting,
     LockConflict,
+    LockHeld,
     LockLost,
     LockTimeout,
     SessionGone,
@@ -15,18 +16,26 @@ from .errors import (
 from .lock import ConsulLock, LockHolder
 from .session import close_sessions
 from .settings import ConsulSettings
+from .task import ConsulLockedTask, LockOptions, is_skipped
+from .ticks import TICK_HEADER, Tick
 
 __all__ = [
+    "TICK_HEADER",
     "ACLDenied",
     "ConsulLock",
     "ConsulLockError",
+    "ConsulLockedTask",
     "ConsulSettings",
     "ConsulUnavailable",
     "InvalidSetting",
     "LockConflict",
+    "LockHeld",
     "LockHolder",
     "LockLost",
+    "LockOptions",
     "LockTimeout",
     "SessionGone",
+    "Tick",
     "close_sessions",
+    "is_skipped",
 ]

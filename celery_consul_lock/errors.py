@@ -13,6 +13,7 @@ __all__ = [
     "ConsulUnavailable",
     "InvalidSetting",
     "LockConflict",
+    "LockHeld",
     "LockLost",
     "LockTimeout",
     "SessionGone",
@@ -128,3 +129,15 @@ class LockLost(ConsulLockError):
 
     def __str__(self) -> str:
         return f"lock {self.key!r} was lost: {self.reason}"
+
+
+class LockHeld(ConsulLockError):
+    """A task's lock was held elsewhere and its retries ran out (``on_held="retry"``)."""
+
+    def __init__(self, key: str, holder: str | None = None) -> None:
+        super().__init__(key, holder)
+        self.key = key
+        self.holder = holder
+
+    def __str__(self) -> str:
+        return f"lock {self.key!r} is held" + (f" by {self.holder}" if self.holder else " (lock-delay)")

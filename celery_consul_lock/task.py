@@ -1,0 +1,367 @@
+"""ConsulLockedTask: a Celery task base class whose every run holds a Consul lock.
+
+    @app.task(base=ConsulLockedTask)
+    def nightly_backup(): ...
+
+Guarantee: two runs of the task with the same lock key never run their bodies at the same
+time while Consul works and the holder is alive; the lock is taken in the worker, around
+the body, and released on every way out of it (return, exception, retry, soft time limit).
+With a tick id (see :mod:`celery_consul_lock.ticks`) a scheduled tick runs to completion at
+most once: its mark in Consul is advanced, fenced by the lock, when a run ends.
+
+Limit: a lock is a lease. A holder that is paused or cut off past its self-fencing deadline
+loses it (``self.lock.lost`` is set, ``self.check_lock()`` raises) while its body may still
+be running; pass ``self.fencing_token`` to the resources it changes if a duplicate side
+effect must be impossible, not just rare.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields, replace
+from typing import Any
+
+from celery import Task
+from celery.signals import worker_process_shutdown, worker_shutdown
+
+from . import signals
+from .consul import thread_client
+from .errors import ConsulUnavailable, InvalidSetting, LockHeld, LockLost
+from .lock import ConsulLock, LockHolder
+from .session import close_sessions
+from .settings import FAIL_POLICIES, ConsulSettings, validate_key
+from .ticks import TICK_HEADER, Tick, read_mark, write_mark
+
+__all__ = ["LOCK_OPTIONS_HEADER", "SKIPPED", "ConsulLockedTask", "LockOptions", "is_skipped"]
+
+log = logging.getLogger("celery_consul_lock.task")
+
+#: Message header with per-call overrides of the lock options, e.g.
+#: ``task.apply_async(args, headers={"consul_lock": {"on_held": "wait"}})``.
+LOCK_OPTIONS_HEADER = "consul_lock"
+#: The value a skipped run returns: ``{"consul_lock": "skipped", ...}`` (see is_skipped).
+SKIPPED = "skipped"
+ON_HELD = ("skip", "wait", "retry")
+#: Default for ``on_held="wait"``: long enough for most critical sections.
+DEFAULT_WAIT_TIMEOUT = 30.0
+#: Default countdown for ``on_held="retry"``.
+DEFAULT_RETRY_COUNTDOWN = 5.0
+
+
+def is_skipped(result: object) -> bool:
+    """True if a task result is the value of a run skipped by its lock or tick mark."""
+    return isinstance(result, Mapping) and result.get("consul_lock") == SKIPPED
+
+
+@dataclass(frozen=True)
+class LockOptions:
+    """A task's lock options, validated; task attributes ``lock_<name>`` give the defaults
+    and the ``consul_lock`` header overrides them per call."""
+
+    #: Key template (``str.format`` with the task's arguments), or callable(task, args, kwargs).
+    key: str | Callable[..., str] | None = None
+    #: What to do when the lock is held elsewhere: skip, wait (then skip) or retry.
+    on_held: str = "skip"
+    #: How long ``wait`` waits.
+    wait_timeout: float = DEFAULT_WAIT_TIMEOUT
+    #: Countdown of ``retry``.
+    retry_countdown: float = DEFAULT_RETRY_COUNTDOWN
+    #: Session TTL / lock-delay / fail policy for this task (None: the app's settings).
+    ttl: float | None = None
+    lock_delay: float | None = None
+    fail_policy: str | None = None
+    #: Raise LockLost inside the running body as soon as the lock is lost.
+    abort_on_lock_lost: bool = False
+
+    def validated(self, task: str) -> LockOptions:
+        def bad(name: str, value: object, why: str) -> InvalidSetting:
+            return InvalidSetting(f"{task}.lock_{name}", value, why)
+
+        if self.on_held not in ON_HELD:
+            raise bad("on_held", self.on_held, f"expected one of {', '.join(ON_HELD)}")
+        if self.fail_policy is not None and self.fail_policy not in FAIL_POLICIES:
+            raise bad("fail_policy", self.fail_policy, "expected 'closed' or 'open'")
+        for name in ("wait_timeout", "retry_countdown"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+                raise bad(name, value, "expected a number of seconds >= 0")
+        if self.key is not None and not (isinstance(self.key, str) or callable(self.key)):
+            raise bad("key", self.key, "expected a key template string or a callable(task, args, kwargs)")
+        return self
+
+
+class ConsulLockedTask(Task):  # type: ignore[misc]
+    """A task whose runs are serialised cluster-wide by a Consul lock (see the module doc).
+
+    Options, as task attributes or ``@app.task(lock_on_held="wait", ...)`` arguments, or per
+    call in the ``consul_lock`` message header: ``lock_key``, ``lock_on_held``,
+    ``lock_wait_timeout``, ``lock_retry_countdown``, ``lock_ttl``, ``lock_delay``,
+    ``lock_fail_policy``, ``abort_on_lock_lost``.
+    """
+
+    lock_key: str | Callable[..., str] | None = None
+    lock_on_held: str = "skip"
+    lock_wait_timeout: float = DEFAULT_WAIT_TIMEOUT
+    lock_retry_countdown: float = DEFAULT_RETRY_COUNTDOWN
+    lock_ttl: float | None = None
+    lock_delay: float | None = None
+    lock_fail_policy: str | None = None
+    abort_on_lock_lost: bool = False
+
+    _consul_settings: ConsulSettings | None = None
+    _lock_options: LockOptions | None = None
+
+    # -- what the body can use ------------------------------------------------------------
+
+    @property
+    def lock(self) -> ConsulLock | None:
+        """The lock this run holds (None outside a run, or when run unguarded: fail open)."""
+        return getattr(self.request, "consul_lock", None)
+
+    @property
+    def fencing_token(self) -> int | None:
+        """The lock's fencing token for this run (the key's ModifyIndex at acquisition)."""
+        lock = self.lock
+        return lock.fencing_token if lock is not None else None
+
+    def check_lock(self) -> None:
+        """Raise :class:`LockLost` if this run no longer holds its lock."""
+        lock = self.lock
+        if lock is not None:
+            lock.check()
+
+    # -- options -----------------------------------------------------------------------------
+
+    def lock_options(self) -> LockOptions:
+        """This call's options: the task's, with the ``consul_lock`` header's on top."""
+        if self._lock_options is None:
+            self._lock_options = LockOptions(
+                key=self.lock_key,
+                on_held=self.lock_on_held,
+                wait_timeout=self.lock_wait_timeout,
+                retry_countdown=self.lock_retry_countdown,
+                ttl=self.lock_ttl,
+                lock_delay=self.lock_delay,
+                fail_policy=self.lock_fail_policy,
+                abort_on_lock_lost=self.abort_on_lock_lost,
+            ).validated(self.name)
+        override = _request_value(self.request, LOCK_OPTIONS_HEADER)
+        if not override:
+            return self._lock_options
+        if not isinstance(override, Mapping):
+            raise InvalidSetting(f"{self.name} header {LOCK_OPTIONS_HEADER}", override, "expected a mapping of lock options")
+        known = {f.name for f in fields(LockOptions)}
+        unknown = sorted(set(override) - known)
+        if unknown:
+            raise InvalidSetting(
+                f"{self.name} header {LOCK_OPTIONS_HEADER}", override, f"unknown option(s) {unknown}; known: {sorted(known)}"
+            )
+        return replace(self._lock_options, **override).validated(self.name)
+
+    def lock_settings(self, options: LockOptions) -> ConsulSettings:
+        """The app's settings (read once per task object), with the task's TTL etc."""
+        if self._consul_settings is None:
+            self._consul_settings = ConsulSettings.from_celery(self.app.conf)
+        return self._consul_settings.replace(ttl=options.ttl, lock_delay=options.lock_delay, fail_policy=options.fail_policy)
+
+    def lock_key_for(self, args: tuple[Any, ...], kwargs: dict[str, Any], options: LockOptions | None = None) -> str:
+        """The key this call locks (before the configured prefix), validated."""
+        key = (options or self.lock_options()).key
+        setting = f"{self.name}.lock_key"
+        if key is None:
+            text = f"locks/{self.name}/.lock"
+        elif callable(key):
+            text = key(self, args, kwargs)
+        else:
+            try:
+                text = key.format(*args, **kwargs, task=self)
+            except (KeyError, IndexError, AttributeError) as exc:
+                raise InvalidSetting(
+                    setting, key, f"cannot fill the template from args={args!r} kwargs={kwargs!r}: {exc!r}"
+                ) from None
+        return validate_key(text, setting)
+
+    # -- the run -----------------------------------------------------------------------------
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        options = self.lock_options()
+        settings = self.lock_settings(options)
+        key = self.lock_key_for(args, kwargs, options)
+        tick = _tick(self.request)
+        task_id = self.request.id
+        lock = ConsulLock(
+            key,
+            settings=settings,
+            name=self.name,
+            value={"task_id": task_id, **({"tick": str(tick)} if tick else {})},
+            token_at_acquire=True,
+        )
+        try:
+            acquired = self._acquire(lock, options, tick, task_id)
+        except ConsulUnavailable as exc:
+            if settings.fail_policy != "open":
+                raise
+            log.warning("running %s[%s] WITHOUT its lock %s (fail_policy=open): %s", self.name, task_id, lock.key, exc)
+            return self.run(*args, **kwargs)
+        if not acquired:
+            return self._not_acquired(lock, options, tick, task_id)
+        try:
+            mark = None
+            if tick is not None:
+                client = thread_client(settings)
+                mark = read_mark(client, settings, tick.entry)
+                if mark.covers(tick):
+                    return self._skip(lock, "duplicate-tick", None, tick, task_id)
+            self.request.consul_lock = lock
+            signals.send(signals.task_lock_acquired, self, key=lock.key, fencing_token=lock.fencing_token, task_id=task_id)
+            result = self._run_body(lock, options, args, kwargs)
+            if tick is not None and mark is not None:
+                self._record_tick(lock, settings, tick, mark, task_id)
+            return result
+        finally:
+            self.request.consul_lock = None
+            lock.release()
+
+    def _acquire(self, lock: ConsulLock, options: LockOptions, tick: Tick | None, task_id: str | None) -> bool:
+        if options.on_held != "wait":
+            if lock.acquire(blocking=False):
+                return True
+            holder = lock.last_holder
+            if not (holder and task_id and holder.extra.get("task_id") == task_id):
+                return False
+            # The holder ran *this* message: we are its redelivery (acks_late) after the
+            # holder's worker died. Wait for its session to free the lock, however long that
+            # takes (up to 2 x TTL + lock-delay), so that the run is not lost.
+            settings = lock.settings
+            bound = 2 * settings.ttl + settings.lock_delay + 5
+            log.info(
+                "%s[%s] is redelivered while its dead run still holds %s; waiting up to %.0f s",
+                self.name,
+                task_id,
+                lock.key,
+                bound,
+            )
+            return lock.acquire(timeout=bound)
+        return lock.acquire(timeout=options.wait_timeout)
+
+    def _not_acquired(self, lock: ConsulLock, options: LockOptions, tick: Tick | None, task_id: str | None) -> Any:
+        holder = lock.last_holder
+        if options.on_held == "retry":
+            log.info(
+                "%s[%s]: %s is held by %s; retrying in %g s",
+                self.name,
+                task_id,
+                lock.key,
+                holder or "nobody (lock-delay)",
+                options.retry_countdown,
+            )
+            headers = {TICK_HEADER: str(tick)} if tick else {}
+            override = _request_value(self.request, LOCK_OPTIONS_HEADER)
+            if override:
+                headers[LOCK_OPTIONS_HEADER] = override
+            raise self.retry(
+                countdown=options.retry_countdown, exc=LockHeld(lock.key, str(holder) if holder else None), headers=headers
+            )
+        reason = "held" if holder else "lock-delay"
+        return self._skip(lock, reason, holder, tick, task_id)
+
+    def _skip(
+        self, lock: ConsulLock, reason: str, holder: LockHolder | None, tick: Tick | None, task_id: str | None
+    ) -> dict[str, Any]:
+        if reason == "duplicate-tick":
+            log.info("skipping %s[%s]: tick %s already ran to completion", self.name, task_id, tick)
+        elif holder is not None:
+            log.info("skipping %s[%s]: %s is held by %s", self.name, task_id, lock.key, holder)
+        else:
+            log.info("skipping %s[%s]: %s is free but inside its lock-delay", self.name, task_id, lock.key)
+        signals.send(signals.task_lock_skipped, self, key=lock.key, reason=reason, holder=holder, task_id=task_id, tick=tick)
+        return {
+            "consul_lock": SKIPPED,
+            "reason": reason,
+            "key": lock.key,
+            "holder": str(holder) if holder else None,
+            "holder_task_id": holder.extra.get("task_id") if holder else None,
+            "tick": str(tick) if tick else None,
+        }
+
+    def _run_body(self, lock: ConsulLock, options: LockOptions, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        task_id = self.request.id
+
+        def lost(_lock: ConsulLock, reason: str) -> None:
+            signals.send(signals.task_lock_lost, self, key=lock.key, reason=reason, task_id=task_id)
+
+        lock.on_lost(lost)
+        if not options.abort_on_lock_lost:
+            return self.run(*args, **kwargs)
+        with _AbortOnLoss(lock):
+            return self.run(*args, **kwargs)
+
+    def _record_tick(self, lock: ConsulLock, settings: ConsulSettings, tick: Tick, mark: Any, task_id: str | None) -> None:
+        sid = lock._sid
+        ok = sid is not None and write_mark(
+            thread_client(settings), settings, tick, mark, lock_key=lock.key, session=sid, extra={"task_id": task_id}
+        )
+        if ok:
+            log.debug("tick %s recorded as completed", tick)
+        else:
+            log.error("tick %s ran but could not be recorded: the lock %s was lost or the mark moved meanwhile", tick, lock.key)
+
+
+class LockLostAbort(LockLost):
+    """Raised inside a running body by ``abort_on_lock_lost`` when the lock is lost."""
+
+    def __init__(self, key: str = "?", reason: str = "the lock was lost while the task ran") -> None:
+        super().__init__(key, reason)
+
+
+class _AbortOnLoss:
+    """Raises LockLostAbort in the running thread when the lock is lost (at its next
+    Python bytecode: a body blocked in C code sees it when that call returns)."""
+
+    def __init__(self, lock: ConsulLock) -> None:
+        self.lock = lock
+        self.thread_id = threading.get_ident()
+        self.mutex = threading.Lock()
+        self.running = False
+        self.sent = False
+
+    def __enter__(self) -> None:
+        self.running = True
+        self.lock.on_lost(self._abort)
+        if self.lock.lost.is_set():
+            raise LockLostAbort(self.lock.key, self.lock.lost_reason or "lost")
+
+    def _abort(self, _lock: ConsulLock, reason: str) -> None:
+        with self.mutex:
+            if self.running and not self.sent:
+                self.sent = True
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id), ctypes.py_object(LockLostAbort))
+
+    def __exit__(self, *exc: object) -> None:
+        with self.mutex:
+            self.running = False
+            if self.sent:  # clear an abort that has not fired yet
+                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id), None)
+
+
+def _request_value(request: Any, name: str) -> Any:
+    value = getattr(request, name, None)
+    if value is None:
+        headers = getattr(request, "headers", None) or {}
+        value = headers.get(name)
+    return value
+
+
+def _tick(request: Any) -> Tick | None:
+    value = _request_value(request, TICK_HEADER)
+    return Tick.parse(value) if value else None
+
+
+@worker_process_shutdown.connect(weak=False)
+@worker_shutdown.connect(weak=False)
+def _close_sessions_on_shutdown(**_: Any) -> None:
+    # Pool processes end through os._exit, which skips atexit: end our sessions here.
+    close_sessions()
