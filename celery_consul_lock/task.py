@@ -18,6 +18,7 @@ effect must be impossible, not just rare.
 from __future__ import annotations
 
 import ctypes
+import inspect
 import logging
 import threading
 from collections.abc import Callable, Mapping
@@ -119,7 +120,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
     @property
     def lock(self) -> ConsulLock | None:
         """The lock this run holds (None outside a run, or when run unguarded: fail open)."""
-        return getattr(self.request, "consul_lock", None)
+        return getattr(self.request, "consul_lock_held", None)
 
     @property
     def fencing_token(self) -> int | None:
@@ -177,8 +178,8 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             text = key(self, args, kwargs)
         else:
             try:
-                text = key.format(*args, **kwargs, task=self)
-            except (KeyError, IndexError, AttributeError) as exc:
+                text = key.format(*args, **_arguments(self.run, args, kwargs), task=self)
+            except (KeyError, IndexError, AttributeError, TypeError) as exc:
                 raise InvalidSetting(
                     setting, key, f"cannot fill the template from args={args!r} kwargs={kwargs!r}: {exc!r}"
                 ) from None
@@ -215,14 +216,14 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
                 mark = read_mark(client, settings, tick.entry)
                 if mark.covers(tick):
                     return self._skip(lock, "duplicate-tick", None, tick, task_id)
-            self.request.consul_lock = lock
+            self.request.consul_lock_held = lock
             signals.send(signals.task_lock_acquired, self, key=lock.key, fencing_token=lock.fencing_token, task_id=task_id)
             result = self._run_body(lock, options, args, kwargs)
             if tick is not None and mark is not None:
                 self._record_tick(lock, settings, tick, mark, task_id)
             return result
         finally:
-            self.request.consul_lock = None
+            self.request.consul_lock_held = None
             lock.release()
 
     def _acquire(self, lock: ConsulLock, options: LockOptions, tick: Tick | None, task_id: str | None) -> bool:
@@ -345,6 +346,16 @@ class _AbortOnLoss:
             self.running = False
             if self.sent:  # clear an abort that has not fired yet
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id), None)
+
+
+def _arguments(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call's arguments by parameter name, defaults included (for key templates)."""
+    try:
+        bound = inspect.signature(func).bind(*args, **kwargs)
+    except (TypeError, ValueError):
+        return dict(kwargs)
+    bound.apply_defaults()
+    return dict(bound.arguments)
 
 
 def _request_value(request: Any, name: str) -> Any:

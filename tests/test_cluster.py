@@ -224,6 +224,7 @@ def test_holder_behind_frozen_agent_fences_itself_before_the_contender_acquires(
     lost: list[tuple[float, str]] = []
     holder = ConsulLock(key, settings=settings, on_lost=lambda lock, reason: lost.append((time.time(), reason)))
     assert holder.acquire(timeout=10)
+    token = holder.fencing_token
     contender = Contender(b, key, 60, tmp_path / "contender.log")
     frozen = False
     try:
@@ -244,7 +245,7 @@ def test_holder_behind_frozen_agent_fences_itself_before_the_contender_acquires(
         # ... and so before the contender got the lock.
         assert lost_at < acquired["t"], (lost_at - t_freeze, acquired["t"] - t_freeze)
         assert not holder.held
-        assert acquired["held"] and acquired["token"] > holder.fencing_token
+        assert acquired["held"] and acquired["token"] > token
 
         a.proc.signal(signal.SIGCONT)
         frozen = False

@@ -1,0 +1,95 @@
+"""The Celery project the behaviour tests run in real `celery worker` processes.
+
+Configured from the environment the test sets: REDIS_URL (broker and results),
+CONSUL_HTTP_ADDR (the agent), TEST_TTL / TEST_LOCK_DELAY (session shape). Task bodies
+record what they did in Redis, so the test can check it from outside.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import redis
+from celery import Celery
+
+from celery_consul_lock import ConsulLockedTask
+from celery_consul_lock.signals import task_lock_skipped
+
+app = Celery("proj")
+app.conf.update(
+    broker_url=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+    result_backend=os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0"),
+    task_serializer="json",
+    result_serializer="json",
+    accept_content=["json"],
+    worker_prefetch_multiplier=1,
+    broker_connection_retry_on_startup=True,
+    consul_lock_ttl=float(os.environ.get("TEST_TTL", "10")),
+    consul_lock_lock_delay=float(os.environ.get("TEST_LOCK_DELAY", "1")),
+)
+
+_redis: redis.Redis | None = None
+
+
+def store() -> redis.Redis:
+    global _redis
+    if _redis is None or _redis.connection_pool.pid != os.getpid():
+        _redis = redis.Redis.from_url(app.conf.broker_url)
+    return _redis
+
+
+def record(kind: str, **data: object) -> None:
+    store().rpush("runs", json.dumps({"kind": kind, "pid": os.getpid(), "t": time.time(), **data}))
+
+
+@task_lock_skipped.connect
+def _count_skip(sender, key, reason, holder, task_id, **_):
+    store().rpush("skips", json.dumps({"task": sender.name, "key": key, "reason": reason, "task_id": task_id}))
+
+
+@app.task(bind=True, base=ConsulLockedTask, name="proj.backup")
+def backup(self, seconds: float = 1.0) -> str:
+    record("start", task="backup", id=self.request.id, token=self.fencing_token)
+    time.sleep(seconds)
+    record("end", task="backup", id=self.request.id)
+    return "done"
+
+
+@app.task(bind=True, base=ConsulLockedTask, name="proj.report", lock_key="locks/report-{customer_id}/.lock")
+def report(self, customer_id: int, seconds: float = 1.5) -> str:
+    record("start", task="report", customer=customer_id, id=self.request.id)
+    time.sleep(seconds)
+    record("end", task="report", customer=customer_id, id=self.request.id)
+    return f"report {customer_id}"
+
+
+@app.task(
+    bind=True,
+    base=ConsulLockedTask,
+    name="proj.ticked",
+    acks_late=True,
+    reject_on_worker_lost=True,
+)
+def ticked(self, seconds: float = 0.2) -> str:
+    tick = getattr(self.request, "consul_lock_tick", None)
+    record("start", task="ticked", tick=tick, id=self.request.id)
+    time.sleep(seconds)
+    record("end", task="ticked", tick=tick, id=self.request.id)
+    return tick
+
+
+@app.task(bind=True, base=ConsulLockedTask, name="proj.locked_noop", lock_key="locks/noop-{n}/.lock")
+def locked_noop(self, n: int = 0) -> int:
+    return n
+
+
+@app.task(bind=True, base=ConsulLockedTask, name="proj.shared_noop", lock_key="locks/noop-shared/.lock")
+def shared_noop(self, n: int = 0) -> int:
+    return n
+
+
+@app.task(name="proj.noop")
+def noop(n: int = 0) -> int:
+    return n

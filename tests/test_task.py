@@ -1,0 +1,207 @@
+"""ConsulLockedTask in real `celery worker` processes, over a real Redis and Consul."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import subprocess
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import redis
+
+from celery_consul_lock import TICK_HEADER, ConsulSettings, Tick, is_skipped
+from celery_consul_lock.consul import ConsulClient
+from celery_consul_lock.ticks import read_mark
+
+from .servers import start_consul, wait_consul_ready, wait_for
+from .workers import start_worker, wait_results, worker_env
+
+
+@pytest.fixture
+def proj(redis_server, consul):
+    from .proj import app as proj_module
+
+    app = proj_module.app
+    app.conf.broker_url = redis_server.url
+    app.conf.result_backend = redis_server.url
+    r = redis.Redis.from_url(redis_server.url)
+    r.flushdb()
+    yield proj_module
+    r.flushdb()
+
+
+@pytest.fixture
+def r(redis_server):
+    return redis.Redis.from_url(redis_server.url)
+
+
+@pytest.fixture
+def workers(proj, redis_server, consul, tmp_path):
+    started = []
+
+    def start(n: int = 1, consul_address: str | None = None, **kw):
+        env = worker_env(redis_server.url, consul_address or consul.address, **kw.pop("env", {}))
+        for _ in range(n):
+            started.append(start_worker(proj.app, tmp_path, env, **kw))
+        return started[-n:]
+
+    yield start
+    for w in started:
+        w.stop()
+
+
+def runs(r) -> list[dict]:
+    return [json.loads(x) for x in r.lrange("runs", 0, -1)]
+
+
+def intervals(records: list[dict], **match) -> list[tuple[float, float, str]]:
+    starts = {x["id"]: x["t"] for x in records if x["kind"] == "start" and all(x.get(k) == v for k, v in match.items())}
+    ends = {x["id"]: x["t"] for x in records if x["kind"] == "end"}
+    return sorted((starts[i], ends[i], i) for i in starts if i in ends)
+
+
+def assert_no_overlap(spans: list[tuple[float, float, str]]) -> None:
+    for (s1, e1, a), (s2, e2, b) in itertools.pairwise(spans):
+        assert s2 >= e1, f"runs {a} [{s1}, {e1}] and {b} [{s2}, {e2}] overlap"
+
+
+def test_fifty_concurrent_sends_never_overlap_and_skips_are_reported(proj, workers, r):
+    workers(2, concurrency=4)
+    results = [proj.backup.delay(1.0) for _ in range(50)]
+    values = wait_results(results, 120)
+    executed = [v for v in values if v == "done"]
+    skipped = [v for v in values if is_skipped(v)]
+    assert len(executed) + len(skipped) == 50 and executed
+    spans = intervals(runs(r), task="backup")
+    assert len(spans) == len(executed)
+    assert_no_overlap(spans)
+    # Each skip names the run that held the lock, and the skip signal fired for each.
+    ran_ids = {s[2] for s in spans}
+    assert all(v["reason"] == "held" and v["holder_task_id"] in ran_ids for v in skipped)
+    assert r.llen("skips") == len(skipped)
+
+
+def test_skips_while_consul_lock_cli_holds_the_key(proj, workers, consul, tmp_path):
+    from .servers import binaries
+
+    workers(1, concurrency=1)
+    flag = tmp_path / "started"
+    cli = subprocess.Popen(
+        [binaries()[0], "lock", f"-http-addr={consul.address}", "locks/proj.backup", f"touch {flag}; sleep 60"],
+        start_new_session=True,
+    )
+    try:
+        wait_for(flag.exists, 30, "consul lock to run its child")
+        value = proj.backup.delay(0.1).get(timeout=30)
+        assert is_skipped(value) and value["reason"] == "held"
+        assert "Consul lock" in value["holder"], value
+    finally:
+        cli.send_signal(signal.SIGTERM)
+        cli.wait(30)
+    assert proj.backup.delay(0.1).get(timeout=30) == "done"
+
+
+def test_skips_while_a_curl_script_holds_the_key(proj, workers, consul):
+    workers(1, concurrency=1)
+    url = consul.url
+    sid = json.loads(
+        subprocess.check_output(
+            ["curl", "-sS", "-X", "PUT", f"{url}/v1/session/create", "-d", '{"Name": "cron-backup", "TTL": "30s"}']
+        )
+    )["ID"]
+    try:
+        got = subprocess.check_output(
+            ["curl", "-sS", "-X", "PUT", f"{url}/v1/kv/locks/proj.backup/.lock?acquire={sid}", "-d", "cron on web1"]
+        )
+        assert got.strip() == b"true"
+        value = proj.backup.delay(0.1).get(timeout=30)
+        assert is_skipped(value) and "cron on web1" in value["holder"] and "cron-backup" not in (value["holder_task_id"] or "")
+    finally:
+        subprocess.check_output(["curl", "-sS", "-X", "PUT", f"{url}/v1/session/destroy/{sid}"])
+
+
+def send_tick(proj, tick: Tick, seconds: float = 0.2):
+    return proj.ticked.apply_async((seconds,), headers={TICK_HEADER: str(tick)})
+
+
+def test_a_tick_runs_once_even_when_sent_again_after_it_finished(proj, workers, r, consul):
+    workers(1, concurrency=2)
+    due = datetime(2026, 11, 26, 3, 0, tzinfo=timezone.utc)
+    tick = Tick.of("nightly", due)
+    assert send_tick(proj, tick).get(timeout=30) == str(tick)
+    time.sleep(2)  # not an assertion: the issue's scenario, a copy arriving 2 s after the run
+    again = send_tick(proj, tick).get(timeout=30)
+    assert is_skipped(again) and again["reason"] == "duplicate-tick"
+    newer = Tick.of("nightly", due + timedelta(minutes=1))
+    assert send_tick(proj, newer).get(timeout=30) == str(newer)
+    older = send_tick(proj, tick).get(timeout=30)
+    assert is_skipped(older) and older["reason"] == "duplicate-tick"
+    starts = [x for x in runs(r) if x["kind"] == "start"]
+    assert [x["tick"] for x in starts] == [str(tick), str(newer)]
+    settings = ConsulSettings(address=consul.address)
+    assert read_mark(ConsulClient(settings), settings, "nightly").epoch == newer.epoch
+
+
+def test_worker_killed_mid_run_runs_the_tick_again_exactly_once(proj, workers, r, consul):
+    (worker,) = workers(1, concurrency=1, env={"TEST_TTL": "10", "TEST_LOCK_DELAY": "1"})
+    tick = Tick.of("killed", datetime(2026, 11, 26, 4, 0, tzinfo=timezone.utc))
+    result = send_tick(proj, tick, seconds=3)
+    first = wait_for(lambda: [x for x in runs(r) if x["kind"] == "start"], 30, "the first run to start")[0]
+    # SIGKILL the pool process running the body (not the main worker process).
+    import os
+
+    os.kill(first["pid"], signal.SIGKILL)
+    assert result.get(timeout=90) == str(tick)
+    records = runs(r)
+    ends = [x for x in records if x["kind"] == "end"]
+    assert len(ends) == 1 and ends[0]["tick"] == str(tick)
+    assert len([x for x in records if x["kind"] == "start"]) == 2
+    settings = ConsulSettings(address=consul.address)
+    assert read_mark(ConsulClient(settings), settings, "killed").epoch == tick.epoch
+    assert "waiting up to" in worker.log_text()
+
+
+def test_consul_down_fail_closed_refuses_and_fail_open_runs(proj, workers, r, tmp_path):
+    agent = start_consul(tmp_path / "down", node="down")
+    try:
+        wait_consul_ready(agent)
+        (worker,) = workers(1, concurrency=1, consul_address=agent.address)
+    finally:
+        agent.stop()
+    closed = proj.backup.delay(0.1)
+    closed.get(timeout=30, propagate=False)
+    assert closed.state == "FAILURE"
+    assert f"http://{agent.address}" in str(closed.result) and "unreachable" in str(closed.result)
+    assert runs(r) == []
+    opened = proj.backup.apply_async((0.1,), headers={"consul_lock": {"fail_policy": "open"}})
+    assert opened.get(timeout=30) == "done"
+    assert len([x for x in runs(r) if x["kind"] == "end"]) == 1
+    assert "WITHOUT its lock" in worker.log_text()
+
+
+def test_keys_from_arguments_lock_per_customer(proj, workers, r):
+    workers(1, concurrency=4)
+    a1, b, a2 = proj.report.delay(1, 1.5), proj.report.delay(2, 1.5), proj.report.delay(1, 1.5)
+    values = wait_results([a1, b, a2], 60)
+    assert values[1] == "report 2"
+    assert sorted(map(is_skipped, [values[0], values[2]])) == [False, True]
+    spans1 = intervals(runs(r), customer=1)
+    spans2 = intervals(runs(r), customer=2)
+    assert len(spans1) == 1 and len(spans2) == 1
+    # Different customers ran at the same time.
+    assert spans1[0][0] < spans2[0][1] and spans2[0][0] < spans1[0][1]
+
+
+@pytest.mark.parametrize(("pool", "concurrency", "runs_n"), [("prefork", 2, 1000), ("threads", 4, 300), ("solo", 1, 300)])
+def test_pools_share_one_session_per_process_and_leak_none(proj, workers, consul, pool, concurrency, runs_n):
+    before = {s["ID"] for s in consul.api("/v1/session/list")}
+    (worker,) = workers(1, pool=pool, concurrency=concurrency)
+    values = wait_results([proj.locked_noop.delay(i) for i in range(runs_n)], 300)
+    assert values == list(range(runs_n))
+    during = {s["ID"] for s in consul.api("/v1/session/list")} - before
+    assert 1 <= len(during) <= (concurrency if pool == "prefork" else 1)
+    worker.stop()
+    wait_for(lambda: {s["ID"] for s in consul.api("/v1/session/list")} == before, 30, "the worker's sessions to be destroyed")
