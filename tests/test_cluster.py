@@ -246,6 +246,7 @@ def test_holder_behind_frozen_agent_fences_itself_before_the_contender_acquires(
         assert lost_at < acquired["t"], (lost_at - t_freeze, acquired["t"] - t_freeze)
         assert not holder.held
         assert acquired["held"] and acquired["token"] > token
+        print(f"after the freeze: holder lost at +{lost_at - t_freeze:.2f} s, contender at +{acquired['t'] - t_freeze:.2f} s")
 
         a.proc.signal(signal.SIGCONT)
         frozen = False
@@ -301,6 +302,10 @@ def test_leader_killed_while_held_never_gives_two_holders(cluster: ConsulCluster
             entry = _kv(b, key)
             assert entry is not None and entry["Session"] == acquired["session"]
             assert contender.release()["ok"] is True
+            print(
+                f"after the kill: holder released at +{t_release - t_kill:.2f} s, contender acquired at "
+                f"+{acquired['t'] - t_kill:.2f} s; contender errors: {contender.errors()}"
+            )
     finally:
         holder.release()
 
