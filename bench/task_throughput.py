@@ -1,10 +1,10 @@
 """What the lock costs a real Celery worker: task throughput and per-task runtime.
 
-Run: ``python bench/task_throughput.py [--rounds N] [--tasks N] [--json PATH]``
+Run: ``python bench/task_throughput.py [--rounds N] [--tasks N] [--workers N] [--concurrency N] [--json PATH]``
 
 Starts its own Consul *server* agent with a data directory (not ``-dev``), a Redis
 (broker and results) and two ``celery worker`` processes of ``tests.proj.app`` with four
-prefork processes each, in a temporary directory, and measures three cases:
+prefork processes each (by default), in a temporary directory, and measures three cases:
 
 unlocked  ``proj.noop``: a plain Celery no-op, the reference;
 distinct  ``proj.locked_noop`` with a different ``n`` for every task (never reused, not
@@ -56,6 +56,7 @@ TARGET_THROUGHPUT_RATIO = 0.50
 
 CASES = {"unlocked": "proj.noop", "distinct": "proj.locked_noop", "shared": "proj.shared_noop"}
 LOCKED = ("distinct", "shared")
+#: Default shape of the worker fleet: 2 workers x 4 prefork processes.
 WORKERS = 2
 CONCURRENCY = 4
 WARMUP = 40
@@ -69,21 +70,23 @@ class CaseRun:
     """What one case did over the rounds."""
 
     walls: list[float] = field(default_factory=list)
+    sends: list[float] = field(default_factory=list)
     task_ids: list[str] = field(default_factory=list)
     runs: int = 0
     skips: int = 0
     errors: list[str] = field(default_factory=list)
 
 
-def send_batch(case: str, ns: range) -> tuple[float, list[str], list[object]]:
-    """Send one task per ``n`` at once, wait for every result; (wall s, ids, values)."""
+def send_batch(case: str, ns: range) -> tuple[float, float, list[str], list[object]]:
+    """Send one task per ``n`` at once, wait for every result; (wall s, send s, ids, values)."""
     task = app.tasks[CASES[case]]
     t0 = time.perf_counter()
     with app.producer_or_acquire() as producer:
         results = [task.apply_async((n if case == "distinct" else i,), producer=producer) for i, n in enumerate(ns)]
+    sent = time.perf_counter() - t0
     values = ResultSet(results, app=app).join_native(timeout=RESULT_TIMEOUT, propagate=False)
     wall = time.perf_counter() - t0
-    return wall, [r.id for r in results], values
+    return wall, sent, [r.id for r in results], values
 
 
 def tally(case: str, out: CaseRun, ids: list[str], values: list[object], ns: range) -> None:
@@ -109,7 +112,7 @@ def run(rounds: int, tasks: int) -> dict[str, CaseRun]:
     for case in CASES:  # warm-up: imports, sessions, connections in every pool process
         start = next(next_n)
         ns = range(start, start + WARMUP)
-        _, ids, values = send_batch(case, ns)
+        _, _, ids, values = send_batch(case, ns)
         warm = CaseRun()
         tally(case, warm, ids, values, ns)
         if warm.errors:
@@ -120,8 +123,9 @@ def run(rounds: int, tasks: int) -> dict[str, CaseRun]:
     for r in range(rounds):
         for case in names[r % len(names) :] + names[: r % len(names)]:
             ns = batch_range()
-            wall, ids, values = send_batch(case, ns)
+            wall, sent, ids, values = send_batch(case, ns)
             out[case].walls.append(wall)
+            out[case].sends.append(sent)
             out[case].task_ids += ids
             tally(case, out[case], ids, values, ns)
     return out
@@ -175,10 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds of all cases, in rotating order (default 5)")
     parser.add_argument("--tasks", type=int, default=400, help="tasks sent at once per case and round (default 400)")
+    parser.add_argument("--workers", type=int, default=WORKERS, help=f"celery worker processes (default {WORKERS})")
+    parser.add_argument(
+        "--concurrency", type=int, default=CONCURRENCY, help=f"prefork processes per worker (default {CONCURRENCY})"
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to PATH as JSON")
     args = parser.parse_args(argv)
-    if args.rounds < 1 or args.tasks < 10:
-        parser.error("--rounds must be at least 1 and --tasks at least 10")
+    if args.rounds < 1 or args.tasks < 10 or args.workers < 1 or args.concurrency < 1:
+        parser.error("--rounds, --workers and --concurrency must be at least 1, --tasks at least 10")
 
     with tempfile.TemporaryDirectory(prefix="task-throughput-") as tmp_name:
         tmp = Path(tmp_name)
@@ -194,11 +202,11 @@ def main(argv: list[str] | None = None) -> int:
             app.conf.broker_url = app.conf.result_backend = redis_server.url
             env = worker_env(redis_server.url, agent.address)
             try:
-                for _ in range(WORKERS):
-                    workers.append(start_worker(app, tmp, env, pool="prefork", concurrency=CONCURRENCY))
+                for _ in range(args.workers):
+                    workers.append(start_worker(app, tmp, env, pool="prefork", concurrency=args.concurrency))
                 print(f"Consul v{info['version']}, server agent with data dir {info['data_dir']} at {info['address']}")
                 print(
-                    f"{WORKERS} workers x {CONCURRENCY} prefork processes; {args.rounds} rounds x {args.tasks} tasks "
+                    f"{args.workers} workers x {args.concurrency} prefork processes; {args.rounds} rounds x {args.tasks} tasks "
                     f"of each case sent at once, rotating order, after {WARMUP} warm-up tasks of each"
                 )
                 results = run(args.rounds, args.tasks)
@@ -230,6 +238,7 @@ def main(argv: list[str] | None = None) -> int:
             "tasks_per_s": statistics.median(tps),
             "tasks_per_s_min": min(tps),
             "tasks_per_s_max": max(tps),
+            "send_s_median": statistics.median(r.sends),
             **stats(samples),
             "runs": r.runs,
             "skips": r.skips,
@@ -258,8 +267,8 @@ def main(argv: list[str] | None = None) -> int:
             json.dumps(
                 {
                     "consul": info,
-                    "workers": WORKERS,
-                    "concurrency": CONCURRENCY,
+                    "workers": args.workers,
+                    "concurrency": args.concurrency,
                     "rounds": args.rounds,
                     "tasks": args.tasks,
                     "warmup": WARMUP,

@@ -149,6 +149,34 @@ class ConsulClient:
             _, sessions = self._client.session.list(dc=self.settings.datacenter)
         return list(sessions or [])
 
+    # -- agent: a TTL health check to tie a session to -----------------------------------
+
+    def agent_register_ttl_service(self, service_id: str, name: str, *, check_ttl: float) -> str:
+        """Register a service on the agent with a TTL check; returns the check's ID.
+
+        Consul deregisters it one minute after its check goes critical (its minimum), so a
+        crashed process leaves nothing behind for long.
+        """
+        body = {
+            "ID": service_id,
+            "Name": name,
+            "Check": {"TTL": _go_duration(check_ttl), "DeregisterCriticalServiceAfter": "1m"},
+        }
+        with self._errors("registering a health check", "service:write", name):
+            status, text = self._client.http.raw("PUT", "/v1/agent/service/register", json.dumps(body).encode())
+        self._check_status(status, text, "registering a health check", "service:write", name, None)
+        return f"service:{service_id}"
+
+    def agent_check_pass(self, check_id: str) -> None:
+        with self._errors("passing a health check", "service:write", check_id):
+            status, text = self._client.http.raw("PUT", f"/v1/agent/check/pass/{quote(check_id)}", b"")
+        self._check_status(status, text, "passing a health check", "service:write", check_id, None)
+
+    def agent_deregister_service(self, service_id: str) -> None:
+        with self._errors("deregistering a health check", "service:write", service_id):
+            status, text = self._client.http.raw("PUT", f"/v1/agent/service/deregister/{quote(service_id)}", b"")
+        self._check_status(status, text, "deregistering a health check", "service:write", service_id, None)
+
     # -- KV ---------------------------------------------------------------------------
 
     def kv_get(

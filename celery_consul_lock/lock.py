@@ -230,6 +230,7 @@ class ConsulLock:
         value: dict[str, Any] | None = None,
         timeout: float | None = None,
         private_session: bool = False,
+        session: LockSession | None = None,
         token_at_acquire: bool = False,
         on_lost: Callable[[ConsulLock, str], None] | None = None,
         settings: ConsulSettings | None = None,
@@ -245,6 +246,9 @@ class ConsulLock:
         self.value = dict(value or {})
         self.timeout = timeout
         self.private_session = private_session
+        #: A session owned by the caller, used instead of the shared or a private one and
+        #: never destroyed by the lock.
+        self.given_session = session
         self.token_at_acquire = token_at_acquire
         #: Set when the lock is lost while held; cleared by the next acquire.
         self.lost = threading.Event()
@@ -438,8 +442,13 @@ class ConsulLock:
                 time.sleep(LOCK_DELAY_RETRY if left is None else min(LOCK_DELAY_RETRY, left))
 
     def _new_session(self) -> LockSession:
+        if self.given_session is not None:
+            if self.given_session.lost_reason is not None:
+                raise SessionGone(self.given_session.id or "?", self.settings.base_url)
+            return self.given_session
         if self.private_session:
-            return LockSession(self.settings, name=f"celery-consul-lock {self.name} {socket.gethostname()} pid {os.getpid()}")
+            name = f"celery-consul-lock {self.name} {socket.gethostname()} pid {os.getpid()}"
+            return LockSession(self.settings, name=name)
         return shared_session(self.settings)
 
     def _gave_up(self, client: ConsulClient, entry: KVEntry | None, session: LockSession) -> None:

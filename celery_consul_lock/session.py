@@ -59,9 +59,12 @@ class LockSession:
     new one for the next acquire.
     """
 
-    def __init__(self, settings: ConsulSettings, *, name: str) -> None:
+    def __init__(self, settings: ConsulSettings, *, name: str, heartbeat: Callable[[ConsulClient], None] | None = None) -> None:
         self.settings = settings
         self.name = name
+        #: Called before creating the session and before every renewal (e.g. to pass a TTL
+        #: health check the session is tied to); its failure counts as a failed renewal.
+        self.heartbeat = heartbeat
         self.id: str | None = None
         self.pid = os.getpid()
         self.lost_reason: str | None = None
@@ -85,6 +88,8 @@ class LockSession:
         with self._mutex:
             if self.id is None:
                 t0 = time.monotonic()
+                if self.heartbeat is not None:
+                    self.heartbeat(client)
                 self.id = client.session_create(
                     self.name,
                     ttl=self.settings.ttl,
@@ -165,6 +170,8 @@ class LockSession:
                     self.lose(f"no successful renewal for {self.window - self.margin:.1f} s (self-fenced; last error: {failing})")
                     return
                 try:
+                    if self.heartbeat is not None:
+                        self.heartbeat(client)
                     client.session_renew(sid or "", timeout=min(self.settings.timeout, left))
                 except SessionGone:
                     self.lose("Consul no longer knows the session (destroyed, expired or invalidated by a check)")

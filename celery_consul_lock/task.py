@@ -36,6 +36,9 @@ from .session import close_sessions
 from .settings import FAIL_POLICIES, ConsulSettings, validate_key
 from .ticks import TICK_HEADER, Tick, read_mark, write_mark
 
+#: Header set by the leader-elected beat (see celery_consul_lock.beat).
+LEADER_HEADER = "consul_lock_leader"
+
 __all__ = ["LOCK_OPTIONS_HEADER", "SKIPPED", "ConsulLockedTask", "LockOptions", "is_skipped"]
 
 log = logging.getLogger("celery_consul_lock.task")
@@ -193,6 +196,9 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         key = self.lock_key_for(args, kwargs, options)
         tick = _tick(self.request)
         task_id = self.request.id
+        stale = _stale_leader(_request_value(self.request, LEADER_HEADER))
+        if stale:
+            return self._skip_stale(key, stale, tick, task_id)
         lock = ConsulLock(
             key,
             settings=settings,
@@ -288,6 +294,18 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             "tick": str(tick) if tick else None,
         }
 
+    def _skip_stale(self, key: str, why: str, tick: Tick | None, task_id: str | None) -> dict[str, Any]:
+        log.warning("dropping %s[%s]: %s", self.name, task_id, why)
+        signals.send(signals.task_lock_skipped, self, key=key, reason="stale-leader", holder=None, task_id=task_id, tick=tick)
+        return {
+            "consul_lock": SKIPPED,
+            "reason": "stale-leader",
+            "key": key,
+            "holder": None,
+            "holder_task_id": None,
+            "tick": str(tick) if tick else None,
+        }
+
     def _run_body(self, lock: ConsulLock, options: LockOptions, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         task_id = self.request.id
 
@@ -356,6 +374,28 @@ def _arguments(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str
         return dict(kwargs)
     bound.apply_defaults()
     return dict(bound.arguments)
+
+
+#: Newest leader fencing token this process has seen, per beat scheduler name.
+_LEADER_TOKENS: dict[str, int] = {}
+_LEADER_TOKENS_MUTEX = threading.Lock()
+
+
+def _stale_leader(header: Any) -> str | None:
+    """Why a message from a beat leader must be dropped, or None. The rule: a message whose
+    token is older than the newest token this worker process has seen for that scheduler
+    comes from a deposed leader."""
+    if not isinstance(header, Mapping):
+        return None
+    name, token = header.get("scheduler"), header.get("token")
+    if not isinstance(name, str) or not isinstance(token, int):
+        return None
+    with _LEADER_TOKENS_MUTEX:
+        newest = _LEADER_TOKENS.get(name, 0)
+        if token < newest:
+            return f"sent by a deposed leader of {name} (token {token} < {newest})"
+        _LEADER_TOKENS[name] = token
+    return None
 
 
 def _request_value(request: Any, name: str) -> Any:

@@ -36,8 +36,8 @@ from celery_consul_lock import ConsulLock, ConsulLockError, ConsulSettings, clos
 def say(event, t=None, **fields):
     print(json.dumps({"event": event, "t": time.time() if t is None else t, **fields}), flush=True)
 
-address, key, wait = sys.argv[1], sys.argv[2], float(sys.argv[3])
-settings = ConsulSettings(address=address, ttl=10, lock_delay=3)
+address, key, wait, lock_delay = sys.argv[1], sys.argv[2], float(sys.argv[3]), float(sys.argv[4])
+settings = ConsulSettings(address=address, ttl=10, lock_delay=lock_delay)
 lock = ConsulLock(key, settings=settings)
 deadline = time.monotonic() + wait
 say("waiting")
@@ -52,8 +52,13 @@ t = time.time()
 if not acquired:
     say("timeout", t)
     sys.exit(1)
+held = lock.held
+try:
+    token = lock.fencing_token
+except ConsulLockError as exc:  # lost already (e.g. self-fenced)
+    token, held = None, f"lost: {exc}"
 holder = ConsulLock.holder(key, settings=settings)
-say("acquired", t, session=holder.session, pid=holder.pid, token=lock.fencing_token, held=lock.held)
+say("acquired", t, session=holder.session if holder else None, pid=holder and holder.pid, token=token, held=held)
 sys.stdin.readline()
 say("released", ok=lock.release())
 close_sessions()
@@ -63,10 +68,10 @@ close_sessions()
 class Contender:
     """The contender script as a child process; its events are collected by a thread."""
 
-    def __init__(self, agent: ConsulAgent, key: str, wait: float, log: Path) -> None:
+    def __init__(self, agent: ConsulAgent, key: str, wait: float, log: Path, *, lock_delay: float = 3) -> None:
         self._stderr = log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", CONTENDER, agent.address, key, str(wait)],
+            [sys.executable, "-c", CONTENDER, agent.address, key, str(wait), str(lock_delay)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=self._stderr,
@@ -245,7 +250,7 @@ def test_holder_behind_frozen_agent_fences_itself_before_the_contender_acquires(
         # ... and so before the contender got the lock.
         assert lost_at < acquired["t"], (lost_at - t_freeze, acquired["t"] - t_freeze)
         assert not holder.held
-        assert acquired["held"] and acquired["token"] > token
+        assert acquired["held"] is True and acquired["token"] > token, (acquired, token)
         print(f"after the freeze: holder lost at +{lost_at - t_freeze:.2f} s, contender at +{acquired['t'] - t_freeze:.2f} s")
 
         a.proc.signal(signal.SIGCONT)
@@ -278,7 +283,7 @@ def test_leader_killed_while_held_never_gives_two_holders(cluster: ConsulCluster
     assert holder.acquire(timeout=10)
     token = holder.fencing_token
     try:
-        with _restarting(cluster), Contender(b, key, 60, tmp_path / "contender.log") as contender:
+        with _restarting(cluster), Contender(b, key, 60, tmp_path / "contender.log", lock_delay=10) as contender:
             _wait_contender_session(b, contender)
             _kill_server(leader)
             t_kill = time.time()
@@ -294,7 +299,7 @@ def test_leader_killed_while_held_never_gives_two_holders(cluster: ConsulCluster
             # The holder's interval ends when it stopped believing it held the lock.
             holder_end = min([t_release, *(t for t, _ in lost)])
             assert acquired["t"] > holder_end, (acquired["t"] - t_kill, holder_end - t_kill, lost)
-            assert acquired["held"] and acquired["token"] > token
+            assert acquired["pid"] == contender.proc.pid and (acquired["token"] or 0) > token, (acquired, token)
             # Sessions and locks survive a leader change: the holder held the lock through
             # it, and its release reached Consul.
             assert held_at_release and not lost, lost
@@ -324,7 +329,7 @@ def test_release_during_leader_election_still_frees_the_key(cluster: ConsulClust
     sid = (ConsulLock.holder(key, settings=settings) or pytest.fail("no holder")).session
     deadline = 2 * settings.ttl + settings.lock_delay + 5
     try:
-        with _restarting(cluster), Contender(b, key, 60, tmp_path / "contender.log") as contender:
+        with _restarting(cluster), Contender(b, key, 60, tmp_path / "contender.log", lock_delay=10) as contender:
             _wait_contender_session(b, contender)
             _kill_server(leader)
             agent_leader = a.leader()
@@ -343,7 +348,7 @@ def test_release_during_leader_election_still_frees_the_key(cluster: ConsulClust
                     f"{(entry or {}).get('Session')} (the holder's: {sid}), which Consul still has: {info}"
                 ) from None
             assert acquired["t"] > t_release
-            assert acquired["held"]
+            assert acquired["pid"] == contender.proc.pid, acquired
             assert contender.release()["ok"] is True
     finally:
         holder.release()

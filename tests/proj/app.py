@@ -30,6 +30,12 @@ app.conf.update(
     consul_lock_lock_delay=float(os.environ.get("TEST_LOCK_DELAY", "1")),
 )
 
+app.conf.consul_lock_beat_name = os.environ.get("TEST_BEAT_NAME", "proj")
+if os.environ.get("TEST_BEAT_INTERVAL"):
+    app.conf.beat_schedule = {
+        "heartbeat": {"task": "proj.heartbeat", "schedule": float(os.environ["TEST_BEAT_INTERVAL"])},
+    }
+
 _redis: redis.Redis | None = None
 
 
@@ -93,3 +99,11 @@ def shared_noop(self, n: int = 0) -> int:
 @app.task(name="proj.noop")
 def noop(n: int = 0) -> int:
     return n
+
+
+@app.task(bind=True, base=ConsulLockedTask, name="proj.heartbeat")
+def heartbeat(self) -> str | None:
+    tick = getattr(self.request, "consul_lock_tick", None)
+    leader = getattr(self.request, "consul_lock_leader", None) or {}
+    record("tick", tick=tick, instance=leader.get("instance"), token=leader.get("token"), id=self.request.id)
+    return tick

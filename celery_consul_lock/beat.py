@@ -1,0 +1,483 @@
+"""Leader-elected celery beat: run the same beat on N nodes, one dispatches.
+
+    celery -A proj beat -S celery_consul_lock.beat:ConsulLeaderScheduler     # or: -S consul
+
+Every instance runs an :class:`Election` thread that waits (with Consul blocking queries) for
+the leader lock ``<prefix>locks/<beat name>/beat/.lock``. The leader's session is tied to a
+short-TTL health check that the leader keeps passing, so a leader that dies or is cut off is
+replaced within *check TTL + lock-delay + 0.25 s* (default 2 + 1.5 + 0.25 s); one that stops
+normally releases the lock and is replaced at once.
+
+Guarantees: a standby sends nothing and writes no shared state; the leader checks its lease
+(the lock's self-fencing deadline) right before every send and stops sending, and rejoins as a
+standby, when it cannot confirm it; every message carries its tick id and the leader's fencing
+token. :class:`ConsulLeaderScheduler` keeps each entry's last run time and run count in Consul
+KV, written by the leader only, fenced by its session, so a new leader continues where the old
+one stopped.
+
+Limit: the one window where a tick can be *sent* twice is a leader that dies between sending it
+and recording it (a millisecond); the copy carries the same tick id, so ConsulLockedTask runs it
+once.
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import hashlib
+import json
+import logging
+import os
+import signal
+import socket
+import threading
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from celery.beat import Scheduler
+from celery.schedules import crontab
+from celery.schedules import schedule as interval_schedule
+
+from .consul import ConsulClient, thread_client
+from .errors import ConsulLockError, InvalidSetting
+from .lock import LOCK_DELAY_RETRY, ConsulLock
+from .session import LockSession
+from .settings import ConsulSettings, validate_key
+from .task import LEADER_HEADER
+from .ticks import TICK_HEADER, Tick, crontab_tick
+
+__all__ = ["LEADER_HEADER", "BeatConfig", "ConsulLeaderScheduler", "Election", "LeaderElectedMixin", "leader_elected"]
+
+log = logging.getLogger("celery_consul_lock.beat")
+
+#: Default TTL of the leader's health check: with the lock-delay below, a crashed leader is
+#: replaced in about 4 s.
+DEFAULT_CHECK_TTL = 2.0
+#: Default lock-delay of beat sessions: short for fast failover, yet long enough that a
+#: leader renewing every 0.5 s fences itself (1 s after its last renewal) before it ends.
+DEFAULT_BEAT_LOCK_DELAY = 1.5
+#: How often a standby's tick looks at the election's outcome.
+STANDBY_POLL = 0.25
+#: Longest single wait for the leader lock, so a stopping standby is not held up for long.
+ELECTION_WAIT = 10.0
+#: Backoff bounds while Consul cannot be reached.
+BACKOFF_MIN, BACKOFF_MAX = 0.5, 15.0
+MISSED_POLICIES = ("run-once", "skip")
+
+
+@dataclass(frozen=True)
+class BeatConfig:
+    """Beat settings (``consul_lock_beat_*``), read once and validated at start-up."""
+
+    #: Names the election and the state: instances with the same name share one leader.
+    name: str
+    #: Connection and session settings for the leader lock.
+    settings: ConsulSettings
+    #: TTL of the health check the leader's session is tied to.
+    check_ttl: float
+    #: Ticks that fell due while nobody led: "run-once" (send one, as Celery does) or "skip".
+    missed: str
+
+    @classmethod
+    def from_app(cls, app: Any) -> BeatConfig:
+        conf = app.conf
+        name = conf.get("consul_lock_beat_name") or app.main or "celery"
+        base = ConsulSettings.from_celery(conf)
+        lock_delay = conf.get("consul_lock_beat_lock_delay")
+        settings = ConsulSettings.resolve(
+            {"lock_delay": DEFAULT_BEAT_LOCK_DELAY if lock_delay is None else lock_delay},
+            env={},
+            names="consul_lock_beat_{}",
+        )
+        settings = base.replace(lock_delay=settings.lock_delay)
+        check_ttl = ConsulSettings.resolve(
+            {"timeout": conf.get("consul_lock_beat_check_ttl") or DEFAULT_CHECK_TTL}, env={}
+        ).timeout
+        missed = conf.get("consul_lock_beat_missed") or "run-once"
+        config = cls(str(name), settings, check_ttl, missed)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        validate_key(self.settings.key_prefix + self.leader_key_name, "consul_lock_beat_name")
+        if self.missed not in MISSED_POLICIES:
+            raise InvalidSetting("consul_lock_beat_missed", self.missed, "expected 'run-once' or 'skip'")
+        renew_every = self.settings.fence_window / 3
+        if self.check_ttl < 2 * renew_every or self.check_ttl < 1:
+            raise InvalidSetting(
+                "consul_lock_beat_check_ttl",
+                self.check_ttl,
+                f"must be at least 1 s and twice the renewal interval ({renew_every:.2f} s = "
+                "min(TTL, lock-delay)/3), or a healthy leader's check could expire between passes",
+            )
+
+    @property
+    def leader_key_name(self) -> str:
+        return f"locks/{self.name}/beat/.lock"
+
+    @property
+    def state_prefix(self) -> str:
+        return f"{self.settings.key_prefix}celery-consul-lock/beat/{self.name}/entries/"
+
+    @property
+    def crash_failover_bound(self) -> float:
+        """Seconds from a leader's crash until a standby leads: check TTL + lock-delay + retry."""
+        return self.check_ttl + self.settings.lock_delay + LOCK_DELAY_RETRY
+
+
+class Election:
+    """This instance's part in the election, run by a daemon thread.
+
+    It registers a service with a TTL check on the agent, ties its session to it (and to the
+    node's ``serfHealth``), waits for the leader lock, holds it while the lock stays held,
+    and re-enters the election when it is lost — no restart needed. Logs once per change of
+    state (standby, leader, unreachable), never per attempt.
+    """
+
+    def __init__(self, config: BeatConfig) -> None:
+        self.config = config
+        host = socket.gethostname()
+        self.instance = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.service_id = f"celery-beat-{config.name}-{self.instance}"
+        self.settings = config.settings.replace(session_checks=("serfHealth", f"service:{self.service_id}"))
+        self.leading = threading.Event()
+        self.generation = 0
+        self.lock: ConsulLock | None = None
+        self._registered = False
+        self._session: LockSession | None = None
+        self._stop = threading.Event()
+        self._state = "starting"
+        self._thread = threading.Thread(target=self._run, name=f"consul-beat-election-{config.name}", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def is_leader(self) -> bool:
+        """True while we hold the leader lock inside its self-fencing deadline."""
+        lock = self.lock
+        return self.leading.is_set() and lock is not None and lock.held
+
+    @property
+    def token(self) -> int | None:
+        lock = self.lock
+        return lock.fencing_token if lock is not None and self.leading.is_set() else None
+
+    def step_down(self, reason: str) -> None:
+        """Stop leading now (the election thread releases and re-enters)."""
+        lock = self.lock
+        self.leading.clear()
+        if lock is not None:
+            lock._mark_lost(reason)
+
+    def stop(self) -> None:
+        """Leave the election: release the lock (no lock-delay for the successor), destroy
+        the session, deregister the health check."""
+        self._stop.set()
+        self.leading.clear()
+        lock = self.lock
+        if lock is not None:
+            lock.release()
+        client = thread_client(self.settings)
+        if self._session is not None:
+            self._session.destroy(client)
+        if self._registered:
+            try:
+                client.agent_deregister_service(self.service_id)
+            except ConsulLockError as exc:
+                log.warning("could not deregister %s (Consul removes it a minute after it fails): %s", self.service_id, exc)
+
+    # -- the thread ------------------------------------------------------------------------
+
+    def _heartbeat(self, client: ConsulClient) -> None:
+        if not self._registered:
+            client.agent_register_ttl_service(self.service_id, f"celery-beat-{self.config.name}", check_ttl=self.config.check_ttl)
+            self._registered = True
+        client.agent_check_pass(f"service:{self.service_id}")
+
+    def _set_state(self, state: str, message: str, *args: Any, level: int = logging.INFO) -> None:
+        if state != self._state:
+            self._state = state
+            log.log(level, message, *args)
+
+    def _run(self) -> None:
+        backoff = BACKOFF_MIN
+        while not self._stop.is_set():
+            try:
+                self._campaign()
+                backoff = BACKOFF_MIN
+            except ConsulLockError as exc:
+                self.leading.clear()
+                self._set_state(
+                    "unreachable", "beat %s: cannot take part in the election: %s", self.instance, exc, level=logging.WARNING
+                )
+                self._stop.wait(backoff)
+                backoff = min(BACKOFF_MAX, backoff * 2)
+            except Exception:  # never die silently: log and go on
+                log.exception("beat election thread error; retrying")
+                self.leading.clear()
+                self._stop.wait(backoff)
+                backoff = min(BACKOFF_MAX, backoff * 2)
+
+    def _campaign(self) -> None:
+        if self._session is None or self._session.lost_reason is not None:
+            self._session = LockSession(
+                self.settings, name=f"celery beat {self.config.name} {self.instance}", heartbeat=self._heartbeat
+            )
+        lock = ConsulLock(
+            self.config.leader_key_name,
+            settings=self.settings,
+            name=f"celery beat {self.config.name}",
+            value={"instance": self.instance, "since": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+            session=self._session,
+            token_at_acquire=True,
+        )
+        if not lock.acquire(timeout=ELECTION_WAIT):
+            holder = lock.last_holder
+            self._set_state("standby", "beat %s: standing by (leader: %s)", self.instance, holder or "none yet")
+            return
+        self.lock = lock
+        self.generation += 1
+        self.leading.set()
+        self._set_state(
+            "leader", "beat %s: elected leader of %s (fencing token %s)", self.instance, self.config.name, lock.fencing_token
+        )
+        while not self._stop.is_set() and lock.held:
+            lock.lost.wait(0.1)
+        if self._stop.is_set():
+            return
+        self.leading.clear()
+        self.lock = None
+        log.warning(
+            "beat %s: lost leadership: %s; rejoining as a standby", self.instance, lock.lost_reason or "fencing deadline passed"
+        )
+        self._state = "lost"
+        lock.release()
+
+
+class LeaderElectedMixin:
+    """Adds the election to a celery beat Scheduler: on a standby, ``setup_schedule``,
+    ``tick``, ``sync`` and ``close`` change nothing shared and nothing is sent.
+
+    Hooks for subclasses: :meth:`on_elected` (after winning, before the first send),
+    :meth:`after_send` (after each send, still leading).
+    """
+
+    app: Any
+    max_interval: float
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        app = kwargs.get("app") or (args[0] if args else None)
+        self.beat_config = BeatConfig.from_app(app)
+        self.election: Election | None = None
+        self._seen_generation = 0
+        self._setup_pending = False
+        self._sending = False
+        self._exit_pending = False
+        super().__init__(*args, **kwargs)
+
+    # -- guarded Scheduler methods -------------------------------------------------------------
+
+    def setup_schedule(self) -> None:
+        if self.election is not None and self.election.is_leader():
+            super().setup_schedule()  # type: ignore[misc]
+        else:
+            self._setup_pending = True  # done once elected: it may write shared state
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        election = self._start_election()
+        if not election.is_leader():
+            return min(STANDBY_POLL, self.max_interval)
+        if election.generation != self._seen_generation:
+            self._seen_generation = election.generation
+            if self._setup_pending:
+                self._setup_pending = False
+                super().setup_schedule()  # type: ignore[misc]
+            self._heap = None
+            self.on_elected()
+        return float(super().tick(*args, **kwargs))  # type: ignore[misc]
+
+    def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any) -> Any:
+        election = self.election
+        if election is None or not election.is_leader():
+            log.warning("beat: not sending %s: leadership is not confirmed (self-fencing); standing by", entry.name)
+            if election is not None:
+                election.step_down("could not confirm leadership before a send")
+            return None
+        entry = copy.copy(entry)
+        options = dict(entry.options)
+        headers = dict(options.get("headers") or {})
+        headers[TICK_HEADER] = str(tick_of(entry))
+        headers[LEADER_HEADER] = {"scheduler": self.beat_config.name, "token": election.token, "instance": election.instance}
+        options["headers"] = headers
+        entry.options = options
+        self._sending = True
+        try:
+            result = super().apply_async(entry, producer=producer, advance=advance, **kwargs)  # type: ignore[misc]
+        finally:
+            self._sending = False
+        self.after_send(entry)
+        if self._exit_pending:
+            raise SystemExit()
+        return result
+
+    def sync(self) -> None:
+        if self.election is not None and self.election.is_leader():
+            super().sync()  # type: ignore[misc]
+
+    def close(self) -> None:
+        try:
+            super().close()  # type: ignore[misc]  # sync is guarded above
+        finally:
+            if self.election is not None:
+                self.election.stop()
+
+    # -- hooks -----------------------------------------------------------------------------
+
+    def on_elected(self) -> None:
+        """Called in the main thread after this instance won, before it sends anything."""
+
+    def after_send(self, entry: Any) -> None:
+        """Called after each send while leading."""
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _start_election(self) -> Election:
+        if self.election is None:
+            self.election = Election(self.beat_config)
+            self._defer_exit_during_sends()
+            log.info(
+                "beat %s: joining the election for %s (crash failover bound %.2f s)",
+                self.election.instance,
+                self.beat_config.name,
+                self.beat_config.crash_failover_bound,
+            )
+            self.election.start()
+        return self.election
+
+    def _defer_exit_during_sends(self) -> None:
+        """SIGTERM/SIGINT during a send: finish the send (and record it), then exit."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            previous = signal.getsignal(signum)
+
+            def handler(num: int, frame: Any, previous: Any = previous) -> None:
+                if self._sending:
+                    self._exit_pending = True
+                    return
+                if callable(previous):
+                    previous(num, frame)
+                raise SystemExit()
+
+            signal.signal(signum, handler)
+
+
+def tick_of(entry: Any) -> Tick:
+    """The tick id of the run of ``entry`` being sent now (before it is reserved)."""
+    sched = entry.schedule
+    if isinstance(sched, crontab):
+        return crontab_tick(entry.name, datetime.now(timezone.utc))
+    if isinstance(sched, interval_schedule) and entry.last_run_at is not None:
+        return Tick.of(entry.name, entry.last_run_at + sched.run_every)
+    return Tick.of(entry.name, datetime.now(timezone.utc))
+
+
+def leader_elected(scheduler_cls: type[Scheduler]) -> type[Scheduler]:
+    """``scheduler_cls`` with the election added (see :class:`LeaderElectedMixin`)."""
+    return type(f"LeaderElected{scheduler_cls.__name__}", (LeaderElectedMixin, scheduler_cls), {"__module__": __name__})
+
+
+class ConsulLeaderScheduler(LeaderElectedMixin, Scheduler):
+    """Leader-elected beat whose schedule state (last run, run count) lives in Consul.
+
+    Definitions come from ``beat_schedule``; the state of an entry is kept at
+    ``<prefix>celery-consul-lock/beat/<name>/entries/<entry>`` with a hash of its definition:
+    when the definition changes, the stored state is ignored and the entry starts afresh.
+    """
+
+    def on_elected(self) -> None:
+        self._load_state()
+
+    def after_send(self, entry: Any) -> None:
+        current = self.schedule.get(entry.name)
+        if current is not None:
+            self._write_state([current])
+
+    def sync(self) -> None:
+        if self.election is not None and self.election.is_leader():
+            self._write_state(list(self.schedule.values()))
+
+    # -- state ---------------------------------------------------------------------------------
+
+    def _state_key(self, name: str) -> str:
+        safe = "".join(c if c.isalnum() or c in "_.-" else "_" for c in name)[:200]
+        if safe != name:
+            safe += "-" + hashlib.sha1(name.encode()).hexdigest()[:10]
+        return self.beat_config.state_prefix + safe
+
+    def _load_state(self) -> None:
+        client = thread_client(self.beat_config.settings)
+        try:
+            stored = {e.key: e for e in client.kv_keys(self.beat_config.state_prefix)}
+        except ConsulLockError as exc:
+            log.error("beat: could not read the schedule state (%s); standing down", exc)
+            assert self.election is not None
+            self.election.step_down("could not read the schedule state")
+            return
+        now = self.app.now()
+        for name, entry in self.schedule.items():
+            kv = stored.get(self._state_key(name))
+            if kv is None or not kv.value:
+                continue
+            data = json.loads(kv.value)
+            if data.get("definition") != _definition_hash(entry):
+                log.info("beat: the schedule of %s changed; it starts afresh", name)
+                continue
+            entry.last_run_at = datetime.fromisoformat(data["last_run_at"])
+            entry.total_run_count = int(data.get("total_run_count", 0))
+            if self.beat_config.missed == "skip":
+                due, _ = entry.is_due()
+                if due and isinstance(entry.schedule, interval_schedule):
+                    missed_from = entry.last_run_at + entry.schedule.run_every
+                    if (now - missed_from).total_seconds() > entry.schedule.run_every.total_seconds():
+                        log.info("beat: skipping the ticks of %s missed while nobody led", name)
+                        entry.last_run_at = now
+        self._heap = None
+        log.info("beat: loaded the schedule state of %d entries from Consul", len(stored))
+
+    def _write_state(self, entries: list[Any]) -> None:
+        election = self.election
+        lock = election.lock if election is not None else None
+        if lock is None or lock._sid is None:
+            return
+        ops: list[dict[str, Any]] = [{"KV": {"Verb": "check-session", "Key": lock.key, "Session": lock._sid}}]
+        for entry in entries:
+            value = json.dumps(
+                {
+                    "last_run_at": entry.last_run_at.isoformat() if entry.last_run_at else None,
+                    "total_run_count": entry.total_run_count,
+                    "definition": _definition_hash(entry),
+                    "token": lock._token,
+                }
+            )
+            ops.append(
+                {"KV": {"Verb": "set", "Key": self._state_key(entry.name), "Value": base64.b64encode(value.encode()).decode()}}
+            )
+        client = thread_client(self.beat_config.settings)
+        try:
+            for start in range(1, len(ops), 63):  # Consul allows 64 operations per transaction
+                ok, _, errors = client.txn([ops[0], *ops[start : start + 63]], action="recording the schedule state")
+                if not ok:
+                    log.error("beat: our session no longer holds the leader lock (%s); standing down", errors)
+                    assert election is not None
+                    election.step_down("a fenced write of the schedule state was refused")
+                    return
+        except ConsulLockError as exc:
+            log.error("beat: could not record the schedule state: %s", exc)
+
+
+def _definition_hash(entry: Any) -> str:
+    text = repr((entry.task, repr(entry.schedule), entry.args, entry.kwargs))
+    return hashlib.sha1(text.encode()).hexdigest()[:16]
