@@ -23,7 +23,6 @@ once.
 from __future__ import annotations
 
 import base64
-import copy
 import hashlib
 import json
 import logging
@@ -36,7 +35,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from celery.beat import Scheduler
+from celery.beat import PersistentScheduler, Scheduler
 from celery.schedules import crontab
 from celery.schedules import schedule as interval_schedule
 
@@ -48,7 +47,15 @@ from .settings import ConsulSettings, validate_key
 from .task import LEADER_HEADER
 from .ticks import TICK_HEADER, Tick, crontab_tick
 
-__all__ = ["LEADER_HEADER", "BeatConfig", "ConsulLeaderScheduler", "Election", "LeaderElectedMixin", "leader_elected"]
+__all__ = [
+    "LEADER_HEADER",
+    "BeatConfig",
+    "ConsulLeaderScheduler",
+    "Election",
+    "LeaderElectedMixin",
+    "LeaderPersistentScheduler",
+    "leader_elected",
+]
 
 log = logging.getLogger("celery_consul_lock.beat")
 
@@ -305,17 +312,18 @@ class LeaderElectedMixin:
             if election is not None:
                 election.step_down("could not confirm leadership before a send")
             return None
-        entry = copy.copy(entry)
-        options = dict(entry.options)
-        headers = dict(options.get("headers") or {})
+        headers = dict(entry.options.get("headers") or {})
         headers[TICK_HEADER] = str(tick_of(entry))
         headers[LEADER_HEADER] = {"scheduler": self.beat_config.name, "token": election.token, "instance": election.instance}
-        options["headers"] = headers
-        entry.options = options
+        # Entries of other schedulers (django-celery-beat's ModelEntry) cannot be copied:
+        # lend this send our headers and put the entry's own options back afterwards.
+        own_options = entry.options
+        entry.options = {**own_options, "headers": headers}
         self._sending = True
         try:
             result = super().apply_async(entry, producer=producer, advance=advance, **kwargs)  # type: ignore[misc]
         finally:
+            entry.options = own_options
             self._sending = False
         self.after_send(entry)
         if self._exit_pending:
@@ -328,7 +336,10 @@ class LeaderElectedMixin:
 
     def close(self) -> None:
         try:
-            super().close()  # type: ignore[misc]  # sync is guarded above
+            if self._setup_pending:  # never led: the wrapped scheduler's storage was never opened
+                Scheduler.close(self)  # type: ignore[arg-type]
+            else:
+                super().close()  # type: ignore[misc]  # sync is guarded above
         finally:
             if self.election is not None:
                 self.election.stop()
@@ -387,6 +398,12 @@ def tick_of(entry: Any) -> Tick:
 def leader_elected(scheduler_cls: type[Scheduler]) -> type[Scheduler]:
     """``scheduler_cls`` with the election added (see :class:`LeaderElectedMixin`)."""
     return type(f"LeaderElected{scheduler_cls.__name__}", (LeaderElectedMixin, scheduler_cls), {"__module__": __name__})
+
+
+LeaderPersistentScheduler = leader_elected(PersistentScheduler)
+"""Celery's default scheduler (local shelve file), leader-elected: only the leader sends; each
+instance's file holds its own last-run times, so a new leader goes by its own file (or none):
+ticks may be repeated or skipped at a failover. Prefer ConsulLeaderScheduler."""
 
 
 class ConsulLeaderScheduler(LeaderElectedMixin, Scheduler):

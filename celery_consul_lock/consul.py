@@ -217,14 +217,18 @@ class ConsulClient:
         with self._errors("deleting a key", "key:write", key):
             return bool(self._client.kv.delete(key, cas=cas, dc=self.settings.datacenter))
 
-    def kv_lock(self, key: str, session: str, value: bytes, flags: int = LOCK_FLAG) -> LockAttempt:
+    def kv_lock(self, key: str, session: str, value: bytes, flags: int = LOCK_FLAG, *, create: bool = False) -> LockAttempt:
         """Acquire ``key`` for ``session`` in one transaction, which also returns the
-        key's new ModifyIndex atomically: the fencing token."""
+        key's new ModifyIndex atomically: the fencing token. With ``create``, only if the
+        key does not exist yet (reason "exists" otherwise)."""
         op = {"Verb": "lock", "Key": key, "Value": base64.b64encode(value).decode(), "Flags": flags, "Session": session}
-        ok, results, errors = self.txn([{"KV": op}], action="acquiring a lock", resource=key)
+        ops = [{"KV": {"Verb": "check-not-exists", "Key": key}}] if create else []
+        ok, results, errors = self.txn([*ops, {"KV": op}], action="acquiring a lock", resource=key)
         if ok:
-            return LockAttempt(True, int(results[0]["KV"]["ModifyIndex"]))
+            return LockAttempt(True, int(results[-1]["KV"]["ModifyIndex"]))
         what = " ".join(str(e.get("What", "")) for e in errors)
+        if create and "exists" in what:
+            return LockAttempt(False, reason="exists")
         if "lock delay" in what:
             return LockAttempt(False, reason="lock-delay")
         if "invalid session" in what:

@@ -395,10 +395,14 @@ class ConsulLock:
 
     def _acquire_in_consul(self, deadline: float | None) -> bool:
         client = thread_client(self.settings)
-        if (self.settings.base_url, self.key) not in _KNOWN_LOCK_KEYS:
+        # A key not seen yet in this process may be something other than a lock: look at
+        # its flags before writing ours. With a transaction that answer is free: it creates
+        # and locks the key only if it does not exist, and reads it only if it does.
+        known = (self.settings.base_url, self.key) in _KNOWN_LOCK_KEYS
+        if not known and not self.token_at_acquire:
             _, entry = client.kv_get(self.key)
             self._check_is_lock(entry)
-            _KNOWN_LOCK_KEYS.add((self.settings.base_url, self.key))
+            known = True
         session = self._new_session()
         session_failures = 0
         while True:
@@ -410,13 +414,19 @@ class ConsulLock:
             value = self._value(sid)
             try:
                 if self.token_at_acquire:
-                    attempt = client.kv_lock(self.key, sid, value)
+                    attempt = client.kv_lock(self.key, sid, value, create=not known)
+                    if attempt.reason == "exists":
+                        _, entry = client.kv_get(self.key)
+                        self._check_is_lock(entry)
+                        known = True
+                        continue
                     acquired, token, gone = attempt.acquired, attempt.modify_index or None, attempt.reason == "session"
                 else:  # ?acquire=, as `consul lock` does: the cheapest write; token read lazily
                     acquired, token, gone = client.kv_acquire(self.key, sid, value), None, False
             except SessionGone:
                 acquired, token, gone = False, None, True
             if acquired:
+                _KNOWN_LOCK_KEYS.add((self.settings.base_url, self.key))
                 self._acquired(session, sid, value, token)
                 return True
             if gone:
@@ -427,6 +437,7 @@ class ConsulLock:
                 continue
             index, entry = client.kv_get(self.key)
             self._check_is_lock(entry)
+            known = True
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 self._gave_up(client, entry, session)
@@ -453,15 +464,11 @@ class ConsulLock:
 
     def _gave_up(self, client: ConsulClient, entry: KVEntry | None, session: LockSession) -> None:
         if entry is not None and entry.session:
-            try:
-                info = client.session_info(entry.session)
-            except ConsulLockError:
-                info = None
-            self.last_holder = LockHolder.from_entry(entry, info)
-            acquire_log.info("%s is held by %s", self.key, self.last_holder)
+            self.last_holder = _holder_of(client, entry)
+            acquire_log.debug("%s is held by %s", self.key, self.last_holder)
         else:
             self.last_holder = None
-            acquire_log.info("%s is free but inside a lock-delay", self.key)
+            acquire_log.debug("%s is free but inside a lock-delay", self.key)
         if self.private_session and session.holding() == 0:
             session.destroy(client)
 
@@ -560,10 +567,19 @@ def _read_holder(client: ConsulClient, key: str) -> LockHolder | None:
     _, entry = client.kv_get(key, consistent=True)
     if entry is None or not entry.session:
         return None
+    return _holder_of(client, entry)
+
+
+def _holder_of(client: ConsulClient, entry: KVEntry) -> LockHolder:
+    """The holder of a held key; asks Consul for the session's name and node only when the
+    key's value does not say who holds it (``consul lock``, curl scripts)."""
+    holder = LockHolder.from_entry(entry)
+    if holder.host or holder.name:
+        return holder
     try:
-        info = client.session_info(entry.session)
+        info = client.session_info(entry.session or "")
     except ConsulLockError:
-        info = None
+        return holder
     return LockHolder.from_entry(entry, info)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import signal
@@ -205,3 +206,41 @@ def test_pools_share_one_session_per_process_and_leak_none(proj, workers, consul
     assert 1 <= len(during) <= (concurrency if pool == "prefork" else 1)
     worker.stop()
     wait_for(lambda: {s["ID"] for s in consul.api("/v1/session/list")} == before, 30, "the worker's sessions to be destroyed")
+
+
+def test_django_database_scheduler_two_instances_one_dispatches(proj, workers, r, consul, redis_server, tmp_path):
+    """django-celery-beat's DatabaseScheduler, leader-elected: two beats on one SQLite file."""
+    import os
+    import sys
+
+    from .workers import ROOT
+
+    db = tmp_path / "db.sqlite3"
+    env = worker_env(redis_server.url, consul.address, TEST_SQLITE=str(db), DJANGO_SETTINGS_MODULE="tests.djproj.settings")
+    subprocess.run([sys.executable, "-m", "django", "migrate", "-v", "0"], env=env, cwd=ROOT, check=True)
+    workers(1, concurrency=2)
+    beats = []
+    try:
+        for i in range(2):
+            with (tmp_path / f"beat{i}.log").open("wb") as out:
+                beats.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "celery", "-A", "tests.djproj.celery_app", "beat", "-l", "INFO", "--pidfile=",
+                         "-S", "celery_consul_lock.contrib.django_celery_beat:LeaderDatabaseScheduler"],
+                        env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                    )
+                )  # fmt: skip
+        wait_for(lambda: len([x for x in runs(r) if x["kind"] == "tick"]) >= 5, 60, "five heartbeats")
+        ticks = [x for x in runs(r) if x["kind"] == "tick"]
+        assert len({x["instance"] for x in ticks}) == 1
+        assert len({x["tick"] for x in ticks}) == len(ticks)
+        logs = [(tmp_path / f"beat{i}.log").read_text() for i in range(2)]
+        leaders = [log for log in logs if "elected leader" in log]
+        assert len(leaders) == 1
+        standby = next(log for log in logs if "elected leader" not in log)
+        assert "Sending due task" not in standby and "Writing entries" not in standby
+    finally:
+        for b in beats:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(b.pid, signal.SIGKILL)
+            b.wait(10)

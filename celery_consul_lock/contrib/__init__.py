@@ -1,0 +1,1 @@
+"""Ready-made leader-elected versions of third-party schedulers."""
