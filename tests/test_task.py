@@ -244,3 +244,52 @@ def test_django_database_scheduler_two_instances_one_dispatches(proj, workers, r
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(b.pid, signal.SIGKILL)
             b.wait(10)
+
+
+@pytest.mark.parametrize("task_name", ["guarded", "checked"])
+def test_lock_lost_mid_run_raises_in_the_body(proj, workers, r, consul, task_name):
+    workers(1, concurrency=1)
+    result = getattr(proj, task_name).delay(30)
+    start = wait_for(lambda: [x for x in runs(r) if x["kind"] == "start"], 30, "the run to start")[0]
+    time.sleep(1.0)  # not an assertion: let the lock's watcher start (it starts after 0.5 s)
+    consul.api(f"/v1/kv/{start['key']}", "DELETE")
+    result.get(timeout=30, propagate=False)
+    assert result.state == "FAILURE" and "LockLost" in type(result.result).__name__ + repr(result.result)
+    assert not [x for x in runs(r) if x["kind"] == "end"]
+
+
+def test_on_held_retry_counts_against_max_retries_then_fails(proj, workers, r, consul):
+    from celery_consul_lock import ConsulLock
+
+    workers(1, concurrency=1)
+    holder = ConsulLock("locks/proj.retrying/.lock", address=consul.address, lock_delay=1)
+    assert holder.acquire()
+    try:
+        result = proj.retrying.delay()
+        result.get(timeout=60, propagate=False)
+        assert result.state == "FAILURE" and "LockHeld" in type(result.result).__name__
+        assert runs(r) == []
+        # With the lock free, it runs.
+        holder.release()
+        assert proj.retrying.delay().get(timeout=30) == "ran"
+    finally:
+        holder.release()
+
+
+def test_on_held_wait_runs_once_the_holder_releases(proj, workers, r, consul):
+    import threading
+
+    from celery_consul_lock import ConsulLock
+
+    workers(1, concurrency=1)
+    holder = ConsulLock("locks/proj.retrying/.lock", address=consul.address, lock_delay=1)
+    assert holder.acquire()
+    timer = threading.Timer(2.0, holder.release)
+    timer.start()
+    try:
+        t0 = time.monotonic()
+        assert proj.waiting.delay().get(timeout=30) == "ran"
+        assert time.monotonic() - t0 >= 1.5
+    finally:
+        timer.join()
+        holder.release()

@@ -107,3 +107,44 @@ def heartbeat(self) -> str | None:
     leader = getattr(self.request, "consul_lock_leader", None) or {}
     record("tick", tick=tick, instance=leader.get("instance"), token=leader.get("token"), id=self.request.id)
     return tick
+
+
+@app.task(bind=True, base=ConsulLockedTask, name="proj.guarded", abort_on_lock_lost=True)
+def guarded(self, seconds: float = 20.0) -> str:
+    record("start", task="guarded", id=self.request.id, key=self.lock.key)
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        time.sleep(0.05)
+    record("end", task="guarded", id=self.request.id)
+    return "finished"
+
+
+@app.task(bind=True, base=ConsulLockedTask, name="proj.checked")
+def checked(self, seconds: float = 20.0) -> str:
+    record("start", task="checked", id=self.request.id, key=self.lock.key)
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        if self.lock.lost.is_set():
+            record("lost", task="checked", id=self.request.id)
+            self.check_lock()  # raises LockLost
+        time.sleep(0.05)
+    return "finished"
+
+
+@app.task(bind=True, base=ConsulLockedTask, name="proj.retrying", lock_on_held="retry", lock_retry_countdown=0.5, max_retries=2)
+def retrying(self, key_holder: str = "") -> str:
+    record("start", task="retrying", id=self.request.id, retries=self.request.retries)
+    return "ran"
+
+
+@app.task(
+    bind=True,
+    base=ConsulLockedTask,
+    name="proj.waiting",
+    lock_key="locks/proj.retrying/.lock",
+    lock_on_held="wait",
+    lock_wait_timeout=10,
+)
+def waiting(self) -> str:
+    record("start", task="waiting", id=self.request.id)
+    return "ran"
