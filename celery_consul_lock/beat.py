@@ -238,7 +238,6 @@ class Election:
             name=f"celery beat {self.config.name}",
             value={"instance": self.instance, "since": datetime.now(timezone.utc).isoformat(timespec="seconds")},
             session=self._session,
-            token_at_acquire=True,
         )
         if not lock.acquire(timeout=ELECTION_WAIT):
             holder = lock.last_holder

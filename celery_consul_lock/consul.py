@@ -39,6 +39,9 @@ log = logging.getLogger(__name__)
 #: (``api.LockFlagValue``); a key with other non-zero flags is not a lock.
 LOCK_FLAG = 0x2DDCCBC058A50C18
 
+#: How a server says it is between leaders (an election): brief, worth retrying.
+_NO_LEADER = ("No cluster leader", "rpc error", "leadership lost", "connection refused", "EOF")
+
 #: How much longer than ``wait`` a blocking query may take: Consul adds up to wait/16
 #: of jitter before answering.
 BLOCKING_JITTER = 1 / 16
@@ -80,8 +83,11 @@ class LockAttempt:
     #: The key's ModifyIndex written by this acquire: the fencing token.
     modify_index: int = 0
     #: When not acquired: "held" (another session has it), "lock-delay" (free, but inside
-    #: a lock-delay), or "session" (our session is gone).
+    #: a lock-delay), "session" (our session is gone), "missing" / "exists" (kv_lock's
+    #: guess of whether the key exists was wrong).
     reason: str = ""
+    #: When acquired an existing key: the key as it was just before.
+    previous: KVEntry | None = None
 
 
 class ConsulClient:
@@ -217,42 +223,51 @@ class ConsulClient:
         with self._errors("deleting a key", "key:write", key):
             return bool(self._client.kv.delete(key, cas=cas, dc=self.settings.datacenter))
 
-    def kv_lock(self, key: str, session: str, value: bytes, flags: int = LOCK_FLAG, *, create: bool = False) -> LockAttempt:
-        """Acquire ``key`` for ``session`` in one transaction, which also returns the
-        key's new ModifyIndex atomically: the fencing token. With ``create``, only if the
-        key does not exist yet (reason "exists" otherwise)."""
-        op = {"Verb": "lock", "Key": key, "Value": base64.b64encode(value).decode(), "Flags": flags, "Session": session}
-        ops = [{"KV": {"Verb": "check-not-exists", "Key": key}}] if create else []
-        ok, results, errors = self.txn([*ops, {"KV": op}], action="acquiring a lock", resource=key)
+    def kv_lock(self, key: str, session: str, value: bytes, flags: int = LOCK_FLAG, *, exists: bool = True) -> LockAttempt:
+        """Acquire ``key`` for ``session`` in one transaction that also returns, atomically,
+        the key as it was just before (to check it is a lock) and its new ModifyIndex (the
+        fencing token). ``exists`` says which form to try: ``get`` + ``lock`` for a key that
+        exists, ``check-not-exists`` + ``lock`` to create it; a wrong guess answers with
+        reason "missing" / "exists" and writes nothing."""
+        lock_op = {"Verb": "lock", "Key": key, "Value": base64.b64encode(value).decode(), "Flags": flags, "Session": session}
+        first = {"Verb": "get" if exists else "check-not-exists", "Key": key}
+        ok, results, errors = self.txn([{"KV": first}, {"KV": lock_op}], action="acquiring a lock", resource=key)
         if ok:
-            return LockAttempt(True, int(results[-1]["KV"]["ModifyIndex"]))
+            previous = KVEntry.from_api(results[0]["KV"]) if exists else None
+            return LockAttempt(True, int(results[-1]["KV"]["ModifyIndex"]), previous=previous)
         what = " ".join(str(e.get("What", "")) for e in errors)
-        if create and "exists" in what:
-            return LockAttempt(False, reason="exists")
-        if "lock delay" in what:
-            return LockAttempt(False, reason="lock-delay")
-        if "invalid session" in what:
-            return LockAttempt(False, reason="session")
-        if "already held" in what:
-            return LockAttempt(False, reason="held")
+        for marker, reason in (
+            ("doesn't exist", "missing"),
+            ("exists", "exists"),
+            ("lock delay", "lock-delay"),
+            ("invalid session", "session"),
+            ("already held", "held"),
+        ):
+            if marker in what:
+                return LockAttempt(False, reason=reason)
         raise ConsulLockError(f"Consul at {self.address} refused to lock {key!r}: {what}")
 
-    def kv_acquire(self, key: str, session: str, value: bytes, flags: int = LOCK_FLAG) -> bool:
-        """``PUT ?acquire=`` (what ``consul lock`` and curl scripts do); True if taken."""
-        return self._lock_write("acquire", key, session, value, flags)
+    def kv_restore(self, key: str, session: str, previous: KVEntry) -> bool:
+        """Undo a lock taken on a key that turned out not to be a lock: free it and put its
+        value and flags back, in one transaction, only while our session holds it."""
+        value = base64.b64encode(previous.value or b"").decode()
+        ops = [
+            {"KV": {"Verb": "check-session", "Key": key, "Session": session}},
+            {"KV": {"Verb": "unlock", "Key": key, "Session": session}},
+            {"KV": {"Verb": "set", "Key": key, "Value": value, "Flags": previous.flags}},
+        ]
+        ok, _, _ = self.txn(ops, action="restoring a key that is not a lock", resource=key)
+        return ok
 
     def kv_release(self, key: str, session: str, value: bytes, flags: int = LOCK_FLAG) -> bool:
         """``PUT ?release=``: frees the key only if ``session`` holds it (Consul checks);
         no lock-delay follows. True if we held it."""
-        return self._lock_write("release", key, session, value, flags)
-
-    def _lock_write(self, verb: str, key: str, session: str, value: bytes, flags: int) -> bool:
         # The hot path of every lock: sent straight over the connection, without the
         # library's URL and answer machinery (a tenth of a millisecond per call here).
-        target = f"/v1/kv/{quote(key, safe='/')}?{verb}={quote(session)}&flags={flags}"
+        target = f"/v1/kv/{quote(key, safe='/')}?release={quote(session)}&flags={flags}"
         if self.settings.datacenter:
             target += f"&dc={quote(self.settings.datacenter)}"
-        action = "acquiring a lock" if verb == "acquire" else "releasing a lock"
+        action = "releasing a lock"
         with self._errors(action, "key:write", key, session=session):
             status, body = self._client.http.raw("PUT", target, value)
         self._check_status(status, body, action, "key:write", key, session)
@@ -265,6 +280,8 @@ class ConsulClient:
             raise ACLDenied(self.address, action, permission, resource)
         if session is not None and "invalid session" in body.lower():
             raise SessionGone(session, self.address)
+        if status >= 500 and any(m in body for m in _NO_LEADER):
+            raise ConsulUnavailable(self.address, action, f"Consul has no usable leader right now ({body.strip()[:120]})")
         raise ConsulLockError(f"Consul at {self.address} answered {status} while {action}: {body.strip()}")
 
     def txn(
@@ -306,6 +323,10 @@ class ConsulClient:
             raise ACLDenied(self.address, action, permission, resource) from None
         except consul_lib.ConsulException as exc:
             text = str(exc)
+            if text.startswith("5") and any(m in text for m in _NO_LEADER):
+                raise ConsulUnavailable(
+                    self.address, action, f"Consul has no usable leader right now ({text.strip()[:120]})"
+                ) from None
             if session is not None and (isinstance(exc, consul_lib.NotFound) or "invalid session" in text.lower()):
                 raise SessionGone(session, self.address) from None
             raise ConsulLockError(f"Consul at {self.address} failed while {action}: {text.strip()}") from None

@@ -32,8 +32,8 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any
 
-from .consul import LOCK_FLAG, ConsulClient, KVEntry, thread_client
-from .errors import ConsulLockError, LockConflict, LockLost, LockTimeout, SessionGone
+from .consul import LOCK_FLAG, ConsulClient, KVEntry, LockAttempt, thread_client
+from .errors import ConsulLockError, ConsulUnavailable, LockConflict, LockLost, LockTimeout, SessionGone
 from .session import LockSession, retire_if_unused, shared_session
 from .settings import ConsulSettings
 
@@ -56,6 +56,8 @@ WATCH_WAIT = 60.0
 #: After a watcher's read fails, try again after this (the Go client's MonitorRetryTime);
 #: the session's fencing deadline covers longer outages.
 WATCH_RETRY = 1.0
+#: Backoff while Consul is briefly unavailable (a leader election takes about a second).
+RETRY_MIN, RETRY_MAX = 0.1, 2.0
 #: Several failed attempts in a row with a session Consul says is gone means something
 #: destroys our sessions as fast as we create them; give up rather than loop.
 SESSION_RETRIES = 3
@@ -203,9 +205,8 @@ class _WatchStarter:
 
 _LOCAL = _LocalKeys()
 _WATCHES = _WatchStarter()
-#: Keys this process has checked are locks (flags 0 or LOCK_FLAG), so the fast path can
-#: acquire without reading first.
-_KNOWN_LOCK_KEYS: set[tuple[str, str]] = set()
+#: Keys this process has seen as locks (flags 0 or LOCK_FLAG).
+_LOCK_KEYS: set[tuple[str, str | None, str]] = set()
 
 
 class ConsulLock:
@@ -231,7 +232,6 @@ class ConsulLock:
         timeout: float | None = None,
         private_session: bool = False,
         session: LockSession | None = None,
-        token_at_acquire: bool = False,
         on_lost: Callable[[ConsulLock, str], None] | None = None,
         settings: ConsulSettings | None = None,
         **setting_values: Any,
@@ -249,7 +249,6 @@ class ConsulLock:
         #: A session owned by the caller, used instead of the shared or a private one and
         #: never destroyed by the lock.
         self.given_session = session
-        self.token_at_acquire = token_at_acquire
         #: Set when the lock is lost while held; cleared by the next acquire.
         self.lost = threading.Event()
         #: Why the lock was lost, once :attr:`lost` is set.
@@ -319,13 +318,7 @@ class ConsulLock:
         client = thread_client(self.settings)
         ok = False
         try:
-            ok = client.kv_release(self.key, sid, value)
-            if ok:
-                release_log.debug("released %s (token %s)", self.key, self._token)
-            else:
-                release_log.warning("%s was no longer held by our session when released (lost: %s)", self.key, self.lost_reason)
-        except ConsulLockError as exc:
-            release_log.warning("could not release %s (the session's TTL will free it): %s", self.key, exc)
+            ok = self._release_in_consul(client, session, sid, value)
         finally:
             session.unhold(self)
             _LOCAL.free(self._ident, self)
@@ -335,26 +328,38 @@ class ConsulLock:
                 retire_if_unused(session)
         return ok
 
+    def _release_in_consul(self, client: ConsulClient, session: LockSession, sid: str, value: bytes) -> bool:
+        """``?release=``, retried through a brief outage (a Consul leader election) for as
+        long as the session's fencing deadline allows. If it still fails, the session is
+        given up: it stops being renewed, so its TTL frees the key (a session that kept
+        renewing would keep the key held forever)."""
+        backoff = RETRY_MIN
+        while True:
+            try:
+                ok = client.kv_release(self.key, sid, value)
+            except ConsulLockError as exc:
+                if time.monotonic() + backoff < session.deadline and session.lost_reason is None:
+                    release_log.info("releasing %s failed (%s); retrying in %.2f s", self.key, exc, backoff)
+                    time.sleep(backoff)
+                    backoff = min(RETRY_MAX, backoff * 2)
+                    continue
+                release_log.warning(
+                    "could not release %s; giving its session up so that its TTL frees the key: %s", self.key, exc
+                )
+                session.lose(f"releasing {self.key} failed: {exc}")
+                return False
+            if ok:
+                release_log.debug("released %s (token %s)", self.key, self._token)
+            else:
+                release_log.warning("%s was no longer held by our session when released (lost: %s)", self.key, self.lost_reason)
+            return ok
+
     @property
     def fencing_token(self) -> int | None:
-        """The key's ModifyIndex while we hold it: every later holder's is larger, so a
-        resource that remembers the largest token it saw can refuse a deposed holder.
-
-        Read atomically with the acquire when ``token_at_acquire=True``, else by a
-        consistent read on first access, which also checks that our session still holds
-        the key (and raises :class:`LockLost` if not). None when never acquired.
-        """
-        sid, token = self._sid, self._token
-        if token is not None or sid is None:
-            return token
-        _, entry = thread_client(self.settings).kv_get(self.key, consistent=True)
-        if entry is None or entry.session != sid:
-            self._mark_lost("the key is no longer held by our session")
-            raise LockLost(self.key, self.lost_reason or "the key is no longer held by our session")
-        with self._mutex:
-            if self._sid == sid:
-                self._token = entry.modify_index
-        return entry.modify_index
+        """The key's ModifyIndex written by our acquire, read atomically with it: every
+        later holder's is larger, so a resource that remembers the largest token it saw can
+        refuse a deposed holder. None before the first acquire."""
+        return self._token
 
     @property
     def held(self) -> bool:
@@ -395,62 +400,88 @@ class ConsulLock:
 
     def _acquire_in_consul(self, deadline: float | None) -> bool:
         client = thread_client(self.settings)
-        # A key not seen yet in this process may be something other than a lock: look at
-        # its flags before writing ours. With a transaction that answer is free: it creates
-        # and locks the key only if it does not exist, and reads it only if it does.
-        known = (self.settings.base_url, self.key) in _KNOWN_LOCK_KEYS
-        if not known and not self.token_at_acquire:
+        if self._ident in _LOCK_KEYS:
+            exists = True  # picks the transaction's form; a wrong guess costs a request
+        else:
+            # First time in this process: look before writing, so a key that is not a lock
+            # (a semaphore's) is never touched. Later acquires check the key's previous
+            # flags in the acquire transaction itself and put it back if it was repurposed.
             _, entry = client.kv_get(self.key)
             self._check_is_lock(entry)
-            known = True
+            exists = entry is not None
         session = self._new_session()
         session_failures = 0
+        backoff = RETRY_MIN
         while True:
-            if session.id is not None and not session.alive():
-                session.lose(session.lost_reason or "fencing deadline passed")
-            if session.lost_reason is not None:
-                session = self._new_session()
-            sid = session.ensure(client)
-            value = self._value(sid)
             try:
-                if self.token_at_acquire:
-                    attempt = client.kv_lock(self.key, sid, value, create=not known)
-                    if attempt.reason == "exists":
-                        _, entry = client.kv_get(self.key)
-                        self._check_is_lock(entry)
-                        known = True
-                        continue
-                    acquired, token, gone = attempt.acquired, attempt.modify_index or None, attempt.reason == "session"
-                else:  # ?acquire=, as `consul lock` does: the cheapest write; token read lazily
-                    acquired, token, gone = client.kv_acquire(self.key, sid, value), None, False
-            except SessionGone:
-                acquired, token, gone = False, None, True
-            if acquired:
-                _KNOWN_LOCK_KEYS.add((self.settings.base_url, self.key))
-                self._acquired(session, sid, value, token)
-                return True
-            if gone:
-                session.lose("Consul does not know the session")
-                session_failures += 1
-                if session_failures >= SESSION_RETRIES:
-                    raise SessionGone(sid, client.address)
-                continue
-            index, entry = client.kv_get(self.key)
-            self._check_is_lock(entry)
-            known = True
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                self._gave_up(client, entry, session)
-                return False
-            if entry is not None and entry.session:
-                # Held: wait for the key to change, with a blocking query.
-                wait = WAIT_MAX if left is None else min(WAIT_MAX, left)
-                acquire_log.debug("%s is held by session %s; waiting up to %.1f s", self.key, entry.session, wait)
-                client.kv_get(self.key, index=max(entry.modify_index, index, 1), wait=wait)
-            else:
-                # Free but inside a lock-delay: Consul says nothing of when it ends.
-                acquire_log.debug("%s is in lock-delay; retrying in %.2f s", self.key, LOCK_DELAY_RETRY)
-                time.sleep(LOCK_DELAY_RETRY if left is None else min(LOCK_DELAY_RETRY, left))
+                session = self._usable_session(session)
+                sid = session.ensure(client)
+                value = self._value(sid)
+                attempt = client.kv_lock(self.key, sid, value, exists=exists)
+                if attempt.reason in ("missing", "exists"):
+                    exists = attempt.reason == "exists"
+                    continue
+                _LOCK_KEYS.add(self._ident)
+                exists = True
+                if attempt.acquired:
+                    self._taken(client, session, sid, value, attempt)
+                    return True
+                if attempt.reason == "session":
+                    session.lose("Consul does not know the session")
+                    session_failures += 1
+                    if session_failures >= SESSION_RETRIES:
+                        raise SessionGone(sid, client.address)
+                    continue
+                if not self._wait_for_change(client, session, deadline):
+                    return False
+                backoff = RETRY_MIN
+            except ConsulUnavailable as exc:
+                # Brief during a Consul leader election: retry while the caller waits.
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise
+                acquire_log.info("acquiring %s: %s; retrying in %.2f s", self.key, exc.detail, backoff)
+                time.sleep(backoff if left is None else min(backoff, left))
+                backoff = min(RETRY_MAX, backoff * 2)
+
+    def _usable_session(self, session: LockSession) -> LockSession:
+        if session.id is not None and not session.alive():
+            session.lose(session.lost_reason or "fencing deadline passed")
+        if session.lost_reason is not None:
+            session = self._new_session()
+        if session.id is not None and session.deadline - time.monotonic() < session.interval:
+            # Renewals are failing: a lock taken now would be fenced within moments.
+            raise ConsulUnavailable(self.settings.base_url, "acquiring a lock", "the session's renewals are failing")
+        return session
+
+    def _taken(self, client: ConsulClient, session: LockSession, sid: str, value: bytes, attempt: LockAttempt) -> None:
+        previous = attempt.previous
+        if previous is not None and previous.flags not in (0, LOCK_FLAG):
+            # Not a lock (a semaphore's key, say): put it back as it was, and refuse.
+            restored = client.kv_restore(self.key, sid, previous)
+            acquire_log.error("%s has flags %#x: not a lock; restored it: %s", self.key, previous.flags, restored)
+            raise LockConflict(self.key, previous.flags)
+        self._acquired(session, sid, value, attempt.modify_index)
+
+    def _wait_for_change(self, client: ConsulClient, session: LockSession, deadline: float | None) -> bool:
+        """After a refused acquire: False when the time is up (holder recorded), else wait
+        for the key to change (held) or for the lock-delay to pass, and return True."""
+        index, entry = client.kv_get(self.key)
+        self._check_is_lock(entry)
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            self._gave_up(client, entry, session)
+            return False
+        if entry is not None and entry.session:
+            # Held: wait for the key to change, with a blocking query.
+            wait = WAIT_MAX if left is None else min(WAIT_MAX, left)
+            acquire_log.debug("%s is held by session %s; waiting up to %.1f s", self.key, entry.session, wait)
+            client.kv_get(self.key, index=max(entry.modify_index, index, 1), wait=wait)
+        else:
+            # Free but inside a lock-delay: Consul says nothing of when it ends.
+            acquire_log.debug("%s is in lock-delay; retrying in %.2f s", self.key, LOCK_DELAY_RETRY)
+            time.sleep(LOCK_DELAY_RETRY if left is None else min(LOCK_DELAY_RETRY, left))
+        return True
 
     def _new_session(self) -> LockSession:
         if self.given_session is not None:

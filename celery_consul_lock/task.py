@@ -204,7 +204,6 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             settings=settings,
             name=self.name,
             value={"task_id": task_id, **({"tick": str(tick)} if tick else {})},
-            token_at_acquire=True,
         )
         try:
             acquired = self._acquire(lock, options, tick, task_id)

@@ -48,7 +48,10 @@ class Connection:
         self.close()
 
     def close(self) -> None:
-        sock, self._sock, self._file = self._sock, None, None
+        sock, file, self._sock, self._file = self._sock, self._file, None, None
+        if file is not None:
+            with contextlib.suppress(OSError):
+                file.close()  # type: ignore[attr-defined]
         if sock is not None:
             with contextlib.suppress(OSError):
                 sock.close()

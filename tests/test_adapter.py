@@ -38,7 +38,7 @@ def test_lock_via_txn_returns_the_modify_index_and_why_it_failed(client, key):
     a = client.session_create("a", ttl=10, lock_delay=1, checks=["serfHealth"])
     b = client.session_create("b", ttl=10, lock_delay=1, checks=["serfHealth"])
     try:
-        got = client.kv_lock(key, a, b"v")
+        got = client.kv_lock(key, a, b"v", exists=False)
         _, entry = client.kv_get(key, consistent=True)
         assert got.acquired and got.modify_index == entry.modify_index and entry.flags == LOCK_FLAG and entry.session == a
         assert client.kv_lock(key, b, b"v").reason == "held"
@@ -53,7 +53,7 @@ def test_release_only_frees_for_the_holding_session(client, key):
     a = client.session_create("a", ttl=10, lock_delay=0, checks=[])
     b = client.session_create("b", ttl=10, lock_delay=0, checks=[])
     try:
-        assert client.kv_lock(key, a, b"v").acquired
+        assert client.kv_lock(key, a, b"v", exists=False).acquired
         assert client.kv_release(key, b, b"v") is False
         assert client.kv_get(key)[1].session == a
         assert client.kv_release(key, a, b"v") is True
@@ -89,7 +89,7 @@ def test_fenced_write_with_check_session(client, key):
     other = client.session_create("o", ttl=10, lock_delay=0, checks=[])
     mark = key.replace(".lock", "mark")
     try:
-        assert client.kv_lock(key, sid, b"").acquired
+        assert client.kv_lock(key, sid, b"", exists=False).acquired
         ok, _, _ = client.txn(
             [
                 {"KV": {"Verb": "check-session", "Key": key, "Session": sid}},
@@ -123,3 +123,16 @@ def test_token_goes_in_a_header_not_the_url(settings, monkeypatch):
     c = ConsulClient(settings.replace(token="tok-123"))
     assert c._client.http._headers == {"X-Consul-Token": "tok-123"} and c._client.token is None
     assert "tok-123" not in repr(c)
+
+
+def test_lock_txn_reports_a_wrong_guess_of_existence_and_writes_nothing(client, key):
+    sid = client.session_create("g", ttl=10, lock_delay=0, checks=[])
+    try:
+        assert client.kv_lock(key, sid, b"v", exists=True).reason == "missing"
+        assert client.kv_get(key)[1] is None
+        client.kv_put(key, b"x")
+        assert client.kv_lock(key, sid, b"v", exists=False).reason == "exists"
+        got = client.kv_lock(key, sid, b"v", exists=True)
+        assert got.acquired and got.previous.value == b"x" and got.previous.session is None
+    finally:
+        client.session_destroy(sid)

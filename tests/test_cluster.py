@@ -29,6 +29,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.client]
 #: The contender: waits for the lock through its agent, prints JSON events, holds the lock
 #: until a line arrives on stdin, then releases it. A ConsulLockError ends one acquire
 #: call (as the Go client's Lock returns an error); the script reports it and waits again.
+#: Its session has a 10 s fencing window (lock_delay=10), so that an election while it
+#: holds the lock (e.g. when a frozen server rejoins) does not make it fence itself.
 CONTENDER = r"""
 import json, sys, time
 from celery_consul_lock import ConsulLock, ConsulLockError, ConsulSettings, close_sessions
@@ -68,7 +70,7 @@ close_sessions()
 class Contender:
     """The contender script as a child process; its events are collected by a thread."""
 
-    def __init__(self, agent: ConsulAgent, key: str, wait: float, log: Path, *, lock_delay: float = 3) -> None:
+    def __init__(self, agent: ConsulAgent, key: str, wait: float, log: Path, *, lock_delay: float = 10) -> None:
         self._stderr = log.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-c", CONTENDER, agent.address, key, str(wait), str(lock_delay)],
@@ -255,7 +257,9 @@ def test_holder_behind_frozen_agent_fences_itself_before_the_contender_acquires(
 
         a.proc.signal(signal.SIGCONT)
         frozen = False
-        _healthy(cluster)
+        # The old holder's agent is back (it has a leader and can create sessions); the
+        # cluster's full health (a voter again) is awaited by the next test.
+        wait_consul_ready(a, timeout=60)
         before = _kv(b, key)
         assert before is not None and before["Session"] == acquired["session"]
         # The old holder releases: Consul refuses (not its session any more), nothing changes.
@@ -283,7 +287,7 @@ def test_leader_killed_while_held_never_gives_two_holders(cluster: ConsulCluster
     assert holder.acquire(timeout=10)
     token = holder.fencing_token
     try:
-        with _restarting(cluster), Contender(b, key, 60, tmp_path / "contender.log", lock_delay=10) as contender:
+        with _restarting(cluster), Contender(b, key, 60, tmp_path / "contender.log") as contender:
             _wait_contender_session(b, contender)
             _kill_server(leader)
             t_kill = time.time()
@@ -329,7 +333,7 @@ def test_release_during_leader_election_still_frees_the_key(cluster: ConsulClust
     sid = (ConsulLock.holder(key, settings=settings) or pytest.fail("no holder")).session
     deadline = 2 * settings.ttl + settings.lock_delay + 5
     try:
-        with _restarting(cluster), Contender(b, key, 60, tmp_path / "contender.log", lock_delay=10) as contender:
+        with _restarting(cluster), Contender(b, key, 60, tmp_path / "contender.log") as contender:
             _wait_contender_session(b, contender)
             _kill_server(leader)
             agent_leader = a.leader()

@@ -70,9 +70,11 @@ def test_blocking_wait_takes_the_lock_when_the_holder_releases(settings, key, tm
     try:
         lock = ConsulLock(key, settings=settings)
         assert lock.acquire(timeout=30)
-        released_at = float((tmp_path / "released").read_text())
+        acquired_at = time.time()
+        released = tmp_path / "released"
+        wait_for(lambda: released.exists() and released.read_text(), 10, "the holder to note its release time")
         # A blocking query wakes on the release; a polling loop would not be this prompt.
-        assert time.time() - released_at < 0.5
+        assert acquired_at - float(released.read_text()) < 0.5
         lock.release()
     finally:
         holder.kill()
@@ -96,7 +98,7 @@ def test_blocking_wait_gives_up_at_its_timeout(settings, key, tmp_path):
 def test_acquire_retries_through_lock_delay(settings, key, consul):
     client = ConsulClient(settings)
     sid = client.session_create("crashed holder", ttl=10, lock_delay=2, checks=["serfHealth"])
-    assert client.kv_lock(key, sid, b"").acquired
+    assert client.kv_lock(key, sid, b"", exists=False).acquired
     client.session_destroy(sid)  # like a crash: the key is free but in lock-delay for 2 s
     lock = ConsulLock(key, settings=settings)
     assert lock.acquire(blocking=False) is False and lock.last_holder is None
