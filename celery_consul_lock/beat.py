@@ -42,7 +42,7 @@ from celery.schedules import schedule as interval_schedule
 from .consul import ConsulClient, thread_client
 from .errors import ConsulLockError, InvalidSetting
 from .lock import LOCK_DELAY_RETRY, ConsulLock
-from .session import LockSession
+from .session import FENCE_MARGIN_MIN, FENCE_MARGIN_RATIO, RENEWALS_PER_WINDOW, LockSession
 from .settings import ConsulSettings, validate_key
 from .task import LEADER_HEADER
 from .ticks import TICK_HEADER, Tick, crontab_tick
@@ -111,13 +111,14 @@ class BeatConfig:
         validate_key(self.settings.key_prefix + self.leader_key_name, "consul_lock_beat_name")
         if self.missed not in MISSED_POLICIES:
             raise InvalidSetting("consul_lock_beat_missed", self.missed, "expected 'run-once' or 'skip'")
-        renew_every = self.settings.fence_window / 3
+        window = self.settings.fence_window
+        renew_every = (window - max(FENCE_MARGIN_MIN, window * FENCE_MARGIN_RATIO)) / RENEWALS_PER_WINDOW
         if self.check_ttl < 2 * renew_every or self.check_ttl < 1:
             raise InvalidSetting(
                 "consul_lock_beat_check_ttl",
                 self.check_ttl,
-                f"must be at least 1 s and twice the renewal interval ({renew_every:.2f} s = "
-                "min(TTL, lock-delay)/3), or a healthy leader's check could expire between passes",
+                f"must be at least 1 s and twice the renewal interval ({renew_every:.2f} s), or a "
+                "healthy leader's check could expire between passes",
             )
 
     @property
@@ -216,6 +217,8 @@ class Election:
                 backoff = BACKOFF_MIN
             except ConsulLockError as exc:
                 self.leading.clear()
+                if self._stop.is_set():
+                    return  # stopping: our own session was just destroyed
                 self._set_state(
                     "unreachable", "beat %s: cannot take part in the election: %s", self.instance, exc, level=logging.WARNING
                 )
@@ -239,10 +242,11 @@ class Election:
             value={"instance": self.instance, "since": datetime.now(timezone.utc).isoformat(timespec="seconds")},
             session=self._session,
         )
-        if not lock.acquire(timeout=ELECTION_WAIT):
-            holder = lock.last_holder
-            self._set_state("standby", "beat %s: standing by (leader: %s)", self.instance, holder or "none yet")
-            return
+        # A quick try first, so a new standby says at once who leads; then a blocking wait.
+        if not lock.acquire(blocking=False):
+            self._set_state("standby", "beat %s: standing by (leader: %s)", self.instance, lock.last_holder or "none yet")
+            if not lock.acquire(timeout=ELECTION_WAIT):
+                return
         self.lock = lock
         self.generation += 1
         self.leading.set()

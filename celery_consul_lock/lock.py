@@ -449,7 +449,7 @@ class ConsulLock:
             session.lose(session.lost_reason or "fencing deadline passed")
         if session.lost_reason is not None:
             session = self._new_session()
-        if session.id is not None and session.deadline - time.monotonic() < session.interval:
+        if session.overdue():
             # Renewals are failing: a lock taken now would be fenced within moments.
             raise ConsulUnavailable(self.settings.base_url, "acquiring a lock", "the session's renewals are failing")
         return session

@@ -35,7 +35,7 @@ __all__ = ["LockSession", "SessionPool", "close_sessions", "shared_session"]
 log = logging.getLogger("celery_consul_lock.session")
 renew_log = logging.getLogger("celery_consul_lock.session.renew")
 
-#: Renewals per fencing window: at window/3 two renewals may fail before we fence.
+#: Renewals before the fencing deadline: two may fail (or be slow) before we fence.
 RENEWALS_PER_WINDOW = 3
 #: After a failed renewal, try again this soon (but never after the deadline).
 RENEW_RETRY = 0.5
@@ -70,7 +70,7 @@ class LockSession:
         self.lost_reason: str | None = None
         self.window = settings.fence_window
         self.margin = max(FENCE_MARGIN_MIN, self.window * FENCE_MARGIN_RATIO)
-        self.interval = self.window / RENEWALS_PER_WINDOW
+        self.interval = (self.window - self.margin) / RENEWALS_PER_WINDOW
         self._last_contact = 0.0
         self._mutex = threading.RLock()
         self._stop = threading.Event()
@@ -106,6 +106,10 @@ class LockSession:
     def deadline(self) -> float:
         """``time.monotonic()`` value after which our locks must be taken as lost."""
         return self._last_contact + self.window - self.margin
+
+    def overdue(self) -> bool:
+        """True when a renewal is late: the renewer is failing to reach Consul."""
+        return self.id is not None and time.monotonic() - self._last_contact > 1.5 * self.interval
 
     def alive(self) -> bool:
         """True if the session exists, is not lost, and its fencing deadline is ahead."""

@@ -2,7 +2,8 @@
 high-water mark in Consul that makes each tick run at most once to completion.
 
 A tick id travels in the message header :data:`TICK_HEADER` as
-``"<entry name>@<due time, ISO 8601 UTC>"``, e.g. ``"nightly-backup@2026-11-26T03:00:00Z"``.
+``"<entry name>@<due time, ISO 8601 UTC>"``, e.g. ``"nightly-backup@2026-11-26T03:00:00Z"``
+(milliseconds are kept when present: ``"heartbeat@2026-11-26T10:14:22.830Z"``).
 Any scheduler can set it; :class:`~celery_consul_lock.ConsulLockedTask` reads it.
 
 The mark lives at ``<key_prefix>celery-consul-lock/ticks/<entry>`` as JSON
@@ -36,7 +37,7 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 @dataclass(frozen=True, order=True)
 class Tick:
-    """One scheduled run: the entry's name and the time it was due (UTC, whole seconds)."""
+    """One scheduled run: the entry's name and the time it was due (UTC, to the millisecond)."""
 
     due: datetime
     entry: str
@@ -45,7 +46,8 @@ class Tick:
     def of(cls, entry: str, due: datetime) -> Tick:
         if due.tzinfo is None:
             due = due.replace(tzinfo=timezone.utc)
-        return cls(due.astimezone(timezone.utc).replace(microsecond=0), entry)
+        due = due.astimezone(timezone.utc)
+        return cls(due.replace(microsecond=due.microsecond // 1000 * 1000), entry)
 
     @classmethod
     def parse(cls, text: str) -> Tick:
@@ -64,7 +66,8 @@ class Tick:
         return self.due.timestamp()
 
     def __str__(self) -> str:
-        return f"{self.entry}@{self.due.strftime('%Y-%m-%dT%H:%M:%SZ')}"
+        millis = f".{self.due.microsecond // 1000:03d}" if self.due.microsecond else ""
+        return f"{self.entry}@{self.due.strftime('%Y-%m-%dT%H:%M:%S')}{millis}Z"
 
 
 def crontab_tick(entry: str, now: datetime) -> Tick:

@@ -51,7 +51,7 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
 @pytest.fixture
 def settings(consul: ConsulAgent) -> ConsulSettings:
     """Settings for the dev agent, with a short lock-delay so tests run fast."""
-    return ConsulSettings(address=consul.address, lock_delay=1.0)
+    return ConsulSettings(address=consul.address, lock_delay=2.0)
 
 
 @pytest.fixture

@@ -145,3 +145,20 @@ def test_fence_window_is_min_of_ttl_and_lock_delay_with_checks():
 def test_errors_pickle_and_keep_their_message(exc):
     again = pickle.loads(pickle.dumps(exc))
     assert type(again) is type(exc) and str(again) == str(exc) and again.args == exc.args
+
+
+def test_tick_ids_round_trip_and_order():
+    from datetime import datetime, timezone
+
+    from celery_consul_lock import Tick
+    from celery_consul_lock.ticks import crontab_tick
+
+    a = Tick.of("nightly", datetime(2026, 11, 26, 3, 0, tzinfo=timezone.utc))
+    b = Tick.of("heartbeat", datetime(2026, 11, 26, 3, 0, 0, 830_123, tzinfo=timezone.utc))
+    assert str(a) == "nightly@2026-11-26T03:00:00Z" and str(b) == "heartbeat@2026-11-26T03:00:00.830Z"
+    assert Tick.parse(str(a)) == a and Tick.parse(str(b)) == b and Tick.parse(str(b)).epoch > a.epoch
+    assert crontab_tick("c", datetime(2026, 11, 26, 3, 0, 41, tzinfo=timezone.utc)) == Tick.of(
+        "c", datetime(2026, 11, 26, 3, 0, tzinfo=timezone.utc)
+    )
+    with pytest.raises(ValueError, match="consul_lock_tick"):
+        Tick.parse("no-at-sign")

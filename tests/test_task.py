@@ -147,7 +147,7 @@ def test_a_tick_runs_once_even_when_sent_again_after_it_finished(proj, workers, 
 
 
 def test_worker_killed_mid_run_runs_the_tick_again_exactly_once(proj, workers, r, consul):
-    (worker,) = workers(1, concurrency=1, env={"TEST_TTL": "10", "TEST_LOCK_DELAY": "1"})
+    (worker,) = workers(1, concurrency=1, env={"TEST_TTL": "10", "TEST_LOCK_DELAY": "2"})
     tick = Tick.of("killed", datetime(2026, 11, 26, 4, 0, tzinfo=timezone.utc))
     result = send_tick(proj, tick, seconds=3)
     first = wait_for(lambda: [x for x in runs(r) if x["kind"] == "start"], 30, "the first run to start")[0]

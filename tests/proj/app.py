@@ -27,7 +27,7 @@ app.conf.update(
     worker_prefetch_multiplier=1,
     broker_connection_retry_on_startup=True,
     consul_lock_ttl=float(os.environ.get("TEST_TTL", "10")),
-    consul_lock_lock_delay=float(os.environ.get("TEST_LOCK_DELAY", "1")),
+    consul_lock_lock_delay=float(os.environ.get("TEST_LOCK_DELAY", "2")),
 )
 
 app.conf.consul_lock_beat_name = os.environ.get("TEST_BEAT_NAME", "proj")

@@ -1,0 +1,489 @@
+"""How fast a leader-elected beat fails over: graceful stops and crashes of the leader.
+
+Run: ``python bench/failover.py [--rounds N] [--interval S] [--standby log|consul] [--json PATH]``
+
+Starts its own Consul *server* agent with a data directory (not ``-dev``), a Redis (broker
+and results) and one ``celery worker`` of ``tests.proj.app`` (prefork, 2 processes) in a
+temporary directory, and keeps two ``celery beat -S consul`` instances of it running, with
+the ``heartbeat`` entry due every ``--interval`` seconds (``proj.heartbeat`` records each
+tick it runs, with the instance that sent it, in the Redis list ``runs``). Then, N times
+each, alternating:
+
+graceful  SIGTERM to the leader (it releases the lock on its way out);
+crash     SIGKILL to the leader (its session dies with its health check's TTL, then the
+          lock-delay keeps the key for a while).
+
+The leader is the instance of the latest tick record (``<host>-<pid>-<hex>``: its pid
+names the process). Per failover, measured from the moment of the signal:
+
+takeover  until the standby logs "elected leader" (the beat log's own timestamp);
+dispatch  until the first tick sent by another instance ran on the worker (the tick
+          record's time: it includes the wait for the next due time and the worker).
+
+After each failover a fresh beat replaces the stopped one, and the next round starts once
+its log says "standing by" — which a beat says only when its first 10 s wait for the lock
+ends, so each round lasts at least that long. ``--standby consul`` starts the next round
+0.5 s after Consul lists the fresh beat's election session instead. Over the whole run,
+no tick id may run twice. Exits 1 if the graceful takeover median exceeds 1 s, the crash
+takeover max exceeds 5 s, or a tick ran twice.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import os
+import random
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import redis  # noqa: E402
+
+from celery_consul_lock.beat import BeatConfig  # noqa: E402
+from tests.proj.app import app  # noqa: E402
+from tests.servers import ConsulAgent, start_consul, start_redis, wait_consul_ready, wait_for  # noqa: E402
+from tests.workers import Worker, start_worker, worker_env  # noqa: E402
+
+#: Median takeover after a graceful stop (the leader releases the lock) ...
+TARGET_GRACEFUL_MEDIAN = 1.0
+#: ... and the slowest takeover after a crash (check TTL + lock-delay + retry, with margin).
+TARGET_CRASH_MAX = 5.0
+#: Longest wait for a takeover or a dispatch before the run is declared failed.
+EVENT_TIMEOUT = 20.0
+#: Longest wait for a fresh beat to stand by (its first election wait lasts 10 s).
+STANDBY_TIMEOUT = 40.0
+#: --standby consul: a fresh beat stands by this long after Consul lists its session.
+SESSION_SETTLE = 0.5
+POLL = 0.02
+
+LINE = re.compile(r"^\[(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): [^\]]*\] (?P<msg>.*)$", re.M)
+JOINING = re.compile(r"beat (?P<instance>\S+): joining the election")
+STATES = {"elected leader": "leader", "standing by": "standby", "lost leadership": "lost"}
+
+
+def log_time(stamp: str) -> float:
+    """A Celery log timestamp (local time, milliseconds) as a Unix time."""
+    return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+@dataclass
+class Beat:
+    """One ``celery beat`` process we started (its own session and process group)."""
+
+    n: int
+    popen: subprocess.Popen
+    log: Path
+    started: float
+    stopped: float | None = None
+    instance: str | None = None
+    session_seen: float | None = None  # when Consul first listed its election session
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def events(self) -> list[tuple[float, str]]:
+        """(log time, state) of every election state change this beat logged."""
+        out = []
+        for m in LINE.finditer(self.text()):
+            msg = m["msg"]
+            if self.instance is None and (j := JOINING.search(msg)):
+                self.instance = j["instance"]
+            for needle, state in STATES.items():
+                if msg.startswith("beat ") and needle in msg:
+                    out.append((log_time(m["ts"]), state))
+        return out
+
+    def state(self) -> str | None:
+        events = self.events()
+        return events[-1][1] if events else None
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def kill_group(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+        self.popen.wait(10)
+
+
+@dataclass
+class Round:
+    kind: str
+    old: str
+    new: str
+    takeover: float
+    dispatch: float
+    exit_s: float | None = None  # graceful: how long the old leader took to exit
+    exit_code: int | None = None
+
+
+@dataclass
+class Fleet:
+    tmp: Path
+    env: dict[str, str]
+    agent: ConsulAgent
+    beat_name: str
+    standby: str  # "log" or "consul": how a fresh beat is known to stand by
+    beats: list[Beat] = field(default_factory=list)
+
+    def standing_by(self, beat: Beat) -> bool:
+        state = beat.state()
+        if state == "standby" or self.standby == "log" or state is not None or beat.instance is None:
+            return state == "standby"
+        # In the election without having said so yet (it says so when its first 10 s wait
+        # for the lock ends): its session exists, and it has had time to find the lock held.
+        if beat.session_seen is None:
+            names = {s.get("Name") for s in self.agent.api("/v1/session/list") or []}
+            if f"celery beat {self.beat_name} {beat.instance}" in names:
+                beat.session_seen = time.monotonic()
+            return False
+        return time.monotonic() - beat.session_seen >= SESSION_SETTLE
+
+    def start(self) -> Beat:
+        n = len(self.beats)
+        log = self.tmp / f"beat{n}.log"
+        args = [
+            sys.executable, "-m", "celery", "-A", "tests.proj.app", "beat", "-S", "consul", "-l", "INFO",
+            "--pidfile=", "-s", str(self.tmp / f"sched{n}"),
+        ]  # fmt: skip
+        with log.open("wb") as out:
+            popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, start_new_session=True)
+        beat = Beat(n, popen, log, time.time())
+        self.beats.append(beat)
+        return beat
+
+    def running(self) -> list[Beat]:
+        return [b for b in self.beats if b.alive() and b.stopped is None]
+
+    def by_pid(self, pid: int) -> Beat | None:
+        return next((b for b in self.running() if b.pid == pid), None)
+
+    def stop_all(self) -> None:
+        for beat in self.beats:
+            if beat.alive():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(beat.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 10
+        for beat in self.beats:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                beat.popen.wait(max(0.1, deadline - time.monotonic()))
+            beat.kill_group()
+
+
+class Runs:
+    """The tick records in the Redis list ``runs``, read incrementally."""
+
+    def __init__(self, url: str) -> None:
+        self.r = redis.Redis.from_url(url)
+        self.ticks: list[dict] = []
+        self._seen = 0
+
+    def poll(self) -> list[dict]:
+        new = self.r.lrange("runs", self._seen, -1)
+        self._seen += len(new)
+        for raw in new:
+            rec = json.loads(raw)
+            if rec.get("kind") == "tick":
+                self.ticks.append(rec)
+        return self.ticks
+
+    def skips(self) -> collections.Counter:
+        return collections.Counter(json.loads(s)["reason"] for s in self.r.lrange("skips", 0, -1))
+
+
+def instance_pid(instance: str) -> int:
+    return int(instance.rsplit("-", 2)[1])
+
+
+def wait_standby(fleet: Fleet, beat: Beat) -> None:
+    def ready() -> bool:
+        if not beat.alive():
+            raise RuntimeError(f"beat{beat.n} exited:\n{beat.text()[-3000:]}")
+        return fleet.standing_by(beat)
+
+    wait_for(ready, STANDBY_TIMEOUT, f"beat{beat.n} to stand by", interval=0.1)
+
+
+def current_leader(fleet: Fleet, runs: Runs, interval: float) -> Beat:
+    """The beat that sent the latest tick, which must be recent and its log must agree."""
+
+    def find() -> Beat | None:
+        ticks = runs.poll()
+        if not ticks or time.time() - ticks[-1]["t"] > 2 * interval + 1:
+            return None
+        return fleet.by_pid(instance_pid(ticks[-1]["instance"]))
+
+    leader = wait_for(find, EVENT_TIMEOUT, "a recent tick from a running beat", interval=0.05)
+    if leader.state() != "leader":
+        raise RuntimeError(f"beat{leader.n} sent the latest tick but its log says {leader.state()!r}")
+    return leader
+
+
+def failover(kind: str, fleet: Fleet, runs: Runs, interval: float) -> Round:
+    time.sleep(random.uniform(0, interval))  # stop at a random point of the tick cycle
+    leader = current_leader(fleet, runs, interval)
+    old = runs.ticks[-1]["instance"]
+    others = [b for b in fleet.running() if b is not leader]
+    if len(others) != 1 or not fleet.standing_by(others[0]):
+        raise RuntimeError(f"expected one standby besides beat{leader.n}, got {[(b.n, b.state()) for b in others]}")
+    standby = others[0]
+    seen_events = len(standby.events())
+    seen_ticks = len(runs.poll())
+
+    t_stop = time.time()
+    if kind == "graceful":
+        os.kill(leader.pid, signal.SIGTERM)
+    else:
+        os.killpg(leader.pid, signal.SIGKILL)
+    leader.stopped = t_stop
+
+    takeover = dispatch = exited = None
+    deadline = time.monotonic() + EVENT_TIMEOUT
+    while (takeover is None or dispatch is None) and time.monotonic() < deadline:
+        if exited is None and leader.popen.poll() is not None:
+            exited = time.time() - t_stop
+        if takeover is None:
+            elected = [t for t, s in standby.events()[seen_events:] if s == "leader"]
+            if elected:
+                takeover = elected[0] - t_stop
+        if dispatch is None:
+            later = [x["t"] for x in runs.poll()[seen_ticks:] if x["instance"] != old]
+            if later:
+                dispatch = min(later) - t_stop
+        time.sleep(POLL)
+    if takeover is None or dispatch is None:
+        raise RuntimeError(
+            f"{kind} stop of beat{leader.n}: no {'takeover' if takeover is None else 'dispatch'} "
+            f"within {EVENT_TIMEOUT:g} s; standby log tail:\n{standby.text()[-800:]}"
+        )
+    new = next(x["instance"] for x in runs.ticks[seen_ticks:] if x["instance"] != old)
+    if instance_pid(new) != standby.pid:
+        raise RuntimeError(f"a tick came from {new}, not from the standby beat{standby.n} (pid {standby.pid})")
+
+    result = Round(kind, old, new, takeover, dispatch)
+    try:
+        result.exit_code = leader.popen.wait(10)
+        if kind == "graceful":
+            result.exit_s = exited if exited is not None else time.time() - t_stop
+    except subprocess.TimeoutExpired:
+        result.exit_code = None
+    leader.kill_group()
+
+    fresh = fleet.start()
+    wait_standby(fleet, fresh)
+    return result
+
+
+def summarize(rounds: list[Round], kind: str) -> dict[str, float]:
+    mine = [r for r in rounds if r.kind == kind]
+    take, disp = [r.takeover for r in mine], [r.dispatch for r in mine]
+    return {
+        "n": len(mine),
+        "takeover_median": statistics.median(take),
+        "takeover_max": max(take),
+        "dispatch_median": statistics.median(disp),
+        "dispatch_max": max(disp),
+    }
+
+
+def log_complaints(tmp: Path) -> collections.Counter:
+    """WARNING and ERROR lines of the beat and worker logs, by file kind and message (ids,
+    addresses and numbers blurred so that repeats count together)."""
+    found: collections.Counter = collections.Counter()
+    for log in sorted(tmp.glob("beat*.log")) + sorted(tmp.glob("worker-*.log")):
+        kind = "beat" if log.name.startswith("beat") else "worker"
+        for m in LINE.finditer(log.read_text(errors="replace")):
+            head = m.group(0)[: m.start("msg") - m.start()]
+            if "WARNING/" in head or "ERROR/" in head or "CRITICAL/" in head:
+                msg = re.sub(r"[0-9a-f]{6,}(-[0-9a-f]{4,})*|\d+(\.\d+)?", "#", m["msg"])[:160]
+                found[f"{kind}: {head.split(': ')[1].split('/')[0]} {msg}"] += 1
+    return found
+
+
+def print_complaints(complaints: collections.Counter) -> None:
+    print(f"warnings/errors in the beat and worker logs: {sum(complaints.values())}")
+    for msg, n in complaints.most_common(5):
+        print(f"  {n:4d} x {msg}")
+
+
+def leftover(pgids: list[int]) -> list[int]:
+    out = subprocess.run(["pgrep", "-g", ",".join(map(str, pgids))], capture_output=True, text=True)
+    return [int(p) for p in out.stdout.split()]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=10, help="failovers of each kind, alternating (default 10)")
+    parser.add_argument(
+        "--interval",
+        type=float,
+        default=1.0,
+        help="seconds between heartbeat ticks (default 1; tick ids have whole-second resolution)",
+    )
+    parser.add_argument(
+        "--standby",
+        choices=("log", "consul"),
+        default="log",
+        help="a fresh beat stands by when its log says so (default; about 10 s after it joins), or (consul) "
+        f"{SESSION_SETTLE:g} s after Consul lists its election session: a shorter run",
+    )
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to PATH as JSON")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.interval <= 0:
+        parser.error("--rounds must be at least 1 and --interval positive")
+
+    t_begin = time.monotonic()
+    bound = BeatConfig.from_app(app).crash_failover_bound
+    rounds: list[Round] = []
+    with tempfile.TemporaryDirectory(prefix="failover-") as tmp_name:
+        tmp = Path(tmp_name)
+        agent: ConsulAgent = start_consul(tmp, dev=False, node="bench", server_args=["-bootstrap-expect=1"])
+        redis_server = None
+        worker: Worker | None = None
+        fleet: Fleet | None = None
+        failure: Exception | None = None
+        try:
+            wait_consul_ready(agent)
+            self_info = agent.api("/v1/agent/self")
+            debug = self_info.get("DebugConfig", {})
+            data_dir = debug.get("DataDir")
+            if not self_info["Config"]["Server"] or debug.get("DevMode") or not data_dir:
+                raise RuntimeError(f"expected a server agent with a data directory, got {self_info['Config']}")
+            redis_server = start_redis(tmp)
+            app.conf.broker_url = app.conf.result_backend = redis_server.url
+            env = worker_env(redis_server.url, agent.address, TEST_BEAT_INTERVAL=f"{args.interval:g}")
+            runs = Runs(redis_server.url)
+            fleet = Fleet(tmp, env, agent, BeatConfig.from_app(app).name, args.standby)
+            first = [fleet.start(), fleet.start()]  # they elect a leader while the worker starts
+            worker = start_worker(app, tmp, env, pool="prefork", concurrency=2)
+            wait_for(lambda: sum(b.state() == "leader" for b in first) == 1, 60, "a leader among the first two beats")
+            for b in first:
+                if b.state() != "leader":
+                    wait_standby(fleet, b)
+            print(
+                f"Consul v{self_info['Config']['Version']} server agent with data dir {data_dir}; 1 worker x 2 prefork; "
+                f"2 beats, heartbeat every {args.interval:g} s; {args.rounds} graceful + {args.rounds} crash"
+                f" failovers, alternating; a fresh beat stands by per its {args.standby}"
+            )
+            for i in range(2 * args.rounds):
+                kind = ("graceful", "crash")[i % 2]
+                rounds.append(failover(kind, fleet, runs, args.interval))
+                r = rounds[-1]
+                print(f"  {i + 1:2d} {kind:8} takeover {r.takeover:6.3f} s  dispatch {r.dispatch:6.3f} s", flush=True)
+            time.sleep(args.interval + 0.5)  # let the last ticks land
+            ticks = runs.poll()
+            skips = runs.skips()
+        except Exception as exc:
+            failure = exc
+        finally:
+            try:
+                if fleet is not None:
+                    fleet.stop_all()
+                if worker is not None:
+                    worker.stop()
+            finally:
+                try:
+                    if redis_server is not None:
+                        redis_server.stop()
+                finally:
+                    agent.stop()
+        pgids = [agent.proc.pid]
+        pgids += [redis_server.proc.pid] if redis_server is not None else []
+        pgids += [worker.pid] if worker is not None else []
+        pgids += [b.pid for b in fleet.beats] if fleet is not None else []
+        left = leftover(pgids)
+        complaints = log_complaints(tmp)
+        if failure is not None or left:
+            keep = Path(tempfile.mkdtemp(prefix="failover-logs-"))
+            for log in tmp.glob("*.log"):
+                shutil.copy(log, keep)
+            if failure is not None and not isinstance(failure, (RuntimeError, AssertionError)):
+                traceback.print_exception(failure)
+            print_complaints(complaints)
+            print(f"FAILED: {failure or f'processes left after stop: {left}'} (logs kept in {keep})")
+            return 1
+    elapsed = time.monotonic() - t_begin
+
+    ids = collections.Counter(x["tick"] for x in ticks)
+    duplicates = sum(c - 1 for c in ids.values() if c > 1)
+    missing_id = sum(1 for x in ticks if not x["tick"])
+    bad_exits = [r for r in rounds if r.kind == "graceful" and r.exit_code != 0]
+    report = {kind: summarize(rounds, kind) for kind in ("graceful", "crash")}
+    checks = {
+        "graceful takeover median": (report["graceful"]["takeover_median"], TARGET_GRACEFUL_MEDIAN),
+        "crash takeover max": (report["crash"]["takeover_max"], TARGET_CRASH_MAX),
+    }
+    ok = all(v <= target for v, target in checks.values()) and duplicates == 0 and missing_id == 0
+
+    print()
+    print(f"{'':10}{'n':>4}{'takeover med':>14}{'max':>8}{'dispatch med':>14}{'max':>8}   target")
+    targets = {
+        "graceful": f"takeover median <= {TARGET_GRACEFUL_MEDIAN:g} s",
+        "crash": f"takeover max <= {TARGET_CRASH_MAX:g} s (documented bound {bound:.2f} s)",
+    }
+    for kind, s in report.items():
+        print(
+            f"{kind:10}{s['n']:4d}{s['takeover_median']:14.3f}{s['takeover_max']:8.3f}"
+            f"{s['dispatch_median']:14.3f}{s['dispatch_max']:8.3f}   {targets[kind]}"
+        )
+    print()
+    print(
+        f"ticks run: {len(ticks)}, distinct ids: {len(ids)}, duplicates: {duplicates} (target 0), "
+        f"without id: {missing_id}; skipped by the worker: {dict(skips) or 0}"
+    )
+    graceful_exits = [r.exit_s for r in rounds if r.exit_s is not None]
+    if graceful_exits:
+        print(f"graceful leader exit: median {statistics.median(graceful_exits):.3f} s, max {max(graceful_exits):.3f} s")
+    if bad_exits:
+        print(f"graceful stops without exit code 0: {[(r.old, r.exit_code) for r in bad_exits]}")
+    over_bound = sum(1 for r in rounds if r.kind == "crash" and r.takeover > bound)
+    print(f"crash takeovers over the documented bound: {over_bound}")
+    print_complaints(complaints)
+    for name, (value, target) in checks.items():
+        print(f"{name} = {value:.3f} s (target <= {target:g} s) {'OK' if value <= target else 'MISSED'}")
+    print(f"{'OK' if ok else 'MISSED'}   run time {elapsed:.0f} s")
+
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "interval": args.interval,
+                    "standby": args.standby,
+                    "rounds": [r.__dict__ for r in rounds],
+                    "summary": report,
+                    "ticks": len(ticks),
+                    "duplicates": duplicates,
+                    "skips": dict(skips),
+                    "documented_crash_bound": bound,
+                    "targets": {"graceful_takeover_median": TARGET_GRACEFUL_MEDIAN, "crash_takeover_max": TARGET_CRASH_MAX},
+                    "elapsed_s": elapsed,
+                    "ok": ok,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
