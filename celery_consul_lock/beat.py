@@ -138,21 +138,23 @@ class BeatConfig:
 class Election:
     """This instance's part in the election, run by a daemon thread.
 
-    It registers a service with a TTL check on the agent, ties its session to it (and to the
-    node's ``serfHealth``), waits for the leader lock, holds it while the lock stays held,
-    and re-enters the election when it is lost — no restart needed. Logs once per change of
-    state (standby, leader, unreachable), never per attempt.
+    For each session it registers a service with a TTL check on the agent and ties the
+    session to it (and to the node's ``serfHealth``); it waits for the leader lock, holds it
+    while the lock stays held, and re-enters the election when it is lost — no restart
+    needed. A session it gives up has its check failed and deregistered, so Consul ends it
+    (and frees what it holds) as soon as the servers can, not after 2 x TTL. Logs once per
+    change of state (standby, leader, unreachable), never per attempt.
     """
 
     def __init__(self, config: BeatConfig) -> None:
         self.config = config
         host = socket.gethostname()
         self.instance = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-        self.service_id = f"celery-beat-{config.name}-{self.instance}"
-        self.settings = config.settings.replace(session_checks=("serfHealth", f"service:{self.service_id}"))
         self.leading = threading.Event()
         self.generation = 0
         self.lock: ConsulLock | None = None
+        self._sessions = 0
+        self._service_id: str | None = None
         self._registered = False
         self._session: LockSession | None = None
         self._stop = threading.Event()
@@ -185,24 +187,45 @@ class Election:
         self._stop.set()
         self.leading.clear()
         lock = self.lock
-        if lock is not None:
-            lock.release()
-        client = thread_client(self.settings)
-        if self._session is not None:
-            self._session.destroy(client)
-        if self._registered:
-            try:
-                client.agent_deregister_service(self.service_id)
-            except ConsulLockError as exc:
-                log.warning("could not deregister %s (Consul removes it a minute after it fails): %s", self.service_id, exc)
+        released = lock.release() if lock is not None else False
+        self._retire_session()
+        log.info("beat %s: left the election%s", self.instance, " (released the leader lock)" if released else "")
 
     # -- the thread ------------------------------------------------------------------------
 
-    def _heartbeat(self, client: ConsulClient) -> None:
-        if not self._registered:
-            client.agent_register_ttl_service(self.service_id, f"celery-beat-{self.config.name}", check_ttl=self.config.check_ttl)
-            self._registered = True
-        client.agent_check_pass(f"service:{self.service_id}")
+    def _new_session(self) -> LockSession:
+        """A fresh session tied to a fresh health check (never one shared with an old
+        session, whose passing would keep that session alive)."""
+        self._retire_session()
+        self._sessions += 1
+        service_id = f"celery-beat-{self.config.name}-{self.instance}-{self._sessions}"
+        self._service_id, self._registered = service_id, False
+
+        def heartbeat(client: ConsulClient) -> None:
+            if not self._registered:
+                client.agent_register_ttl_service(service_id, f"celery-beat-{self.config.name}", check_ttl=self.config.check_ttl)
+                self._registered = True
+            client.agent_check_pass(f"service:{service_id}")
+
+        settings = self.config.settings.replace(session_checks=("serfHealth", f"service:{service_id}"))
+        self._session = LockSession(settings, name=f"celery beat {self.config.name} {self.instance}", heartbeat=heartbeat)
+        return self._session
+
+    def _retire_session(self) -> None:
+        """End the current session for good: fail and deregister its check (the local agent
+        does both even while the servers have no leader), then destroy it."""
+        session, service_id, registered = self._session, self._service_id, self._registered
+        self._session, self._service_id, self._registered = None, None, False
+        if session is None:
+            return
+        client = thread_client(self.config.settings)
+        if registered and service_id is not None:
+            try:
+                client.agent_check_fail(f"service:{service_id}")
+                client.agent_deregister_service(service_id)
+            except ConsulLockError as exc:
+                log.warning("beat %s: could not end the health check %s: %s", self.instance, service_id, exc)
+        session.destroy(client)
 
     def _set_state(self, state: str, message: str, *args: Any, level: int = logging.INFO) -> None:
         if state != self._state:
@@ -231,16 +254,15 @@ class Election:
                 backoff = min(BACKOFF_MAX, backoff * 2)
 
     def _campaign(self) -> None:
-        if self._session is None or self._session.lost_reason is not None:
-            self._session = LockSession(
-                self.settings, name=f"celery beat {self.config.name} {self.instance}", heartbeat=self._heartbeat
-            )
+        session = self._session
+        if session is None or session.lost_reason is not None:
+            session = self._new_session()
         lock = ConsulLock(
             self.config.leader_key_name,
-            settings=self.settings,
+            settings=self.config.settings,
             name=f"celery beat {self.config.name}",
             value={"instance": self.instance, "since": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-            session=self._session,
+            session=session,
         )
         # A quick try first, so a new standby says at once who leads; then a blocking wait.
         if not lock.acquire(blocking=False):

@@ -178,6 +178,11 @@ class ConsulClient:
             status, text = self._client.http.raw("PUT", f"/v1/agent/check/pass/{quote(check_id)}", b"")
         self._check_status(status, text, "passing a health check", "service:write", check_id, None)
 
+    def agent_check_fail(self, check_id: str) -> None:
+        with self._errors("failing a health check", "service:write", check_id):
+            status, text = self._client.http.raw("PUT", f"/v1/agent/check/fail/{quote(check_id)}", b"")
+        self._check_status(status, text, "failing a health check", "service:write", check_id, None)
+
     def agent_deregister_service(self, service_id: str) -> None:
         with self._errors("deregistering a health check", "service:write", service_id):
             status, text = self._client.http.raw("PUT", f"/v1/agent/service/deregister/{quote(service_id)}", b"")
