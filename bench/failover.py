@@ -53,6 +53,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
+from common import write_json  # noqa: E402
 
 from celery_consul_lock.beat import BeatConfig  # noqa: E402
 from tests.proj.app import app  # noqa: E402
@@ -462,26 +463,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name} = {value:.3f} s (target <= {target:g} s) {'OK' if value <= target else 'MISSED'}")
     print(f"{'OK' if ok else 'MISSED'}   run time {elapsed:.0f} s")
 
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "interval": args.interval,
-                    "standby": args.standby,
-                    "rounds": [r.__dict__ for r in rounds],
-                    "summary": report,
-                    "ticks": len(ticks),
-                    "duplicates": duplicates,
-                    "skips": dict(skips),
-                    "documented_crash_bound": bound,
-                    "targets": {"graceful_takeover_median": TARGET_GRACEFUL_MEDIAN, "crash_takeover_max": TARGET_CRASH_MAX},
-                    "elapsed_s": elapsed,
-                    "ok": ok,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+    write_json(
+        args.json,
+        {
+            "interval": args.interval,
+            "standby": args.standby,
+            "rounds": [r.__dict__ for r in rounds],
+            "summary": report,
+            "ticks": len(ticks),
+            "duplicates": duplicates,
+            "skips": dict(skips),
+            "documented_crash_bound": bound,
+            "targets": {"graceful_takeover_median": TARGET_GRACEFUL_MEDIAN, "crash_takeover_max": TARGET_CRASH_MAX},
+            "elapsed_s": elapsed,
+            "ok": ok,
+        },
+    )
     return 0 if ok else 1
 
 

@@ -39,6 +39,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from common import agent_info, write_json  # noqa: E402
+
 from celery_consul_lock import ConsulLock, close_sessions  # noqa: E402
 from celery_consul_lock.consul import LOCK_FLAG  # noqa: E402
 from celery_consul_lock.transport import Connection  # noqa: E402
@@ -191,18 +193,6 @@ def run(agent: ConsulAgent, rounds: int, iterations: int) -> dict[str, dict[str,
         plain.close()
 
 
-def agent_info(agent: ConsulAgent) -> dict[str, object]:
-    self_info = agent.api("/v1/agent/self")
-    config, debug = self_info["Config"], self_info.get("DebugConfig", {})
-    return {
-        "version": config["Version"],
-        "server": bool(config["Server"]),
-        "data_dir": debug.get("DataDir"),
-        "dev_mode": bool(debug.get("DevMode")),
-        "address": agent.address,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15, help="rounds of all flows, in rotating order (default 15)")
@@ -252,28 +242,24 @@ def main(argv: list[str] | None = None) -> int:
         f"script-in-process/ours = {script_ours:.1f}x   {'OK' if ok else 'MISSED'}"
     )
 
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "consul": info,
-                    "rounds": args.rounds,
-                    "iterations": args.iterations,
-                    "warmup": WARMUP,
-                    "results": results,
-                    "ratios": {
-                        "ours_floor": ours_floor,
-                        "ours_plain": ours_plain,
-                        "curl_ours": curl_ours,
-                        "script_ours": script_ours,
-                    },
-                    "targets": {"ours_floor_max": TARGET_OURS_FLOOR, "curl_ours_min": TARGET_SCRIPT_OURS},
-                    "ok": ok,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+    write_json(
+        args.json,
+        {
+            "consul": info,
+            "rounds": args.rounds,
+            "iterations": args.iterations,
+            "warmup": WARMUP,
+            "results": results,
+            "ratios": {
+                "ours_floor": ours_floor,
+                "ours_plain": ours_plain,
+                "curl_ours": curl_ours,
+                "script_ours": script_ours,
+            },
+            "targets": {"ours_floor_max": TARGET_OURS_FLOOR, "curl_ours_min": TARGET_SCRIPT_OURS},
+            "ok": ok,
+        },
+    )
     return 0 if ok else 1
 
 

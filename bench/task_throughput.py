@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import re
 import statistics
 import sys
@@ -43,10 +42,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from celery.result import ResultSet  # noqa: E402
+from common import agent_info, write_json  # noqa: E402
 
 from celery_consul_lock import is_skipped  # noqa: E402
 from tests.proj.app import app  # noqa: E402
-from tests.servers import ConsulAgent, start_consul, start_redis, wait_consul_ready  # noqa: E402
+from tests.servers import start_consul, start_redis, wait_consul_ready  # noqa: E402
 from tests.workers import Worker, start_worker, worker_env  # noqa: E402
 
 #: The lock may add at most this much to a task's median runtime ...
@@ -163,18 +163,6 @@ def stats(samples: list[float]) -> dict[str, float]:
     }
 
 
-def agent_info(agent: ConsulAgent) -> dict[str, object]:
-    self_info = agent.api("/v1/agent/self")
-    config, debug = self_info["Config"], self_info.get("DebugConfig", {})
-    return {
-        "version": config["Version"],
-        "server": bool(config["Server"]),
-        "data_dir": debug.get("DataDir"),
-        "dev_mode": bool(debug.get("DevMode")),
-        "address": agent.address,
-    }
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=5, help="rounds of all cases, in rotating order (default 5)")
@@ -262,27 +250,23 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ERROR {e}")
     print("OK" if ok else "MISSED")
 
-    if args.json:
-        args.json.write_text(
-            json.dumps(
-                {
-                    "consul": info,
-                    "workers": args.workers,
-                    "concurrency": args.concurrency,
-                    "rounds": args.rounds,
-                    "tasks": args.tasks,
-                    "warmup": WARMUP,
-                    "results": report,
-                    "added_latency_ms": added,
-                    "throughput_ratio": ratio,
-                    "targets": {"added_latency_ms_max": TARGET_ADDED_MS, "throughput_ratio_min": TARGET_THROUGHPUT_RATIO},
-                    "errors": errors,
-                    "ok": ok,
-                },
-                indent=2,
-            )
-            + "\n"
-        )
+    write_json(
+        args.json,
+        {
+            "consul": info,
+            "workers": args.workers,
+            "concurrency": args.concurrency,
+            "rounds": args.rounds,
+            "tasks": args.tasks,
+            "warmup": WARMUP,
+            "results": report,
+            "added_latency_ms": added,
+            "throughput_ratio": ratio,
+            "targets": {"added_latency_ms_max": TARGET_ADDED_MS, "throughput_ratio_min": TARGET_THROUGHPUT_RATIO},
+            "errors": errors,
+            "ok": ok,
+        },
+    )
     return 0 if ok else 1
 
 

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import redis
 
 from celery_consul_lock import ConsulSettings, close_sessions
 
@@ -46,6 +47,25 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture
+def proj(redis_server: RedisServer):
+    """The Celery project of the behaviour tests (tests/proj), on the test Redis, emptied."""
+    from .proj import app as proj_module
+
+    proj_module.app.conf.broker_url = redis_server.url
+    proj_module.app.conf.result_backend = redis_server.url
+    store = redis.Redis.from_url(redis_server.url)
+    store.flushdb()
+    yield proj_module
+    store.flushdb()
+
+
+@pytest.fixture
+def r(redis_server: RedisServer) -> redis.Redis:
+    """A client of the test Redis, where task bodies record what they did."""
+    return redis.Redis.from_url(redis_server.url)
 
 
 @pytest.fixture

@@ -202,24 +202,6 @@ class Harness:
 
 
 @pytest.fixture
-def proj(redis_server):
-    from .proj import app as proj_module
-
-    app = proj_module.app
-    app.conf.broker_url = redis_server.url
-    app.conf.result_backend = redis_server.url
-    r = redis.Redis.from_url(redis_server.url)
-    r.flushdb()
-    yield proj_module
-    r.flushdb()
-
-
-@pytest.fixture
-def r(redis_server):
-    return redis.Redis.from_url(redis_server.url)
-
-
-@pytest.fixture
 def harness(proj, redis_server, tmp_path) -> Iterator[Harness]:
     h = Harness(proj, redis_server.url, tmp_path)
     try:

@@ -11,7 +11,6 @@ import time
 from datetime import datetime, timedelta, timezone
 
 import pytest
-import redis
 
 from celery_consul_lock import TICK_HEADER, ConsulSettings, Tick, is_skipped
 from celery_consul_lock.consul import ConsulClient
@@ -19,24 +18,6 @@ from celery_consul_lock.ticks import read_mark
 
 from .servers import start_consul, wait_consul_ready, wait_for
 from .workers import start_worker, wait_results, worker_env
-
-
-@pytest.fixture
-def proj(redis_server, consul):
-    from .proj import app as proj_module
-
-    app = proj_module.app
-    app.conf.broker_url = redis_server.url
-    app.conf.result_backend = redis_server.url
-    r = redis.Redis.from_url(redis_server.url)
-    r.flushdb()
-    yield proj_module
-    r.flushdb()
-
-
-@pytest.fixture
-def r(redis_server):
-    return redis.Redis.from_url(redis_server.url)
 
 
 @pytest.fixture
