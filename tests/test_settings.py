@@ -162,3 +162,32 @@ def test_tick_ids_round_trip_and_order():
     )
     with pytest.raises(ValueError, match="consul_lock_tick"):
         Tick.parse("no-at-sign")
+
+
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        ({"consul_lock_beat_check_ttl": 0.5}, "consul_lock_beat_check_ttl=0.5 is invalid: must be at least 1 s"),
+        ({"consul_lock_beat_lock_delay": 10, "consul_lock_beat_check_ttl": 2}, "twice the renewal interval"),
+        ({"consul_lock_beat_lock_delay": 0}, "a lock-delay of 0 with session checks"),
+        ({"consul_lock_beat_missed": "catch-up"}, "consul_lock_beat_missed='catch-up' is invalid"),
+        ({"consul_lock_beat_name": "bad name"}, "consul_lock_beat_name="),
+    ],
+)
+def test_beat_settings_that_break_the_guarantees_are_refused_at_start(monkeypatch, conf, message):
+    from celery_consul_lock.beat import BeatConfig
+
+    monkeypatch.delenv("CONSUL_HTTP_ADDR", raising=False)
+    app = Celery("t", set_as_current=False)
+    app.conf.update(conf)
+    with pytest.raises(InvalidSetting) as info:
+        BeatConfig.from_app(app)
+    assert message in str(info.value)
+
+
+def test_beat_default_settings_give_the_documented_crash_bound():
+    from celery_consul_lock.beat import BeatConfig
+
+    config = BeatConfig.from_app(Celery("proj", set_as_current=False))
+    assert (config.name, config.check_ttl, config.settings.lock_delay) == ("proj", 2.0, 1.5)
+    assert config.crash_failover_bound == 3.75 and config.leader_key_name == "locks/proj/beat/.lock"

@@ -5,9 +5,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import os
 import signal
 import subprocess
+import sys
 import time
+import uuid
 from datetime import datetime, timedelta, timezone
 
 import pytest
@@ -17,7 +20,7 @@ from celery_consul_lock.consul import ConsulClient
 from celery_consul_lock.ticks import read_mark
 
 from .servers import start_consul, wait_consul_ready, wait_for
-from .workers import start_worker, wait_results, worker_env
+from .workers import ROOT, start_worker, wait_results, worker_env
 
 
 @pytest.fixture
@@ -133,8 +136,6 @@ def test_worker_killed_mid_run_runs_the_tick_again_exactly_once(proj, workers, r
     result = send_tick(proj, tick, seconds=3)
     first = wait_for(lambda: [x for x in runs(r) if x["kind"] == "start"], 30, "the first run to start")[0]
     # SIGKILL the pool process running the body (not the main worker process).
-    import os
-
     os.kill(first["pid"], signal.SIGKILL)
     assert result.get(timeout=90) == str(tick)
     records = runs(r)
@@ -191,23 +192,38 @@ def test_pools_share_one_session_per_process_and_leak_none(proj, workers, consul
 
 def test_django_database_scheduler_two_instances_one_dispatches(proj, workers, r, consul, redis_server, tmp_path):
     """django-celery-beat's DatabaseScheduler, leader-elected: two beats on one SQLite file."""
-    import os
-    import sys
-
-    from .workers import ROOT
-
-    db = tmp_path / "db.sqlite3"
-    env = worker_env(redis_server.url, consul.address, TEST_SQLITE=str(db), DJANGO_SETTINGS_MODULE="tests.djproj.settings")
+    env = worker_env(
+        redis_server.url,
+        consul.address,
+        TEST_SQLITE=str(tmp_path / "db.sqlite3"),
+        DJANGO_SETTINGS_MODULE="tests.djproj.settings",
+        TEST_BEAT_NAME=f"dj-{uuid.uuid4().hex[:6]}",
+    )
     subprocess.run([sys.executable, "-m", "django", "migrate", "-v", "0"], env=env, cwd=ROOT, check=True)
     workers(1, concurrency=2)
+    two_beats_one_dispatches(
+        "tests.djproj.celery_app", "celery_consul_lock.contrib.django_celery_beat:LeaderDatabaseScheduler", env, tmp_path, r
+    )
+
+
+def test_persistent_scheduler_leader_elected_two_instances_one_dispatches(proj, workers, r, consul, redis_server, tmp_path):
+    """Celery's default PersistentScheduler, leader-elected: each beat has its own file."""
+    env = worker_env(redis_server.url, consul.address, TEST_BEAT_INTERVAL="1", TEST_BEAT_NAME=f"ps-{uuid.uuid4().hex[:6]}")
+    workers(1, concurrency=2)
+    two_beats_one_dispatches("tests.proj.app", "celery_consul_lock.beat:LeaderPersistentScheduler", env, tmp_path, r)
+
+
+def two_beats_one_dispatches(app_path: str, scheduler: str, env: dict[str, str], tmp_path, r) -> None:
+    """Start two beats of ``scheduler``: exactly one is elected and sends, each tick once; the
+    standby neither sends nor writes its schedule."""
     beats = []
     try:
         for i in range(2):
             with (tmp_path / f"beat{i}.log").open("wb") as out:
                 beats.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "celery", "-A", "tests.djproj.celery_app", "beat", "-l", "INFO", "--pidfile=",
-                         "-S", "celery_consul_lock.contrib.django_celery_beat:LeaderDatabaseScheduler"],
+                        [sys.executable, "-m", "celery", "-A", app_path, "beat", "-l", "INFO", "--pidfile=",
+                         "-s", str(tmp_path / f"schedule{i}"), "-S", scheduler],
                         env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
                     )
                 )  # fmt: skip
@@ -216,10 +232,9 @@ def test_django_database_scheduler_two_instances_one_dispatches(proj, workers, r
         assert len({x["instance"] for x in ticks}) == 1
         assert len({x["tick"] for x in ticks}) == len(ticks)
         logs = [(tmp_path / f"beat{i}.log").read_text() for i in range(2)]
-        leaders = [log for log in logs if "elected leader" in log]
-        assert len(leaders) == 1
+        assert len([log for log in logs if "elected leader" in log]) == 1
         standby = next(log for log in logs if "elected leader" not in log)
-        assert "Sending due task" not in standby and "Writing entries" not in standby
+        assert "standing by" in standby and "Sending due task" not in standby and "Writing entries" not in standby
     finally:
         for b in beats:
             with contextlib.suppress(ProcessLookupError):

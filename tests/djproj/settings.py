@@ -11,6 +11,6 @@ DEFAULT_AUTO_FIELD = "django.db.models.AutoField"
 
 CELERY_BROKER_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/0")
 CELERY_RESULT_BACKEND = CELERY_BROKER_URL
-CELERY_CONSUL_LOCK_LOCK_DELAY = 1
-CELERY_CONSUL_LOCK_BEAT_NAME = "djproj"
+CELERY_CONSUL_LOCK_LOCK_DELAY = 2
+CELERY_CONSUL_LOCK_BEAT_NAME = os.environ.get("TEST_BEAT_NAME", "djproj")
 CELERY_BEAT_SCHEDULE = {"heartbeat": {"task": "proj.heartbeat", "schedule": 1.0}}
