@@ -31,13 +31,20 @@ def consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulAgent]:
 
 
 @pytest.fixture(scope="session")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulCluster]:
-    """Three Consul servers on 127.0.0.11-13 (for failover tests; started on first use)."""
+def _cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulCluster]:
     c = start_cluster(tmp_path_factory.mktemp("consul-cluster"))
     try:
         yield c
     finally:
         c.stop()
+
+
+@pytest.fixture
+def cluster(_cluster: ConsulCluster) -> ConsulCluster:
+    """Three Consul servers on 127.0.0.11-13 (started on first use), all running and healthy
+    voters at the start of each test, whatever the previous test killed or froze."""
+    _cluster.heal()
+    return _cluster
 
 
 @pytest.fixture(scope="session")

@@ -236,6 +236,38 @@ class ConsulCluster:
     def alive(self) -> list[ConsulAgent]:
         return [a for a in self.agents if a.proc.popen.poll() is None]
 
+    def restart(self, agent: ConsulAgent) -> None:
+        """Start a stopped server again with its own arguments (same data dir and ports)."""
+        old = agent.proc
+        assert old.popen.poll() is not None, f"{agent.node} still runs"
+        with old.log.open("ab") as out:
+            popen = subprocess.Popen(
+                old.popen.args, stdout=out, stderr=subprocess.STDOUT, cwd=old.workdir, start_new_session=True
+            )
+        agent.proc = Proc(old.name, popen, old.workdir, old.log)
+
+    def heal(self, timeout: float = 90) -> None:
+        """Restart every stopped server, resume frozen ones, and wait until all three are
+        healthy raft voters (a server that came back is promoted after it has been stable
+        for a while; until then losing one more would lose the quorum)."""
+        for agent in self.agents:
+            if agent.proc.popen.poll() is not None:
+                self.restart(agent)
+            else:
+                agent.proc.signal(signal.SIGCONT)
+        for agent in self.agents:
+            wait_consul_ready(agent, timeout=timeout)
+
+        def healthy() -> bool:
+            try:
+                health = self.leader_agent().api("/v1/operator/autopilot/health")
+            except OSError:  # 429 while unhealthy
+                return False
+            servers = health["Servers"]
+            return len(servers) == len(self.agents) and all(s["Healthy"] and s["Voter"] for s in servers)
+
+        wait_for(healthy, timeout, "a healthy three-server raft", interval=0.2)
+
     def stop(self) -> None:
         for agent in self.agents:
             agent.stop()

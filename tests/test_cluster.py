@@ -22,7 +22,7 @@ import pytest
 
 from celery_consul_lock import ConsulLock, ConsulSettings
 
-from .servers import ConsulAgent, ConsulCluster, Proc, wait_consul_ready, wait_for
+from .servers import ConsulAgent, ConsulCluster, wait_consul_ready, wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.client]
 
@@ -133,39 +133,10 @@ class Contender:
 # -- cluster helpers ------------------------------------------------------------------
 
 
-def _healthy(cluster: ConsulCluster, timeout: float = 60) -> None:
-    """All three servers run, each can create sessions, and all three are healthy raft
-    voters. A server that was frozen or killed comes back as a non-voter (autopilot removed
-    it as dead) and is promoted only after it has been stable for a while (10 s by
-    default); until then losing one more server would lose the quorum."""
-    for agent in cluster.agents:
-        assert agent.proc.popen.poll() is None, f"{agent.node} is not running"
-        wait_consul_ready(agent, timeout=timeout)
-
-    def healthy() -> bool:
-        # 200 when healthy, 429 when not.
-        status, health = _get(cluster.leader_agent(), "/v1/operator/autopilot/health")
-        if status != 200 or not isinstance(health, dict):
-            return False
-        servers = health["Servers"]
-        return len(servers) == len(cluster.agents) and all(s["Healthy"] and s["Voter"] for s in servers)
-
-    wait_for(healthy, timeout, "a healthy three-server raft", interval=0.2)
-
-
 def _followers(cluster: ConsulCluster) -> tuple[ConsulAgent, ConsulAgent, ConsulAgent]:
     leader = cluster.leader_agent()
     a, b = (agent for agent in cluster.agents if agent is not leader)
     return leader, a, b
-
-
-def _restart(agent: ConsulAgent) -> None:
-    """Start a stopped server again with its own arguments (same data dir and ports)."""
-    old = agent.proc
-    assert old.popen.poll() is not None, f"{agent.node} still runs"
-    with old.log.open("ab") as out:
-        popen = subprocess.Popen(old.popen.args, stdout=out, stderr=subprocess.STDOUT, cwd=old.workdir, start_new_session=True)
-    agent.proc = Proc(old.name, popen, old.workdir, old.log)
 
 
 def _get(agent: ConsulAgent, path: str) -> tuple[int, object]:
@@ -212,10 +183,7 @@ def _restarting(cluster: ConsulCluster) -> Iterator[None]:
     try:
         yield
     finally:
-        for agent in cluster.agents:
-            if agent.proc.popen.poll() is not None:
-                _restart(agent)
-        _healthy(cluster)
+        cluster.heal()
 
 
 # -- tests ----------------------------------------------------------------------------
@@ -224,7 +192,6 @@ def _restarting(cluster: ConsulCluster) -> Iterator[None]:
 def test_holder_behind_frozen_agent_fences_itself_before_the_contender_acquires(
     cluster: ConsulCluster, key: str, tmp_path: Path
 ) -> None:
-    _healthy(cluster)
     _, a, b = _followers(cluster)
     settings = ConsulSettings(address=a.address, ttl=10, lock_delay=3)
     assert settings.fence_window == 3
@@ -279,7 +246,6 @@ def test_leader_killed_while_held_never_gives_two_holders(cluster: ConsulCluster
     """The holder keeps its lock through a leader election (its 10 s fencing window is
     longer than the election) and releases it ~2 s after the kill, once its agent knows
     the new leader; the contender gets it after that, never before."""
-    _healthy(cluster)
     leader, a, b = _followers(cluster)
     settings = ConsulSettings(address=a.address, ttl=10, lock_delay=10)
     lost: list[tuple[float, str]] = []
@@ -325,7 +291,6 @@ def test_release_during_leader_election_still_frees_the_key(cluster: ConsulClust
     Consul answers the release with HTTP 500 at once. The key must still reach the
     contender: at the latest when the holder's session times out (2 x TTL, then the
     lock-delay), as release() promises when it cannot reach Consul."""
-    _healthy(cluster)
     leader, a, b = _followers(cluster)
     settings = ConsulSettings(address=a.address, ttl=10, lock_delay=10)
     holder = ConsulLock(key, settings=settings)
