@@ -289,3 +289,16 @@ def test_on_held_wait_runs_once_the_holder_releases(proj, workers, r, consul):
     finally:
         timer.join()
         holder.release()
+
+
+def test_messages_from_a_deposed_leader_are_dropped(proj, workers, r):
+    workers(1, concurrency=1)
+    leader = "consul_lock_leader"
+    newer = proj.backup.apply_async((0.05,), headers={leader: {"scheduler": "s1", "token": 50, "instance": "b"}})
+    assert newer.get(timeout=30) == "done"
+    older = proj.backup.apply_async((0.05,), headers={leader: {"scheduler": "s1", "token": 40, "instance": "a"}})
+    value = older.get(timeout=30)
+    assert is_skipped(value) and value["reason"] == "stale-leader"
+    other = proj.backup.apply_async((0.05,), headers={leader: {"scheduler": "s2", "token": 1, "instance": "c"}})
+    assert other.get(timeout=30) == "done"  # tokens are per scheduler
+    assert len([x for x in runs(r) if x["kind"] == "end"]) == 2
