@@ -45,7 +45,7 @@ from .lock import LOCK_DELAY_RETRY, ConsulLock
 from .session import FENCE_MARGIN_MIN, FENCE_MARGIN_RATIO, RENEWALS_PER_WINDOW, LockSession
 from .settings import ConsulSettings, validate_key
 from .task import LEADER_HEADER
-from .ticks import TICK_HEADER, Tick, crontab_tick
+from .ticks import TICK_HEADER, Tick, crontab_tick, interval_tick
 
 __all__ = [
     "LEADER_HEADER",
@@ -416,7 +416,7 @@ def tick_of(entry: Any) -> Tick:
     if isinstance(sched, crontab):
         return crontab_tick(entry.name, datetime.now(timezone.utc))
     if isinstance(sched, interval_schedule) and entry.last_run_at is not None:
-        return Tick.of(entry.name, entry.last_run_at + sched.run_every)
+        return interval_tick(entry.name, entry.last_run_at, sched.run_every)
     return Tick.of(entry.name, datetime.now(timezone.utc))
 
 

@@ -150,11 +150,6 @@ class ConsulClient:
             _, info = self._client.session.info(session, dc=self.settings.datacenter)
         return info
 
-    def session_list(self) -> list[dict[str, Any]]:
-        with self._errors("listing sessions", "session:read", "any node"):
-            _, sessions = self._client.session.list(dc=self.settings.datacenter)
-        return list(sessions or [])
-
     # -- agent: a TTL health check to tie a session to -----------------------------------
 
     def agent_register_ttl_service(self, service_id: str, name: str, *, check_ttl: float) -> str:
@@ -223,10 +218,6 @@ class ConsulClient:
         """Write a key; with ``cas``, only if its ModifyIndex is ``cas`` (0: if absent)."""
         with self._errors("writing a key", "key:write", key):
             return bool(self._client.kv.put(key, value, cas=cas, flags=flags, dc=self.settings.datacenter))
-
-    def kv_delete(self, key: str, *, cas: int | None = None) -> bool:
-        with self._errors("deleting a key", "key:write", key):
-            return bool(self._client.kv.delete(key, cas=cas, dc=self.settings.datacenter))
 
     def kv_lock(self, key: str, session: str, value: bytes, flags: int = LOCK_FLAG, *, exists: bool = True) -> LockAttempt:
         """Acquire ``key`` for ``session`` in one transaction that also returns, atomically,

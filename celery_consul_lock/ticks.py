@@ -25,7 +25,7 @@ from typing import Any
 from .consul import ConsulClient
 from .settings import ConsulSettings, validate_key
 
-__all__ = ["TICK_HEADER", "Mark", "Tick", "crontab_tick", "read_mark", "write_mark"]
+__all__ = ["TICK_HEADER", "Mark", "Tick", "crontab_tick", "interval_tick", "read_mark", "write_mark"]
 
 #: Message header carrying the tick id (Celery exposes it as ``task.request.consul_lock_tick``).
 TICK_HEADER = "consul_lock_tick"
