@@ -21,8 +21,9 @@ fi
 "$dir/bin/python" -m pip install -q --upgrade pip
 "$dir/bin/python" -m pip install -q -e '.[test]'
 if [ "$client" = py-consul ]; then
-  # Same `consul` module, so the two cannot be installed side by side.
-  "$dir/bin/python" -m pip uninstall -q -y python-consul2
+  # Same `consul` module, so the two cannot be installed side by side: remove both (an
+  # upgrade may have installed python-consul2's files over py-consul's), then py-consul.
+  "$dir/bin/python" -m pip uninstall -q -y python-consul2 py-consul
   "$dir/bin/python" -m pip install -q py-consul
 fi
-"$dir/bin/python" -c 'import consul, importlib.metadata as m; print("venv: consul client", [d for d in ("python-consul2", "py-consul") if any(x.metadata["Name"] == d for x in m.distributions())])'
+"$dir/bin/python" -c 'import consul.base, importlib.metadata as m; print("venv: consul client", [d for d in ("python-consul2", "py-consul") if any(x.metadata["Name"] == d for x in m.distributions())])'
