@@ -86,8 +86,9 @@ class LockAttempt:
     #: a lock-delay), "session" (our session is gone), "missing" / "exists" (kv_lock's
     #: guess of whether the key exists was wrong).
     reason: str = ""
-    #: When acquired an existing key: the key as it was just before.
-    previous: KVEntry | None = None
+    #: When acquired a key whose flags say it is not a lock: the key as it was just before
+    #: (to put it back).
+    conflict: KVEntry | None = None
 
 
 class ConsulClient:
@@ -229,8 +230,9 @@ class ConsulClient:
         first = {"Verb": "get" if exists else "check-not-exists", "Key": key}
         ok, results, errors = self.txn([{"KV": first}, {"KV": lock_op}], action="acquiring a lock", resource=key)
         if ok:
-            previous = KVEntry.from_api(results[0]["KV"]) if exists else None
-            return LockAttempt(True, int(results[-1]["KV"]["ModifyIndex"]), previous=previous)
+            before = results[0]["KV"] if exists else {}
+            conflict = KVEntry.from_api(before) if int(before.get("Flags") or 0) not in (0, LOCK_FLAG) else None
+            return LockAttempt(True, int(results[-1]["KV"]["ModifyIndex"]), conflict=conflict)
         what = " ".join(str(e.get("What", "")) for e in errors)
         for marker, reason in (
             ("doesn't exist", "missing"),

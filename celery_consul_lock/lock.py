@@ -262,6 +262,7 @@ class ConsulLock:
         self._session: LockSession | None = None
         self._sid: str | None = None
         self._held_value = b""
+        self._value_tail: tuple[int, bytes] = (0, b"}")
         self._released = threading.Event()
 
     def __repr__(self) -> str:
@@ -455,8 +456,8 @@ class ConsulLock:
         return session
 
     def _taken(self, client: ConsulClient, session: LockSession, sid: str, value: bytes, attempt: LockAttempt) -> None:
-        previous = attempt.previous
-        if previous is not None and previous.flags not in (0, LOCK_FLAG):
+        previous = attempt.conflict
+        if previous is not None:
             # Not a lock (a semaphore's key, say): put it back as it was, and refuse.
             restored = client.kv_restore(self.key, sid, previous)
             acquire_log.error("%s has flags %#x: not a lock; restored it: %s", self.key, previous.flags, restored)
@@ -508,15 +509,13 @@ class ConsulLock:
             raise LockConflict(self.key, entry.flags)
 
     def _value(self, sid: str) -> bytes:
-        data = {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "name": self.name,
-            "acquired_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "session": sid,
-            **self.value,
-        }
-        return json.dumps(data, separators=(",", ":"), default=str).encode()
+        """The key's value: who holds it, as JSON (the fixed part encoded once per process)."""
+        pid = os.getpid()
+        if self._value_tail[0] != pid:
+            fixed = {"host": socket.gethostname(), "pid": pid, "name": self.name, **self.value}
+            self._value_tail = (pid, json.dumps(fixed, separators=(",", ":"), default=str)[1:].encode())
+        now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+        return b'{"acquired_at":"%s","session":"%s",%s' % (now.encode(), sid.encode(), self._value_tail[1])
 
     def _acquired(self, session: LockSession, sid: str, value: bytes, token: int | None) -> None:
         with self._mutex:

@@ -133,6 +133,10 @@ def test_lock_txn_reports_a_wrong_guess_of_existence_and_writes_nothing(client, 
         client.kv_put(key, b"x")
         assert client.kv_lock(key, sid, b"v", exists=False).reason == "exists"
         got = client.kv_lock(key, sid, b"v", exists=True)
-        assert got.acquired and got.previous.value == b"x" and got.previous.session is None
+        assert got.acquired and got.conflict is None  # flags 0: a lock, as curl scripts make them
+        client.kv_release(key, sid, b"v")
+        client.kv_put(key, b"semaphore", flags=0xE0F69A2BAA414DE0)
+        got = client.kv_lock(key, sid, b"v", exists=True)
+        assert got.acquired and got.conflict.value == b"semaphore" and got.conflict.flags == 0xE0F69A2BAA414DE0
     finally:
         client.session_destroy(sid)
