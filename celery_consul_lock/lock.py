@@ -292,7 +292,7 @@ class ConsulLock:
         other = _LOCAL.claim(self._ident, self, deadline)
         if other is not None:
             self.last_holder = other._as_holder()
-            acquire_log.info("%s is held in this process by %s", self.key, self.last_holder)
+            acquire_log.debug("%s is held in this process by %s", self.key, self.last_holder)
             return False
         try:
             taken = self._acquire_in_consul(deadline)
