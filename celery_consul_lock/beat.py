@@ -39,6 +39,7 @@ from celery.beat import PersistentScheduler, Scheduler
 from celery.schedules import crontab
 from celery.schedules import schedule as interval_schedule
 
+from . import signals
 from .consul import ConsulClient, thread_client
 from .errors import ConsulLockError, InvalidSetting
 from .lock import LOCK_DELAY_RETRY, ConsulLock
@@ -188,6 +189,8 @@ class Election:
         self.leading.clear()
         lock = self.lock
         released = lock.release() if lock is not None else False
+        if released:
+            signals.send(signals.beat_leader_lost, self, scheduler=self.config.name, instance=self.instance, reason="stopped")
         self._retire_session()
         log.info("beat %s: left the election%s", self.instance, " (released the leader lock)" if released else "")
 
@@ -275,15 +278,22 @@ class Election:
         self._set_state(
             "leader", "beat %s: elected leader of %s (fencing token %s)", self.instance, self.config.name, lock.fencing_token
         )
+        signals.send(
+            signals.beat_leader_elected,
+            self,
+            scheduler=self.config.name,
+            instance=self.instance,
+            fencing_token=lock.fencing_token,
+        )
         while not self._stop.is_set() and lock.held:
             lock.lost.wait(0.1)
         if self._stop.is_set():
             return
         self.leading.clear()
         self.lock = None
-        log.warning(
-            "beat %s: lost leadership: %s; rejoining as a standby", self.instance, lock.lost_reason or "fencing deadline passed"
-        )
+        reason = lock.lost_reason or "fencing deadline passed"
+        log.warning("beat %s: lost leadership: %s; rejoining as a standby", self.instance, reason)
+        signals.send(signals.beat_leader_lost, self, scheduler=self.config.name, instance=self.instance, reason=reason)
         self._state = "lost"
         lock.release()
 

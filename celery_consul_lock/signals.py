@@ -19,7 +19,7 @@ from typing import Any
 
 from celery.utils.dispatch import Signal
 
-__all__ = ["send", "task_lock_acquired", "task_lock_lost", "task_lock_skipped"]
+__all__ = ["beat_leader_elected", "beat_leader_lost", "send", "task_lock_acquired", "task_lock_lost", "task_lock_skipped"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,12 @@ task_lock_acquired = Signal(name="task_lock_acquired", providing_args={"key", "f
 task_lock_skipped = Signal(name="task_lock_skipped", providing_args={"key", "reason", "holder", "task_id", "tick"})
 #: A running task's lock was lost. Sender: the task. Arguments: key, reason, task_id.
 task_lock_lost = Signal(name="task_lock_lost", providing_args={"key", "reason", "task_id"})
+#: This beat instance won the election. Sender: the Election. Arguments: scheduler (the
+#: beat name), instance, fencing_token.
+beat_leader_elected = Signal(name="beat_leader_elected", providing_args={"scheduler", "instance", "fencing_token"})
+#: This beat instance stopped leading (lease lost, stepped down, or stopped). Sender: the
+#: Election. Arguments: scheduler, instance, reason.
+beat_leader_lost = Signal(name="beat_leader_lost", providing_args={"scheduler", "instance", "reason"})
 
 
 def send(signal: Signal, sender: Any, **kwargs: Any) -> None:

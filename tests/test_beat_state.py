@@ -96,3 +96,32 @@ def test_a_standby_writes_no_state(make_scheduler, consul):
     standby.sync()
     standby.close()
     assert not standby.election.is_leader() and stored(consul, leader) == before
+
+
+def test_leader_signals_fire_and_a_failing_receiver_breaks_nothing(make_scheduler):
+    from celery_consul_lock.signals import beat_leader_elected, beat_leader_lost
+
+    seen = []
+
+    def record(sender, **kw):
+        seen.append(kw)
+
+    def broken(sender, **kw):
+        raise RuntimeError("a broken metrics client")
+
+    for signal in (beat_leader_elected, beat_leader_lost):
+        signal.connect(record, weak=False)
+        signal.connect(broken, weak=False)
+    try:
+        scheduler = make_scheduler()
+        lead(scheduler)
+        scheduler.close()
+    finally:
+        for signal in (beat_leader_elected, beat_leader_lost):
+            signal.disconnect(record)
+            signal.disconnect(broken)
+    assert [sorted(set(k) - {"signal"}) for k in seen] == [
+        ["fencing_token", "instance", "scheduler"],
+        ["instance", "reason", "scheduler"],
+    ]
+    assert seen[0]["scheduler"] == scheduler.beat_config.name and seen[1]["reason"] == "stopped"
