@@ -293,7 +293,11 @@ class ConsulClient:
         if code != 409:
             self._check_status(code, body, action, "key:write", resource, None)
         data = json.loads(body)
-        return code == 200, list(data.get("Results") or []), list(data.get("Errors") or [])
+        errors = list(data.get("Errors") or [])
+        if any("Permission denied" in str(e.get("What", "")) for e in errors):
+            # A transaction reports ACL refusals as 409 with errors, not as 403.
+            raise ACLDenied(self.address, action, "key:write", resource)
+        return code == 200, list(data.get("Results") or []), errors
 
     # -- errors -----------------------------------------------------------------------
 

@@ -1,0 +1,84 @@
+"""ACL: a real agent with ``default_policy = "deny"``, bootstrapped here.
+
+The documented policy (README, "Consul ACL policy") works end to end; a token without
+``session:write`` or without ``key:write`` on the prefix gets an error naming that
+permission; the token never shows in a log line, a repr or an error.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+from celery_consul_lock import ACLDenied, ConsulLock, ConsulSettings
+
+from .servers import start_consul, wait_for
+
+pytestmark = pytest.mark.client
+
+#: The minimal policy for workers and beats, as the README documents it.
+POLICY = """
+key_prefix "locks/" { policy = "write" }
+key_prefix "celery-consul-lock/" { policy = "write" }
+session_prefix "" { policy = "write" }
+node_prefix "" { policy = "read" }
+service_prefix "celery-beat-" { policy = "write" }
+"""
+
+
+@pytest.fixture(scope="module")
+def acl_agent(tmp_path_factory):
+    hcl = 'acl { enabled = true, default_policy = "deny", enable_token_persistence = true }'
+    agent = start_consul(tmp_path_factory.mktemp("consul-acl"), node="aclnode", hcl=[hcl])
+    try:
+        wait_for(lambda: agent.leader(), 30, "a leader")
+        management = wait_for(lambda: agent.api("/v1/acl/bootstrap", "PUT")["SecretID"], 30, "ACL bootstrap")
+        # Let the agent itself register and check its node under default deny.
+        agent_policy = agent.api(
+            "/v1/acl/policy", "PUT", {"Name": "agent", "Rules": 'node_prefix "" { policy = "write" }'}, token=management
+        )
+        agent_token = agent.api("/v1/acl/token", "PUT", {"Policies": [{"ID": agent_policy["ID"]}]}, token=management)["SecretID"]
+        agent.api("/v1/agent/token/agent", "PUT", {"Token": agent_token}, token=management)
+
+        def token(rules: str, name: str) -> str:
+            policy = agent.api("/v1/acl/policy", "PUT", {"Name": name, "Rules": rules}, token=management)
+            return agent.api("/v1/acl/token", "PUT", {"Policies": [{"ID": policy["ID"]}]}, token=management)["SecretID"]
+
+        tokens = {
+            "full": token(POLICY, "celery-consul-lock"),
+            "no-session": token('key_prefix "locks/" { policy = "write" }', "no-session"),
+            "no-key": token('session_prefix "" { policy = "write" }\nkey_prefix "locks/" { policy = "read" }', "no-key"),
+        }
+        # serfHealth of the node must pass before sessions can be created.
+        wait_for(lambda: agent.api("/v1/session/create", "PUT", {"TTL": "10s"}, token=tokens["full"]), 30, "a session")
+        yield agent, tokens
+    finally:
+        agent.stop()
+
+
+def test_documented_policy_works_end_to_end_and_the_token_stays_secret(acl_agent, caplog):
+    agent, tokens = acl_agent
+    caplog.set_level(logging.DEBUG, logger="celery_consul_lock")
+    settings = ConsulSettings(address=agent.address, token=tokens["full"], lock_delay=2)
+    lock = ConsulLock("locks/acl/.lock", settings=settings)
+    with lock:
+        assert lock.held and lock.fencing_token
+    assert tokens["full"] not in repr(lock) + repr(settings) + caplog.text
+
+
+def test_a_token_without_session_write_gets_an_error_naming_it(acl_agent):
+    agent, tokens = acl_agent
+    lock = ConsulLock("locks/acl/.lock", address=agent.address, token=tokens["no-session"], lock_delay=2)
+    with pytest.raises(ACLDenied) as info:
+        lock.acquire(blocking=False)
+    assert "session:write" in str(info.value) and tokens["no-session"] not in str(info.value)
+
+
+def test_a_token_without_key_write_gets_an_error_naming_the_key(acl_agent):
+    agent, tokens = acl_agent
+    lock = ConsulLock("locks/acl-ro/.lock", address=agent.address, token=tokens["no-key"], lock_delay=2)
+    with pytest.raises(ACLDenied) as info:
+        lock.acquire(blocking=False)
+    text = str(info.value)
+    assert "key:write" in text and "locks/acl-ro/.lock" in text and tokens["no-key"] not in text
