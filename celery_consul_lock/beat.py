@@ -46,7 +46,7 @@ from .lock import LOCK_DELAY_RETRY, ConsulLock
 from .session import FENCE_MARGIN_MIN, FENCE_MARGIN_RATIO, RENEWALS_PER_WINDOW, LockSession
 from .settings import ConsulSettings, validate_key
 from .task import LEADER_HEADER
-from .ticks import TICK_HEADER, Tick, crontab_tick, interval_tick
+from .ticks import TICK_HEADER, Tick, crontab_tick, interval_tick, key_part
 
 __all__ = [
     "LEADER_HEADER",
@@ -322,7 +322,7 @@ class LeaderElectedMixin:
     # -- guarded Scheduler methods -------------------------------------------------------------
 
     def setup_schedule(self) -> None:
-        if self.election is not None and self.election.is_leader():
+        if self._leading():
             super().setup_schedule()  # type: ignore[misc]
         else:
             self._setup_pending = True  # done once elected: it may write shared state
@@ -366,7 +366,7 @@ class LeaderElectedMixin:
         return result
 
     def sync(self) -> None:
-        if self.election is not None and self.election.is_leader():
+        if self._leading():
             super().sync()  # type: ignore[misc]
 
     def close(self) -> None:
@@ -378,6 +378,9 @@ class LeaderElectedMixin:
         finally:
             if self.election is not None:
                 self.election.stop()
+
+    def _leading(self) -> bool:
+        return self.election is not None and self.election.is_leader()
 
     # -- hooks -----------------------------------------------------------------------------
 
@@ -458,16 +461,13 @@ class ConsulLeaderScheduler(LeaderElectedMixin, Scheduler):
             self._write_state([current])
 
     def sync(self) -> None:
-        if self.election is not None and self.election.is_leader():
+        if self._leading():
             self._write_state(list(self.schedule.values()))
 
     # -- state ---------------------------------------------------------------------------------
 
     def _state_key(self, name: str) -> str:
-        safe = "".join(c if c.isalnum() or c in "_.-" else "_" for c in name)[:200]
-        if safe != name:
-            safe += "-" + hashlib.sha1(name.encode()).hexdigest()[:10]
-        return self.beat_config.state_prefix + safe
+        return self.beat_config.state_prefix + key_part(name)
 
     def _load_state(self) -> None:
         client = thread_client(self.beat_config.settings)

@@ -99,12 +99,18 @@ class Mark:
         return self.epoch is not None and tick.epoch <= self.epoch
 
 
+def key_part(name: str) -> str:
+    """A periodic entry's name made safe as one KV key segment (with a hash of the name when
+    that changed it, so two names never share a segment)."""
+    safe = _SAFE.sub("_", name)[:200]
+    if safe != name:
+        safe += "-" + hashlib.sha1(name.encode()).hexdigest()[:10]
+    return safe
+
+
 def mark_key(settings: ConsulSettings, entry: str) -> str:
-    """The mark's key: the entry name made key-safe (with a hash when that changed it)."""
-    safe = _SAFE.sub("_", entry)[:200]
-    if safe != entry:
-        safe += "-" + hashlib.sha1(entry.encode()).hexdigest()[:10]
-    return validate_key(settings.key_prefix + MARKS_PREFIX + safe)
+    """The key of an entry's high-water mark."""
+    return validate_key(settings.key_prefix + MARKS_PREFIX + key_part(entry))
 
 
 def read_mark(client: ConsulClient, settings: ConsulSettings, entry: str) -> Mark:
