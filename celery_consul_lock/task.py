@@ -198,7 +198,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         task_id = self.request.id
         stale = _stale_leader(_request_value(self.request, LEADER_HEADER))
         if stale:
-            return self._skip_stale(key, stale, tick, task_id)
+            return self._skip(key, "stale-leader", None, tick, task_id, why=stale)
         lock = ConsulLock(
             key,
             settings=settings,
@@ -220,7 +220,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
                 client = thread_client(settings)
                 mark = read_mark(client, settings, tick.entry)
                 if mark.covers(tick):
-                    return self._skip(lock, "duplicate-tick", None, tick, task_id)
+                    return self._skip(lock.key, "duplicate-tick", None, tick, task_id)
             self.request.consul_lock_held = lock
             signals.send(signals.task_lock_acquired, self, key=lock.key, fencing_token=lock.fencing_token, task_id=task_id)
             result = self._run_body(lock, options, args, kwargs)
@@ -272,36 +272,27 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
                 countdown=options.retry_countdown, exc=LockHeld(lock.key, str(holder) if holder else None), headers=headers
             )
         reason = "held" if holder else "lock-delay"
-        return self._skip(lock, reason, holder, tick, task_id)
+        return self._skip(lock.key, reason, holder, tick, task_id)
 
     def _skip(
-        self, lock: ConsulLock, reason: str, holder: LockHolder | None, tick: Tick | None, task_id: str | None
+        self, key: str, reason: str, holder: LockHolder | None, tick: Tick | None, task_id: str | None, why: str = ""
     ) -> dict[str, Any]:
-        if reason == "duplicate-tick":
+        """Log, signal and return the visible outcome of a run that did not run its body."""
+        if reason == "stale-leader":
+            log.warning("dropping %s[%s]: %s", self.name, task_id, why)
+        elif reason == "duplicate-tick":
             log.info("skipping %s[%s]: tick %s already ran to completion", self.name, task_id, tick)
         elif holder is not None:
-            log.info("skipping %s[%s]: %s is held by %s", self.name, task_id, lock.key, holder)
+            log.info("skipping %s[%s]: %s is held by %s", self.name, task_id, key, holder)
         else:
-            log.info("skipping %s[%s]: %s is free but inside its lock-delay", self.name, task_id, lock.key)
-        signals.send(signals.task_lock_skipped, self, key=lock.key, reason=reason, holder=holder, task_id=task_id, tick=tick)
+            log.info("skipping %s[%s]: %s is free but inside its lock-delay", self.name, task_id, key)
+        signals.send(signals.task_lock_skipped, self, key=key, reason=reason, holder=holder, task_id=task_id, tick=tick)
         return {
             "consul_lock": SKIPPED,
             "reason": reason,
-            "key": lock.key,
+            "key": key,
             "holder": str(holder) if holder else None,
             "holder_task_id": holder.extra.get("task_id") if holder else None,
-            "tick": str(tick) if tick else None,
-        }
-
-    def _skip_stale(self, key: str, why: str, tick: Tick | None, task_id: str | None) -> dict[str, Any]:
-        log.warning("dropping %s[%s]: %s", self.name, task_id, why)
-        signals.send(signals.task_lock_skipped, self, key=key, reason="stale-leader", holder=None, task_id=task_id, tick=tick)
-        return {
-            "consul_lock": SKIPPED,
-            "reason": "stale-leader",
-            "key": key,
-            "holder": None,
-            "holder_task_id": None,
             "tick": str(tick) if tick else None,
         }
 

@@ -105,6 +105,9 @@ def test_skips_while_a_curl_script_holds_the_key(proj, workers, consul):
         value = proj.backup.delay(0.1).get(timeout=30)
         assert is_skipped(value) and "cron on web1" in value["holder"] and "cron-backup" not in (value["holder_task_id"] or "")
     finally:
+        # As a careful script does: release, then destroy (a destroy alone puts the key
+        # behind the session's 15 s lock-delay for the tests that follow).
+        subprocess.check_output(["curl", "-sS", "-X", "PUT", f"{url}/v1/kv/locks/proj.backup/.lock?release={sid}"])
         subprocess.check_output(["curl", "-sS", "-X", "PUT", f"{url}/v1/session/destroy/{sid}"])
 
 
