@@ -151,6 +151,26 @@ class ConsulClient:
             _, info = self._client.session.info(session, dc=self.settings.datacenter)
         return info
 
+    def session_list(self) -> list[dict[str, Any]]:
+        """Every session in the datacenter (ID, Name, Node, TTL, LockDelay, Checks, ...)."""
+        with self._errors("listing sessions", "session:read", "the datacenter's nodes"):
+            _, sessions = self._client.session.list(dc=self.settings.datacenter)
+        return list(sessions or [])
+
+    # -- agent and cluster ------------------------------------------------------------
+
+    def agent_self(self) -> dict[str, Any]:
+        """The agent's own description: node name, datacenter, Consul version."""
+        with self._errors("reading the agent's configuration", "agent:read", "the agent's node"):
+            info = self._client.agent.self()
+        config = info.get("Config") or {}
+        return {"node": config.get("NodeName"), "datacenter": config.get("Datacenter"), "version": config.get("Version")}
+
+    def status_leader(self) -> str:
+        """The address of the servers' raft leader; empty while they have none."""
+        with self._errors("asking for the cluster leader", "none", "the cluster"):
+            return str(self._client.status.leader() or "")
+
     # -- agent: a TTL health check to tie a session to -----------------------------------
 
     def agent_register_ttl_service(self, service_id: str, name: str, *, check_ttl: float) -> str:
@@ -219,6 +239,11 @@ class ConsulClient:
         """Write a key; with ``cas``, only if its ModifyIndex is ``cas`` (0: if absent)."""
         with self._errors("writing a key", "key:write", key):
             return bool(self._client.kv.put(key, value, cas=cas, flags=flags, dc=self.settings.datacenter))
+
+    def kv_delete(self, key: str, *, cas: int | None = None) -> bool:
+        """Delete a key; with ``cas``, only if its ModifyIndex is still ``cas``."""
+        with self._errors("deleting a key", "key:write", key):
+            return bool(self._client.kv.delete(key, cas=cas, dc=self.settings.datacenter))
 
     def kv_lock(self, key: str, session: str, value: bytes, flags: int = LOCK_FLAG, *, exists: bool = True) -> LockAttempt:
         """Acquire ``key`` for ``session`` in one transaction that also returns, atomically,

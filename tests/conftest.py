@@ -16,6 +16,7 @@ import redis
 
 from celery_consul_lock import ConsulSettings, close_sessions
 
+from .beats import Harness
 from .servers import ConsulAgent, ConsulCluster, RedisServer, start_cluster, start_consul, start_redis, wait_consul_ready
 
 
@@ -67,6 +68,18 @@ def proj(redis_server: RedisServer):
     store.flushdb()
     yield proj_module
     store.flushdb()
+
+
+@pytest.fixture
+def harness(proj, redis_server: RedisServer, tmp_path: Path) -> Iterator[Harness]:
+    """Starts `celery beat -S consul` processes and workers of tests/proj for a test, and
+    stops all of them at its end; prints their logs (shown when the test fails)."""
+    h = Harness(proj, redis_server.url, tmp_path)
+    try:
+        yield h
+    finally:
+        h.stop()
+        print(h.logs())
 
 
 @pytest.fixture

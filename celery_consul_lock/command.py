@@ -1,0 +1,408 @@
+"""``celery -A proj consul-lock status|release|check``: see who holds what, free a stuck lock,
+check a deployment before it goes live.
+
+Registered through the ``celery.commands`` entry point, so it reads the same Celery settings
+(``consul_lock_*``, then ``CONSUL_HTTP_*``) as the workers and beats of ``proj``.
+
+- ``status`` only reads. It shows the beat leader and standbys, every held lock under the key
+  prefix, and each periodic entry's last sent and last completed tick (``--json`` for scripts).
+- ``release KEY`` frees a lock the only way that cannot hurt a later holder: it destroys the
+  session it showed the operator, never another one. Destroying that session also frees every
+  other key the session holds, so those are listed first. The holder is not stopped: it notices
+  the loss within its fencing window, but work it already started may still be running.
+- ``check`` is a preflight for deploys. It validates the settings, reaches the agent, and
+  tries on scratch keys every permission the workers and beats need. It exits 1 with the first
+  failure, or 0 with a one-line summary. It cleans up after itself, also when it fails.
+
+The ACL token is never printed: the output comes from Consul's data and our error messages,
+and neither contains it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from datetime import datetime, timezone
+from typing import Any, NoReturn
+
+import click
+from celery.bin.base import CeleryCommand
+
+from .beat import BeatConfig
+from .consul import ConsulClient, KVEntry
+from .errors import ConsulLockError, InvalidSetting
+from .lock import LockHolder
+from .settings import ConsulSettings
+from .task import ConsulLockedTask
+from .ticks import MARKS_PREFIX, key_part
+
+__all__ = ["collect_status", "consul_lock", "preflight"]
+
+#: Where the beat keeps each entry's state, after the key prefix.
+BEAT_STATE = "celery-consul-lock/beat/"
+#: What beat sessions are called (see beat.Election): "celery beat <name> <instance>".
+BEAT_SESSION = re.compile(r"^celery beat (?P<name>\S+) (?P<instance>\S+)$")
+#: Scratch keys and services of ``check`` carry this, so they are recognisable if a killed
+#: check leaves one behind (sessions it creates have lock-delay 0 and a short TTL).
+SCRATCH = "celery-consul-lock-check"
+
+
+# -- status ---------------------------------------------------------------------------------
+
+
+def collect_status(app: Any) -> dict[str, Any]:
+    """Everything ``status`` shows, as JSON-ready data: beats, held locks, periodic entries.
+
+    Reads the whole key prefix and the session list once each, so it sees one moment of
+    the cluster (up to the few milliseconds between the two reads).
+    """
+    settings = ConsulSettings.from_celery(app.conf)
+    beat_name = BeatConfig.from_app(app).name
+    client = ConsulClient(settings)
+    try:
+        entries = client.kv_keys(settings.key_prefix)
+        sessions = {s["ID"]: s for s in client.session_list()}
+    finally:
+        client.close()
+    now = datetime.now(timezone.utc)
+    prefix = settings.key_prefix
+    leader_key = re.compile("^" + re.escape(prefix) + r"locks/(?P<name>[^/]+)/beat/\.lock$")
+
+    beats: dict[str, dict[str, Any]] = {beat_name: _beat(beat_name, prefix)}
+    locks = []
+    for entry in entries:
+        m = leader_key.match(entry.key)
+        if m:
+            beat = beats.setdefault(m["name"], _beat(m["name"], prefix))
+            if entry.session:
+                beat["leader"] = _leader(entry, sessions.get(entry.session))
+        elif entry.session:
+            locks.append(_held(entry, sessions.get(entry.session), now, prefix))
+    for sid, info in sessions.items():
+        m = BEAT_SESSION.match(info.get("Name") or "")
+        if m and m["name"] in beats and (beats[m["name"]]["leader"] or {}).get("session") != sid:
+            beats[m["name"]]["standbys"].append({"instance": m["instance"], "session": sid, "node": info.get("Node")})
+    return {
+        "agent": settings.base_url,
+        "key_prefix": prefix,
+        "beats": sorted(beats.values(), key=lambda b: b["name"]),
+        "locks": sorted(locks, key=lambda lock: lock["key"]),
+        "entries": _entries(app, entries, prefix),
+    }
+
+
+def _beat(name: str, prefix: str) -> dict[str, Any]:
+    return {"name": name, "key": f"{prefix}locks/{name}/beat/.lock", "leader": None, "standbys": []}
+
+
+def _leader(entry: KVEntry, session: dict[str, Any] | None) -> dict[str, Any]:
+    holder = LockHolder.from_entry(entry, session)
+    return {
+        "instance": holder.extra.get("instance"),
+        "host": holder.host,
+        "pid": holder.pid,
+        "since": holder.extra.get("since") or holder.acquired_at,
+        "fencing_token": holder.fencing_token,
+        "session": holder.session,
+        "node": holder.node,
+    }
+
+
+def _held(entry: KVEntry, session: dict[str, Any] | None, now: datetime, prefix: str) -> dict[str, Any]:
+    holder = LockHolder.from_entry(entry, session)
+    age = None
+    if holder.acquired_at:
+        with suppress(TypeError, ValueError):
+            age = round((now - datetime.fromisoformat(holder.acquired_at)).total_seconds(), 1)
+    return {
+        "key": entry.key[len(prefix) :],
+        "holder": str(holder),
+        "host": holder.host,
+        "pid": holder.pid,
+        "name": holder.name or holder.session_name,
+        "task_id": holder.extra.get("task_id"),
+        "acquired_at": holder.acquired_at,
+        "age_seconds": age,
+        "session": holder.session,
+        "session_ttl": (session or {}).get("TTL") or None,
+        "node": holder.node,
+        "fencing_token": holder.fencing_token,
+    }
+
+
+def _entries(app: Any, entries: list[KVEntry], prefix: str) -> list[dict[str, Any]]:
+    """Per periodic entry: the beat's record of its last send, and the last completed tick
+    (the mark ConsulLockedTask advances). Entries are named as in ``beat_schedule`` where
+    the stored key segment is one of those names, else by the segment."""
+    names = {key_part(name): name for name in (app.conf.beat_schedule or {})}
+    rows: dict[str, dict[str, Any]] = {
+        name: {"entry": name, "beat": None, "last_sent": None, "runs": None, "last_completed": None} for name in names.values()
+    }
+
+    def row(segment: str) -> dict[str, Any]:
+        name = names.get(segment, segment)
+        return rows.setdefault(name, {"entry": name, "beat": None, "last_sent": None, "runs": None, "last_completed": None})
+
+    marks, states = prefix + MARKS_PREFIX, prefix + BEAT_STATE
+    for entry in entries:
+        data = _json(entry.value)
+        if entry.key.startswith(marks):
+            r = row(entry.key[len(marks) :])
+            r["last_completed"] = data.get("due")
+            r["task_id"] = data.get("task_id")
+        elif entry.key.startswith(states) and "/entries/" in entry.key:
+            beat, _, segment = entry.key[len(states) :].partition("/entries/")
+            r = row(segment)
+            r.update(beat=beat, last_sent=data.get("last_run_at"), runs=data.get("total_run_count"))
+    return sorted(rows.values(), key=lambda r: r["entry"])
+
+
+def _json(value: bytes | None) -> dict[str, Any]:
+    try:
+        data = json.loads(value or b"{}")
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def render_status(status: dict[str, Any]) -> str:
+    """The human form of :func:`collect_status`."""
+    lines = [f"Consul agent {status['agent']}, key prefix {status['key_prefix']!r}", ""]
+    for beat in status["beats"]:
+        lines.append(f"Beat {beat['name']!r} (leader key {beat['key']})")
+        leader = beat["leader"]
+        if leader:
+            lines.append(
+                f"  leader:  {leader['instance'] or '?'} on {leader['host'] or '?'} pid {leader['pid'] or '?'}, "
+                f"since {leader['since'] or '?'}, fencing token {leader['fencing_token']}, session {leader['session'][:8]}"
+            )
+        else:
+            lines.append("  leader:  none (no beat is running, or a failover is under way)")
+        for standby in beat["standbys"]:
+            lines.append(f"  standby: {standby['instance']} on node {standby['node']}, session {standby['session'][:8]}")
+        if not beat["standbys"]:
+            lines.append("  standby: none")
+    lines += ["", f"Held locks: {len(status['locks'])}"]
+    lines += _table(
+        ["KEY", "HOLDER", "AGE", "SESSION TTL", "TOKEN"],
+        [
+            [
+                lock["key"],
+                lock["holder"],
+                "?" if lock["age_seconds"] is None else f"{lock['age_seconds']:.1f}s",
+                lock["session_ttl"] or "none",
+                str(lock["fencing_token"]),
+            ]
+            for lock in status["locks"]
+        ],
+    )
+    lines += ["", f"Periodic entries: {len(status['entries'])}"]
+    lines += _table(
+        ["ENTRY", "LAST SENT (BEAT)", "RUNS", "LAST COMPLETED TICK"],
+        [
+            [e["entry"], e["last_sent"] or "-", "-" if e["runs"] is None else str(e["runs"]), e["last_completed"] or "-"]
+            for e in status["entries"]
+        ],
+    )
+    return "\n".join(lines)
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    if not rows:
+        return []
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    return ["  " + "  ".join(cell.ljust(w) for cell, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]]
+
+
+# -- release ----------------------------------------------------------------------------------
+
+
+def find_held(client: ConsulClient, settings: ConsulSettings, key: str) -> KVEntry | None:
+    """The held lock named ``key`` (relative to the prefix); ``locks/x`` also finds
+    ``locks/x/.lock``, the key ``consul lock locks/x`` takes."""
+    candidates = [key] if key.endswith("/.lock") else [key, key.rstrip("/") + "/.lock"]
+    for name in candidates:
+        _, entry = client.kv_get(settings.full_key(name), consistent=True)
+        if entry is not None and entry.session:
+            return entry
+    return None
+
+
+# -- check ------------------------------------------------------------------------------------
+
+
+def preflight(app: Any, *, beat: bool = True, progress: Callable[[str], None] = lambda _: None) -> str:
+    """Validate the settings and try every permission the workers (and beats) need, on
+    scratch keys under the prefix. Returns a one-line summary; raises ConsulLockError (the
+    message names the setting, the address or the missing permission) at the first failure.
+    Leaves nothing behind when it returns or raises."""
+    settings = ConsulSettings.from_celery(app.conf)
+    beat_config = BeatConfig.from_app(app) if beat else None
+    locked = sorted(name for name, task in app.tasks.items() if isinstance(task, ConsulLockedTask))
+    for name in locked:
+        app.tasks[name].lock_options  # noqa: B018 -- validates the task's lock options
+    client = ConsulClient(settings)
+    try:
+        progress(f"reaching {settings.base_url}")
+        leader = client.status_leader()
+        if not leader:
+            raise ConsulLockError(f"Consul at {settings.base_url} answers but its servers have no leader; locks cannot be taken")
+        agent = _agent_description(client)
+        granted = _try_permissions(client, settings, beat_config, progress)
+    finally:
+        client.close()
+    features = f"locked tasks: {len(locked)}" + (f", beat {beat_config.name!r}" if beat_config else "")
+    return f"OK: {settings.base_url} ({agent}raft leader {leader}); {', '.join(granted)}; {features}"
+
+
+def _agent_description(client: ConsulClient) -> str:
+    try:
+        info = client.agent_self()
+    except ConsulLockError:  # agent:read is not needed to use locks; the policy may lack it
+        return ""
+    return f"node {info['node']}, {info['datacenter']}, Consul {info['version']}; "
+
+
+def _try_permissions(
+    client: ConsulClient, settings: ConsulSettings, beat: BeatConfig | None, progress: Callable[[str], None]
+) -> list[str]:
+    scratch = f"{SCRATCH}-{uuid.uuid4().hex[:8]}"
+    lock_key = settings.full_key(f"locks/{scratch}/.lock")
+    state_key = settings.full_key(f"celery-consul-lock/{scratch}")
+    granted = []
+    with _cleanup() as later:
+        progress("creating a session (session:write)")
+        sid = client.session_create(f"{SCRATCH} (preflight)", ttl=10, lock_delay=0, checks=settings.session_checks)
+        later(lambda: client.session_destroy(sid))
+        granted.append("session:write")
+        progress(f"taking a scratch lock {lock_key} (key:write)")
+        later(lambda: client.kv_delete(lock_key))
+        attempt = client.kv_lock(lock_key, sid, b'{"name": "consul-lock check"}', exists=False)
+        if not attempt.acquired:
+            raise ConsulLockError(f"Consul at {settings.base_url} refused the scratch lock {lock_key} ({attempt.reason})")
+        later(lambda: client.kv_release(lock_key, sid, b""))
+        granted.append(f"key:write on {settings.key_prefix + 'locks/'!r}")
+        progress(f"writing {state_key} fenced by the session (key:write)")
+        later(lambda: client.kv_delete(state_key))
+        ops = [
+            {"KV": {"Verb": "check-session", "Key": lock_key, "Session": sid}},
+            {"KV": {"Verb": "set", "Key": state_key, "Value": ""}},
+        ]
+        ok, _, errors = client.txn(ops, action="writing a fenced scratch key", resource=state_key)
+        if not ok:
+            raise ConsulLockError(f"Consul at {settings.base_url} refused a fenced write of {state_key}: {errors}")
+        granted.append(f"key:write on {settings.key_prefix + 'celery-consul-lock/'!r}")
+        progress("listing sessions (session:read, for status)")
+        client.session_list()
+        if beat is not None:
+            service = f"celery-beat-{beat.name}"
+            service_id = f"{service}-{scratch}"
+            progress(f"registering a health-check service {service} (service:write)")
+            later(lambda: client.agent_deregister_service(service_id))
+            check = client.agent_register_ttl_service(service_id, service, check_ttl=beat.check_ttl)
+            client.agent_check_pass(check)
+            granted.append(f"service:write on {service!r}")
+    return granted
+
+
+@contextmanager
+def _cleanup() -> Iterator[Callable[[Callable[[], Any]], None]]:
+    """Run the registered undo steps in reverse order on the way out; an undo that fails
+    (e.g. nothing to undo because the step itself failed) does not hide the first error."""
+    steps: list[Callable[[], Any]] = []
+    try:
+        yield steps.append
+    finally:
+        for step in reversed(steps):
+            with suppress(ConsulLockError):
+                step()
+
+
+# -- the click command ------------------------------------------------------------------------
+
+
+def _fail(message: str) -> NoReturn:
+    click.echo(f"consul-lock: {message}", err=True)
+    sys.exit(1)
+
+
+@click.group(name="consul-lock")
+def consul_lock() -> None:
+    """Inspect and operate celery-consul-lock's locks and beat election."""
+
+
+@consul_lock.command(cls=CeleryCommand)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """The beat leader and standbys, every held lock, each entry's last tick."""
+    try:
+        data = collect_status(ctx.obj.app)
+    except ConsulLockError as exc:
+        _fail(str(exc))
+    click.echo(json.dumps(data, indent=2) if as_json else render_status(data))
+
+
+@consul_lock.command(cls=CeleryCommand)
+@click.argument("key")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_context
+def release(ctx: click.Context, key: str, yes: bool) -> None:
+    """Free a stuck lock KEY by destroying its holder's session."""
+    try:
+        settings = ConsulSettings.from_celery(ctx.obj.app.conf)
+        client = ConsulClient(settings)
+        entry = find_held(client, settings, key)
+        if entry is None:
+            _fail(f"{settings.full_key(key)!r} is not held by anyone at {settings.base_url}; nothing to release")
+        sid = entry.session
+        info = client.session_info(sid)
+        others = [e.key for e in client.kv_keys(settings.key_prefix) if e.session == sid and e.key != entry.key]
+    except ConsulLockError as exc:
+        _fail(str(exc))
+    holder = LockHolder.from_entry(entry, info)
+    lock_delay = _seconds((info or {}).get("LockDelay"))
+    click.echo(f"{entry.key} is held by {holder}, fencing token {entry.modify_index}.")
+    if others:
+        click.echo("Destroying its session also frees: " + ", ".join(others))
+    click.echo(
+        "WARNING: this does not stop the holder. It may still be running and will only notice the loss "
+        "at its next renewal or check; work it has started can overlap with the next holder's."
+    )
+    if not yes and not click.confirm(f"Destroy session {sid} to free {entry.key}?"):
+        _fail("not released")
+    try:
+        client.session_destroy(sid)
+        _, after = client.kv_get(entry.key, consistent=True)
+    except ConsulLockError as exc:
+        _fail(str(exc))
+    finally:
+        client.close()
+    now_held = f"; it is held again, by session {after.session[:8]}" if after is not None and after.session else ""
+    delay = f" Consul lets no one take it for {lock_delay:g} s (the session's lock-delay)." if lock_delay else ""
+    click.echo(f"Released {entry.key}: session {sid} destroyed{now_held}.{delay}")
+
+
+@consul_lock.command(cls=CeleryCommand)
+@click.option("--no-beat", is_flag=True, help="Workers only: skip the beat's permissions (service:write).")
+@click.option("-v", "--verbose", is_flag=True, help="Say each step.")
+@click.pass_context
+def check(ctx: click.Context, no_beat: bool, verbose: bool) -> None:
+    """Preflight: settings, agent, permissions. Exits 1 at the first problem."""
+    progress = (lambda text: click.echo(f"  {text}", err=True)) if verbose else (lambda _: None)
+    try:
+        summary = preflight(ctx.obj.app, beat=not no_beat, progress=progress)
+    except InvalidSetting as exc:
+        _fail(f"check FAILED: invalid setting: {exc}")
+    except ConsulLockError as exc:
+        _fail(f"check FAILED: {exc}")
+    click.echo(f"consul-lock check {summary}")
+
+
+def _seconds(nanoseconds: object) -> float:
+    """Session fields like LockDelay come as nanoseconds."""
+    return int(nanoseconds) / 1e9 if isinstance(nanoseconds, int | float) else 0.0

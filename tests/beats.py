@@ -1,0 +1,179 @@
+"""Real `celery beat -S consul` processes of the test project (tests/proj), and one worker,
+for the beat tests and the command tests. Each process runs in its own process group and is
+stopped by its pid (SIGCONT + SIGTERM, then SIGKILL of the group)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import redis
+
+from .servers import ROOT, wait_for
+from .workers import Worker, start_worker, worker_env
+
+INSTANCE_RE = re.compile(r"beat (\S+): joining the election")
+
+
+@dataclass
+class Beat:
+    """One `celery beat -S consul` process (in its own process group)."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+    address: str
+    skew: str | None = None
+
+    def log_text(self, since: int = 0) -> str:
+        with self.log.open("rb") as f:
+            f.seek(since)
+            return f.read().decode(errors="replace")
+
+    def log_size(self) -> int:
+        return self.log.stat().st_size
+
+    @property
+    def instance(self) -> str | None:
+        m = INSTANCE_RE.search(self.log_text())
+        return m.group(1) if m else None
+
+    @property
+    def pid(self) -> int:
+        """The pid of the beat's python process, as its instance id says."""
+        instance = self.instance
+        return instance_pid(instance) if instance else self.popen.pid
+
+    def elected_at(self) -> float | None:
+        """When this beat was last elected, by its log (local time, to the millisecond)."""
+        stamps = re.findall(
+            r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}): INFO/MainProcess\] beat \S+: elected leader", self.log_text(), re.M
+        )
+        if not stamps:
+            return None
+        when, ms = stamps[-1]
+        return time.mktime(time.strptime(when, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000
+
+    def signal(self, sig: int) -> None:
+        os.kill(self.pid, sig)
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 5) -> None:
+        """SIGCONT + SIGTERM, then SIGKILL of the whole process group."""
+        for sig in (signal.SIGCONT, signal.SIGTERM):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(self.popen.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(timeout)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.popen.wait(10)
+
+
+def instance_pid(instance: str) -> int:
+    """``<host>-<pid>-<hex>`` -> pid (the host may contain dashes)."""
+    return int(instance.rsplit("-", 2)[1])
+
+
+@dataclass
+class Harness:
+    """Starts beats and one worker for a test, and stops all of them at its end."""
+
+    proj: object
+    redis_url: str
+    workdir: Path
+    beat_name: str = field(default_factory=lambda: f"beat-{uuid.uuid4().hex[:8]}")
+    beats: list[Beat] = field(default_factory=list)
+    workers: list[Worker] = field(default_factory=list)
+
+    def env(self, consul_address: str, **extra: str) -> dict[str, str]:
+        return worker_env(self.redis_url, consul_address, TEST_BEAT_INTERVAL="1", TEST_BEAT_NAME=self.beat_name, **extra)
+
+    def worker(self, consul_address: str) -> Worker:
+        worker = start_worker(self.proj.app, self.workdir, self.env(consul_address), concurrency=2)
+        self.workers.append(worker)
+        return worker
+
+    def beat(self, consul_address: str, *, skew: str | None = None) -> Beat:
+        n = len(self.beats)
+        log = self.workdir / f"beat{n}.log"
+        args = [sys.executable, "-m", "celery", "-A", "tests.proj.app", "beat", "-S", "consul", "-l", "INFO"]
+        args += ["--pidfile=", "-s", str(self.workdir / f"sched{n}")]
+        env = self.env(consul_address)
+        if skew is not None:
+            env["TEST_CLOCK_SKEW"] = skew.rstrip("s")
+            env["PYTHONPATH"] = f"{ROOT / 'tests' / 'skew'}{os.pathsep}{env.get('PYTHONPATH', '')}"
+        with log.open("wb") as out:
+            popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        beat = Beat(f"beat{n}", popen, log, consul_address, skew)
+        self.beats.append(beat)
+        return beat
+
+    def wait_joined(self, beats: list[Beat] | None = None) -> None:
+        for beat in beats or self.beats:
+
+            def joined(beat: Beat = beat) -> bool:
+                if not beat.alive():
+                    raise AssertionError(f"{beat.name} exited:\n{beat.log_text()[-3000:]}")
+                return beat.instance is not None
+
+            wait_for(joined, 30, f"{beat.name} to join the election")
+
+    def by_instance(self, instance: str | None) -> Beat:
+        for beat in self.beats:
+            if beat.instance == instance:
+                return beat
+        raise AssertionError(f"no beat of ours is instance {instance!r}: {[b.instance for b in self.beats]}")
+
+    def wait_ticks(self, pred, timeout: float, what: str) -> list[dict]:
+        """The tick records once ``pred(records)`` holds; on timeout, say what the worker did."""
+        r = redis.Redis.from_url(self.redis_url)
+
+        def ready() -> list[dict] | None:
+            xs = ticks(r)
+            return xs if xs and pred(xs) else None
+
+        try:
+            return wait_for(ready, timeout, what, interval=0.1)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; {len(ticks(r))} ticks ran; {self.worker_errors()}") from None
+        finally:
+            r.close()
+
+    def worker_errors(self) -> str:
+        lines = [line for w in self.workers for line in w.log_text().splitlines() if "ERROR" in line]
+        return f"{len(lines)} errors in the worker log, the last: {lines[-1]!r}" if lines else "no errors in the worker log"
+
+    def stop(self) -> None:
+        for beat in self.beats:
+            beat.stop()
+        for worker in self.workers:
+            worker.stop()
+
+    def logs(self) -> str:
+        out = [f"===== {b.name} ({b.instance}, skew {b.skew}):\n{b.log_text()[-4000:]}" for b in self.beats]
+        for w in self.workers:
+            errors = [line for line in w.log_text().splitlines() if "ERROR" in line or "WARNING" in line]
+            out.append(f"===== worker {w.name}: {len(errors)} error/warning lines, the last ones:\n" + "\n".join(errors[-8:]))
+        return "\n".join(out)
+
+
+
+def ticks(r) -> list[dict]:
+    return [x for x in (json.loads(v) for v in r.lrange("runs", 0, -1)) if x["kind"] == "tick"]
+
+
+def skips(r) -> list[dict]:
+    return [json.loads(v) for v in r.lrange("skips", 0, -1)]
