@@ -14,6 +14,8 @@ import pytest
 from celery_consul_lock import ACLDenied, ConsulLock, ConsulSettings
 
 from .servers import start_consul, wait_for
+from .test_command import consul_lock_cmd
+from .workers import worker_env
 
 pytestmark = pytest.mark.client
 
@@ -25,6 +27,10 @@ session_prefix "" { policy = "write" }
 node_prefix "" { policy = "read" }
 service_prefix "celery-beat-" { policy = "write" }
 """
+
+
+def _without(policy: str, rule: str) -> str:
+    return "\n".join(line for line in policy.splitlines() if not line.startswith(rule))
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +55,8 @@ def acl_agent(tmp_path_factory):
             "full": token(POLICY, "celery-consul-lock"),
             "no-session": token('key_prefix "locks/" { policy = "write" }', "no-session"),
             "no-key": token('session_prefix "" { policy = "write" }\nkey_prefix "locks/" { policy = "read" }', "no-key"),
+            "no-state": token(_without(POLICY, 'key_prefix "celery-consul-lock/"'), "no-state"),
+            "no-service": token(_without(POLICY, "service_prefix"), "no-service"),
         }
         # serfHealth of the node must pass before sessions can be created.
         wait_for(lambda: agent.api("/v1/session/create", "PUT", {"TTL": "10s"}, token=tokens["full"]), 30, "a session")
@@ -82,3 +90,49 @@ def test_a_token_without_key_write_gets_an_error_naming_the_key(acl_agent):
         lock.acquire(blocking=False)
     text = str(info.value)
     assert "key:write" in text and "locks/acl-ro/.lock" in text and tokens["no-key"] not in text
+
+
+# -- the consul-lock command under ACLs ---------------------------------------------------------
+
+
+def _env(agent, token: str) -> dict[str, str]:
+    return worker_env("redis://127.0.0.1:1/0", agent.address, CONSUL_HTTP_TOKEN=token)
+
+
+def test_check_passes_with_the_documented_policy_and_status_never_prints_the_token(acl_agent):
+    agent, tokens = acl_agent
+    env = _env(agent, tokens["full"])
+    done = consul_lock_cmd(env, "check", "-v")
+    assert done.returncode == 0 and "check OK" in done.stdout, done
+    lock = ConsulLock("locks/acl-status/.lock", address=agent.address, token=tokens["full"], lock_delay=2)
+    with lock:
+        shown = [consul_lock_cmd(env, "status"), consul_lock_cmd(env, "status", "--json")]
+    for out in shown:
+        assert out.returncode == 0 and "locks/acl-status/.lock" in out.stdout, out
+    everything = done.stdout + done.stderr + "".join(out.stdout + out.stderr for out in shown)
+    assert tokens["full"] not in everything
+
+
+@pytest.mark.parametrize(
+    ("token", "named"),
+    [
+        ("no-session", ["session:write"]),
+        ("no-key", ["key:write", "'locks/celery-consul-lock-check-"]),
+        ("no-state", ["key:write", "'celery-consul-lock/celery-consul-lock-check-"]),
+        ("no-service", ["service:write", "celery-beat-proj"]),
+    ],
+)
+def test_check_fails_naming_the_permission_the_token_lacks(acl_agent, token, named):
+    agent, tokens = acl_agent
+    done = consul_lock_cmd(_env(agent, tokens[token]), "check")
+    assert done.returncode == 1 and done.stdout == "", done
+    assert "check FAILED" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    for text in named:
+        assert text in done.stderr, done.stderr
+    assert tokens[token] not in done.stderr
+
+
+def test_check_no_beat_does_not_need_service_write(acl_agent):
+    agent, tokens = acl_agent
+    done = consul_lock_cmd(_env(agent, tokens["no-service"]), "check", "--no-beat")
+    assert done.returncode == 0 and "service:write" not in done.stdout, done

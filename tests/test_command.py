@@ -1,0 +1,162 @@
+"""`celery -A proj consul-lock status|release|check`, run as a user runs it: the `celery`
+program of the virtualenv (the sub-command comes from the ``celery.commands`` entry point),
+against the dev agent, with real beats, a real worker and a real `consul lock` holder.
+(The ACL cases are in test_acl.py, next to the ACL agent.) The tests marked ``client`` run
+again with py-consul.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from celery_consul_lock import ConsulLock, ConsulSettings, Tick
+from celery_consul_lock.command import SCRATCH
+
+from .beats import Harness, ticks
+from .servers import ROOT, ConsulAgent, free_port, wait_for
+from .test_interop import _consul_lock, _kill, _kv, _prefix, _start
+from .workers import worker_env
+
+
+def consul_lock_cmd(
+    env: dict[str, str], *args: str, stdin: str = "", app: str = "tests.proj.app"
+) -> subprocess.CompletedProcess[str]:
+    """``celery -A APP consul-lock ARGS`` in a child process; its exit code and output."""
+    argv = [str(Path(sys.executable).parent / "celery"), "-A", app, "consul-lock", *args]
+    return subprocess.run(argv, env=env, cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=60)
+
+
+@pytest.fixture
+def env(consul: ConsulAgent) -> dict[str, str]:
+    return worker_env("redis://127.0.0.1:1/0", consul.address)
+
+
+# -- status -----------------------------------------------------------------------------------
+
+
+def test_status_shows_the_leader_its_standby_held_locks_and_each_entrys_last_tick(
+    harness: Harness, r, consul: ConsulAgent, key: str, tmp_path: Path
+) -> None:
+    consul.api("/v1/kv/celery-consul-lock/ticks/heartbeat", "DELETE")  # the entry's mark, from earlier tests
+    harness.worker(consul.address)
+    beats = [harness.beat(consul.address), harness.beat(consul.address)]
+    harness.wait_joined()
+    holder = _start(_consul_lock(consul, _prefix(key), "exec sleep 60"), tmp_path / "consul-lock.log")
+    try:
+        session = wait_for(lambda: (_kv(consul, key) or {}).get("Session"), 20, "`consul lock` to hold the key")
+        records = harness.wait_ticks(lambda xs: len(xs) >= 2, 30, "2 ticks")
+        env = harness.env(consul.address)
+        done = consul_lock_cmd(env, "status", "--json")
+        assert done.returncode == 0, done.stderr
+        status = json.loads(done.stdout)
+        text = consul_lock_cmd(env, "status")
+        assert text.returncode == 0, text.stderr
+    finally:
+        _kill(holder)
+    records = ticks(r)
+    last = records[-1]
+    leader_beat = harness.by_instance(last["instance"])
+    standby_beat = next(b for b in beats if b is not leader_beat)
+
+    (beat,) = [b for b in status["beats"] if b["name"] == harness.beat_name]
+    assert beat["leader"]["instance"] == leader_beat.instance and beat["leader"]["pid"] == leader_beat.pid
+    assert beat["leader"]["fencing_token"] == last["token"], (beat, last)
+    assert [s["instance"] for s in beat["standbys"]] == [standby_beat.instance]
+
+    (held,) = [lock for lock in status["locks"] if lock["key"] == key]
+    assert held["session"] == session and held["session_ttl"] == "15s" and held["node"], held
+    assert held["fencing_token"] > 0 and held["age_seconds"] is None  # `consul lock` writes no value
+
+    (entry,) = [e for e in status["entries"] if e["entry"] == "heartbeat"]
+    assert entry["beat"] == harness.beat_name and entry["runs"] >= 2, entry
+    completed = {Tick.parse(x["tick"]).epoch for x in records}
+    assert entry["last_completed"] is not None
+    assert Tick.parse(f"heartbeat@{entry['last_completed']}").epoch in completed, (entry, records)
+
+    for shown in (leader_beat.instance, f"standby: {standby_beat.instance}", key, "heartbeat"):
+        assert shown in text.stdout, f"{shown!r} missing from:\n{text.stdout}"
+
+
+# -- release ----------------------------------------------------------------------------------
+
+
+@pytest.mark.client
+def test_release_shows_the_holder_asks_and_frees_only_by_destroying_its_session(
+    consul: ConsulAgent, env: dict[str, str], key: str, tmp_path: Path
+) -> None:
+    holder = _start(_consul_lock(consul, _prefix(key), "exec sleep 60"), tmp_path / "consul-lock.log")
+    try:
+        session = wait_for(lambda: (_kv(consul, key) or {}).get("Session"), 20, "`consul lock` to hold the key")
+
+        refused = consul_lock_cmd(env, "release", _prefix(key), stdin="n\n")
+        assert refused.returncode == 1 and "not released" in refused.stderr, refused
+        assert session[:8] in refused.stdout and "may still be running" in refused.stdout, refused.stdout
+        assert (_kv(consul, key) or {}).get("Session") == session, "answering no must leave the lock alone"
+
+        done = consul_lock_cmd(env, "release", key, "--yes")
+        assert done.returncode == 0, done
+        assert f"session {session} destroyed" in done.stdout, done.stdout
+        assert consul.api(f"/v1/session/info/{session}") in (None, []), "the holder's session must be gone"
+        assert not (_kv(consul, key) or {}).get("Session")
+        # `consul lock` sees its lock gone, stops its child and exits.
+        wait_for(lambda: holder.poll() is not None, 20, "`consul lock` to notice and exit")
+    finally:
+        _kill(holder)
+
+
+@pytest.mark.client
+def test_release_lists_the_other_keys_the_session_frees(consul: ConsulAgent, env: dict[str, str], key: str) -> None:
+    settings = ConsulSettings(address=consul.address, lock_delay=1)
+    first, second = ConsulLock(key, settings=settings), ConsulLock(key.replace("/.lock", "-2/.lock"), settings=settings)
+    assert first.acquire(blocking=False) and second.acquire(blocking=False)
+    done = consul_lock_cmd(env, "release", key, "--yes")
+    assert done.returncode == 0, done
+    assert f"also frees: {second.key}" in done.stdout, done.stdout
+    wait_for(lambda: first.lost.is_set() and second.lost.is_set(), 10, "both locks to see their session gone")
+    assert not (_kv(consul, second.key) or {}).get("Session")
+
+
+@pytest.mark.client
+def test_release_of_a_key_nobody_holds_changes_nothing_and_says_so(consul: ConsulAgent, env: dict[str, str], key: str) -> None:
+    consul.api(f"/v1/kv/{key}", "PUT", "a plain value")
+    before = _kv(consul, key)
+    done = consul_lock_cmd(env, "release", key, "--yes")
+    assert done.returncode == 1 and f"{key!r} is not held by anyone" in done.stderr, done
+    assert _kv(consul, key) == before
+
+
+# -- check ------------------------------------------------------------------------------------
+
+
+@pytest.mark.client
+def test_check_passes_on_a_healthy_agent_and_leaves_nothing_behind(consul: ConsulAgent, env: dict[str, str]) -> None:
+    sessions_before = {s["ID"] for s in consul.api("/v1/session/list")}
+    done = consul_lock_cmd(env, "check")
+    assert done.returncode == 0, done
+    (line,) = done.stdout.splitlines()
+    assert line.startswith("consul-lock check OK: http://" + consul.address), line
+    for granted in ("session:write", "key:write on 'locks/'", "key:write on 'celery-consul-lock/'", "service:write"):
+        assert granted in line, line
+    assert not [k for k in consul.api("/v1/kv/?keys") if SCRATCH in k]
+    assert not [s for s in consul.api("/v1/session/list") if s["ID"] not in sessions_before and SCRATCH in s["Name"]]
+    assert not [s for s in consul.api("/v1/agent/services") if SCRATCH in s]
+
+
+@pytest.mark.client
+def test_check_fails_clearly_when_the_agent_is_unreachable() -> None:
+    address = f"127.0.0.1:{free_port()}"
+    done = consul_lock_cmd(worker_env("redis://127.0.0.1:1/0", address), "check")
+    assert done.returncode == 1, done
+    assert "check FAILED" in done.stderr and f"http://{address}" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+@pytest.mark.client
+def test_check_fails_clearly_on_an_invalid_setting(consul: ConsulAgent) -> None:
+    done = consul_lock_cmd(worker_env("redis://127.0.0.1:1/0", consul.address, TEST_LOCK_DELAY="90"), "check")
+    assert done.returncode == 1, done
+    assert "invalid setting" in done.stderr and "consul_lock_lock_delay" in done.stderr and "90" in done.stderr, done.stderr
