@@ -8,8 +8,11 @@ PYTEST_ARGS ?=
 
 .PHONY: demo test test-python-consul2 test-py-consul lint bench servers venv clean
 
+# make demo EXAMPLE=flask (default: django); DEMO_ARGS="--seconds 30" and the like.
+EXAMPLE ?= django
+DEMO_ARGS ?=
 demo: $(VENV)/.installed $(SERVERS)
-	$(VENV)/bin/python -m example_project.demo
+	$(VENV)/bin/python -m example_project.demo --example $(EXAMPLE) $(DEMO_ARGS)
 
 test: lint test-python-consul2 test-py-consul
 

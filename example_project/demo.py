@@ -1,80 +1,120 @@
-"""`make demo`: several processes race for ``locks/backup/.lock``; exactly one runs the job.
+"""`make demo`: an example project as a real cluster, its leader stopped twice; each tick runs once.
 
-Starts a real Consul agent (the binary scripts/provision.sh found), then N processes at the
-same instant, each doing what a cron job guarded by celery-consul-lock does: try the lock,
-run the "backup" if it got it, else report who holds it and exit. Prints what each process
-did and exits non-zero unless exactly one ran the job.
+    make demo                    # the Django example (LeaderDatabaseScheduler on SQLite)
+    make demo EXAMPLE=flask      # the Flask example (ConsulLeaderScheduler, -S consul)
+    .venv/bin/python -m example_project.demo --example flask --seconds 30
+
+Starts, in a run folder under .demo/, a Consul agent and Redis (the binaries scripts/provision.sh
+found), 2 workers and 3 beats of the example, with a heartbeat every 2 s. Half-way it kills the
+leading beat (SIGKILL), at three quarters it stops the next leader (SIGTERM). Then it stops
+everything it started, by pid (also on Ctrl-C and on errors), and prints one line per tick
+(which beat sent it, which worker ran it, how many times it ran), the failover times, the
+duplicates and missed ticks, where each process's log is, and writes a timeline picture
+(timeline.svg). It exits 1 if a tick ran twice or went missing, so the demo is also a check.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
+import shutil
+import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from tests.servers import ROOT, start_consul, start_redis, wait_consul_ready
 
-from tests.servers import start_consul, wait_consul_ready  # noqa: E402
+from .analysis import analyse, describe
+from .cluster import EXAMPLES, Status, example_cluster, run_scenario
+from .timeline import render_svg
 
-CONTENDER = """
-import json, os, sys, time
-from celery_consul_lock import ConsulLock
-start_at = float(sys.argv[1])
-time.sleep(max(0.0, start_at - time.time()))
-lock = ConsulLock("locks/backup/.lock", name=f"backup-{sys.argv[2]}")
-if lock.acquire(blocking=False):
-    t0 = time.time()
-    time.sleep(float(sys.argv[3]))  # the backup job
-    print(json.dumps({"who": sys.argv[2], "pid": os.getpid(), "ran": True, "token": lock.fencing_token,
-                      "seconds": round(time.time() - t0, 2)}))
-    lock.release()
-else:
-    h = lock.last_holder
-    print(json.dumps({"who": sys.argv[2], "pid": os.getpid(), "ran": False,
-                      "holder": str(h) if h else "nobody (lock-delay)"}))
-"""
+#: When the leader is stopped, as fractions of the run, and how.
+PLAN = [(0.5, signal.SIGKILL), (0.75, signal.SIGTERM)]
+#: Without a terminal (CI), a plain progress line this often.
+PLAIN_EVERY = 10.0
+
+
+class Progress:
+    """One updating line on a terminal (``\\r``); occasional plain lines otherwise."""
+
+    def __init__(self, tty: bool) -> None:
+        self.tty = tty
+        self.last_plain = -PLAIN_EVERY
+        self.last_state: tuple[str | None, int] = (None, 0)
+
+    def __call__(self, s: Status) -> None:
+        line = (
+            f"{s.elapsed:5.1f} s / {s.duration:.0f} s   leader: {s.leader or '(none: failover)':16}  "
+            f"ticks: {s.ticks:3}   failovers: {s.failovers}" + (f"   next: {s.next_event}" if s.next_event else "")
+        )
+        if self.tty:
+            width = shutil.get_terminal_size((100, 20)).columns - 1
+            sys.stdout.write("\r" + line[:width].ljust(width))
+            sys.stdout.flush()
+        elif s.elapsed - self.last_plain >= PLAIN_EVERY or (s.leader, s.failovers) != self.last_state:
+            self.last_plain = s.elapsed
+            print(line, flush=True)
+        self.last_state = (s.leader, s.failovers)
+
+    def done(self) -> None:
+        if self.tty:
+            sys.stdout.write("\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("-n", "--processes", type=int, default=5, help="contending processes (default 5)")
-    parser.add_argument("--job-seconds", type=float, default=2.0, help="how long the backup job runs (default 2)")
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--example", choices=sorted(EXAMPLES), default="django", help="which example project (default django)")
+    parser.add_argument("--seconds", type=float, default=60.0, help="how long to run from the first tick (default 60)")
+    parser.add_argument("--beats", type=int, default=3, help="beat instances (default 3)")
+    parser.add_argument("--workers", type=int, default=2, help="workers (default 2)")
+    parser.add_argument("--svg", type=Path, help="also write the timeline picture here (e.g. docs/demo-timeline.svg)")
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="ccl-demo-") as tmp:
-        agent = start_consul(Path(tmp), node="demo")
-        try:
-            wait_consul_ready(agent)
-            print(f"Consul agent at {agent.url}; {args.processes} processes race for locks/backup/.lock\n")
-            env = {"CONSUL_HTTP_ADDR": agent.address, "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
-            start_at = time.time() + 1.5
-            procs = [
-                subprocess.Popen(
-                    [sys.executable, "-c", CONTENDER, str(start_at), f"node{i + 1}", str(args.job_seconds)],
-                    stdout=subprocess.PIPE,
-                    text=True,
-                    env=env,
-                )
-                for i in range(args.processes)
-            ]
-            reports = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
-        finally:
-            agent.stop()
-    for r in sorted(reports, key=lambda r: not r["ran"]):
-        if r["ran"]:
-            print(f"  {r['who']:6} pid {r['pid']:<7} RAN the backup ({r['seconds']} s, fencing token {r['token']})")
-        else:
-            print(f"  {r['who']:6} pid {r['pid']:<7} skipped: held by {r['holder']}")
-    winners = sum(r["ran"] for r in reports)
+    example = EXAMPLES[args.example]
+    run_dir = ROOT / ".demo" / f"{example.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir.mkdir(parents=True)
+    # SIGTERM (e.g. from a CI timeout) unwinds like Ctrl-C, so every process is stopped.
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     print(
-        f"\n{winners} of {len(reports)} processes ran the job "
-        + ("(OK: exactly one)" if winners == 1 else "(WRONG: expected exactly one)")
+        f"make demo EXAMPLE={example.name}: {args.beats} beats ({example.scheduler_label}), {args.workers} workers, "
+        f"heartbeat every 2 s, {args.seconds:.0f} s; the leader gets SIGKILL at {PLAN[0][0]:.0%} and SIGTERM at "
+        f"{PLAN[1][0]:.0%}.\nrun folder: {run_dir.relative_to(ROOT)}",
+        flush=True,
     )
-    return 0 if winners == 1 else 1
+    progress = Progress(sys.stdout.isatty())
+    agent = start_consul(run_dir, node="demo")
+    redis_server = None
+    try:
+        wait_consul_ready(agent)
+        redis_server = start_redis(run_dir)
+        print(f"Consul agent {agent.address}, Redis {redis_server.url}; starting workers and beats...", flush=True)
+        with example_cluster(example, agent.address, redis_server.url, run_dir) as cluster:
+            obs = run_scenario(
+                cluster, beats=args.beats, workers=args.workers, duration=args.seconds, plan=PLAN, progress=progress
+            )
+            progress.done()
+    except KeyboardInterrupt:
+        progress.done()
+        print("interrupted: every process started was stopped", file=sys.stderr)
+        return 130
+    finally:
+        if redis_server is not None:
+            redis_server.stop()
+        agent.stop()
+    result = analyse(obs)
+    print()
+    print("\n".join(describe(obs, result)))
+    svg = render_svg(obs, result)
+    (run_dir / "timeline.svg").write_text(svg)
+    if args.svg:
+        args.svg.write_text(svg)
+    print("\nlogs:")
+    logs = {"consul": agent.proc.log, "redis": redis_server.proc.log, **obs.logs}
+    for name, path in logs.items():
+        print(f"  {name:8} {path.relative_to(ROOT)}")
+    print(f"timeline: {(run_dir / 'timeline.svg').relative_to(ROOT)}" + (f" (and {args.svg})" if args.svg else ""))
+    verdict = "OK: every tick ran exactly once, none missed" if result.ok else "FAILED: a tick ran twice or went missing"
+    print(f"\n{verdict}")
+    return 0 if result.ok else 1
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1 @@
+"""The Django app whose periodic tasks run once across the cluster."""
