@@ -22,7 +22,6 @@ The figures are computed, never asserted here: :attr:`Analysis.ok` is the verdic
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -95,13 +94,16 @@ def analyse(obs: Observation) -> Analysis:
     result = Analysis([], malformed=malformed)
     result.duplicates = [t for t in ticks if len(by_tick[t]) > 1]
     notes: dict[str, str] = {}
-    for a, b in itertools.pairwise(ticks):
+    chain = ticks[:1]  # the ticks of the one chain; an extra tick is left out of it
+    for b in ticks[1:]:
+        a = chain[-1]
         first_a, first_b = by_tick[a][0], by_tick[b][0]
         due_a, due_b, ran_a, ran_b = _due(a), _due(b), first_a["t"], first_b["t"]
         if due_b - due_a < interval - TOLERANCE:
             result.duplicates.append(b)
             notes[b] = "EXTRA: closer than the interval to the previous tick"
             continue
+        chain.append(b)
         jump = due_b - (ran_a + interval)
         if jump > TOLERANCE:
             n = max(1, round(jump / interval))
@@ -115,7 +117,8 @@ def analyse(obs: Observation) -> Analysis:
             collapsed = max(0, math.floor((ran_b - due_b) / interval))
             result.collapsed += collapsed
             cause = f"{failover.signal} of {failover.old}" if failover else "an unplanned change of leader"
-            notes[b] = (notes.get(b, "") + f" catch-up after {cause}" + (f", {collapsed} collapsed" if collapsed else "")).strip()
+            what = f"catch-up ({collapsed} collapsed into it)" if collapsed else "first tick"
+            notes[b] = f"{notes.get(b, '')} {what} of the new leader after {cause}".strip()
             if late > 0:
                 n = max(1, math.floor(late / interval))
                 result.missed.append((n, f"{b}: catch-up {late:.2f} s past the failover bound"))
@@ -158,17 +161,17 @@ def _clock(epoch: float) -> str:
 def describe(obs: Observation, result: Analysis) -> list[str]:
     """The demo's report: the per-tick table, the failovers and the verdict, as lines."""
     t0 = obs.first_tick
-    lines = [f"{'#':>3}  {'due (UTC)':12}  {'+s':>6}  {'sent by':7}  {'ran on':15}  {'runs':>4}  {'skipped':>7}  note"]
+    lines = [f"{'#':>3}  {'due (UTC)':12}  {'ran +s':>6}  {'sent by':7}  {'ran on':15}  {'runs':>4}  {'skipped':>7}  note"]
     for n, row in enumerate(result.rows, 1):
         lines.append(
-            f"{n:>3}  {_clock(row.due):12}  {row.due - t0:>6.1f}  {row.beat:7}  {','.join(row.workers):15}  "
+            f"{n:>3}  {_clock(row.due):12}  {row.ran - t0:>6.1f}  {row.beat:7}  {','.join(row.workers):15}  "
             f"{row.runs:>4}  {row.skipped:>7}  {row.note}".rstrip()
         )
     lines.append("")
     lines.append(f"failovers ({len(obs.failovers)}), times from the signal:")
     for f in obs.failovers:
         bound = BOUNDS[f.signal]
-        takeover = f"{f.new} held the leader lock after {f.takeover - f.at:.2f} s" if f.takeover else "no new leader seen"
+        takeover = f"{f.new} elected after {f.takeover - f.at:.2f} s" if f.takeover else "no new leader elected"
         first = f"first tick from it ran after {f.first_tick - f.at:.2f} s" if f.first_tick else "no tick from another beat"
         lines.append(f"  {f.at - t0:>5.1f} s  {f.signal} {f.old}: {takeover}, {first} (bound {bound:.2f} s)")
     lines.append("")

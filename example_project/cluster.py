@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -134,7 +135,7 @@ class Failover:
     at: float
     signal: str
     old: str
-    #: The beat that held the leader lock next, and when it was first seen holding it.
+    #: The beat elected next, and when (by its log).
     new: str | None = None
     takeover: float | None = None
     #: When the first heartbeat sent by another beat than ``old`` ran.
@@ -411,8 +412,7 @@ def run_scenario(
         cluster.stop_beat(beat, signal.SIGTERM)
     cluster.drain()
     runs, skips = cluster.runs(), cluster.skips()
-    failovers = [_failover(at, sig, old, samples, runs) for at, sig, old in stops]
-    # The planned stops of the end are not failovers: keep the members' own record of them.
+    failovers = [_failover(at, sig, old, cluster.beats, runs) for at, sig, old in stops]
     return Observation(
         example=cluster.example,
         started=started,
@@ -429,7 +429,20 @@ def run_scenario(
     )
 
 
-def _failover(at: float, sig: int, old: str, samples: list[tuple[float, str | None]], runs: list[dict]) -> Failover:
-    nxt = next(((t, who) for t, who in samples if t > at and who not in (None, old)), (None, None))
+ELECTED_RE = re.compile(r"^\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}): INFO/\w+\] beat \S+: elected leader", re.M)
+
+
+def elected_times(log: Path) -> list[float]:
+    """When a beat was elected, by its log (local time, to the millisecond)."""
+    return [
+        time.mktime(time.strptime(when, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000
+        for when, ms in ELECTED_RE.findall(log.read_text(errors="replace"))
+    ]
+
+
+def _failover(at: float, sig: int, old: str, beats: list[Member], runs: list[dict]) -> Failover:
+    """The takeover after a stop: the first election of another beat after it (its log's time)."""
+    elections = sorted((t, b.name) for b in beats if b.name != old for t in elected_times(b.log) if t > at)
+    takeover, new = elections[0] if elections else (None, None)
     first = next((r["t"] for r in sorted(runs, key=lambda r: r["t"]) if r["t"] > at and r["beat"] != old), None)
-    return Failover(at, signal.Signals(sig).name, old, nxt[1], nxt[0], first)
+    return Failover(at, signal.Signals(sig).name, old, new, takeover, first)

@@ -18,7 +18,7 @@ from .cluster import Observation
 __all__ = ["render_svg"]
 
 WIDTH = 980
-LEFT, RIGHT, TOP = 80, 20, 58
+LEFT, RIGHT, TOP = 80, 20, 76
 ROW = 34
 COLOURS = {"leader": "#4caf50", "tick": "#1f4e99", "dup": "#d32f2f", "failover": "#d32f2f", "life": "#b0b0b0"}
 
@@ -29,7 +29,7 @@ def render_svg(obs: Observation, result: Analysis) -> str:
     t_from = min(m.started for m in members) - 0.5
     t_to = max([obs.ended, *(m.stopped or obs.ended for m in members), *(r["t"] for r in obs.runs)]) + 0.5
     scale = (WIDTH - LEFT - RIGHT) / (t_to - t_from)
-    height = TOP + ROW * len(members) + 70
+    height = TOP + ROW * len(members) + 90
     ys = {m.name: TOP + ROW * i + ROW / 2 for i, m in enumerate(members)}
 
     def x(t: float) -> float:
@@ -61,18 +61,18 @@ def render_svg(obs: Observation, result: Analysis) -> str:
         gx = x(obs.first_tick + s)
         out.append(f'<line x1="{gx}" y1="{TOP}" x2="{gx}" y2="{axis_y}" stroke="#eeeeee"/>')
         out.append(_text(gx, axis_y + 16, f"{s} s", anchor="middle", colour="#555555"))
-    for f in obs.failovers:
+    for i, f in enumerate(obs.failovers):
         end = f.first_tick or f.takeover or f.at
         out.append(
             f'<rect x="{x(f.at)}" y="{TOP}" width="{max(1.0, x(end) - x(f.at))}" height="{axis_y - TOP}" '
             'fill="#d32f2f" fill-opacity="0.08"/>'
         )
         out.append(
-            f'<line x1="{x(f.at)}" y1="{TOP - 8}" x2="{x(f.at)}" y2="{axis_y}" stroke="{COLOURS["failover"]}" '
+            f'<line x1="{x(f.at)}" y1="{TOP - 8 - 14 * (i % 2)}" x2="{x(f.at)}" y2="{axis_y}" stroke="{COLOURS["failover"]}" '
             'stroke-dasharray="4 3"/>'
         )
         label = f"{f.signal} {f.old}" + (f" → {f.new} ({end - f.at:.1f} s)" if f.new else "")
-        out.append(_text(x(f.at) + 3, TOP - 10, label, colour=COLOURS["failover"], size=11))
+        out.append(_text(x(f.at) + 3, TOP - 10 - 14 * (i % 2), label, colour=COLOURS["failover"], size=11))
     for m in members:
         y = ys[m.name]
         out.append(_text(LEFT - 10, y + 4, m.name, anchor="end", weight="bold"))
@@ -80,11 +80,19 @@ def render_svg(obs: Observation, result: Analysis) -> str:
             f'<line x1="{x(m.started)}" y1="{y}" x2="{x(m.stopped or obs.ended)}" y2="{y}" stroke="{COLOURS["life"]}" '
             'stroke-width="2"/>'
         )
+    stopped = {m.name: m.stopped for m in obs.beats if m.how == "SIGKILL"}
     for who, start, end in obs.tenures():
-        if who in ys:
+        if who not in ys:
+            continue
+        alive_to = min(end, stopped.get(who) or end)
+        out.append(
+            f'<rect x="{x(start)}" y="{ys[who] - 7}" width="{max(1.0, x(alive_to) - x(start))}" height="14" rx="3" '
+            f'fill="{COLOURS["leader"]}" fill-opacity="0.45"/>'
+        )
+        if end > alive_to:  # a killed leader's session holds the lock until Consul ends it
             out.append(
-                f'<rect x="{x(start)}" y="{ys[who] - 7}" width="{max(1.0, x(end) - x(start))}" height="14" rx="3" '
-                f'fill="{COLOURS["leader"]}" fill-opacity="0.45"/>'
+                f'<rect x="{x(alive_to)}" y="{ys[who] - 7}" width="{max(1.0, x(end) - x(alive_to))}" height="14" rx="3" '
+                f'fill="none" stroke="{COLOURS["leader"]}" stroke-dasharray="3 2"/>'
             )
     for m in obs.beats:
         if m.how == "SIGKILL":
@@ -107,15 +115,17 @@ def render_svg(obs: Observation, result: Analysis) -> str:
     lx = LEFT
     legend = [
         (f'<rect x="{lx}" y="{legend_y - 6}" width="22" height="12" rx="3" fill="{COLOURS["leader"]}" fill-opacity="0.45"/>',
-         28, "holds the leader lock"),
-        (f'<circle cx="{lx + 190}" cy="{legend_y}" r="3.5" fill="{COLOURS["tick"]}"/>', 198, "tick sent (beat) / run (worker)"),
-        (f'<circle cx="{lx + 420}" cy="{legend_y}" r="5" fill="none" stroke="{COLOURS["tick"]}"/>', 428, "copy skipped"),
-        (f'<line x1="{lx + 540}" y1="{legend_y - 7}" x2="{lx + 540}" y2="{legend_y + 7}" stroke="{COLOURS["failover"]}" '
-         'stroke-dasharray="4 3"/>', 548, "leader stopped; shaded until the new leader's first tick"),
+         28, 0, "holds the leader lock"),
+        (f'<rect x="{lx + 160}" y="{legend_y - 6}" width="22" height="12" rx="3" fill="none" stroke="{COLOURS["leader"]}" '
+         'stroke-dasharray="3 2"/>', 188, 0, "killed leader's session, until Consul ends it"),
+        (f'<circle cx="{lx + 5}" cy="{legend_y + 20}" r="3.5" fill="{COLOURS["tick"]}"/>', 28, 20, "tick sent / run"),
+        (f'<circle cx="{lx + 130}" cy="{legend_y + 20}" r="5" fill="none" stroke="{COLOURS["tick"]}"/>', 150, 20, "copy skipped"),
+        (f'<line x1="{lx + 250}" y1="{legend_y + 13}" x2="{lx + 250}" y2="{legend_y + 27}" stroke="{COLOURS["failover"]}" '
+         'stroke-dasharray="4 3"/>', 258, 20, "leader stopped; shaded until the new leader's first tick"),
     ]  # fmt: skip
-    for mark, offset, label in legend:
+    for mark, offset, dy, label in legend:
         out.append(mark)
-        out.append(_text(lx + offset, legend_y + 4, label, colour="#333333", size=11))
+        out.append(_text(lx + offset, legend_y + dy + 4, label, colour="#333333", size=11))
     out.append("</svg>")
     return "\n".join(out) + "\n"
 
