@@ -86,10 +86,10 @@ def analyse(obs: Observation) -> Analysis:
     by_tick: dict[str, list[dict]] = {}
     for record in sorted((r for r in obs.runs if r.get("tick")), key=lambda r: r["t"]):
         by_tick.setdefault(record["tick"], []).append(record)
-    skipped: dict[str, int] = {}
+    skipped: dict[str, list[str]] = {}
     for skip in obs.skips:
         if skip.get("tick"):
-            skipped[skip["tick"]] = skipped.get(skip["tick"], 0) + 1
+            skipped.setdefault(skip["tick"], []).append(skip["reason"])
     ticks = sorted(by_tick, key=_due)
     result = Analysis([], malformed=malformed)
     result.duplicates = [t for t in ticks if len(by_tick[t]) > 1]
@@ -135,6 +135,9 @@ def analyse(obs: Observation) -> Analysis:
         note = notes.get(t, "")
         if len(records) > 1:
             note = f"DUPLICATE {note}".strip()
+        reasons = skipped.get(t, [])
+        if reasons:
+            note = f"{note}; a copy skipped ({', '.join(sorted(set(reasons)))})".lstrip("; ")
         result.rows.append(
             TickRow(
                 tick=t,
@@ -143,7 +146,7 @@ def analyse(obs: Observation) -> Analysis:
                 beat=records[0]["beat"] or "?",
                 workers=tuple(r["worker"] for r in records),
                 runs=len(records),
-                skipped=skipped.get(t, 0),
+                skipped=len(skipped.get(t, [])),
                 note=note,
             )
         )
