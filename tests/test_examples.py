@@ -10,6 +10,7 @@ no due time went uncovered beyond the failover bound.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,3 +115,13 @@ def test_analysis_flags_a_tick_run_twice_a_second_chain_and_passed_over_due_time
     assert analyse(late_catch_up).missed_count >= 1
     silent_end = _observation([(0, 0.01, "beat1"), (2.01, 2.02, "beat1")], ended=9)
     assert analyse(silent_end).missed_count == 2
+
+
+def test_readme_quotes_the_example_files_as_they_are():
+    """Each README code block that starts with ``# example_project/<file>`` is a verbatim excerpt of it."""
+    readme = (ROOT / "README.md").read_text()
+    blocks = re.findall(r"```python\n# (example_project/\S+)\n(.*?)```", readme, re.S)
+    quoted = {path for path, _ in blocks}
+    assert {"example_project/django_site/proj/settings.py", "example_project/flask_app/backup_app/__init__.py"} <= quoted
+    for path, text in blocks:
+        assert text in (ROOT / path).read_text(), f"README's quote of {path} differs from the file"

@@ -13,7 +13,7 @@ log = logging.getLogger(__name__)
 
 @shared_task(bind=True, base=ConsulLockedTask)
 def nightly_backup(self):
-    """One backup at a time cluster-wide (lock ``locks/backups.tasks.nightly_backup/.lock``)."""
+    """One backup at a time cluster-wide (lock ``<prefix>locks/backups.tasks.nightly_backup/.lock``)."""
     log.info("backing up, fencing token %s", self.fencing_token)
     time.sleep(1)  # the backup
 

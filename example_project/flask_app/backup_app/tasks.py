@@ -15,7 +15,7 @@ log = logging.getLogger(__name__)
 
 @shared_task(bind=True, base=LockedFlaskTask)
 def nightly_backup(self):
-    """One backup at a time cluster-wide (lock ``locks/backup_app.tasks.nightly_backup/.lock``)."""
+    """One backup at a time cluster-wide (lock ``<prefix>locks/backup_app.tasks.nightly_backup/.lock``)."""
     log.info("backing up %s, fencing token %s", current_app.name, self.fencing_token)
     time.sleep(1)  # the backup
 
