@@ -61,6 +61,11 @@ class Progress:
             sys.stdout.write("\n")
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM (e.g. a CI timeout) unwinds like Ctrl-C, so every process started is stopped."""
+    raise KeyboardInterrupt()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--example", choices=sorted(EXAMPLES), default="django", help="which example project (default django)")
@@ -72,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     example = EXAMPLES[args.example]
     run_dir = ROOT / ".demo" / f"{example.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir.mkdir(parents=True)
-    # SIGTERM (e.g. from a CI timeout) unwinds like Ctrl-C, so every process is stopped.
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # also when started in the background
     print(
         f"make demo EXAMPLE={example.name}: {args.beats} beats ({example.scheduler_label}), {args.workers} workers, "
         f"heartbeat every 2 s, {args.seconds:.0f} s; the leader gets SIGKILL at {PLAN[0][0]:.0%} and SIGTERM at "
