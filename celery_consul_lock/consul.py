@@ -27,7 +27,7 @@ from urllib.parse import quote
 
 import consul as consul_lib
 
-from .errors import ACLDenied, ConsulLockError, ConsulUnavailable, SessionGone
+from .errors import ACLDenied, ConsulLockError, ConsulUnavailable, InvalidSetting, SessionGone
 from .settings import ConsulSettings
 from .transport import Connection
 
@@ -337,9 +337,7 @@ class ConsulClient:
         try:
             yield
         except ssl.SSLError as exc:
-            why = getattr(exc, "verify_message", None) or exc.reason or exc
-            detail = f"TLS failed ({why}); check consul_lock_ca_file / CONSUL_CACERT and the client certificate"
-            raise ConsulUnavailable(self.address, action, detail) from None
+            raise ConsulUnavailable(self.address, action, _tls_failure(exc, self.settings)) from None
         except TimeoutError:
             raise ConsulUnavailable(self.address, action, "no answer within the timeout") from None
         except ConnectionRefusedError:
@@ -374,14 +372,7 @@ class _KeepAliveHTTP(consul_lib.base.HTTPClient):  # type: ignore[misc]
         super().__init__(host=settings.host, port=settings.port, scheme=settings.scheme, verify=settings.verify, cert=None)
         self.timeout: float = timeout
         self._headers = {"X-Consul-Token": settings.token} if settings.token else {}
-        context: ssl.SSLContext | None = None
-        if settings.scheme == "https":
-            context = ssl.create_default_context(cafile=settings.ca_file)
-            if not settings.verify:
-                context.check_hostname = False
-                context.verify_mode = ssl.CERT_NONE
-            if settings.client_cert:
-                context.load_cert_chain(settings.client_cert, settings.client_key)
+        context = _tls_context(settings) if settings.scheme == "https" else None
         self._conn = Connection(settings.host, settings.port, ssl_context=context)
 
     def raw(self, method: str, target: str, body: bytes) -> tuple[int, str]:
@@ -414,6 +405,56 @@ class _KeepAliveHTTP(consul_lib.base.HTTPClient):  # type: ignore[misc]
 
 
 _RESPONSE = consul_lib.base.Response
+
+
+def _tls_context(settings: ConsulSettings) -> ssl.SSLContext:
+    """The TLS context for an ``https`` agent. The settings checked that each file is PEM;
+    one that still does not load (corrupt, or a key that is not the certificate's) raises
+    InvalidSetting here, at the first connection, instead of an ``ssl`` traceback."""
+    try:
+        context = ssl.create_default_context(cafile=settings.ca_file)
+    except ssl.SSLError as exc:
+        raise InvalidSetting("ca_file", settings.ca_file, f"cannot be loaded as a CA certificate ({exc.reason})") from None
+    if not settings.verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if settings.client_cert:
+        try:
+            context.load_cert_chain(settings.client_cert, settings.client_key)
+        except ssl.SSLError as exc:
+            raise InvalidSetting(
+                "client_key",
+                settings.client_key,
+                f"cannot be loaded with client_cert={settings.client_cert!r} ({exc.reason}); "
+                "expected the PEM private key of that certificate",
+            ) from None
+    return context
+
+
+def _tls_failure(exc: ssl.SSLError, settings: ConsulSettings) -> str:
+    """What a TLS error means for the user, and which setting fixes it."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return (
+            f"TLS verification of the agent's certificate failed ({exc.verify_message}); set consul_lock_ca_file / "
+            "CONSUL_CACERT to the CA that signed it"
+        )
+    reason = str(exc.reason or exc)
+    if "ALERT" in reason and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason):
+        # The agent refused us during the handshake: it requires a client certificate
+        # (verify_incoming) signed by a CA it trusts.
+        if settings.client_cert is None:
+            return (
+                f"the agent requires a client certificate ({reason}); set consul_lock_client_cert and "
+                "consul_lock_client_key / CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY"
+            )
+        return (
+            f"the agent refused the client certificate {settings.client_cert!r} ({reason}); it must be signed "
+            "by a CA in the agent's ca_file"
+        )
+    return (
+        f"TLS failed ({reason}); check that the agent serves HTTPS there, and consul_lock_ca_file / CONSUL_CACERT, "
+        "consul_lock_client_cert / CONSUL_CLIENT_CERT"
+    )
 
 
 class _ThreadClients(threading.local):

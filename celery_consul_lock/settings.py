@@ -52,6 +52,14 @@ TTL_MIN, TTL_MAX = 10.0, 86400.0
 LOCK_DELAY_MAX = 60.0
 FAIL_POLICIES = ("closed", "open")
 
+#: The TLS files, the PEM block each must contain (Python's ssl loads PEM only), and what
+#: it is: checked at start-up, so that a swapped certificate and key is refused there.
+_TLS_FILES = (
+    ("ca_file", "CERTIFICATE-----", "a PEM CA certificate"),
+    ("client_cert", "CERTIFICATE-----", "a PEM certificate"),
+    ("client_key", "PRIVATE KEY-----", "a PEM private key"),
+)
+
 _ADDRESS = re.compile(r"^(?:(?P<scheme>https?)://)?(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})/?$")
 _BAD_KEY_CHARS = re.compile(r"[\x00-\x20\x7f?#%]")
 
@@ -269,14 +277,26 @@ class ConsulSettings:
             raise InvalidSetting("timeout", self.timeout, f"expected seconds, more than 0 and at most {TIMEOUT_MAX:g}")
         if self.key_prefix:
             validate_key(self.key_prefix + "x", "key_prefix")
-        for name in ("ca_file", "client_cert", "client_key"):
+        for name, marker, what in _TLS_FILES:
             path = getattr(self, name)
-            if path is not None and not os.path.isfile(path):
-                raise InvalidSetting(name, path, "no such file")
+            if path is not None:
+                _check_pem(name, path, marker, what)
         if (self.client_cert is None) != (self.client_key is None):
             raise InvalidSetting(
                 "client_cert" if self.client_key else "client_key", None, "client_cert and client_key must be given together"
             )
+
+
+def _check_pem(setting: str, path: str, marker: str, what: str) -> None:
+    if not os.path.isfile(path):
+        raise InvalidSetting(setting, path, "no such file")
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as exc:
+        raise InvalidSetting(setting, path, f"cannot be read: {exc.strerror}") from None
+    if marker.encode() not in text:
+        raise InvalidSetting(setting, path, f"not {what} (no '-----BEGIN ...{marker}' line)")
 
 
 def _parse_address(setting: str, value: object) -> tuple[str, str, str | None]:

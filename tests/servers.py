@@ -12,6 +12,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -95,12 +96,19 @@ def _spawn(name: str, args: list[str], workdir: Path) -> Proc:
     return Proc(name, popen, workdir, log)
 
 
-def http_json(url: str, method: str = "GET", body: object | None = None, token: str | None = None, timeout: float = 5):
+def http_json(
+    url: str,
+    method: str = "GET",
+    body: object | None = None,
+    token: str | None = None,
+    timeout: float = 5,
+    context: ssl.SSLContext | None = None,
+):
     data = None if body is None else json.dumps(body).encode()
     req = urllib.request.Request(url, data=data, method=method)
     if token:
         req.add_header("X-Consul-Token", token)
-    with urllib.request.urlopen(req, timeout=timeout) as resp:
+    with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
         text = resp.read().decode()
     return json.loads(text) if text.strip() else None
 
@@ -313,3 +321,63 @@ def have_loopback_aliases() -> bool:
 
 def which(name: str) -> str | None:
     return shutil.which(name)
+
+
+@dataclass
+class TLSFiles:
+    """A CA and the agent and client certificates ``consul tls`` made with it."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_tls_files(workdir: Path) -> TLSFiles:
+    """``consul tls ca create``, ``cert create -server`` and ``cert create -client`` in ``workdir``
+    (the server certificate names ``localhost`` and ``127.0.0.1``)."""
+    consul, _ = binaries()
+    workdir.mkdir(parents=True, exist_ok=True)
+    for args in (["ca", "create"], ["cert", "create", "-server"], ["cert", "create", "-client"]):
+        subprocess.run([consul, "tls", *args], cwd=workdir, check=True, capture_output=True)
+    return TLSFiles(
+        ca=workdir / "consul-agent-ca.pem",
+        server_cert=workdir / "dc1-server-consul-0.pem",
+        server_key=workdir / "dc1-server-consul-0-key.pem",
+        client_cert=workdir / "dc1-client-consul-0.pem",
+        client_key=workdir / "dc1-client-consul-0-key.pem",
+    )
+
+
+@dataclass
+class TLSConsulAgent(ConsulAgent):
+    """An agent serving its API over HTTPS only; :meth:`api` presents the client certificate."""
+
+    tls: TLSFiles | None = None
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.address}"
+
+    def api(self, path: str, method: str = "GET", body: object | None = None, token: str | None = None):
+        assert self.tls is not None
+        context = ssl.create_default_context(cafile=str(self.tls.ca))
+        context.load_cert_chain(str(self.tls.client_cert), str(self.tls.client_key))
+        return http_json(self.url + path, method, body, token, context=context)
+
+
+def start_consul_tls(workdir: Path, tls: TLSFiles, *, node: str = "tlsnode", require_client_cert: bool = True) -> TLSConsulAgent:
+    """A dev agent whose HTTP API listens on HTTPS only (plain HTTP off), with ``tls``'s
+    server certificate; with ``require_client_cert``, it refuses clients without a
+    certificate signed by ``tls.ca`` (``verify_incoming_https``)."""
+    https = free_port()
+    hcl = [
+        f"ports {{ https = {https}, http = -1 }}",
+        f'ca_file = "{tls.ca}"',
+        f'cert_file = "{tls.server_cert}"',
+        f'key_file = "{tls.server_key}"',
+        f"verify_incoming_https = {str(require_client_cert).lower()}",
+    ]
+    plain = start_consul(workdir, node=node, hcl=hcl)
+    return TLSConsulAgent(plain.proc, plain.bind, https, node, plain.extra, tls)
