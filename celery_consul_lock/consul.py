@@ -337,7 +337,7 @@ class ConsulClient:
         try:
             yield
         except ssl.SSLError as exc:
-            raise ConsulUnavailable(self.address, action, _tls_failure(exc, self.settings)) from None
+            raise ConsulUnavailable(self.address, action, _tls_failure(exc, self.settings), transient=False) from None
         except TimeoutError:
             raise ConsulUnavailable(self.address, action, "no answer within the timeout") from None
         except ConnectionRefusedError:

@@ -41,19 +41,25 @@ class InvalidSetting(ConsulLockError, ValueError):
 
 
 class ConsulUnavailable(ConsulLockError):
-    """The Consul agent could not be reached (refused, timed out, TLS failure)."""
+    """The Consul agent could not be reached (refused, timed out, no leader, TLS failure).
 
-    def __init__(self, address: str, action: str, detail: str) -> None:
-        super().__init__(address, action, detail)
+    ``transient`` is False when waiting will not help: a TLS failure is a configuration
+    problem (wrong CA, missing client certificate), so a blocking acquire raises it at once
+    instead of retrying through it as it does through a Consul leader election.
+    """
+
+    def __init__(self, address: str, action: str, detail: str, transient: bool = True) -> None:
+        super().__init__(address, action, detail, transient)
         self.address = address
         self.action = action
         self.detail = detail
+        self.transient = transient
 
     def __str__(self) -> str:
-        return (
-            f"Consul agent at {self.address} is unreachable while {self.action}: {self.detail}. "
-            "Check that the agent runs there, or point consul_lock_address / CONSUL_HTTP_ADDR at it."
-        )
+        text = f"Consul agent at {self.address} is unreachable while {self.action}: {self.detail}."
+        if self.transient:
+            text += " Check that the agent runs there, or point consul_lock_address / CONSUL_HTTP_ADDR at it."
+        return text
 
 
 class ACLDenied(ConsulLockError):

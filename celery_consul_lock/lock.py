@@ -437,9 +437,10 @@ class ConsulLock:
                     return False
                 backoff = RETRY_MIN
             except ConsulUnavailable as exc:
-                # Brief during a Consul leader election: retry while the caller waits.
+                # Brief during a Consul leader election: retry while the caller waits
+                # (not through a TLS failure: waiting does not fix a configuration).
                 left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
+                if not exc.transient or (left is not None and left <= 0):
                     raise
                 acquire_log.info("acquiring %s: %s; retrying in %.2f s", self.key, exc.detail, backoff)
                 time.sleep(backoff if left is None else min(backoff, left))

@@ -15,6 +15,7 @@ import pickle
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 from celery import Celery
@@ -205,6 +206,20 @@ def test_a_wrong_ca_fails_with_a_message_naming_the_address_and_the_setting(agen
     # No ssl exception chained behind it, and it pickles (Celery stores it as a result).
     assert info.value.__cause__ is None and info.value.__suppress_context__
     assert str(pickle.loads(pickle.dumps(info.value))) == text
+
+
+@pytest.mark.client
+def test_a_blocking_acquire_does_not_wait_through_a_tls_failure(agent, tls, other_ca, key, clean_env):
+    # The key is known to this process (a later acquire skips the first read); a TLS error
+    # is a configuration problem, so it is raised at once, not retried until the timeout.
+    with ConsulLock(key, address=agent.address, **tls_settings(tls)):
+        pass
+    lock = ConsulLock(key, address=agent.address, **tls_settings(tls, ca_file=str(other_ca.ca)))
+    started = time.monotonic()
+    with pytest.raises(ConsulUnavailable) as info:
+        lock.acquire(timeout=30)
+    assert time.monotonic() - started < 10, "a TLS failure must not be retried until the timeout"
+    assert not info.value.transient and "Check that the agent runs there" not in str(info.value)
 
 
 def test_a_wrong_ca_in_a_script_prints_the_message_not_an_ssl_traceback(agent, tls, other_ca):
