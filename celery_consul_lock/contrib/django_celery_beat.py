@@ -5,13 +5,23 @@
 Only the leader reads the schedule from the database, writes it back (``last_run_at``,
 ``total_run_count``, and the entries it installs from ``beat_schedule``) and sends; standbys
 touch neither the database nor the broker. The database is the shared state, so a new leader
-continues from what the old one saved; django-celery-beat saves every few seconds (its
-``sync_every``), not after each send, so a tick sent in the last seconds before a crash can be
-sent again by the new leader — with the same tick id, which ConsulLockedTask runs once.
+continues from what the old one saved.
+
+Two differences from a plain DatabaseScheduler, both so that a tick is not sent twice:
+
+- it saves an entry right after each send, not every few seconds (django-celery-beat's
+  ``sync_every``), so a new leader does not resend a tick the old one sent in its last
+  seconds; the window left is the leader dying between a send and its save (milliseconds),
+  and such a copy carries the same tick id, which ConsulLockedTask runs once;
+- on election it takes in the change its own set-up made to the schedule before the first
+  send (see :meth:`LeaderDatabaseScheduler.on_elected`).
+
 Install with ``pip install celery-consul-lock[django]``.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from django_celery_beat.schedulers import DatabaseScheduler
 
@@ -19,4 +29,20 @@ from ..beat import leader_elected
 
 __all__ = ["LeaderDatabaseScheduler"]
 
-LeaderDatabaseScheduler = leader_elected(DatabaseScheduler)
+
+class LeaderDatabaseScheduler(leader_elected(DatabaseScheduler)):  # type: ignore[misc]
+    """DatabaseScheduler, leader-elected, saving each entry as soon as it is sent."""
+
+    def on_elected(self) -> None:
+        """Setting up the schedule saves its entries, which DatabaseScheduler sees as a
+        change at its next read, made while the first heap is built. It then reloads the
+        entries and marks the heap stale, and the following tick rebuilds the heap from the
+        reloaded entries. Their ``last_run_at`` is older than the send just made, so that
+        tick is sent a second time. Reading the change now, before the heap exists, avoids
+        this. Here the rebuild is not needed: ``tick`` builds the heap afresh after
+        election."""
+        self.schedule  # noqa: B018 -- the property reads (and syncs) a changed schedule
+        self._heap_invalidated = False
+
+    def after_send(self, entry: Any) -> None:
+        self.sync()
