@@ -16,6 +16,7 @@ import pytest
 
 from celery_consul_lock import ConsulLock, ConsulSettings, Tick
 from celery_consul_lock.command import SCRATCH
+from example_project.cluster import EXAMPLES, ExampleCluster, example_cluster
 
 from .beats import Harness, ticks
 from .servers import ROOT, ConsulAgent, free_port, wait_for
@@ -24,11 +25,11 @@ from .workers import worker_env
 
 
 def consul_lock_cmd(
-    env: dict[str, str], *args: str, stdin: str = "", app: str = "tests.proj.app"
+    env: dict[str, str], *args: str, stdin: str = "", app: str = "tests.proj.app", cwd: Path = ROOT
 ) -> subprocess.CompletedProcess[str]:
     """``celery -A APP consul-lock ARGS`` in a child process; its exit code and output."""
     argv = [str(Path(sys.executable).parent / "celery"), "-A", app, "consul-lock", *args]
-    return subprocess.run(argv, env=env, cwd=ROOT, input=stdin, capture_output=True, text=True, timeout=60)
+    return subprocess.run(argv, env=env, cwd=cwd, input=stdin, capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture
@@ -160,3 +161,37 @@ def test_check_fails_clearly_on_an_invalid_setting(consul: ConsulAgent) -> None:
     done = consul_lock_cmd(worker_env("redis://127.0.0.1:1/0", consul.address, TEST_LOCK_DELAY="90"), "check")
     assert done.returncode == 1, done
     assert "invalid setting" in done.stderr and "consul_lock_lock_delay" in done.stderr and "90" in done.stderr, done.stderr
+
+
+# -- against the example projects ---------------------------------------------------------------
+
+
+def test_status_and_check_against_the_django_example(consul: ConsulAgent, redis_server, tmp_path: Path) -> None:
+    redis_url = f"{redis_server.url.rpartition('/')[0]}/9"
+    example = EXAMPLES["django"]
+    with example_cluster(example, consul.address, redis_url, tmp_path) as cluster:
+        cluster.start_workers(1)
+        cluster.start_beats(2)
+        wait_for(lambda: len(cluster.runs()) >= 2, 60, "2 heartbeats of the example")
+        env = cluster.env()
+        checked = consul_lock_cmd(env, "check", app=example.app, cwd=example.project_dir)
+        done = consul_lock_cmd(env, "status", "--json", app=example.app, cwd=example.project_dir)
+        leader = cluster.member(wait_for(cluster.leader, 10, "a leader"))
+    assert checked.returncode == 0 and f"beat {example.beat_name!r}" in checked.stdout, checked
+    assert done.returncode == 0, done
+    status = json.loads(done.stdout)
+    assert status["key_prefix"] == cluster.key_prefix
+    (beat,) = status["beats"]
+    assert beat["name"] == example.beat_name and beat["leader"]["pid"] == leader.pid, (beat, leader)
+    assert len(beat["standbys"]) == 1, beat
+    entries = {e["entry"]: e for e in status["entries"]}
+    assert entries["heartbeat"]["last_completed"], entries  # the mark the example's heartbeat advances
+    assert "nightly-backup" in entries, entries  # from CELERY_BEAT_SCHEDULE, not run yet
+
+
+def test_check_against_the_flask_example(consul: ConsulAgent, redis_server, tmp_path: Path) -> None:
+    example = EXAMPLES["flask"]
+    cluster = ExampleCluster(example, consul.address, redis_server.url, tmp_path)
+    done = consul_lock_cmd(cluster.env(), "check", app=example.app, cwd=example.project_dir)
+    assert done.returncode == 0, done
+    assert f"key:write on '{cluster.key_prefix}locks/'" in done.stdout and "locked tasks: 3" in done.stdout, done.stdout
