@@ -242,6 +242,7 @@ def preflight(app: Any, *, beat: bool = True, progress: Callable[[str], None] = 
     Leaves nothing behind when it returns or raises."""
     settings = ConsulSettings.from_celery(app.conf)
     beat_config = BeatConfig.from_app(app) if beat else None
+    app.loader.import_default_modules()  # the task modules (Django: autodiscovery), as a worker does
     locked = sorted(name for name, task in app.tasks.items() if isinstance(task, ConsulLockedTask))
     for name in locked:
         app.tasks[name].lock_options  # noqa: B018 -- validates the task's lock options

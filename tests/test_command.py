@@ -178,6 +178,7 @@ def test_status_and_check_against_the_django_example(consul: ConsulAgent, redis_
         done = consul_lock_cmd(env, "status", "--json", app=example.app, cwd=example.project_dir)
         leader = cluster.member(wait_for(cluster.leader, 10, "a leader"))
     assert checked.returncode == 0 and f"beat {example.beat_name!r}" in checked.stdout, checked
+    assert "locked tasks: 3" in checked.stdout, checked.stdout  # found by Django's autodiscovery
     assert done.returncode == 0, done
     status = json.loads(done.stdout)
     assert status["key_prefix"] == cluster.key_prefix
