@@ -42,8 +42,6 @@ from .ticks import MARKS_PREFIX, key_part
 
 __all__ = ["collect_status", "consul_lock", "preflight"]
 
-#: Where the beat keeps each entry's state, after the key prefix.
-BEAT_STATE = "celery-consul-lock/beat/"
 #: What beat sessions are called (see beat.Election): "celery beat <name> <instance>".
 BEAT_SESSION = re.compile(r"^celery beat (?P<name>\S+) (?P<instance>\S+)$")
 #: Scratch keys and services of ``check`` carry this, so they are recognisable if a killed
@@ -61,7 +59,8 @@ def collect_status(app: Any) -> dict[str, Any]:
     the cluster (up to the few milliseconds between the two reads).
     """
     settings = ConsulSettings.from_celery(app.conf)
-    beat_name = BeatConfig.from_app(app).name
+    beat_config = BeatConfig.from_app(app)
+    beat_name = beat_config.name
     client = ConsulClient(settings)
     try:
         entries = client.kv_keys(settings.key_prefix)
@@ -91,7 +90,7 @@ def collect_status(app: Any) -> dict[str, Any]:
         "key_prefix": prefix,
         "beats": sorted(beats.values(), key=lambda b: b["name"]),
         "locks": sorted(locks, key=lambda lock: lock["key"]),
-        "entries": _entries(app, entries, prefix),
+        "entries": _entries(app, entries, prefix, beat_config),
     }
 
 
@@ -134,30 +133,29 @@ def _held(entry: KVEntry, session: dict[str, Any] | None, now: datetime, prefix:
     }
 
 
-def _entries(app: Any, entries: list[KVEntry], prefix: str) -> list[dict[str, Any]]:
-    """Per periodic entry: the beat's record of its last send, and the last completed tick
-    (the mark ConsulLockedTask advances). Entries are named as in ``beat_schedule`` where
-    the stored key segment is one of those names, else by the segment."""
+def _entries(app: Any, entries: list[KVEntry], prefix: str, beat: BeatConfig) -> list[dict[str, Any]]:
+    """Per periodic entry: this app's beat's record of its last send, and the last completed
+    tick (the mark ConsulLockedTask advances, shared by every sender of the entry). Entries
+    are named as in ``beat_schedule`` where the stored key segment is one of those names,
+    else by the segment."""
     names = {key_part(name): name for name in (app.conf.beat_schedule or {})}
-    rows: dict[str, dict[str, Any]] = {
-        name: {"entry": name, "beat": None, "last_sent": None, "runs": None, "last_completed": None} for name in names.values()
-    }
+    rows: dict[str, dict[str, Any]] = {}
 
     def row(segment: str) -> dict[str, Any]:
         name = names.get(segment, segment)
         return rows.setdefault(name, {"entry": name, "beat": None, "last_sent": None, "runs": None, "last_completed": None})
 
-    marks, states = prefix + MARKS_PREFIX, prefix + BEAT_STATE
+    for segment in names:
+        row(segment)
+    marks, states = prefix + MARKS_PREFIX, beat.state_prefix
     for entry in entries:
         data = _json(entry.value)
         if entry.key.startswith(marks):
             r = row(entry.key[len(marks) :])
-            r["last_completed"] = data.get("due")
-            r["task_id"] = data.get("task_id")
-        elif entry.key.startswith(states) and "/entries/" in entry.key:
-            beat, _, segment = entry.key[len(states) :].partition("/entries/")
-            r = row(segment)
-            r.update(beat=beat, last_sent=data.get("last_run_at"), runs=data.get("total_run_count"))
+            r.update(last_completed=data.get("due"), task_id=data.get("task_id"))
+        elif entry.key.startswith(states):
+            r = row(entry.key[len(states) :])
+            r.update(beat=beat.name, last_sent=data.get("last_run_at"), runs=data.get("total_run_count"))
     return sorted(rows.values(), key=lambda r: r["entry"])
 
 

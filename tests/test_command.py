@@ -44,6 +44,8 @@ def test_status_shows_the_leader_its_standby_held_locks_and_each_entrys_last_tic
     harness: Harness, r, consul: ConsulAgent, key: str, tmp_path: Path
 ) -> None:
     consul.api("/v1/kv/celery-consul-lock/ticks/heartbeat", "DELETE")  # the entry's mark, from earlier tests
+    # Another app's beat with an entry of the same name, under the same prefix: not ours to show.
+    consul.api("/v1/kv/celery-consul-lock/beat/other-app/entries/heartbeat", "PUT", {"total_run_count": 999})
     harness.worker(consul.address)
     beats = [harness.beat(consul.address), harness.beat(consul.address)]
     harness.wait_joined()
