@@ -29,7 +29,6 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timezone
 from typing import Any
 
 from .consul import LOCK_FLAG, ConsulClient, KVEntry, LockAttempt, thread_client
@@ -515,8 +514,7 @@ class ConsulLock:
         if self._value_tail[0] != pid:
             fixed = {"host": socket.gethostname(), "pid": pid, "name": self.name, **self.value}
             self._value_tail = (pid, json.dumps(fixed, separators=(",", ":"), default=str)[1:].encode())
-        now = datetime.now(timezone.utc).isoformat(timespec="milliseconds")
-        return b'{"acquired_at":"%s","session":"%s",%s' % (now.encode(), sid.encode(), self._value_tail[1])
+        return b'{"acquired_at":"%s","session":"%s",%s' % (_utc_now_ms(), sid.encode(), self._value_tail[1])
 
     def _acquired(self, session: LockSession, sid: str, value: bytes, token: int | None) -> None:
         with self._mutex:
@@ -612,6 +610,21 @@ def _holder_of(client: ConsulClient, entry: KVEntry) -> LockHolder:
     except ConsulLockError:
         return holder
     return LockHolder.from_entry(entry, info)
+
+
+_SECOND: tuple[int, bytes] = (0, b"")
+
+
+def _utc_now_ms() -> bytes:
+    """Now in UTC as ISO 8601 with milliseconds (``2026-11-26T10:14:22.830+00:00``), the
+    part up to the second formatted once per second."""
+    global _SECOND
+    now = time.time()
+    second = int(now)
+    cached = _SECOND
+    if cached[0] != second:
+        cached = _SECOND = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)).encode())
+    return b"%s.%03d+00:00" % (cached[1], int((now - second) * 1000))
 
 
 def _as_dict(settings: ConsulSettings) -> dict[str, Any]:
