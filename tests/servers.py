@@ -15,6 +15,7 @@ import socket
 import ssl
 import subprocess
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -108,8 +109,15 @@ def http_json(
     req = urllib.request.Request(url, data=data, method=method)
     if token:
         req.add_header("X-Consul-Token", token)
-    with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
-        text = resp.read().decode()
+    try:
+        with urllib.request.urlopen(req, timeout=timeout, context=context) as resp:
+            text = resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        # Close the error answer's connection here: a caller that only looks at exc.code
+        # (or a wait_for that keeps the exception) would leave the socket to the garbage
+        # collector, and its ResourceWarning would fail whichever test runs at that moment.
+        exc.close()
+        raise
     return json.loads(text) if text.strip() else None
 
 

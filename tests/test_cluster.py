@@ -140,12 +140,11 @@ def _followers(cluster: ConsulCluster) -> tuple[ConsulAgent, ConsulAgent, Consul
 
 
 def _get(agent: ConsulAgent, path: str) -> tuple[int, object]:
-    """(HTTP status, decoded JSON or None); an error answer is closed, not leaked."""
+    """(HTTP status, decoded JSON or None); http_json closes an error answer."""
     try:
         return 200, agent.api(path)
     except urllib.error.HTTPError as exc:
-        with exc:
-            return exc.code, None
+        return exc.code, None
 
 
 def _kv(agent: ConsulAgent, key: str) -> dict | None:

@@ -51,11 +51,10 @@ def _kv(agent: ConsulAgent, key: str) -> dict | None:
     """The key as Consul stores it (a consistent read), or None."""
     try:
         data = agent.api(f"/v1/kv/{key}?consistent")
-    except urllib.error.HTTPError as exc:
-        with exc:  # close the answer: no socket left to the garbage collector
-            if exc.code == 404:
-                return None
-            raise
+    except urllib.error.HTTPError as exc:  # closed by http_json
+        if exc.code == 404:
+            return None
+        raise
     return data[0] if data else None
 
 
