@@ -364,7 +364,7 @@ def release(ctx: click.Context, key: str, yes: bool) -> None:
     except ConsulLockError as exc:
         _fail(str(exc))
     holder = LockHolder.from_entry(entry, info)
-    lock_delay = _seconds((info or {}).get("LockDelay"))
+    lock_delay = _from_nanoseconds((info or {}).get("LockDelay"))
     click.echo(f"{entry.key} is held by {holder}, fencing token {entry.modify_index}.")
     if others:
         click.echo("Destroying its session also frees: " + ", ".join(others))
@@ -402,6 +402,6 @@ def check(ctx: click.Context, no_beat: bool, verbose: bool) -> None:
     click.echo(f"consul-lock check {summary}")
 
 
-def _seconds(nanoseconds: object) -> float:
+def _from_nanoseconds(nanoseconds: object) -> float:
     """Session fields like LockDelay come as nanoseconds."""
     return int(nanoseconds) / 1e9 if isinstance(nanoseconds, int | float) else 0.0

@@ -313,7 +313,7 @@ class ConsulClient:
         if session is not None and "invalid session" in body.lower():
             raise SessionGone(session, self.address)
         if status >= 500 and any(m in body for m in _NO_LEADER):
-            raise ConsulUnavailable(self.address, action, f"Consul has no usable leader right now ({body.strip()[:120]})")
+            raise _no_leader(self.address, action, body)
         raise ConsulLockError(f"Consul at {self.address} answered {status} while {action}: {body.strip()}")
 
     def txn(
@@ -382,9 +382,7 @@ class _Errors:
         if isinstance(exc, consul_lib.ConsulException):
             text = str(exc)
             if text.startswith("5") and any(m in text for m in _NO_LEADER):
-                raise ConsulUnavailable(
-                    address, action, f"Consul has no usable leader right now ({text.strip()[:120]})"
-                ) from None
+                raise _no_leader(address, action, text) from None
             if session is not None and (isinstance(exc, consul_lib.NotFound) or "invalid session" in text.lower()):
                 raise SessionGone(session, address) from None
             raise ConsulLockError(f"Consul at {address} failed while {action}: {text.strip()}") from None
@@ -436,6 +434,11 @@ class _KeepAliveHTTP(consul_lib.base.HTTPClient):  # type: ignore[misc]
 
 
 _RESPONSE = consul_lib.base.Response
+
+
+def _no_leader(address: str, action: str, answer: str) -> ConsulUnavailable:
+    """A server's answer during a raft election: brief, worth retrying."""
+    return ConsulUnavailable(address, action, f"Consul has no usable leader right now ({answer.strip()[:120]})")
 
 
 def _tls_context(settings: ConsulSettings) -> ssl.SSLContext:
