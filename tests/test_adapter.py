@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
 
@@ -138,5 +140,29 @@ def test_lock_txn_reports_a_wrong_guess_of_existence_and_writes_nothing(client, 
         client.kv_put(key, b"semaphore", flags=0xE0F69A2BAA414DE0)
         got = client.kv_lock(key, sid, b"v", exists=True)
         assert got.acquired and got.conflict.value == b"semaphore" and got.conflict.flags == 0xE0F69A2BAA414DE0
+    finally:
+        client.session_destroy(sid)
+
+
+def test_the_quick_reading_of_a_lock_answer_agrees_with_decoding_it(client, key):
+    """kv_lock reads the usual answer with two patterns instead of decoding the JSON; on the
+    real answers of both forms (create, then re-take), it must find what decoding finds."""
+    from celery_consul_lock.consul import _LOCK_TXN, _quick_lock_answer
+
+    sid = client.session_create("q", ttl=10, lock_delay=0, checks=[])
+    quoted = json.dumps(f'{key}"x')  # a key with a quote in it, escaped in the answer
+    try:
+        for exists in (False, True):
+            body = _LOCK_TXN % ("get" if exists else "check-not-exists", quoted, quoted, "", LOCK_FLAG, json.dumps(sid))
+            code, answer = client._txn_send(body.encode(), "test", key)
+            assert code == 200, answer
+            results = json.loads(answer)["Results"]
+            quick = _quick_lock_answer(answer, exists)
+            assert quick is not None and quick.acquired and quick.conflict is None
+            assert quick.modify_index == results[-1]["KV"]["ModifyIndex"] > 0
+            assert client.kv_release(f'{key}"x', sid, b"")
+        # Another kind of key (a semaphore's flags): not read quickly, decoded instead.
+        assert _quick_lock_answer(re.sub(rf'"Flags":(\s*){LOCK_FLAG}', r'"Flags":\g<1>7', answer, count=1), True) is None
+        assert _quick_lock_answer('{"Results":[],"Errors":null}', True) is None
     finally:
         client.session_destroy(sid)
