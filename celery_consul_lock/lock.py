@@ -162,11 +162,11 @@ class _WatchStarter:
 
     def _reset(self) -> None:
         self._cond = threading.Condition(threading.Lock())
-        self._due: list[tuple[float, int, Callable[..., None], tuple[Any, ...], threading.Event]] = []
+        self._due: list[tuple[float, int, Callable[..., None], tuple[Any, ...], _Hold]] = []
         self._seq = itertools.count()
         self._thread: threading.Thread | None = None
 
-    def schedule(self, at: float, target: Callable[..., None], args: tuple[Any, ...], released: threading.Event) -> None:
+    def schedule(self, at: float, target: Callable[..., None], args: tuple[Any, ...], released: _Hold) -> None:
         with self._cond:
             was_empty = not self._due
             heapq.heappush(self._due, (at, next(self._seq), target, args, released))
@@ -200,6 +200,39 @@ class _WatchStarter:
                 if not released.is_set():
                     threading.Thread(target=target, args=args, name="consul-lock-watch", daemon=True).start()
             time.sleep(WATCH_DELAY / 2)
+
+
+class _Hold:
+    """Says when one holding of a lock (one acquire) has been released: what the watch
+    starter and the watcher of that holding look at. An Event's interface, but the Event
+    itself is made only if a watcher has to wait on it (after a failed read), not on every
+    acquire (an Event costs as much as the rest of an acquire's bookkeeping)."""
+
+    __slots__ = ("_event", "released")
+
+    def __init__(self) -> None:
+        self.released = False
+        self._event: threading.Event | None = None
+
+    def set(self) -> None:
+        self.released = True
+        event = self._event
+        if event is not None:
+            event.set()
+
+    def is_set(self) -> bool:
+        return self.released
+
+    def wait(self, timeout: float) -> bool:
+        """Called by the holding's one watcher thread only (so one Event at most)."""
+        event = self._event
+        if event is None:
+            event = self._event = threading.Event()
+        # set() flags first, then looks for the Event: it either sees this Event, or has
+        # flagged before the check below.
+        if self.released:
+            return True
+        return event.wait(timeout)
 
 
 _LOCAL = _LocalKeys()
@@ -262,7 +295,7 @@ class ConsulLock:
         self._sid: str | None = None
         self._held_value = b""
         self._value_tail: tuple[int, bytes] = (0, b"}")
-        self._released = threading.Event()
+        self._released = _Hold()
 
     def __repr__(self) -> str:
         state = "held" if self._sid else "free"
@@ -523,7 +556,7 @@ class ConsulLock:
             self.lost_reason = None
             self.lost.clear()
             self.last_holder = None
-            self._released = released = threading.Event()
+            self._released = released = _Hold()
         session.hold(self)
         if session.lost_reason is not None:  # lost between ensure() and hold()
             self._session_lost(session.lost_reason)
@@ -546,7 +579,7 @@ class ConsulLock:
     def _session_lost(self, reason: str) -> None:
         self._mark_lost(f"session lost: {reason}")
 
-    def _mark_lost(self, reason: str, released: threading.Event | None = None) -> None:
+    def _mark_lost(self, reason: str, released: _Hold | None = None) -> None:
         with self._mutex:
             if self._sid is None or self.lost.is_set() or (released is not None and released.is_set()):
                 return
@@ -560,7 +593,7 @@ class ConsulLock:
             except Exception:
                 watch_log.exception("on_lost callback %r for %s failed", callback, self.key)
 
-    def _watch(self, sid: str, released: threading.Event) -> None:
+    def _watch(self, sid: str, released: _Hold) -> None:
         """Consistent blocking reads of the key until it is released, deleted or taken."""
         client = ConsulClient(self.settings)
         index = 0  # the first read answers at once, with the key's current index
