@@ -19,7 +19,9 @@ script  what a hand-written curl script does: create a session, acquire the key 
 curl    the same flow as a shell script runs it, one ``curl`` process per request.
 
 All run interleaved in rounds, in rotating order, so machine noise hits them
-alike. Exits 1 if ours/floor or curl/ours misses its target, so it can serve as a check.
+alike. ours/floor is judged as the median, over the rounds, of the ratio of the two flows'
+medians within a round (the ratio of the overall medians is printed too). Exits 1 if
+ours/floor or curl/ours misses its target, so it can serve as a check.
 """
 
 from __future__ import annotations
@@ -170,7 +172,8 @@ def stats(samples: list[float]) -> dict[str, float]:
     }
 
 
-def run(agent: ConsulAgent, rounds: int, iterations: int) -> dict[str, dict[str, float]]:
+def run(agent: ConsulAgent, rounds: int, iterations: int) -> tuple[dict[str, dict[str, float]], list[dict[str, float]]]:
+    """Per flow, the statistics of all its samples; and per round, each flow's median."""
     plain, floor, ours, script, curl = Plain(agent), Floor(agent), Ours(agent), Script(agent), Curl(agent)
     methods: dict[str, Callable[[], None]] = {"plain": plain, "floor": floor, "ours": ours, "script": script, "curl": curl}
     try:
@@ -178,16 +181,21 @@ def run(agent: ConsulAgent, rounds: int, iterations: int) -> dict[str, dict[str,
             for fn in methods.values():
                 fn()
         samples: dict[str, list[float]] = {name: [] for name in methods}
+        per_round: list[dict[str, float]] = []
         names = list(methods)
         orders = (names[r % len(names) :] + names[: r % len(names)] for r in itertools.count())
         for _ in range(rounds):
+            medians = {}
             for name in next(orders):
-                fn, out = methods[name], samples[name]
+                fn, out = methods[name], []
                 for _ in range(iterations):
                     t0 = time.perf_counter()
                     fn()
                     out.append(time.perf_counter() - t0)
-        return {name: stats(s) for name, s in samples.items()}
+                samples[name] += out
+                medians[name] = statistics.median(out)
+            per_round.append(medians)
+        return {name: stats(s) for name, s in samples.items()}, per_round
     finally:
         floor.close()
         plain.close()
@@ -211,14 +219,18 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"expected a server agent with a data directory, got {info}")
             print(f"Consul v{info['version']}, server agent with data dir {info['data_dir']} at {info['address']}")
             print(f"{args.rounds} rounds x {args.iterations} iterations of each, rotating order, after {WARMUP} warm-up cycles")
-            results = run(agent, args.rounds, args.iterations)
+            results, per_round = run(agent, args.rounds, args.iterations)
         finally:
             try:
                 close_sessions()
             finally:
                 agent.stop()
 
-    ours_floor = results["ours"]["median_ms"] / results["floor"]["median_ms"]
+    # The target is judged on the ratio within each round (the two flows a few seconds
+    # apart), whose median is less moved by this VM's drift from round to round than the
+    # ratio of the overall medians, which is printed too.
+    ours_floor = statistics.median(r["ours"] / r["floor"] for r in per_round)
+    ours_floor_overall = results["ours"]["median_ms"] / results["floor"]["median_ms"]
     ours_plain = results["ours"]["median_ms"] / results["plain"]["median_ms"]
     script_ours = results["script"]["median_ms"] / results["ours"]["median_ms"]
     curl_ours = results["curl"]["median_ms"] / results["ours"]["median_ms"]
@@ -237,7 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:8}{labels[name]:30}{r['median_ms']:10.3f}{r['p90_ms']:10.3f}{r['n']:7d}")
     print()
     print(
-        f"ratio ours/floor = {ours_floor:.2f} (target <= {TARGET_OURS_FLOOR:.2f})   ours/plain = {ours_plain:.2f}   "
+        f"ratio ours/floor = {ours_floor:.2f} (median of the {len(per_round)} rounds' ratios; target <= "
+        f"{TARGET_OURS_FLOOR:.2f}; of the overall medians: {ours_floor_overall:.2f})\n"
+        f"ours/plain = {ours_plain:.2f}   "
         f"curl/ours = {curl_ours:.1f}x (target >= {TARGET_SCRIPT_OURS:g})   "
         f"script-in-process/ours = {script_ours:.1f}x   {'OK' if ok else 'MISSED'}"
     )
@@ -252,6 +266,7 @@ def main(argv: list[str] | None = None) -> int:
             "results": results,
             "ratios": {
                 "ours_floor": ours_floor,
+                "ours_floor_overall": ours_floor_overall,
                 "ours_plain": ours_plain,
                 "curl_ours": curl_ours,
                 "script_ours": script_ours,

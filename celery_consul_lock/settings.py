@@ -115,6 +115,20 @@ class ConsulSettings:
     #: HTTP timeout in seconds for every non-blocking request.
     timeout: float = DEFAULT_TIMEOUT
 
+    def __hash__(self) -> int:
+        # Settings key the per-thread clients and the session pool, looked up on every
+        # acquire and release: hash the fields once, not on each lookup.
+        try:
+            return self.__dict__["_hash"]  # type: ignore[no-any-return]
+        except KeyError:
+            value = hash(tuple(getattr(self, f.name) for f in fields(self)))
+            object.__setattr__(self, "_hash", value)
+            return value
+
+    def __getstate__(self) -> dict[str, Any]:
+        # A string's hash differs between processes: never carry the cached one along.
+        return {k: v for k, v in self.__dict__.items() if k != "_hash"}
+
     def __post_init__(self) -> None:
         self._validate()
 
