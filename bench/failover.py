@@ -413,10 +413,12 @@ def main(argv: list[str] | None = None) -> int:
         pgids += [b.pid for b in fleet.beats] if fleet is not None else []
         left = leftover(pgids)
         complaints = log_complaints(tmp)
-        if failure is not None or left:
+        if failure is not None or left or complaints:
             keep = Path(tempfile.mkdtemp(prefix="failover-logs-"))
             for log in tmp.glob("*.log"):
                 shutil.copy(log, keep)
+            print(f"logs with warnings or errors kept in {keep}")
+        if failure is not None or left:
             if failure is not None and not isinstance(failure, (RuntimeError, AssertionError)):
                 traceback.print_exception(failure)
             print_complaints(complaints)

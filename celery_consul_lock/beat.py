@@ -221,6 +221,10 @@ class Election:
         self._session, self._service_id, self._registered = None, None, False
         if session is None:
             return
+        # Ours to end: say so before failing its check, so that an acquire still waiting in
+        # the election thread, which Consul now answers "invalid session", is not reported
+        # as a session lost.
+        session.retire("retired by the beat")
         client = thread_client(self.config.settings)
         if registered and service_id is not None:
             try:

@@ -139,6 +139,14 @@ class LockSession:
         for user in users:
             user._session_lost(reason)
 
+    def retire(self, reason: str) -> None:
+        """Mark the session as ended by its owner, quietly: no more renewals, and no
+        acquire starts with it; :meth:`destroy` still removes it from Consul."""
+        with self._mutex:
+            self._stop.set()
+            if self.lost_reason is None:
+                self.lost_reason = reason
+
     def destroy(self, client: ConsulClient, release: Callable[[], None] | None = None) -> None:
         """Stop renewing and destroy the session, after ``release`` freed its keys.
 
@@ -146,11 +154,9 @@ class LockSession:
         """
         if release is not None:
             release()
+        self.retire("destroyed")
         with self._mutex:
-            self._stop.set()
             sid, self.id = self.id, None
-            if self.lost_reason is None:
-                self.lost_reason = "destroyed"
         if sid is None:
             return
         try:
