@@ -326,10 +326,7 @@ class ConsulClient:
     ) -> tuple[bool, list[dict[str, Any]], list[dict[str, Any]]]:
         """``PUT /v1/txn``: all operations or none. Returns (ok, results, errors); a
         ``check-session`` that fails gives ok=False, not an exception."""
-        return self._txn(json.dumps(ops).encode(), action, resource)
-
-    def _txn(self, payload: bytes, action: str, resource: str) -> tuple[bool, list[dict[str, Any]], list[dict[str, Any]]]:
-        code, body = self._txn_send(payload, action, resource)
+        code, body = self._txn_send(json.dumps(ops).encode(), action, resource)
         return self._txn_parse(code, body, action, resource)
 
     def _txn_send(self, payload: bytes, action: str, resource: str) -> tuple[int, str]:

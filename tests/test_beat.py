@@ -194,14 +194,22 @@ def test_beats_started_at_the_same_instant_elect_exactly_one_leader(harness, r, 
     assert len(records) >= 5, records
 
 
+def stop_the_leader(h: Harness, cluster, sig: signal.Signals, timeout: float) -> tuple[Beat, int, float, dict]:
+    """Three beats and a worker; once they tick, signal the leader with ``sig``. Returns the
+    old leader, its log's size before the signal, when it was sent, and the first run sent
+    by another beat after it."""
+    start_three(h, cluster)
+    leader = leader_of(h)
+    offset = leader.log_size()
+    at = time.time()
+    leader.signal(sig)
+    return leader, offset, at, takeover_after(h, leader.instance, at, timeout)
+
+
 @pytest.mark.cluster
 def test_leader_sigkill_a_standby_takes_over_within_the_crash_bound(harness, r, cluster):
-    start_three(harness, cluster)
-    leader = leader_of(harness)
+    leader, _, killed, takeover = stop_the_leader(harness, cluster, signal.SIGKILL, 15)
     old = leader.instance
-    killed = time.time()
-    leader.signal(signal.SIGKILL)
-    takeover = takeover_after(harness, old, killed, 15)
     gap = takeover["t"] - killed
     report("SIGKILL: kill -> first run sent by the new leader", f"{gap:.2f} s")
     report("SIGKILL: kill -> new leader elected", seconds_since(harness.by_instance(takeover["instance"]).elected_at(), killed))
@@ -214,13 +222,8 @@ def test_leader_sigkill_a_standby_takes_over_within_the_crash_bound(harness, r, 
 
 @pytest.mark.cluster
 def test_leader_sigterm_releases_and_a_standby_sends_at_once(harness, r, cluster):
-    start_three(harness, cluster)
-    leader = leader_of(harness)
+    leader, offset, stopped, takeover = stop_the_leader(harness, cluster, signal.SIGTERM, 10)
     old = leader.instance
-    offset = leader.log_size()
-    stopped = time.time()
-    leader.signal(signal.SIGTERM)
-    takeover = takeover_after(harness, old, stopped, 10)
     gap = takeover["t"] - stopped
     report("SIGTERM: signal -> first run sent by the new leader", f"{gap:.2f} s")
     report(
@@ -243,12 +246,8 @@ def test_leader_sigterm_releases_and_a_standby_sends_at_once(harness, r, cluster
 
 @pytest.mark.cluster
 def test_a_leader_paused_past_its_lease_sends_nothing_when_it_resumes(harness, r, cluster):
-    start_three(harness, cluster)
-    leader = leader_of(harness)
+    leader, _, paused, takeover = stop_the_leader(harness, cluster, signal.SIGSTOP, 15)
     old = leader.instance
-    paused = time.time()
-    leader.signal(signal.SIGSTOP)
-    takeover = takeover_after(harness, old, paused, 15)
     report("SIGSTOP: stop -> first run sent by the new leader", f"{takeover['t'] - paused:.2f} s")
     time.sleep(max(0.0, paused + 11 - time.time()))  # the scenario: paused for more than 10 s
     offset = leader.log_size()
