@@ -433,15 +433,14 @@ class ConsulLock:
 
     def _acquire_in_consul(self, deadline: float | None) -> bool:
         client = thread_client(self.settings)
-        if self._ident in _LOCK_KEYS:
-            exists = True  # picks the transaction's form; a wrong guess costs a request
-        else:
-            # First time in this process: look before writing, so a key that is not a lock
-            # (a semaphore's) is never touched. Later acquires check the key's previous
-            # flags in the acquire transaction itself and put it back if it was repurposed.
-            _, entry = client.kv_get(self.key)
-            self._check_is_lock(entry)
-            exists = entry is not None
+        # ``exists`` picks the transaction's form; a wrong guess costs a request, no write.
+        # A key this process has locked before is taken with ``get`` + ``lock``, which
+        # reports the key's previous flags, so a key repurposed since (a semaphore's) is put
+        # back and refused. A key never seen here is first tried with ``check-not-exists``
+        # + ``lock``, which only creates: if the key exists, it is read and its flags
+        # checked before anything is written, so a key that is not a lock is never touched.
+        exists = self._ident in _LOCK_KEYS
+        checked = exists
         session = self._new_session()
         session_failures = 0
         backoff = RETRY_MIN
@@ -453,6 +452,10 @@ class ConsulLock:
                 attempt = client.kv_lock(self.key, sid, value, exists=exists)
                 if attempt.reason in ("missing", "exists"):
                     exists = attempt.reason == "exists"
+                    if exists and not checked:
+                        _, entry = client.kv_get(self.key)
+                        self._check_is_lock(entry)
+                        checked = True
                     continue
                 _LOCK_KEYS.add(self._ident)
                 exists = True

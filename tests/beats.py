@@ -170,7 +170,6 @@ class Harness:
         return "\n".join(out)
 
 
-
 def ticks(r) -> list[dict]:
     return [x for x in (json.loads(v) for v in r.lrange("runs", 0, -1)) if x["kind"] == "tick"]
 

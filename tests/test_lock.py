@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from celery_consul_lock import ConsulLock, ConsulSettings, LockLost, LockTimeout, close_sessions
+from celery_consul_lock import ConsulLock, ConsulSettings, LockLost, LockTimeout, close_sessions, transport
+from celery_consul_lock import lock as lock_module
 from celery_consul_lock.consul import LOCK_FLAG, ConsulClient
 
 from .servers import ROOT, wait_for
@@ -273,3 +274,36 @@ def start_holder(settings: ConsulSettings, key: str, tmp_path, hold: float = 360
     proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, start_new_session=True)
     wait_for(lambda: (tmp_path / "held").exists(), 30, "the other process to hold the lock")
     return proc
+
+
+def test_requests_per_lock_one_write_each_way(settings, key, consul, monkeypatch):
+    """What a lock costs the agent, counted on the wire: a key nobody has created is
+    taken with one request (``check-not-exists`` + ``lock``), not a read and a write; a
+    key this process has locked before also with one (``get`` + ``lock``); a key that
+    exists but was never locked here is read (its flags checked) before it is written."""
+    sent: list[str] = []
+    original = transport.Connection.request
+
+    def counting(self, method, target, body, headers, timeout):
+        sent.append(f"{method} {target.split('?')[0]}")
+        return original(self, method, target, body, headers, timeout)
+
+    lock = ConsulLock(key, settings=settings)
+    with lock:  # the session is created outside the count
+        pass
+    fresh = ConsulLock(f"{key}-fresh", settings=settings)
+    monkeypatch.setattr(transport.Connection, "request", counting)
+
+    def cycle(lock: ConsulLock) -> list[str]:
+        sent.clear()
+        assert lock.acquire(blocking=False)
+        assert lock.release()
+        return list(sent)
+
+    txn, kv = "PUT /v1/txn", f"/v1/kv/{settings.full_key(key)}"
+    assert cycle(fresh) == [txn, f"PUT /v1/kv/{settings.full_key(key)}-fresh"]
+    assert cycle(lock) == [txn, f"PUT {kv}"]
+    # Another process's first sight of an existing key: the create form fails without a
+    # write, then the key is read, then taken.
+    monkeypatch.setattr(lock_module, "_LOCK_KEYS", set())
+    assert cycle(ConsulLock(key, settings=settings)) == [txn, f"GET {kv}", txn, f"PUT {kv}"]

@@ -15,7 +15,9 @@ import redis
 from celery import Celery
 
 from celery_consul_lock import ConsulLockedTask
+from celery_consul_lock.consul import LOCK_FLAG
 from celery_consul_lock.signals import task_lock_skipped
+from celery_consul_lock.transport import Connection
 
 app = Celery("proj")
 app.conf.update(
@@ -98,6 +100,28 @@ def shared_noop(self, n: int = 0) -> int:
 
 @app.task(name="proj.noop")
 def noop(n: int = 0) -> int:
+    return n
+
+
+_floor: tuple[int, Connection, str] | None = None
+
+
+@app.task(name="proj.floor_noop")
+def floor_noop(n: int = 0) -> int:
+    """The least any Consul-locked no-op can do, for bench/task_throughput.py: ``PUT
+    ?acquire=`` and ``PUT ?release=`` of ``locks/floor-{n}/.lock`` for a session made once
+    per pool process, on one keep-alive connection; no value, no checks, no bookkeeping."""
+    global _floor
+    if _floor is None or _floor[0] != os.getpid():
+        host, _, port = os.environ["CONSUL_HTTP_ADDR"].rpartition(":")
+        conn = Connection(host, int(port))
+        _, _, text = conn.request("PUT", "/v1/session/create", b'{"TTL": "60s", "LockDelay": "0s"}', {}, 10.0)
+        _floor = (os.getpid(), conn, json.loads(text)["ID"])
+    _, conn, sid = _floor
+    for verb in ("acquire", "release"):
+        status, _, text = conn.request("PUT", f"/v1/kv/locks/floor-{n}/.lock?{verb}={sid}&flags={LOCK_FLAG}", b"", {}, 10.0)
+        if status != 200 or text.strip() != b"true":
+            raise RuntimeError(f"{verb} of locks/floor-{n}/.lock answered {status} {text!r}")
     return n
 
 
