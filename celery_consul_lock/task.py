@@ -140,8 +140,9 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
 
     # -- options -----------------------------------------------------------------------------
 
-    def lock_options(self) -> LockOptions:
-        """This call's options: the task's, with the ``consul_lock`` header's on top."""
+    def lock_options(self, request: Any = None) -> LockOptions:
+        """This call's options (``request``'s, default the current one): the task's, with
+        the ``consul_lock`` header's on top."""
         if self._lock_options is None:
             self._lock_options = LockOptions(
                 key=self.lock_key,
@@ -153,7 +154,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
                 fail_policy=self.lock_fail_policy,
                 abort_on_lock_lost=self.abort_on_lock_lost,
             ).validated(self.name)
-        override = _request_value(self.request, LOCK_OPTIONS_HEADER)
+        override = _request_value(self.request if request is None else request, LOCK_OPTIONS_HEADER)
         if not override:
             return self._lock_options
         if not isinstance(override, Mapping):
@@ -192,12 +193,13 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
     # -- the run -----------------------------------------------------------------------------
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        options = self.lock_options()
+        request = self.request  # a lookup through Celery's request stack: done once
+        options = self.lock_options(request)
         settings = self.lock_settings(options)
         key = self.lock_key_for(args, kwargs, options)
-        tick = _tick(self.request)
-        task_id = self.request.id
-        stale = _stale_leader(_request_value(self.request, LEADER_HEADER))
+        tick = _tick(request)
+        task_id = request.id
+        stale = _stale_leader(_request_value(request, LEADER_HEADER))
         if stale:
             return self._skip(key, "stale-leader", None, tick, task_id, why=stale)
         lock = ConsulLock(
@@ -222,14 +224,14 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
                 mark = read_mark(client, settings, tick.entry)
                 if mark.covers(tick):
                     return self._skip(lock.key, "duplicate-tick", None, tick, task_id)
-            self.request.consul_lock_held = lock
+            request.consul_lock_held = lock
             signals.send(signals.task_lock_acquired, self, key=lock.key, fencing_token=lock.fencing_token, task_id=task_id)
-            result = self._run_body(lock, options, args, kwargs)
+            result = self._run_body(lock, options, task_id, args, kwargs)
             if tick is not None and mark is not None:
                 self._record_tick(lock, settings, tick, mark, task_id)
             return result
         finally:
-            self.request.consul_lock_held = None
+            request.consul_lock_held = None
             lock.release()
 
     def _acquire(self, lock: ConsulLock, options: LockOptions, tick: Tick | None, task_id: str | None) -> bool:
@@ -297,9 +299,9 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             "tick": str(tick) if tick else None,
         }
 
-    def _run_body(self, lock: ConsulLock, options: LockOptions, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-        task_id = self.request.id
-
+    def _run_body(
+        self, lock: ConsulLock, options: LockOptions, task_id: str | None, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
         def lost(_lock: ConsulLock, reason: str) -> None:
             signals.send(signals.task_lock_lost, self, key=lock.key, reason=reason, task_id=task_id)
 
