@@ -339,8 +339,9 @@ class ConsulLock:
         """Release the lock if we hold it; True if Consul confirmed we still held it.
 
         Consul frees the key only for the session that holds it, so this never frees a
-        lock that moved on to someone else. Errors are logged, not raised (the session's
-        TTL frees the key if the agent cannot be reached).
+        lock that moved on to someone else. Errors are logged, not raised (if the agent
+        cannot be reached, the key is released in the background once it can, or the
+        session's TTL frees it).
         """
         with self._mutex:
             sid, session, value = self._sid, self._session, self._held_value
@@ -364,8 +365,9 @@ class ConsulLock:
     def _release_in_consul(self, client: ConsulClient, session: LockSession, sid: str, value: bytes) -> bool:
         """``?release=``, retried through a brief outage (a Consul leader election) for as
         long as the session's fencing deadline allows. If it still fails, the session is
-        given up: it stops being renewed, so its TTL frees the key (a session that kept
-        renewing would keep the key held forever)."""
+        given up: it stops being renewed (a session that kept renewing would keep the key
+        held forever), and once Consul answers again the key is released and the session
+        destroyed in the background; if it never does, the TTL frees the key."""
         backoff = RETRY_MIN
         while True:
             try:
@@ -377,8 +379,12 @@ class ConsulLock:
                     backoff = min(RETRY_MAX, backoff * 2)
                     continue
                 release_log.warning(
-                    "could not release %s; giving its session up so that its TTL frees the key: %s", self.key, exc
+                    "could not release %s; giving its session up (it stops being renewed, and is released and "
+                    "destroyed as soon as Consul answers, or ended by its TTL): %s",
+                    self.key,
+                    exc,
                 )
+                session.release_later(self.key, value)
                 session.lose(f"releasing {self.key} failed: {exc}")
                 return False
             if ok:

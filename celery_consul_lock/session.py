@@ -24,10 +24,11 @@ import socket
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 from .consul import ConsulClient
-from .errors import ConsulLockError, SessionGone
+from .errors import ConsulLockError, ConsulUnavailable, SessionGone
 from .settings import ConsulSettings
 
 __all__ = ["LockSession", "SessionPool", "close_sessions", "shared_session"]
@@ -43,6 +44,8 @@ RENEW_RETRY = 0.5
 FENCE_MARGIN_RATIO = 0.1
 #: ... and never less than this.
 FENCE_MARGIN_MIN = 0.5
+#: How often a session left over by an outage is tried again (doubling up to the max).
+LEFTOVER_RETRY_MIN, LEFTOVER_RETRY_MAX = 0.2, 2.0
 
 
 class SessionUser(Protocol):
@@ -76,6 +79,8 @@ class LockSession:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._users: set[SessionUser] = set()
+        #: (key, value) of locks whose release failed while Consul was unavailable.
+        self._unreleased: list[tuple[str, bytes]] = []
 
     def __repr__(self) -> str:
         state = "lost" if self.lost_reason else ("active" if self.id else "new")
@@ -147,21 +152,39 @@ class LockSession:
             if self.lost_reason is None:
                 self.lost_reason = reason
 
-    def destroy(self, client: ConsulClient, release: Callable[[], None] | None = None) -> None:
-        """Stop renewing and destroy the session, after ``release`` freed its keys.
+    def release_later(self, key: str, value: bytes) -> None:
+        """Record a key whose release failed (Consul unavailable): :meth:`destroy` releases
+        it first, then, if Consul still cannot be reached, keeps trying in the background."""
+        with self._mutex:
+            self._unreleased.append((key, value))
 
-        Errors are logged, not raised: an unreachable agent lets the TTL end the session.
+    def destroy(self, client: ConsulClient, release: Callable[[], None] | None = None) -> None:
+        """Stop renewing and destroy the session, after ``release`` freed its keys (and the
+        keys whose release failed earlier are released: no lock-delay for their next holder).
+
+        Errors are logged, not raised. While Consul is unavailable (a leader election), a
+        daemon thread keeps trying until Consul answers or the session's TTL has surely
+        ended it, so its keys are not held for up to 2 x TTL + lock-delay after an outage
+        of a few seconds.
         """
         if release is not None:
             release()
         self.retire("destroyed")
         with self._mutex:
             sid, self.id = self.id, None
+            keys, self._unreleased = self._unreleased, []
         if sid is None:
             return
+        leftover = _Leftover(self.settings, sid, keys, until=time.monotonic() + 2 * self.settings.ttl)
         try:
-            client.session_destroy(sid)
+            leftover.end(client)
             log.debug("destroyed session %s", sid)
+        except ConsulUnavailable as exc:
+            if not exc.transient:
+                log.warning("could not destroy session %s (its TTL will end it): %s", sid, exc)
+                return
+            log.warning("could not destroy session %s yet; trying again in the background: %s", sid, exc)
+            _LEFTOVERS.add(leftover)
         except ConsulLockError as exc:
             log.warning("could not destroy session %s (its TTL will end it): %s", sid, exc)
 
@@ -203,6 +226,96 @@ class LockSession:
                 next_at = t0 + self.interval
         finally:
             client.close()
+
+
+@dataclass
+class _Leftover:
+    """A session given up while Consul was unavailable, and the keys it still holds."""
+
+    settings: ConsulSettings
+    sid: str
+    keys: list[tuple[str, bytes]]
+    #: ``time.monotonic()`` after which Consul has ended the session by its TTL anyway.
+    until: float
+
+    def end(self, client: ConsulClient) -> None:
+        """Release the keys (only where this session holds them), then destroy the
+        session; raises ConsulLockError, keeping what is left to do."""
+        while self.keys:
+            key, value = self.keys[0]
+            client.kv_release(key, self.sid, value)
+            self.keys.pop(0)
+        client.session_destroy(self.sid)
+
+
+class _Leftovers:
+    """Ends leftover sessions from a daemon thread as soon as Consul answers again."""
+
+    def __init__(self) -> None:
+        self._reset()
+        os.register_at_fork(after_in_child=self._reset)
+
+    def _reset(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._pending: list[_Leftover] = []
+        self._thread: threading.Thread | None = None
+
+    def add(self, leftover: _Leftover) -> None:
+        with self._cond:
+            self._pending.append(leftover)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="consul-session-leftovers", daemon=True)
+                self._thread.start()
+            self._cond.notify()
+
+    def _run(self) -> None:
+        clients: dict[ConsulSettings, ConsulClient] = {}
+        backoff = LEFTOVER_RETRY_MIN
+        try:
+            while True:
+                with self._cond:
+                    while not self._pending:
+                        self._cond.wait()
+                    pending = list(self._pending)
+                for leftover in pending:
+                    if leftover.settings not in clients:
+                        clients[leftover.settings] = ConsulClient(leftover.settings)
+                    if self._try(clients[leftover.settings], leftover):
+                        with self._cond:
+                            self._pending.remove(leftover)
+                with self._cond:
+                    waiting = bool(self._pending)
+                backoff = min(LEFTOVER_RETRY_MAX, backoff * 2) if waiting else LEFTOVER_RETRY_MIN
+                if waiting:
+                    time.sleep(backoff)
+        except BaseException:  # never die silently: say so, and let the next add() restart us
+            log.exception("the leftover sessions thread crashed")
+            with self._cond:
+                self._thread = None
+            raise
+
+    @staticmethod
+    def _try(client: ConsulClient, leftover: _Leftover) -> bool:
+        """One attempt; True when nothing is left to do."""
+        keys = [key for key, _ in leftover.keys]
+        if time.monotonic() > leftover.until:
+            log.info("session %s has ended by its TTL by now (with it, its keys %s)", leftover.sid, keys)
+            return True
+        try:
+            leftover.end(client)
+        except ConsulUnavailable as exc:
+            if exc.transient:
+                return False
+            log.warning("could not destroy session %s (its TTL will end it): %s", leftover.sid, exc)
+            return True
+        except ConsulLockError as exc:
+            log.warning("could not destroy session %s (its TTL will end it): %s", leftover.sid, exc)
+            return True
+        log.warning("Consul answers again: released %s and destroyed session %s", keys or "no keys", leftover.sid)
+        return True
+
+
+_LEFTOVERS = _Leftovers()
 
 
 class SessionPool:

@@ -75,6 +75,13 @@ class Proc:
     def signal(self, sig: int) -> None:
         os.kill(self.pid, sig)
 
+    def restart(self) -> None:
+        """Start the same command again (same ports, same data directory) after it died."""
+        with self.log.open("ab") as out:
+            self.popen = subprocess.Popen(
+                self.popen.args, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
+            )
+
     def stop(self, timeout: float = 10.0) -> None:
         if self.popen.poll() is not None:
             return

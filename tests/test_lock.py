@@ -17,7 +17,7 @@ from celery_consul_lock import ConsulLock, ConsulSettings, LockLost, LockTimeout
 from celery_consul_lock import lock as lock_module
 from celery_consul_lock.consul import LOCK_FLAG, ConsulClient
 
-from .servers import ROOT, wait_for
+from .servers import ROOT, start_consul, wait_consul_ready, wait_for
 
 pytestmark = pytest.mark.client
 
@@ -307,3 +307,38 @@ def test_requests_per_lock_one_write_each_way(settings, key, consul, monkeypatch
     # write, then the key is read, then taken.
     monkeypatch.setattr(lock_module, "_LOCK_KEYS", set())
     assert cycle(ConsulLock(key, settings=settings)) == [txn, f"GET {kv}", txn, f"PUT {kv}"]
+
+
+def test_release_during_an_outage_frees_the_key_as_soon_as_consul_answers(tmp_path):
+    """A release that fails while Consul is down (here: its only server killed, for longer
+    than the session's fencing window) gives the session up. Once Consul answers again (the
+    server restarted on its data), the key is released — no lock-delay for the next holder
+    — and the session destroyed, from the background: the key is not left held until the
+    TTL ends the session (up to 2 x TTL, then lock-delay), which after a leader election
+    once stalled beat ticks for 25 s."""
+    agent = start_consul(tmp_path, dev=False, node="outage")
+    try:
+        wait_consul_ready(agent)
+        settings = ConsulSettings(address=agent.address, ttl=10, lock_delay=3, timeout=0.5)
+        key = "locks/outage/.lock"
+        lock = ConsulLock(key, settings=settings)
+        assert lock.acquire(blocking=False)
+        sid = agent.api(f"/v1/kv/{key}")[0]["Session"]
+        agent.proc.signal(signal.SIGKILL)
+        agent.proc.popen.wait(10)
+        assert lock.release() is False, "a release Consul never answered was reported as confirmed"
+        agent.proc.restart()
+
+        def freed() -> bool:
+            if not agent.leader():
+                return False
+            entry = agent.api(f"/v1/kv/{key}?consistent")[0]
+            return not entry.get("Session") and sid not in session_ids(agent)
+
+        wait_for(freed, 10, "the key released and its session destroyed once Consul answered again")
+        # Freed by a release, not by the destroy (which would impose the 3 s lock-delay).
+        other = ConsulLock(key, settings=settings, private_session=True)
+        assert other.acquire(blocking=False), f"the key is not free: {other.last_holder or 'lock-delay'}"
+        assert other.release()
+    finally:
+        agent.stop()
