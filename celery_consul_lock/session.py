@@ -305,6 +305,7 @@ class _Leftovers:
             leftover.end(client)
         except ConsulUnavailable as exc:
             if exc.transient:
+                log.debug("session %s: Consul still unavailable: %s", leftover.sid, exc)
                 return False
             log.warning("could not destroy session %s (its TTL will end it): %s", leftover.sid, exc)
             return True

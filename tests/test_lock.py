@@ -316,7 +316,8 @@ def test_release_during_an_outage_frees_the_key_as_soon_as_consul_answers(tmp_pa
     — and the session destroyed, from the background: the key is not left held until the
     TTL ends the session (up to 2 x TTL, then lock-delay), which after a leader election
     once stalled beat ticks for 25 s."""
-    agent = start_consul(tmp_path, dev=False, node="outage")
+    # raft_multiplier 1: the restarted server elects itself in about a second, not nine.
+    agent = start_consul(tmp_path, dev=False, node="outage", hcl=["performance { raft_multiplier = 1 }"])
     try:
         wait_consul_ready(agent)
         settings = ConsulSettings(address=agent.address, ttl=10, lock_delay=3, timeout=0.5)
@@ -335,7 +336,9 @@ def test_release_during_an_outage_frees_the_key_as_soon_as_consul_answers(tmp_pa
             entry = agent.api(f"/v1/kv/{key}?consistent")[0]
             return not entry.get("Session") and sid not in session_ids(agent)
 
-        wait_for(freed, 10, "the key released and its session destroyed once Consul answered again")
+        # Without the background release, Consul's new leader keeps the key until the
+        # session's TTL runs out twice over (20 s); with it, about a second after election.
+        wait_for(freed, 15, "the key released and its session destroyed once Consul answered again")
         # Freed by a release, not by the destroy (which would impose the 3 s lock-delay).
         other = ConsulLock(key, settings=settings, private_session=True)
         assert other.acquire(blocking=False), f"the key is not free: {other.last_holder or 'lock-delay'}"
