@@ -312,7 +312,7 @@ class _Leftovers:
         except ConsulLockError as exc:
             log.warning("could not destroy session %s (its TTL will end it): %s", leftover.sid, exc)
             return True
-        log.warning("Consul answers again: released %s and destroyed session %s", keys or "no keys", leftover.sid)
+        log.info("Consul answers again: released %s and destroyed session %s", keys or "no keys", leftover.sid)
         return True
 
 
