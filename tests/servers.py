@@ -77,10 +77,7 @@ class Proc:
 
     def restart(self) -> None:
         """Start the same command again (same ports, same data directory) after it died."""
-        with self.log.open("ab") as out:
-            self.popen = subprocess.Popen(
-                self.popen.args, stdout=out, stderr=subprocess.STDOUT, cwd=self.workdir, start_new_session=True
-            )
+        self.popen = _popen(self.popen.args, self.workdir, self.log, "ab")
 
     def stop(self, timeout: float = 10.0) -> None:
         if self.popen.poll() is not None:
@@ -99,9 +96,13 @@ class Proc:
 def _spawn(name: str, args: list[str], workdir: Path) -> Proc:
     workdir.mkdir(parents=True, exist_ok=True)
     log = workdir / f"{name}.log"
-    with log.open("wb") as out:
-        popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
-    return Proc(name, popen, workdir, log)
+    return Proc(name, _popen(args, workdir, log, "wb"), workdir, log)
+
+
+def _popen(args: list[str], workdir: Path, log: Path, mode: str) -> subprocess.Popen:
+    """Start ``args`` in its own session, its output written (``mode``) to ``log``."""
+    with log.open(mode) as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
 
 
 def http_json(
