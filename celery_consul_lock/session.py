@@ -178,15 +178,14 @@ class LockSession:
         leftover = _Leftover(self.settings, sid, keys, until=time.monotonic() + 2 * self.settings.ttl)
         try:
             leftover.end(client)
-            log.debug("destroyed session %s", sid)
-        except ConsulUnavailable as exc:
-            if not exc.transient:
+        except ConsulLockError as exc:
+            if not _passing(exc):
                 log.warning("could not destroy session %s (its TTL will end it): %s", sid, exc)
                 return
             log.warning("could not destroy session %s yet; trying again in the background: %s", sid, exc)
             _LEFTOVERS.add(leftover)
-        except ConsulLockError as exc:
-            log.warning("could not destroy session %s (its TTL will end it): %s", sid, exc)
+            return
+        log.debug("destroyed session %s", sid)
 
     # -- renewer ----------------------------------------------------------------------
 
@@ -303,17 +302,20 @@ class _Leftovers:
             return True
         try:
             leftover.end(client)
-        except ConsulUnavailable as exc:
-            if exc.transient:
+        except ConsulLockError as exc:
+            if _passing(exc):
                 log.debug("session %s: Consul still unavailable: %s", leftover.sid, exc)
                 return False
             log.warning("could not destroy session %s (its TTL will end it): %s", leftover.sid, exc)
             return True
-        except ConsulLockError as exc:
-            log.warning("could not destroy session %s (its TTL will end it): %s", leftover.sid, exc)
-            return True
         log.info("Consul answers again: released %s and destroyed session %s", keys or "no keys", leftover.sid)
         return True
+
+
+def _passing(exc: ConsulLockError) -> bool:
+    """True for an error that waiting can fix: Consul unreachable or between leaders (not
+    a TLS or ACL refusal, which needs a configuration change)."""
+    return isinstance(exc, ConsulUnavailable) and exc.transient
 
 
 _LEFTOVERS = _Leftovers()
