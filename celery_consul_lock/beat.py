@@ -30,6 +30,7 @@ import os
 import signal
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -153,6 +154,8 @@ class Election:
         self.instance = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.leading = threading.Event()
         self.generation = 0
+        #: When this instance was last elected (epoch s): sent with every message.
+        self.elected_at = 0.0
         self.lock: ConsulLock | None = None
         self._sessions = 0
         self._service_id: str | None = None
@@ -219,8 +222,8 @@ class Election:
         does both even while the servers have no leader), then destroy it."""
         session, service_id, registered = self._session, self._service_id, self._registered
         self._session, self._service_id, self._registered = None, None, False
-        if session is None:
-            return
+        if session is None or session.pid != os.getpid():
+            return  # none, or inherited through fork: the parent's to end
         # Ours to end: say so before failing its check, so that an acquire still waiting in
         # the election thread, which Consul now answers "invalid session", is not reported
         # as a session lost.
@@ -277,6 +280,7 @@ class Election:
             if not lock.acquire(timeout=ELECTION_WAIT):
                 return
         self.lock = lock
+        self.elected_at = time.time()
         self.generation += 1
         self.leading.set()
         self._set_state(
@@ -353,7 +357,15 @@ class LeaderElectedMixin:
             return None
         headers = dict(entry.options.get("headers") or {})
         headers[TICK_HEADER] = str(tick_of(entry))
-        headers[LEADER_HEADER] = {"scheduler": self.beat_config.name, "token": election.token, "instance": election.instance}
+        headers[LEADER_HEADER] = {
+            "scheduler": self.beat_config.name,
+            "token": election.token,
+            "instance": election.instance,
+            # Workers judge a message by when it was sent, against when newer leaders were
+            # elected (see task._stale_leader): a retry of it may arrive much later.
+            "sent_at": time.time(),
+            "elected_at": election.elected_at,
+        }
         # Entries of other schedulers (django-celery-beat's ModelEntry) cannot be copied:
         # lend this send our headers and put the entry's own options back afterwards.
         own_options = entry.options

@@ -43,6 +43,8 @@ LOCK_FLAG = 0x2DDCCBC058A50C18
 _LOCK_TXN = '[{"KV":{"Verb":"%s","Key":%s}},{"KV":{"Verb":"lock","Key":%s,"Value":"%s","Flags":%d,"Session":%s}}]'
 
 #: How a server says it is between leaders (an election): brief, worth retrying.
+#: Consul's answer to a token it does not know (not one that lacks a permission).
+_ACL_NOT_FOUND = "ACL not found"
 _NO_LEADER = ("No cluster leader", "rpc error", "leadership lost", "connection refused", "EOF")
 
 #: How much longer than ``wait`` a blocking query may take: Consul adds up to wait/16
@@ -92,6 +94,8 @@ class LockAttempt:
     #: When acquired a key whose flags say it is not a lock: the key as it was just before
     #: (to put it back).
     conflict: KVEntry | None = None
+    #: When acquired a key that existed: its value just before, base64 as Consul gives it.
+    previous: str | None = None
 
 
 class ConsulClient:
@@ -273,7 +277,7 @@ class ConsulClient:
         if ok:
             before = results[0]["KV"] if exists else {}
             conflict = KVEntry.from_api(before) if int(before.get("Flags") or 0) not in (0, LOCK_FLAG) else None
-            return LockAttempt(True, int(results[-1]["KV"]["ModifyIndex"]), conflict=conflict)
+            return LockAttempt(True, int(results[-1]["KV"]["ModifyIndex"]), conflict=conflict, previous=before.get("Value"))
         what = " ".join(str(e.get("What", "")) for e in errors)
         for marker, reason in (
             ("doesn't exist", "missing"),
@@ -314,7 +318,7 @@ class ConsulClient:
         if status == 200:
             return
         if status == 403:
-            raise ACLDenied(self.address, action, permission, resource)
+            raise ACLDenied(self.address, action, permission, resource, token_unknown=_ACL_NOT_FOUND in body)
         if session is not None and "invalid session" in body.lower():
             raise SessionGone(session, self.address)
         if status >= 500 and any(m in body for m in _NO_LEADER):
@@ -390,7 +394,8 @@ class _Errors:
         if isinstance(exc, OSError):
             raise ConsulUnavailable(address, action, f"{type(exc).__name__}: {exc}") from None
         if isinstance(exc, consul_lib.ACLPermissionDenied):
-            raise ACLDenied(address, action, self.permission, self.resource) from None
+            unknown = _ACL_NOT_FOUND in str(exc)
+            raise ACLDenied(address, action, self.permission, self.resource, token_unknown=unknown) from None
         if isinstance(exc, consul_lib.ConsulException):
             text = str(exc)
             if text.startswith("5") and any(m in text for m in _NO_LEADER):
@@ -453,6 +458,7 @@ _RESPONSE = consul_lib.base.Response
 #: own fields match. (Dev agents indent their answers, servers do not.)
 _FLAGS = re.compile(r'"Flags":\s*(\d+)')
 _MODIFY_INDEX = re.compile(r'"ModifyIndex":\s*(\d+)')
+_VALUE = re.compile(r'"Value":\s*"([A-Za-z0-9+/=]*)"')
 
 
 def _quick_lock_answer(answer: str, exists: bool) -> LockAttempt | None:
@@ -467,7 +473,9 @@ def _quick_lock_answer(answer: str, exists: bool) -> LockAttempt | None:
         return None
     if exists and int(flags[0]) not in (0, LOCK_FLAG):
         return None
-    return LockAttempt(True, int(indexes[-1]))
+    # The lock's own result has "Value": null, so the one string value is the previous one.
+    previous = _VALUE.search(answer) if exists else None
+    return LockAttempt(True, int(indexes[-1]), previous=previous.group(1) if previous else None)
 
 
 def _no_leader(address: str, action: str, answer: str) -> ConsulUnavailable:

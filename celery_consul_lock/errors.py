@@ -63,16 +63,25 @@ class ConsulUnavailable(ConsulLockError):
 
 
 class ACLDenied(ConsulLockError):
-    """Consul refused a request with 403: the token lacks ``permission`` on ``resource``."""
+    """Consul refused a request with 403: the token lacks ``permission`` on ``resource``,
+    or (``token_unknown``) Consul does not know the token at all ("ACL not found": a token
+    mistyped, deleted or expired), which no policy change fixes."""
 
-    def __init__(self, address: str, action: str, permission: str, resource: str) -> None:
-        super().__init__(address, action, permission, resource)
+    def __init__(self, address: str, action: str, permission: str, resource: str, token_unknown: bool = False) -> None:
+        super().__init__(address, action, permission, resource, token_unknown)
         self.address = address
         self.action = action
         self.permission = permission
         self.resource = resource
+        self.token_unknown = token_unknown
 
     def __str__(self) -> str:
+        if self.token_unknown:
+            return (
+                f"Consul at {self.address} refused {self.action}: it does not know the ACL token "
+                "(ACL not found: mistyped, deleted or expired). Set consul_lock_token / "
+                "CONSUL_HTTP_TOKEN to a token that exists."
+            )
         return (
             f"Consul at {self.address} denied {self.action}: the ACL token needs "
             f"{self.permission} on {self.resource!r} (set consul_lock_token / CONSUL_HTTP_TOKEN "

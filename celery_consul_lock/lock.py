@@ -19,6 +19,7 @@ or pass :attr:`fencing_token` along so the resource can refuse a stale holder.
 
 from __future__ import annotations
 
+import base64
 import heapq
 import itertools
 import json
@@ -33,6 +34,7 @@ from typing import Any
 
 from .consul import LOCK_FLAG, ConsulClient, KVEntry, LockAttempt, thread_client
 from .errors import ConsulLockError, ConsulUnavailable, LockConflict, LockLost, LockTimeout, SessionGone
+from .liveness import holder_alive, identity
 from .session import LockSession, retire_if_unused, shared_session
 from .settings import ConsulSettings
 
@@ -79,6 +81,9 @@ class LockHolder:
     node: str | None = None
     #: The key's ModifyIndex when it was taken: the holder's fencing token.
     fencing_token: int | None = None
+    #: The holder process's start time and PID namespace (see :mod:`.liveness`).
+    started: int | None = None
+    pidns: str | None = None
 
     @classmethod
     def from_entry(cls, entry: KVEntry, session_info: dict[str, Any] | None = None) -> LockHolder:
@@ -89,7 +94,7 @@ class LockHolder:
                 data = loaded if isinstance(loaded, dict) else {"value": loaded}
             except ValueError:
                 data = {"value": entry.value.decode("utf-8", "replace")}
-        known = {k: data.pop(k, None) for k in ("host", "pid", "name", "acquired_at")}
+        known = {k: data.pop(k, None) for k in ("host", "pid", "name", "acquired_at", "started", "pidns")}
         data.pop("session", None)
         return cls(
             key=entry.key,
@@ -102,7 +107,14 @@ class LockHolder:
             session_name=(session_info or {}).get("Name"),
             node=(session_info or {}).get("Node"),
             fencing_token=entry.modify_index,
+            started=known["started"],
+            pidns=known["pidns"],
         )
+
+    def alive(self) -> bool | None:
+        """Whether the holder's process still runs: True or False when it runs on this host
+        (see :mod:`.liveness`), None when this host cannot tell."""
+        return holder_alive(self.host, self.pid, self.started, self.pidns)
 
     def __str__(self) -> str:
         parts = []
@@ -296,6 +308,9 @@ class ConsulLock:
         self._held_value = b""
         self._value_tail: tuple[int, bytes] = (0, b"}")
         self._released = _Hold()
+        #: The process that acquired (a forked child never touches Consul for it).
+        self._pid = 0
+        self._previous_raw: str | None = None
 
     def __repr__(self) -> str:
         state = "held" if self._sid else "free"
@@ -341,7 +356,12 @@ class ConsulLock:
         Consul frees the key only for the session that holds it, so this never frees a
         lock that moved on to someone else. Errors are logged, not raised (if the agent
         cannot be reached, the key is released in the background once it can, or the
-        session's TTL frees it).
+        session's TTL frees it). In a process forked while the lock was held, it only
+        drops the child's copy of the state: the parent still holds the key.
+
+        The released key keeps the holder's value with ``released_at`` added, so the next
+        acquirer can tell (:attr:`previous`) a holder that finished from one whose session
+        died holding the key.
         """
         with self._mutex:
             sid, session, value = self._sid, self._session, self._held_value
@@ -349,6 +369,10 @@ class ConsulLock:
                 return False
             self._sid = None
             self._released.set()
+        if self._pid != os.getpid():
+            release_log.debug("%s was acquired by pid %s: a forked child leaves it to its parent", self.key, self._pid)
+            return False
+        value = b'{"released_at":"%s",%s' % (_utc_now_ms(), value[1:])
         client = thread_client(self.settings)
         ok = False
         try:
@@ -392,6 +416,26 @@ class ConsulLock:
             else:
                 release_log.warning("%s was no longer held by our session when released (lost: %s)", self.key, self.lost_reason)
             return ok
+
+    @property
+    def session_id(self) -> str | None:
+        """The Consul session holding the key for us; None when not held."""
+        return self._sid
+
+    @property
+    def previous(self) -> dict[str, Any] | None:
+        """The key's value (JSON) just before our last acquire, read atomically with it;
+        None if the key did not exist or its value is not a JSON object. A value with
+        ``released_at`` was released by a holder that finished (:meth:`release`), one
+        without it was freed by its session's end (or written by another client)."""
+        raw = self._previous_raw
+        if not raw:
+            return None
+        try:
+            data = json.loads(base64.b64decode(raw))
+        except ValueError:
+            return None
+        return data if isinstance(data, dict) else None
 
     @property
     def fencing_token(self) -> int | None:
@@ -504,6 +548,7 @@ class ConsulLock:
             restored = client.kv_restore(self.key, sid, previous)
             acquire_log.error("%s has flags %#x: not a lock; restored it: %s", self.key, previous.flags, restored)
             raise LockConflict(self.key, previous.flags)
+        self._previous_raw = attempt.previous
         self._acquired(session, sid, value, attempt.modify_index)
 
     def _wait_for_change(self, client: ConsulClient, session: LockSession, deadline: float | None) -> bool:
@@ -554,7 +599,7 @@ class ConsulLock:
         """The key's value: who holds it, as JSON (the fixed part encoded once per process)."""
         pid = os.getpid()
         if self._value_tail[0] != pid:
-            fixed = {"host": socket.gethostname(), "pid": pid, "name": self.name, **self.value}
+            fixed = {"host": socket.gethostname(), "pid": pid, **identity(), "name": self.name, **self.value}
             self._value_tail = (pid, json.dumps(fixed, separators=(",", ":"), default=str)[1:].encode())
         return b'{"acquired_at":"%s","session":"%s",%s' % (_utc_now_ms(), sid.encode(), self._value_tail[1])
 
@@ -562,6 +607,7 @@ class ConsulLock:
         with self._mutex:
             self._session, self._sid, self._held_value = session, sid, value
             self._token = token
+            self._pid = os.getpid()
             self.lost_reason = None
             self.lost.clear()
             self.last_holder = None

@@ -102,6 +102,7 @@ class LockSession:
                     checks=self.settings.session_checks,
                 )
                 self._last_contact = t0
+                self.pid = os.getpid()
                 self._thread = threading.Thread(target=self._renew_loop, name=f"consul-session-renew-{self.id[:8]}", daemon=True)
                 self._thread.start()
                 log.debug("created session %s (ttl=%gs lock_delay=%gs)", self.id, self.settings.ttl, self.settings.lock_delay)
@@ -165,8 +166,13 @@ class LockSession:
         Errors are logged, not raised. While Consul is unavailable (a leader election), a
         daemon thread keeps trying until Consul answers or the session's TTL has surely
         ended it, so its keys are not held for up to 2 x TTL + lock-delay after an outage
-        of a few seconds.
+        of a few seconds. In a process forked from the session's owner it does nothing in
+        Consul: the parent still uses the session.
         """
+        if self.pid != os.getpid():
+            # Inherited through fork: the parent owns the session and its keys.
+            self.retire("inherited through fork")
+            return
         if release is not None:
             release()
         self.retire("destroyed")

@@ -22,11 +22,14 @@ import functools
 import inspect
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from datetime import datetime, timezone
+from typing import Any, Literal
 
 from celery import Task
+from celery.exceptions import Ignore
 from celery.signals import worker_process_shutdown, worker_shutdown
 
 from . import signals
@@ -35,7 +38,7 @@ from .errors import ConsulUnavailable, InvalidSetting, LockHeld, LockLost
 from .lock import ConsulLock, LockHolder
 from .session import close_sessions
 from .settings import FAIL_POLICIES, ConsulSettings, validate_key
-from .ticks import TICK_HEADER, Tick, read_mark, write_mark
+from .ticks import TICK_HEADER, Mark, Tick, change_mark, read_mark
 
 #: Header set by the leader-elected beat (see celery_consul_lock.beat).
 LEADER_HEADER = "consul_lock_leader"
@@ -50,6 +53,9 @@ LOCK_OPTIONS_HEADER = "consul_lock"
 #: The value a skipped run returns: ``{"consul_lock": "skipped", ...}`` (see is_skipped).
 SKIPPED = "skipped"
 ON_HELD = ("skip", "wait", "retry")
+#: How a run's acquire ended: the lock taken, held by another run, or held by a live run
+#: of this same message (this copy is a duplicate delivery).
+Acquired = Literal["acquired", "held", "duplicate"]
 #: Default for ``on_held="wait"``: long enough for most critical sections.
 DEFAULT_WAIT_TIMEOUT = 30.0
 #: Default countdown for ``on_held="retry"``.
@@ -199,31 +205,37 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         key = self.lock_key_for(args, kwargs, options)
         tick = _tick(request)
         task_id = request.id
+        retries = int(getattr(request, "retries", 0) or 0)
         stale = _stale_leader(_request_value(request, LEADER_HEADER))
         if stale:
             return self._skip(key, "stale-leader", None, tick, task_id, why=stale)
-        lock = ConsulLock(
-            key,
-            settings=settings,
-            name=self.name,
-            value={"task_id": task_id, **({"tick": str(tick)} if tick else {})},
-        )
+        value: dict[str, Any] = {"task_id": task_id}
+        if retries:
+            value["retries"] = retries
+        if tick:
+            value["tick"] = str(tick)
+        lock = ConsulLock(key, settings=settings, name=self.name, value=value)
         try:
-            acquired = self._acquire(lock, options, tick, task_id)
+            outcome = self._acquire(lock, options, task_id, retries)
         except ConsulUnavailable as exc:
             if settings.fail_policy != "open":
                 raise
             log.warning("running %s[%s] WITHOUT its lock %s (fail_policy=open): %s", self.name, task_id, lock.key, exc)
             return self.run(*args, **kwargs)
-        if not acquired:
+        if outcome == "duplicate":
+            self._skip(lock.key, "duplicate-delivery", lock.last_holder, tick, task_id)
+            raise Ignore()  # no result of its own: the task id's result is the live run's
+        if outcome == "held":
             return self._not_acquired(lock, options, tick, task_id)
         try:
+            if _delivery_finished(lock.previous, task_id, retries):
+                self._skip(lock.key, "duplicate-delivery", None, tick, task_id)
+                raise Ignore()  # the task id's result is the finished run's
             mark = None
             if tick is not None:
-                client = thread_client(settings)
-                mark = read_mark(client, settings, tick.entry)
-                if mark.covers(tick):
-                    return self._skip(lock.key, "duplicate-tick", None, tick, task_id)
+                mark = self._open_tick(lock, settings, tick)
+                if isinstance(mark, str):
+                    return self._skip(lock.key, "duplicate-tick", None, tick, task_id, why=mark)
             request.consul_lock_held = lock
             signals.send(signals.task_lock_acquired, self, key=lock.key, fencing_token=lock.fencing_token, task_id=task_id)
             result = self._run_body(lock, options, task_id, args, kwargs)
@@ -234,27 +246,70 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             request.consul_lock_held = None
             lock.release()
 
-    def _acquire(self, lock: ConsulLock, options: LockOptions, tick: Tick | None, task_id: str | None) -> bool:
-        if options.on_held != "wait":
-            if lock.acquire(blocking=False):
-                return True
-            holder = lock.last_holder
-            if not (holder and task_id and holder.extra.get("task_id") == task_id):
-                return False
-            # The holder ran *this* message: we are its redelivery (acks_late) after the
-            # holder's worker died. Wait for its session to free the lock, however long that
-            # takes (up to 2 x TTL + lock-delay), so that the run is not lost.
-            settings = lock.settings
-            bound = 2 * settings.ttl + settings.lock_delay + 5
+    def _acquire(self, lock: ConsulLock, options: LockOptions, task_id: str | None, retries: int) -> Acquired:
+        """Take the lock by ``on_held``. When the holder is a run of this same message,
+        decide by that run instead: a live run of the same delivery makes this copy a
+        duplicate; a run that died holding the key, or a previous attempt (a retry's
+        predecessor) still releasing it, is waited for, so that the run is not lost."""
+        if options.on_held == "wait":
+            return "acquired" if lock.acquire(timeout=options.wait_timeout) else "held"
+        if lock.acquire(blocking=False):
+            return "acquired"
+        holder = lock.last_holder
+        if not (holder and task_id and holder.extra.get("task_id") == task_id):
+            return "held"
+        held_retries = holder.extra.get("retries", 0)
+        alive = holder.alive()
+        if held_retries > retries or (held_retries == retries and alive):
             log.info(
-                "%s[%s] is redelivered while its dead run still holds %s; waiting up to %.0f s",
+                "%s[%s] is a duplicate delivery: %s run of this message holds %s (%s)",
                 self.name,
                 task_id,
+                "a later" if held_retries > retries else "the live",
                 lock.key,
-                bound,
+                holder,
             )
-            return lock.acquire(timeout=bound)
-        return lock.acquire(timeout=options.wait_timeout)
+            return "duplicate"
+        settings = lock.settings
+        bound = 2 * settings.ttl + settings.lock_delay + 5
+        if held_retries < retries:
+            why = "its previous attempt still holds"
+        elif alive is False:
+            why = "its run died holding"
+        else:
+            why = "a run of this message on another host (or PID namespace) holds"
+        log.info(
+            "%s[%s]: %s %s; waiting up to %.0f s for the key (if that run finishes, this copy is skipped)",
+            self.name,
+            task_id,
+            why,
+            lock.key,
+            bound,
+        )
+        return "acquired" if lock.acquire(timeout=bound) else "held"
+
+    def _open_tick(self, lock: ConsulLock, settings: ConsulSettings, tick: Tick) -> Mark | str:
+        """Mark ``tick`` open before its body runs (a later retry or redelivery of it must
+        run even if a later tick completes meanwhile). Returns the mark, or why the tick
+        must not run."""
+        client = thread_client(settings)
+        mark = read_mark(client, settings, tick.entry)
+        why = mark.verdict(tick)
+        if why is not None:
+            return why
+        sid = lock.session_id or ""
+        opened = change_mark(
+            client,
+            settings,
+            tick.entry,
+            mark,
+            lambda m: None if m.covers(tick) else m.opened(tick, time.time()),
+            lock_key=lock.key,
+            session=sid,
+        )
+        if opened is None:
+            raise LockLost(lock.key, f"lost before tick {tick} could start (its mark could not be updated)")
+        return opened.verdict(tick) or opened
 
     def _not_acquired(self, lock: ConsulLock, options: LockOptions, tick: Tick | None, task_id: str | None) -> Any:
         holder = lock.last_holder
@@ -284,7 +339,14 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         if reason == "stale-leader":
             log.warning("dropping %s[%s]: %s", self.name, task_id, why)
         elif reason == "duplicate-tick":
-            log.info("skipping %s[%s]: tick %s already ran to completion", self.name, task_id, tick)
+            log.info("skipping %s[%s]: %s", self.name, task_id, why)
+        elif reason == "duplicate-delivery":
+            log.info(
+                "skipping %s[%s]: a duplicate delivery of a message whose run %s",
+                self.name,
+                task_id,
+                f"is alive and holds {key}: {holder}" if holder else f"already finished under {key}",
+            )
         elif holder is not None:
             log.info("skipping %s[%s]: %s is held by %s", self.name, task_id, key, holder)
         else:
@@ -311,15 +373,22 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         with _AbortOnLoss(lock):
             return self.run(*args, **kwargs)
 
-    def _record_tick(self, lock: ConsulLock, settings: ConsulSettings, tick: Tick, mark: Any, task_id: str | None) -> None:
-        sid = lock._sid
-        ok = sid is not None and write_mark(
-            thread_client(settings), settings, tick, mark, lock_key=lock.key, session=sid, extra={"task_id": task_id}
+    def _record_tick(self, lock: ConsulLock, settings: ConsulSettings, tick: Tick, mark: Mark, task_id: str | None) -> None:
+        sid = lock.session_id
+        extra = {"task_id": task_id}
+        written = sid is not None and change_mark(
+            thread_client(settings),
+            settings,
+            tick.entry,
+            mark,
+            lambda m: m.completed(tick, extra),
+            lock_key=lock.key,
+            session=sid,
         )
-        if ok:
+        if written:
             log.debug("tick %s recorded as completed", tick)
         else:
-            log.error("tick %s ran but could not be recorded: the lock %s was lost or the mark moved meanwhile", tick, lock.key)
+            log.error("tick %s ran but could not be recorded: the lock %s was lost meanwhile (it stays open)", tick, lock.key)
 
 
 class LockLostAbort(LockLost):
@@ -376,26 +445,66 @@ def _signature(func: Callable[..., Any]) -> inspect.Signature:
     return inspect.signature(func)
 
 
-#: Newest leader fencing token this process has seen, per beat scheduler name.
-_LEADER_TOKENS: dict[str, int] = {}
-_LEADER_TOKENS_MUTEX = threading.Lock()
+#: Leaderships of each beat scheduler this process has seen messages from: name ->
+#: {fencing token: when that leader was elected (epoch s, its clock)}; the newest few.
+_LEADERS: dict[str, dict[int, float]] = {}
+_LEADERS_MUTEX = threading.Lock()
+#: Leaderships remembered per scheduler.
+LEADERS_KEPT = 16
 
 
 def _stale_leader(header: Any) -> str | None:
-    """Why a message from a beat leader must be dropped, or None. The rule: a message whose
-    token is older than the newest token this worker process has seen for that scheduler
-    comes from a deposed leader."""
+    """Why a message from a beat leader must be dropped, or None.
+
+    The rule: a message is refused only if its leader had been deposed when it sent it,
+    i.e. it was sent (``sent_at``, the sender's clock) at or after the election of a newer
+    leader (``elected_at`` of a message with a larger token, that leader's clock). It is
+    judged by when it was *sent*, not by when it arrives, so a retry of a tick (Celery
+    copies the header into it), a countdown or ETA message, a backlog on a slow queue or an
+    ``acks_late`` redelivery sent by the previous leader while it led still runs. A leader
+    checks its lease before each send and an election waits out the old lease, so a legal
+    send precedes the next election by at least c + d - (W_b - m_b) (2.5 s by default):
+    beat hosts' clocks must agree better than that. Messages without ``sent_at`` (from
+    version 0.1) are not judged."""
     if not isinstance(header, Mapping):
         return None
     name, token = header.get("scheduler"), header.get("token")
     if not isinstance(name, str) or not isinstance(token, int):
         return None
-    with _LEADER_TOKENS_MUTEX:
-        newest = _LEADER_TOKENS.get(name, 0)
-        if token < newest:
-            return f"sent by a deposed leader of {name} (token {token} < {newest})"
-        _LEADER_TOKENS[name] = token
-    return None
+    sent_at, elected_at = header.get("sent_at"), header.get("elected_at")
+    with _LEADERS_MUTEX:
+        seen = _LEADERS.setdefault(name, {})
+        if isinstance(elected_at, int | float) and token not in seen:
+            seen[token] = float(elected_at)
+            for old in sorted(seen)[:-LEADERS_KEPT]:
+                del seen[old]
+        if not isinstance(sent_at, int | float):
+            return None
+        newer = [(other, since) for other, since in seen.items() if other > token and since <= sent_at]
+    if not newer:
+        return None
+    other, since = min(newer)
+    return (
+        f"sent by a deposed leader of {name} (token {token}) at {_iso(sent_at)}, after the leader with "
+        f"token {other} was elected at {_iso(since)}"
+    )
+
+
+def _iso(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
+
+
+def _delivery_finished(previous: Mapping[str, Any] | None, task_id: str | None, retries: int) -> bool:
+    """True if the key's value before our acquire shows that a run of this same message
+    (this delivery, or a later attempt of it) finished and released the key: we are a
+    copy that arrived after it, and must not run the body again."""
+    return bool(
+        task_id
+        and previous
+        and "released_at" in previous
+        and previous.get("task_id") == task_id
+        and int(previous.get("retries", 0) or 0) >= retries
+    )
 
 
 def _request_value(request: Any, name: str) -> Any:

@@ -7,9 +7,14 @@ A tick id travels in the message header :data:`TICK_HEADER` as
 Any scheduler can set it; :class:`~celery_consul_lock.ConsulLockedTask` reads it.
 
 The mark lives at ``<key_prefix>celery-consul-lock/ticks/<entry>`` as JSON
-``{"due": ..., "epoch": ..., "task_id": ..., "finished_at": ...}``. It only moves forward,
-and only in a transaction that also checks that the writer's session still holds the task's
-lock (``check-session`` + ``cas``): a worker that lost its lock cannot move it.
+``{"due": ..., "epoch": ..., "task_id": ..., "open": {"<due>": <started at>, ...}}``:
+the latest tick that ran to completion, and the ticks *open* — started but not completed
+(a run that failed, is retrying, or died). A high-water mark alone cannot tell "this tick
+completed" from "a later one did", so a retry of a failed tick arriving after a later tick
+completed would be skipped; the open set tells them apart. A run marks its tick open before
+its body, and completed after it, each in a transaction that also checks that the writer's
+session still holds the task's lock (``check-session`` + ``cas``): a worker that lost its
+lock cannot change the mark.
 """
 
 from __future__ import annotations
@@ -17,20 +22,39 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 from .consul import ConsulClient
+from .errors import ConsulLockError
 from .settings import ConsulSettings, validate_key
 
-__all__ = ["TICK_HEADER", "Mark", "Tick", "crontab_tick", "interval_tick", "read_mark", "write_mark"]
+__all__ = ["TICK_HEADER", "Mark", "Tick", "change_mark", "crontab_tick", "interval_tick", "read_mark"]
+
+log = logging.getLogger("celery_consul_lock.ticks")
 
 #: Message header carrying the tick id (Celery exposes it as ``task.request.consul_lock_tick``).
 TICK_HEADER = "consul_lock_tick"
 #: Where the marks live, under the key prefix.
 MARKS_PREFIX = "celery-consul-lock/ticks/"
+
+#: How long a tick stays open (started, not completed) in its entry's mark: a retry or
+#: redelivery of it arriving later than this after its first start, once a later tick has
+#: completed, is skipped. A week outlasts Celery's retry schedules and Redis's visibility
+#: timeout (1 h) by far.
+OPEN_TICK_RETENTION = 7 * 24 * 3600.0
+#: Completed ticks kept per entry, to tell a late message of a tick that never ran (run it)
+#: from a copy of one that completed (skip it); older ticks are taken as done. About 20
+#: bytes each, written with every completed tick.
+DONE_TICKS_KEPT = 128
+#: At most this many open ticks per entry (about 40 bytes each; Consul values take 512 KB).
+OPEN_TICKS_MAX = 1000
+#: Check-and-set attempts on a mark that other runs keep moving.
+MARK_CAS_TRIES = 10
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
@@ -88,15 +112,76 @@ def interval_tick(entry: str, last_run_at: datetime, run_every: timedelta) -> Ti
 
 @dataclass(frozen=True)
 class Mark:
-    """The latest tick of an entry that ran to completion, and the key's ModifyIndex."""
+    """An entry's mark in Consul (see the module doc) and the key's ModifyIndex, for
+    check-and-set. ``epoch`` is the latest completed tick's due time (None: none yet)."""
 
     epoch: float | None
     modify_index: int
     data: dict[str, Any]
 
+    @property
+    def open(self) -> dict[str, float]:
+        """Open ticks: due time (as in the tick id) -> when their first run started (epoch s)."""
+        value = self.data.get("open")
+        return value if isinstance(value, dict) else {}
+
+    @property
+    def done(self) -> list[float]:
+        """Due times (epoch s) of the latest DONE_TICKS_KEPT completed ticks, oldest first."""
+        value = self.data.get("done")
+        return [float(e) for e in value] if isinstance(value, list) else []
+
+    def verdict(self, tick: Tick) -> str | None:
+        """Why a run of ``tick`` must not start, or None if it must. It must when the tick
+        is open (a retry or redelivery of a run that did not complete), later than the
+        latest completed tick, or older but never completed (a late message: a backlog, a
+        countdown, a message the previous leader sent); not when it completed, or is older
+        than every completed tick the mark still keeps (taken as done: never twice)."""
+        if self.epoch is None or _due(tick) in self.open or tick.epoch > self.epoch:
+            return None
+        done = self.done
+        if tick.epoch == self.epoch or tick.epoch in done:
+            return f"tick {tick} already ran to completion"
+        if "done" not in self.data:  # written by version 0.1, which kept only the high-water mark
+            return f"tick {tick} is at or below the entry's latest completed tick"
+        if len(done) >= DONE_TICKS_KEPT and tick.epoch < done[0]:
+            return (
+                f"tick {tick} is older than the {DONE_TICKS_KEPT} latest completed ticks the mark keeps; "
+                "taken as done (a copy must never run twice)"
+            )
+        return None
+
     def covers(self, tick: Tick) -> bool:
-        """True if ``tick`` is at or below the mark: a duplicate."""
-        return self.epoch is not None and tick.epoch <= self.epoch
+        """True if a run of ``tick`` must not start (see :meth:`verdict`)."""
+        return self.verdict(tick) is not None
+
+    def opened(self, tick: Tick, now: float) -> dict[str, Any] | None:
+        """The mark with ``tick`` open (its run is starting), or None if nothing changes.
+        Open ticks older than OPEN_TICK_RETENTION are forgotten, the oldest first past
+        OPEN_TICKS_MAX."""
+        if _due(tick) in self.open:
+            return None
+        opened = {due: since for due, since in self.open.items() if since >= now - OPEN_TICK_RETENTION}
+        opened[_due(tick)] = now
+        if len(opened) > OPEN_TICKS_MAX:
+            dropped = sorted(opened, key=opened.__getitem__)[: len(opened) - OPEN_TICKS_MAX]
+            log.warning("tick mark of %s: more than %d open ticks; forgetting %s", tick.entry, OPEN_TICKS_MAX, dropped)
+            opened = {due: since for due, since in opened.items() if due not in dropped}
+        return {**self.data, "open": opened, "done": self.done}
+
+    def completed(self, tick: Tick, extra: dict[str, Any]) -> dict[str, Any]:
+        """The mark with ``tick`` completed: no longer open, among the kept completed ticks,
+        and the latest completed tick moved up to it (never down)."""
+        opened = {due: since for due, since in self.open.items() if due != _due(tick)}
+        done = sorted({*self.done, tick.epoch})[-DONE_TICKS_KEPT:]
+        data = {**self.data, "open": opened, "done": done}
+        if self.epoch is None or tick.epoch > self.epoch:
+            data.update(due=_due(tick), epoch=tick.epoch, **extra)
+        return data
+
+
+def _due(tick: Tick) -> str:
+    return str(tick).rpartition("@")[2]
 
 
 def key_part(name: str) -> str:
@@ -120,29 +205,42 @@ def read_mark(client: ConsulClient, settings: ConsulSettings, entry: str) -> Mar
         return Mark(None, 0, {})
     try:
         data = json.loads(kv.value or b"{}")
-        epoch = float(data["epoch"])
-    except (ValueError, KeyError, TypeError):
+        epoch = float(data["epoch"]) if "epoch" in data else None
+    except (ValueError, KeyError, TypeError, AttributeError):
         data, epoch = {}, None
-    return Mark(epoch, kv.modify_index, data)
+    return Mark(epoch, kv.modify_index, data if isinstance(data, dict) else {})
 
 
-def write_mark(
+def change_mark(
     client: ConsulClient,
     settings: ConsulSettings,
-    tick: Tick,
-    previous: Mark,
+    entry: str,
+    mark: Mark,
+    change: Callable[[Mark], dict[str, Any] | None],
     *,
     lock_key: str,
     session: str,
-    extra: dict[str, Any] | None = None,
-) -> bool:
-    """Advance the mark to ``tick`` if our session still holds ``lock_key`` and nobody
-    moved the mark since ``previous`` was read. False (nothing written) otherwise."""
-    data = {"due": str(tick).rpartition("@")[2], "epoch": tick.epoch, **(extra or {})}
-    value = base64.b64encode(json.dumps(data).encode()).decode()
-    ops = [
-        {"KV": {"Verb": "check-session", "Key": lock_key, "Session": session}},
-        {"KV": {"Verb": "cas", "Key": mark_key(settings, tick.entry), "Value": value, "Index": previous.modify_index}},
-    ]
-    ok, _, _ = client.txn(ops, action="recording a completed tick", resource=mark_key(settings, tick.entry))
-    return ok
+) -> Mark | None:
+    """Write ``change(mark)`` (None: nothing to write) if our session still holds
+    ``lock_key``, by check-and-set on the mark's index; when another run moved the mark
+    meanwhile (a run of the same entry under another lock key), re-read it and apply the
+    change again. Returns the mark as written (or as read, if nothing changed), or None
+    when our session no longer holds ``lock_key`` (nothing written)."""
+    key = mark_key(settings, entry)
+    for _ in range(MARK_CAS_TRIES):
+        data = change(mark)
+        if data is None:
+            return mark
+        value = base64.b64encode(json.dumps(data).encode()).decode()
+        ops = [
+            {"KV": {"Verb": "check-session", "Key": lock_key, "Session": session}},
+            {"KV": {"Verb": "cas", "Key": key, "Value": value, "Index": mark.modify_index}},
+        ]
+        ok, results, errors = client.txn(ops, action="updating a tick mark", resource=key)
+        if ok:
+            epoch = data.get("epoch")
+            return Mark(float(epoch) if epoch is not None else None, int(results[-1]["KV"]["ModifyIndex"]), data)
+        if any(e.get("OpIndex") == 0 for e in errors):
+            return None
+        mark = read_mark(client, settings, entry)
+    raise ConsulLockError(f"tick mark {key!r} kept moving under {MARK_CAS_TRIES} updates in a row; giving up")

@@ -18,6 +18,7 @@ from celery_consul_lock import ConsulSettings, close_sessions
 
 from .beats import Harness
 from .servers import ConsulAgent, ConsulCluster, RedisServer, start_cluster, start_consul, start_redis, wait_consul_ready
+from .workers import Worker, start_worker, worker_env
 
 
 @pytest.fixture(scope="session")
@@ -80,6 +81,23 @@ def harness(proj, redis_server: RedisServer, tmp_path: Path) -> Iterator[Harness
     finally:
         h.stop()
         print(h.logs())
+
+
+@pytest.fixture
+def workers(proj, redis_server: RedisServer, consul: ConsulAgent, tmp_path: Path):
+    """``workers(n, consul_address=None, env={...}, **start_worker options)`` starts n real
+    `celery worker` processes of tests/proj; all are stopped at the test's end."""
+    started: list[Worker] = []
+
+    def start(n: int = 1, consul_address: str | None = None, **kw) -> list[Worker]:
+        env = worker_env(redis_server.url, consul_address or consul.address, **kw.pop("env", {}))
+        for _ in range(n):
+            started.append(start_worker(proj.app, tmp_path, env, **kw))
+        return started[-n:]
+
+    yield start
+    for w in started:
+        w.stop()
 
 
 @pytest.fixture

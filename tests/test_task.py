@@ -20,22 +20,7 @@ from celery_consul_lock.consul import ConsulClient
 from celery_consul_lock.ticks import read_mark
 
 from .servers import start_consul, wait_consul_ready, wait_for
-from .workers import ROOT, start_worker, wait_results, worker_env
-
-
-@pytest.fixture
-def workers(proj, redis_server, consul, tmp_path):
-    started = []
-
-    def start(n: int = 1, consul_address: str | None = None, **kw):
-        env = worker_env(redis_server.url, consul_address or consul.address, **kw.pop("env", {}))
-        for _ in range(n):
-            started.append(start_worker(proj.app, tmp_path, env, **kw))
-        return started[-n:]
-
-    yield start
-    for w in started:
-        w.stop()
+from .workers import ROOT, wait_results, worker_env
 
 
 def runs(r) -> list[dict]:
@@ -295,13 +280,19 @@ def test_on_held_wait_runs_once_the_holder_releases(proj, workers, r, consul):
 
 
 def test_messages_from_a_deposed_leader_are_dropped(proj, workers, r):
+    """A message its leader sent after a newer leader was elected is dropped; tokens are per
+    scheduler (see tests/test_redelivery.py for messages sent before, arriving after)."""
     workers(1, concurrency=1)
     leader = "consul_lock_leader"
-    newer = proj.backup.apply_async((0.05,), headers={leader: {"scheduler": "s1", "token": 50, "instance": "b"}})
+    elected = time.time()
+    header = {"scheduler": "s1", "token": 50, "instance": "b", "sent_at": elected + 0.1, "elected_at": elected}
+    newer = proj.backup.apply_async((0.05,), headers={leader: header})
     assert newer.get(timeout=30) == "done"
-    older = proj.backup.apply_async((0.05,), headers={leader: {"scheduler": "s1", "token": 40, "instance": "a"}})
+    header = {"scheduler": "s1", "token": 40, "instance": "a", "sent_at": elected + 0.2, "elected_at": elected - 60}
+    older = proj.backup.apply_async((0.05,), headers={leader: header})
     value = older.get(timeout=30)
     assert is_skipped(value) and value["reason"] == "stale-leader"
-    other = proj.backup.apply_async((0.05,), headers={leader: {"scheduler": "s2", "token": 1, "instance": "c"}})
+    header = {"scheduler": "s2", "token": 1, "instance": "c", "sent_at": elected + 0.3, "elected_at": elected - 60}
+    other = proj.backup.apply_async((0.05,), headers={leader: header})
     assert other.get(timeout=30) == "done"  # tokens are per scheduler
     assert len([x for x in runs(r) if x["kind"] == "end"]) == 2

@@ -59,14 +59,18 @@ def start_worker(
     concurrency: int = 4,
     app_path: str = "tests.proj.app",
     extra_args: list[str] | None = None,
+    hostname: str | None = None,
 ) -> Worker:
-    """Start `celery worker` and wait until it answers a ping."""
+    """Start `celery worker` and wait until it answers a ping; with ``hostname``, in a UTS
+    namespace of its own with that host name (as root: a worker on "another host")."""
     name = f"w{uuid.uuid4().hex[:6]}@test"
     log = workdir / f"worker-{name.split('@')[0]}.log"
     args = [
         sys.executable, "-m", "celery", "-A", app_path, "worker", "-n", name, "-P", pool, "-c", str(concurrency),
         "--without-heartbeat", "--without-mingle", "--without-gossip", "-l", "INFO", *(extra_args or []),
     ]  # fmt: skip
+    if hostname is not None:
+        args = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', hostname, *args]
     with log.open("wb") as out:
         popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
     worker = Worker(name, popen, log)

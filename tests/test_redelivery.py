@@ -1,0 +1,164 @@
+"""Exactly once through duplicate deliveries, retries, late messages and forks, with real
+`celery worker` processes (issue 12): a copy of a message whose run is alive is skipped, a
+copy of one that died runs, a retry of a failed tick runs even after a later tick completed,
+a message is judged stale by when its leader sent it, and a forked child never touches the
+parent's lock."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import uuid
+from collections import Counter
+from datetime import datetime, timedelta, timezone
+
+import pytest
+
+from celery_consul_lock import TICK_HEADER, ConsulLock, ConsulSettings, Tick, is_skipped
+from celery_consul_lock.consul import ConsulClient
+from celery_consul_lock.ticks import read_mark
+
+from .servers import wait_for
+from .test_task import runs
+
+
+def skips(r) -> list[dict]:
+    return [json.loads(x) for x in r.lrange("skips", 0, -1)]
+
+
+def starts(r, **match) -> list[dict]:
+    return [x for x in runs(r) if x["kind"] == "start" and all(x.get(k) == v for k, v in match.items())]
+
+
+def test_a_second_delivery_of_a_live_run_is_skipped_and_the_body_runs_once(proj, workers, r):
+    (worker,) = workers(1, concurrency=2)
+    task_id = str(uuid.uuid4())
+    first = proj.backup.apply_async((2.0,), task_id=task_id)
+    wait_for(lambda: starts(r, id=task_id), 30, "the first delivery to start")
+    proj.backup.apply_async((2.0,), task_id=task_id)  # the same message, delivered again
+    skip = wait_for(lambda: [s for s in skips(r) if s["task_id"] == task_id], 30, "the copy to be skipped")
+    assert skip[0]["reason"] == "duplicate-delivery", skip
+    assert first.get(timeout=30) == "done"
+    wait_for(lambda: [x for x in runs(r) if x["kind"] == "end"], 30, "the live run to end")
+    # A copy arriving after the run finished finds the run's release in the key: skipped too.
+    late = proj.backup.apply_async((2.0,), task_id=task_id)
+    wait_for(lambda: len(skips(r)) >= 2, 30, "the late copy to be skipped")
+    assert [s["reason"] for s in skips(r)] == ["duplicate-delivery", "duplicate-delivery"]
+    assert late.get(timeout=30) == "done"  # a duplicate stores no result: the run's stands
+    assert len(starts(r, id=task_id)) == 1, runs(r)
+    assert "duplicate delivery" in worker.log_text()
+    # Another message (another task id) is still skipped as "held" while a run holds the key.
+    other = proj.backup.apply_async((1.0,))
+    wait_for(lambda: starts(r, id=other.id), 30, "another message to start")
+    third = proj.backup.apply_async((0.1,))
+    value = third.get(timeout=30)
+    assert is_skipped(value) and value["reason"] == "held", value
+
+
+def test_a_copy_on_another_host_waits_for_the_live_run_and_then_is_skipped(proj, workers, r):
+    """The holder runs on another host, whose liveness this host cannot see: the copy waits
+    for the key; the key's value after the release says this message's run finished."""
+    (here,) = workers(1, concurrency=1, extra_args=["-Q", "here"])
+    workers(1, concurrency=1, extra_args=["-Q", "there"], hostname="another-host")
+    task_id = str(uuid.uuid4())
+    proj.backup.apply_async((2.5,), task_id=task_id, queue="there")
+    wait_for(lambda: starts(r, id=task_id), 30, "the run on the other host to start")
+    proj.backup.apply_async((2.5,), task_id=task_id, queue="here")
+    skip = wait_for(lambda: [s for s in skips(r) if s["task_id"] == task_id], 30, "the copy to be skipped")
+    assert skip[0]["reason"] == "duplicate-delivery", skip
+    assert [x["kind"] for x in runs(r) if x.get("id") == task_id] == ["start", "end"]
+    assert "on another host" in here.log_text()
+
+
+def test_a_redelivery_of_a_run_that_died_runs_it(proj, workers, r, consul):
+    """The same message's run died holding the key (same host, its pid gone): the copy waits
+    for the session to free the key and runs the body (the redelivery the lock must not eat)."""
+    (worker,) = workers(1, concurrency=2, env={"TEST_TTL": "10", "TEST_LOCK_DELAY": "1"})
+    task_id = str(uuid.uuid4())
+    proj.backup.apply_async((30.0,), task_id=task_id)
+    first = wait_for(lambda: starts(r, id=task_id), 30, "the first run to start")[0]
+    os.kill(first["pid"], signal.SIGKILL)
+    proj.backup.apply_async((0.1,), task_id=task_id)
+    wait_for(lambda: [x for x in runs(r) if x["kind"] == "end" and x["id"] == task_id], 60, "the redelivery to run")
+    assert len(starts(r, id=task_id)) == 2
+    assert "its run died holding" in worker.log_text()
+    assert not [s for s in skips(r) if s["task_id"] == task_id]
+
+
+def send_tick(proj, task, tick: Tick, **options):
+    return task.apply_async(headers={TICK_HEADER: str(tick)}, **options)
+
+
+@pytest.mark.parametrize("task_name", ["flaky_tick", "autoretry_tick"])
+def test_a_failed_ticks_retry_runs_after_a_later_tick_completed(proj, workers, r, consul, task_name):
+    workers(1, concurrency=2, env={"TEST_RETRY_COUNTDOWN": "3"})
+    task = getattr(proj, task_name)
+    entry = f"flaky-{uuid.uuid4().hex[:6]}"
+    due = datetime(2026, 11, 26, 3, 0, tzinfo=timezone.utc)
+    t1, t2 = Tick.of(entry, due), Tick.of(entry, due + timedelta(seconds=3))
+    send_tick(proj, task, t1)
+    wait_for(lambda: starts(r, tick=str(t1)), 30, "the first tick's first attempt")
+    # The next tick completes before the first one's retry arrives (its retries field
+    # says it is a retry: make it complete at once by sending it as a retry).
+    task.apply_async(headers={TICK_HEADER: str(t2)}, retries=1)
+    wait_for(lambda: [x for x in runs(r) if x["kind"] == "end" and x["tick"] == str(t2)], 30, "the later tick to complete")
+    ended = wait_for(
+        lambda: [x for x in runs(r) if x["kind"] == "end" and x["tick"] == str(t1)], 30, "the failed tick's retry to complete"
+    )
+    assert len(ended) == 1
+    assert not [s for s in skips(r) if s["reason"] == "duplicate-tick"], skips(r)
+    settings = ConsulSettings(address=consul.address)
+    mark = read_mark(ConsulClient(settings), settings, entry)
+    assert mark.epoch == t2.epoch and not mark.open and set(mark.done) == {t1.epoch, t2.epoch}
+    # A copy of either tick now is a duplicate.
+    for tick in (t1, t2):
+        value = send_tick(proj, task, tick, retries=1).get(timeout=30)
+        assert is_skipped(value) and value["reason"] == "duplicate-tick", value
+
+
+def test_a_late_tick_that_never_ran_runs_and_its_copy_does_not(proj, workers, r, consul):
+    """A backlog or countdown message of an older tick that never started, arriving after a
+    later tick completed, runs (it is not a copy); a copy of it afterwards is skipped."""
+    workers(1, concurrency=1)
+    entry = f"late-{uuid.uuid4().hex[:6]}"
+    due = datetime(2026, 11, 26, 5, 0, tzinfo=timezone.utc)
+    early, later = Tick.of(entry, due), Tick.of(entry, due + timedelta(minutes=1))
+    assert send_tick(proj, proj.ticked, later).get(timeout=30) == str(later)
+    assert send_tick(proj, proj.ticked, early).get(timeout=30) == str(early)
+    again = send_tick(proj, proj.ticked, early).get(timeout=30)
+    assert is_skipped(again) and again["reason"] == "duplicate-tick"
+    assert [x["tick"] for x in starts(r)] == [str(later), str(early)]
+
+
+def leader_header(token: int, sent_at: float, elected_at: float) -> dict:
+    leader = {"scheduler": "s1", "token": token, "instance": f"i{token}", "sent_at": sent_at, "elected_at": elected_at}
+    return {"consul_lock_leader": leader}
+
+
+def test_a_message_is_judged_stale_by_when_its_leader_sent_it_not_by_arrival(proj, workers, r):
+    workers(1, concurrency=1)
+    elected_newer = 1_000_000.0
+    newer = proj.backup.apply_async((0.05,), headers=leader_header(50, elected_newer + 1, elected_newer))
+    assert newer.get(timeout=30) == "done"
+    # Sent by the previous leader while it led (a retry, a countdown, a backlog): runs.
+    before = proj.backup.apply_async((0.05,), headers=leader_header(40, elected_newer - 3, 900_000.0))
+    assert before.get(timeout=30) == "done"
+    # Sent by the previous leader after the newer one was elected: dropped.
+    after = proj.backup.apply_async((0.05,), headers=leader_header(40, elected_newer + 0.5, 900_000.0))
+    value = after.get(timeout=30)
+    assert is_skipped(value) and value["reason"] == "stale-leader", value
+    assert len([x for x in runs(r) if x["kind"] == "end"]) == 2
+
+
+def test_a_forked_child_never_releases_the_parents_task_lock(proj, workers, r, consul):
+    workers(1, concurrency=2)
+    result = proj.forking.apply_async((1.5,))
+    wait_for(lambda: starts(r, id=result.id), 30, "the forking body to start")
+    other = proj.forking.apply_async((0.1,))
+    value = other.get(timeout=30)
+    assert is_skipped(value) and value["reason"] == "held", value  # the key stayed held
+    assert result.get(timeout=30) == "kept", runs(r)
+    kinds = Counter(x["kind"] for x in runs(r) if x.get("id") == result.id)
+    assert kinds == {"start": 1, "end": 1}, runs(r)
+    assert ConsulLock.holder("locks/proj.forking/.lock", settings=ConsulSettings(address=consul.address)) is None
