@@ -168,6 +168,8 @@ def test_tick_ids_round_trip_and_order():
     ("conf", "message"),
     [
         ({"consul_lock_beat_check_ttl": 0.5}, "consul_lock_beat_check_ttl=0.5 is invalid: must be at least 1 s"),
+        ({"consul_lock_beat_check_ttl": 0}, "consul_lock_beat_check_ttl=0.0 is invalid: must be at least 1 s"),
+        ({"consul_lock_beat_check_ttl": "soon"}, "consul_lock_beat_check_ttl='soon' is invalid: expected seconds"),
         ({"consul_lock_beat_lock_delay": 10, "consul_lock_beat_check_ttl": 2}, "twice the renewal interval"),
         ({"consul_lock_beat_lock_delay": 0}, "a lock-delay of 0 with session checks"),
         ({"consul_lock_beat_missed": "catch-up"}, "consul_lock_beat_missed='catch-up' is invalid"),
@@ -183,6 +185,19 @@ def test_beat_settings_that_break_the_guarantees_are_refused_at_start(monkeypatc
     with pytest.raises(InvalidSetting) as info:
         BeatConfig.from_app(app)
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize(("value", "seconds"), [(90, 90.0), ("2m", 120.0), ("61s", 61.0)])
+def test_beat_check_ttl_is_its_own_setting_not_capped_like_the_connection_timeout(monkeypatch, value, seconds):
+    """A check TTL above 60 s (the HTTP timeout's cap) is slow to fail over, but valid."""
+    from celery_consul_lock.beat import BeatConfig
+
+    monkeypatch.delenv("CONSUL_HTTP_ADDR", raising=False)
+    app = Celery("t", set_as_current=False)
+    app.conf.consul_lock_beat_check_ttl = value
+    config = BeatConfig.from_app(app)
+    assert config.check_ttl == seconds
+    assert config.settings.timeout == 5.0  # the connection timeout is not touched
 
 
 def test_beat_default_settings_give_the_documented_crash_bound():
