@@ -45,7 +45,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    """Poll ``predicate`` until it returns a truthy value; fail with ``what`` at the deadline."""
+    """Poll ``predicate`` until it returns a truthy value; fail with ``what`` at the deadline.
+
+    Other exceptions (a server not answering yet) are retried; an AssertionError is the
+    predicate saying that waiting is pointless (the process it waits on exited), so it
+    propagates at once, with the log excerpt it carries.
+    """
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
     while time.monotonic() < deadline:
@@ -53,6 +58,8 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
             value = predicate()
             if value:
                 return value
+        except AssertionError:
+            raise
         except Exception as exc:
             last_exc = exc
         time.sleep(interval)
