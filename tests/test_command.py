@@ -165,6 +165,35 @@ def test_check_fails_clearly_on_an_invalid_setting(consul: ConsulAgent) -> None:
     assert "invalid setting" in done.stderr and "consul_lock_lock_delay" in done.stderr and "90" in done.stderr, done.stderr
 
 
+@pytest.mark.parametrize(
+    ("options", "setting", "value"),
+    [
+        # The body has customer_id and region, not customer.
+        ({"lock_key": "locks/report-{customer}/.lock"}, "proj.configured.lock_key", "'locks/report-{customer}/.lock'"),
+        # Two positional parameters at most: {2} can never be filled.
+        ({"lock_key": "locks/report-{2}/.lock"}, "proj.configured.lock_key", "'locks/report-{2}/.lock'"),
+        ({"lock_key": "locks/report-{customer_id/.lock"}, "proj.configured.lock_key", "'locks/report-{customer_id/.lock'"),
+        ({"lock_on_held": "queue"}, "proj.configured.lock_on_held", "'queue'"),
+    ],
+)
+def test_check_fails_on_a_locked_tasks_bad_lock_options_naming_the_task_setting_and_value(
+    consul: ConsulAgent, options: dict[str, str], setting: str, value: str
+) -> None:
+    env = worker_env("redis://127.0.0.1:1/0", consul.address, TEST_EXTRA_LOCK_OPTIONS=json.dumps(options))
+    done = consul_lock_cmd(env, "check")
+    assert done.returncode == 1, done
+    assert "check FAILED: invalid setting" in done.stderr and f"{setting}={value} is invalid" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_check_accepts_key_templates_the_body_can_fill(consul: ConsulAgent) -> None:
+    template = "locks/{task.name}/{region}-{customer_id}-{0}/.lock"
+    env = worker_env("redis://127.0.0.1:1/0", consul.address, TEST_EXTRA_LOCK_OPTIONS=json.dumps({"lock_key": template}))
+    done = consul_lock_cmd(env, "check", "--no-beat")
+    assert done.returncode == 0, done
+    assert "consul-lock check OK" in done.stdout, done.stdout
+
+
 # -- against the example projects ---------------------------------------------------------------
 
 
