@@ -19,7 +19,7 @@ from celery_consul_lock.command import SCRATCH
 from example_project.cluster import EXAMPLES, ExampleCluster, example_cluster
 
 from .beats import Harness, ticks
-from .servers import ROOT, ConsulAgent, free_port, wait_for
+from .servers import ROOT, ConsulAgent, WebServer, free_port, wait_for
 from .test_interop import _consul_lock, _kill, _kv, _prefix, _start
 from .workers import worker_env
 
@@ -156,6 +156,18 @@ def test_check_fails_clearly_when_the_agent_is_unreachable() -> None:
     done = consul_lock_cmd(worker_env("redis://127.0.0.1:1/0", address), "check")
     assert done.returncode == 1, done
     assert "check FAILED" in done.stderr and f"http://{address}" in done.stderr and "Traceback" not in done.stderr, done.stderr
+
+
+def test_check_and_status_fail_clearly_against_a_server_that_is_not_consul(web_server: WebServer) -> None:
+    """``python -m http.server`` answers every request with an HTML error page: one line
+    saying it is not a Consul agent, no traceback, and no 'nothing held' from status."""
+    env = worker_env("redis://127.0.0.1:1/0", web_server.address)
+    for args in (["check"], ["status"], ["status", "--json"]):
+        done = consul_lock_cmd(env, *args)
+        assert done.returncode == 1, (args, done)
+        assert f"the server at http://{web_server.address} is not a Consul agent" in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr and len(done.stderr) < 600, (args, done.stderr)
+        assert done.stdout == "", (args, done.stdout)
 
 
 @pytest.mark.client
