@@ -11,6 +11,7 @@ from .errors import (
     LockHeld,
     LockLost,
     LockTimeout,
+    NotConsul,
     SessionGone,
 )
 from .lock import ConsulLock, LockHolder
@@ -34,6 +35,7 @@ __all__ = [
     "LockLost",
     "LockOptions",
     "LockTimeout",
+    "NotConsul",
     "SessionGone",
     "Tick",
     "close_sessions",

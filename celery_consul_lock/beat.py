@@ -45,7 +45,7 @@ from .consul import ConsulClient, thread_client
 from .errors import ConsulLockError, InvalidSetting
 from .lock import LOCK_DELAY_RETRY, ConsulLock
 from .session import FENCE_MARGIN_MIN, FENCE_MARGIN_RATIO, RENEWALS_PER_WINDOW, LockSession
-from .settings import ConsulSettings, validate_key
+from .settings import ConsulSettings, parse_seconds, validate_key
 from .task import LEADER_HEADER
 from .ticks import TICK_HEADER, Tick, crontab_tick, interval_tick, key_part
 
@@ -101,9 +101,8 @@ class BeatConfig:
             names="consul_lock_beat_{}",
         )
         settings = base.replace(lock_delay=settings.lock_delay)
-        check_ttl = ConsulSettings.resolve(
-            {"timeout": conf.get("consul_lock_beat_check_ttl") or DEFAULT_CHECK_TTL}, env={}
-        ).timeout
+        check_ttl = conf.get("consul_lock_beat_check_ttl")
+        check_ttl = DEFAULT_CHECK_TTL if check_ttl is None else parse_seconds("consul_lock_beat_check_ttl", check_ttl)
         missed = conf.get("consul_lock_beat_missed") or "run-once"
         config = cls(str(name), settings, check_ttl, missed)
         config.validate()

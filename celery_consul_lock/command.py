@@ -243,7 +243,7 @@ def preflight(app: Any, *, beat: bool = True, progress: Callable[[str], None] = 
     app.loader.import_default_modules()  # the task modules (Django: autodiscovery), as a worker does
     locked = sorted(name for name, task in app.tasks.items() if isinstance(task, ConsulLockedTask))
     for name in locked:
-        app.tasks[name].lock_options  # noqa: B018 -- validates the task's lock options
+        app.tasks[name].check_lock_options()
     client = ConsulClient(settings)
     try:
         progress(f"reaching {settings.base_url}")

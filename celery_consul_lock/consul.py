@@ -27,9 +27,9 @@ from urllib.parse import quote
 
 import consul as consul_lib
 
-from .errors import ACLDenied, ConsulLockError, ConsulUnavailable, InvalidSetting, SessionGone
+from .errors import ACLDenied, ConsulLockError, ConsulUnavailable, InvalidSetting, NotConsul, SessionGone
 from .settings import ConsulSettings
-from .transport import Connection
+from .transport import Connection, Headers, NotHTTP
 
 __all__ = ["LOCK_FLAG", "ConsulClient", "KVEntry", "LockAttempt", "thread_client"]
 
@@ -46,6 +46,9 @@ _LOCK_TXN = '[{"KV":{"Verb":"%s","Key":%s}},{"KV":{"Verb":"lock","Key":%s,"Value
 #: Consul's answer to a token it does not know (not one that lacks a permission).
 _ACL_NOT_FOUND = "ACL not found"
 _NO_LEADER = ("No cluster leader", "rpc error", "leadership lost", "connection refused", "EOF")
+
+#: How much of a foreign answer's body an error quotes: enough to recognise it, never a page.
+EXCERPT_CHARS = 80
 
 #: How much longer than ``wait`` a blocking query may take: Consul adds up to wait/16
 #: of jitter before answering.
@@ -144,7 +147,7 @@ class ConsulClient:
     def session_renew(self, session: str, *, timeout: float | None = None) -> float:
         """Renew a session; returns the TTL the server now uses. Raises SessionGone."""
         with self._errors("renewing a session", "session:write", "the agent's node", timeout=timeout, session=session):
-            answer = self._client.session.renew(session, dc=self.settings.datacenter)
+            answer = _expect(self._client.session.renew(session, dc=self.settings.datacenter), (dict, type(None)), "a session")
         if answer is None:
             raise SessionGone(session, self.address)
         return _parse_go_duration(answer.get("TTL", "")) or self.settings.ttl
@@ -156,27 +159,27 @@ class ConsulClient:
     def session_info(self, session: str) -> dict[str, Any] | None:
         with self._errors("reading a session", "session:read", "the agent's node"):
             _, info = self._client.session.info(session, dc=self.settings.datacenter)
-        return info
+            return _expect(info, (dict, type(None)), "a session")
 
     def session_list(self) -> list[dict[str, Any]]:
         """Every session in the datacenter (ID, Name, Node, TTL, LockDelay, Checks, ...)."""
         with self._errors("listing sessions", "session:read", "the datacenter's nodes"):
             _, sessions = self._client.session.list(dc=self.settings.datacenter)
-        return list(sessions or [])
+            return [_expect(s, dict, "a session") for s in _expect(sessions or [], list, "a session list")]
 
     # -- agent and cluster ------------------------------------------------------------
 
     def agent_self(self) -> dict[str, Any]:
         """The agent's own description: node name, datacenter, Consul version."""
         with self._errors("reading the agent's configuration", "agent:read", "the agent's node"):
-            info = self._client.agent.self()
-        config = info.get("Config") or {}
+            info = _expect(self._client.agent.self(), dict, "an agent description")
+            config = _expect(info.get("Config"), dict, "an agent configuration")
         return {"node": config.get("NodeName"), "datacenter": config.get("Datacenter"), "version": config.get("Version")}
 
     def status_leader(self) -> str:
         """The address of the servers' raft leader; empty while they have none."""
         with self._errors("asking for the cluster leader", "none", "the cluster"):
-            return str(self._client.status.leader() or "")
+            return _expect(self._client.status.leader() or "", str, "a raft leader address")
 
     # -- agent: a TTL health check to tie a session to -----------------------------------
 
@@ -234,13 +237,13 @@ class ConsulClient:
                 consistency="consistent" if consistent else None,
                 dc=self.settings.datacenter,
             )
-        return int(idx or 0), (KVEntry.from_api(data) if data else None)
+            return int(idx or 0), (_entry(data) if data else None)
 
     def kv_keys(self, prefix: str) -> list[KVEntry]:
         """Every key under ``prefix``."""
         with self._errors("listing keys", "key:read", prefix):
             _, data = self._client.kv.get(prefix, recurse=True, dc=self.settings.datacenter)
-        return [KVEntry.from_api(d) for d in data or []]
+            return [_entry(d) for d in _expect(data or [], list, "a key list")]
 
     def kv_put(self, key: str, value: bytes, *, cas: int | None = None, flags: int | None = None) -> bool:
         """Write a key; with ``cas``, only if its ModifyIndex is ``cas`` (0: if absent)."""
@@ -274,6 +277,8 @@ class ConsulClient:
             if taken is not None:
                 return taken
         ok, results, errors = self._txn_parse(code, answer, "acquiring a lock", key)
+        if ok and len(results) != (2 if exists else 1):
+            raise NotConsul(self.address, "acquiring a lock", f"{len(results)} results to a transaction of 2 operations")
         if ok:
             before = results[0]["KV"] if exists else {}
             conflict = KVEntry.from_api(before) if int(before.get("Flags") or 0) not in (0, LOCK_FLAG) else None
@@ -312,7 +317,10 @@ class ConsulClient:
         with self._errors(action, "key:write", key, session=session):
             status, body = self._client.http.raw("PUT", target, value)
         self._check_status(status, body, action, "key:write", key, session)
-        return body.strip() == "true"
+        answer = body.strip()
+        if answer not in ("true", "false"):
+            raise NotConsul(self.address, action, f"HTTP 200 with {self._excerpt(body)} instead of true or false")
+        return answer == "true"
 
     def _check_status(self, status: int, body: str, action: str, permission: str, resource: str, session: str | None) -> None:
         if status == 200:
@@ -323,7 +331,10 @@ class ConsulClient:
             raise SessionGone(session, self.address)
         if status >= 500 and any(m in body for m in _NO_LEADER):
             raise _no_leader(self.address, action, body)
-        raise ConsulLockError(f"Consul at {self.address} answered {status} while {action}: {body.strip()}")
+        raise ConsulLockError(f"Consul at {self.address} answered {status} while {action}: {self._excerpt(body)}")
+
+    def _excerpt(self, body: str | bytes) -> str:
+        return _excerpt(body, self.settings.token)
 
     def txn(
         self, ops: list[dict[str, Any]], *, action: str = "running a transaction", resource: str = "the keys involved"
@@ -345,12 +356,22 @@ class ConsulClient:
     def _txn_parse(
         self, code: int, body: str, action: str, resource: str
     ) -> tuple[bool, list[dict[str, Any]], list[dict[str, Any]]]:
-        data = json.loads(body)
-        errors = list(data.get("Errors") or [])
+        try:
+            data = json.loads(body)
+            errors, results = data.get("Errors") or [], data.get("Results") or []
+            # Consul lists the results of a transaction that ran and the errors of one that did not.
+            if not isinstance(data.get("Results" if code == 200 else "Errors"), list):
+                raise ValueError("no results")
+            if not all(isinstance(e, dict) for e in errors) or not all(isinstance(r.get("KV"), dict) for r in results):
+                raise ValueError("not a KV transaction's answer")
+        except (ValueError, TypeError, AttributeError):
+            raise NotConsul(
+                self.address, action, f"HTTP {code} with {self._excerpt(body)}, which is not a transaction's answer"
+            ) from None
         if any("Permission denied" in str(e.get("What", "")) for e in errors):
             # A transaction reports ACL refusals as 409 with errors, not as 403.
             raise ACLDenied(self.address, action, "key:write", resource)
-        return code == 200, list(data.get("Results") or []), errors
+        return code == 200, results, errors
 
     # -- errors -----------------------------------------------------------------------
 
@@ -385,6 +406,10 @@ class _Errors:
         if exc is None:
             return
         address, action, session = self.client.address, self.action, self.session
+        if isinstance(exc, _Foreign):
+            raise NotConsul(address, action, str(exc)) from None
+        if isinstance(exc, NotHTTP):
+            raise NotConsul(address, action, f"something that is not HTTP ({self.client._excerpt(exc.args[0])})") from None
         if isinstance(exc, ssl.SSLError):
             raise ConsulUnavailable(address, action, _tls_failure(exc, self.client.settings), transient=False) from None
         if isinstance(exc, TimeoutError):
@@ -402,7 +427,7 @@ class _Errors:
                 raise _no_leader(address, action, text) from None
             if session is not None and (isinstance(exc, consul_lib.NotFound) or "invalid session" in text.lower()):
                 raise SessionGone(session, address) from None
-            raise ConsulLockError(f"Consul at {address} failed while {action}: {text.strip()}") from None
+            raise ConsulLockError(f"Consul at {address} failed while {action}: {self.client._excerpt(text)}") from None
 
 
 class _KeepAliveHTTP(consul_lib.base.HTTPClient):  # type: ignore[misc]
@@ -418,12 +443,14 @@ class _KeepAliveHTTP(consul_lib.base.HTTPClient):  # type: ignore[misc]
         super().__init__(host=settings.host, port=settings.port, scheme=settings.scheme, verify=settings.verify, cert=None)
         self.timeout: float = timeout
         self._headers = {"X-Consul-Token": settings.token} if settings.token else {}
+        self._token = settings.token
         context = _tls_context(settings) if settings.scheme == "https" else None
         self._conn = Connection(settings.host, settings.port, ssl_context=context)
 
     def raw(self, method: str, target: str, body: bytes) -> tuple[int, str]:
         """One request with a ready target (path and query); returns (status, body text)."""
-        status, _, content = self._conn.request(method, target, body, self._headers, self.timeout)
+        status, headers, content = self._conn.request(method, target, body, self._headers, self.timeout)
+        self._check_consul(status, headers, content)
         return status, content.decode("utf-8", "replace")
 
     def _request(self, method: str, callback: Any, path: str, params: Any, data: Any, headers: Any) -> Any:
@@ -431,8 +458,19 @@ class _KeepAliveHTTP(consul_lib.base.HTTPClient):  # type: ignore[misc]
         body = data.encode() if isinstance(data, str) else data
         all_headers = {**self._headers, **headers} if headers else self._headers
         status, resp_headers, content = self._conn.request(method, target, body, all_headers, self.timeout)
+        self._check_consul(status, resp_headers, content)
         values = (status, resp_headers, content.decode("utf-8", "replace"), content)
-        return callback(_RESPONSE._make(values[: len(_RESPONSE._fields)]))
+        try:
+            return callback(_RESPONSE._make(values[: len(_RESPONSE._fields)]))
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+            # The library's parsing of the answer failed: JSON of a shape Consul never sends.
+            what = f"{type(exc).__name__} reading it"
+            raise _Foreign(f"HTTP {status} with {_excerpt(content, self._token)} ({what})") from None
+
+    def _check_consul(self, status: int, headers: Headers, content: bytes) -> None:
+        why = _foreign_answer(status, headers, content)
+        if why is not None:
+            raise _Foreign(f"{why}: {_excerpt(content, self._token)}" if content else why)
 
     def get(self, callback: Any, path: str, params: Any = None, headers: Any = None, **_: Any) -> Any:
         return self._request("GET", callback, path, params, None, headers)
@@ -451,6 +489,58 @@ class _KeepAliveHTTP(consul_lib.base.HTTPClient):  # type: ignore[misc]
 
 
 _RESPONSE = consul_lib.base.Response
+
+
+class _Foreign(Exception):
+    """An answer that cannot be a Consul agent's (``args[0]`` says how); _Errors turns it
+    into NotConsul with the address and the action."""
+
+
+#: How a Consul answer's JSON body can begin (an object, a list, a string, true, false,
+#: null, a number).
+_JSON_START = frozenset(bytes([b]) for b in b'{["tfn-0123456789')
+
+
+def _foreign_answer(status: int, headers: Headers, content: bytes) -> str | None:
+    """How an answer shows that no Consul agent sent it, or None if one may have. Consul
+    (checked on 1.8.7) answers every call this adapter makes with: a JSON body typed
+    ``application/json``; a short ``text/plain`` error; no body at all (agent endpoints);
+    or, for a key that does not exist, an empty 404 carrying ``X-Consul-Index``."""
+    media = str(headers.get("content-type") or "").partition(";")[0].strip().lower()
+    if content:
+        if media not in ("application/json", "text/plain"):
+            return f"HTTP {status} typed {media or 'nothing'}"
+        if status == 200 and (media != "application/json" or content[:16].lstrip()[:1] not in _JSON_START):
+            return "HTTP 200 with a body that is not JSON"
+        if status == 404 and content.startswith(b"404 page not found"):  # a Go server's default page
+            return "HTTP 404 for an endpoint Consul has"
+    elif status == 404 and "x-consul-index" not in headers:
+        return "HTTP 404 with no body and no X-Consul-Index header (Consul's answer for a missing key has one)"
+    return None
+
+
+def _excerpt(body: str | bytes, token: str | None) -> str:
+    """The start of an answer's body, on one line, quoted; never the token (an echoing
+    server could send our request headers back)."""
+    text = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    text = " ".join(text.split())
+    if token:
+        text = text.replace(token, "<token>")
+    return repr(text[:EXCERPT_CHARS] + ("..." if len(text) > EXCERPT_CHARS else ""))
+
+
+def _expect(value: Any, kinds: type | tuple[type, ...], what: str) -> Any:
+    """``value`` if it has the JSON shape Consul gives ``what``; else the answer was not Consul's."""
+    if not isinstance(value, kinds):
+        raise _Foreign(f"{what} of an unexpected shape ({type(value).__name__})")
+    return value
+
+
+def _entry(data: Any) -> KVEntry:
+    """A KV entry from an answer, which must be one."""
+    if not isinstance(data, dict) or not isinstance(data.get("Key"), str):
+        raise _Foreign(f"a key entry of an unexpected shape ({type(data).__name__})")
+    return KVEntry.from_api(data)
 
 
 #: The two fields a taken lock needs from the transaction's answer. Keys and sessions are

@@ -16,6 +16,7 @@ __all__ = [
     "LockHeld",
     "LockLost",
     "LockTimeout",
+    "NotConsul",
     "SessionGone",
 ]
 
@@ -60,6 +61,27 @@ class ConsulUnavailable(ConsulLockError):
         if self.transient:
             text += " Check that the agent runs there, or point consul_lock_address / CONSUL_HTTP_ADDR at it."
         return text
+
+
+class NotConsul(ConsulUnavailable):
+    """Something answers at the address, but not as a Consul agent does (a web server, a
+    proxy's error page, another service): ``answer`` says how, with a short excerpt.
+
+    A :class:`ConsulUnavailable`, because Consul is not reachable there (so ``fail_policy``
+    applies as for any unreachable agent), with ``transient`` False, because waiting does
+    not fix an address: a blocking acquire raises it at once instead of retrying through it.
+    """
+
+    def __init__(self, address: str, action: str, answer: str) -> None:
+        super().__init__(address, action, answer, transient=False)
+        self.args = (address, action, answer)
+        self.answer = answer
+
+    def __str__(self) -> str:
+        return (
+            f"the server at {self.address} is not a Consul agent: while {self.action}, it answered {self.answer}. "
+            "Point consul_lock_address / CONSUL_HTTP_ADDR at a Consul agent's HTTP API."
+        )
 
 
 class ACLDenied(ConsulLockError):

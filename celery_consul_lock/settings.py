@@ -26,7 +26,7 @@ from typing import Any
 
 from .errors import InvalidSetting
 
-__all__ = ["ConsulSettings", "validate_key"]
+__all__ = ["ConsulSettings", "parse_seconds", "validate_key"]
 
 #: Consul's own default agent address.
 DEFAULT_ADDRESS = "127.0.0.1:8500"
@@ -212,7 +212,7 @@ class ConsulSettings:
         out: dict[str, Any] = {}
         for name, value in values.items():
             if name in ("ttl", "lock_delay", "timeout"):
-                out[name] = _parse_seconds(src(name), value)
+                out[name] = parse_seconds(src(name), value)
             elif name == "verify":
                 out[name] = value if isinstance(value, bool) else _parse_bool(src(name), value)
             elif name == "session_checks":
@@ -329,7 +329,8 @@ def _parse_bool(setting: str, value: object) -> bool:
     raise InvalidSetting(setting, value, "expected true or false")
 
 
-def _parse_seconds(setting: str, value: object) -> float:
+def parse_seconds(setting: str, value: object) -> float:
+    """Seconds from a number or ``"15s"``, ``"500ms"``, ``"1m"``; errors name ``setting``."""
     if isinstance(value, bool):
         raise InvalidSetting(setting, value, "expected a number of seconds")
     if isinstance(value, int | float):

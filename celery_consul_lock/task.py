@@ -21,6 +21,8 @@ import ctypes
 import functools
 import inspect
 import logging
+import re
+import string
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -173,6 +175,19 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             )
         return replace(self._lock_options, **override).validated(self.name)
 
+    def check_lock_options(self) -> LockOptions:
+        """This task's own lock options, validated as a run would use them, without a run:
+        each option, and a key template against the body's signature (every field it names
+        must be one of the body's parameters, or ``task``; every index one of its
+        positional ones). Raises InvalidSetting naming the task, the setting and the value.
+
+        Limit: a callable key can only be checked by calling it, and an index is checked
+        against the body's parameters, not against how a caller will pass them."""
+        options = self.lock_options(_NO_REQUEST)
+        if isinstance(options.key, str):
+            _check_key_template(options.key, _signature(self.run), f"{self.name}.lock_key")
+        return options
+
     def lock_settings(self, options: LockOptions) -> ConsulSettings:
         """The app's settings (read once per task object), with the task's TTL etc."""
         if self._consul_settings is None:
@@ -190,7 +205,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         else:
             try:
                 text = key.format(*args, **_arguments(self.run, args, kwargs), task=self)
-            except (KeyError, IndexError, AttributeError, TypeError) as exc:
+            except (KeyError, IndexError, AttributeError, TypeError, ValueError) as exc:
                 raise InvalidSetting(
                     setting, key, f"cannot fill the template from args={args!r} kwargs={kwargs!r}: {exc!r}"
                 ) from None
@@ -426,6 +441,41 @@ class _AbortOnLoss:
             self.running = False
             if self.sent:  # clear an abort that has not fired yet
                 ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id), None)
+
+
+#: A request without headers: the task's own options, with no per-call override.
+_NO_REQUEST = object()
+_POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+
+
+def _check_key_template(template: str, signature: inspect.Signature, setting: str) -> None:
+    """Raise InvalidSetting unless every field of ``template`` can be filled by a call that
+    matches ``signature``, the way lock_key_for fills it (``str.format(*args, **arguments by
+    name, task=task)``)."""
+    try:
+        fields_ = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as exc:
+        raise InvalidSetting(setting, template, f"not a valid key template: {exc}") from None
+    params = signature.parameters
+    names = set(params) | {"task"}
+    listed = ", ".join(params) or "none"
+    positional = sum(p.kind in _POSITIONAL for p in params.values())
+    any_index = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in params.values())
+    auto = 0
+    for field in fields_:
+        head = re.match(r"[^.\[]*", field).group()  # type: ignore[union-attr]
+        if head and not head.isdigit():
+            if head not in names:
+                raise InvalidSetting(
+                    setting, template, f"names {{{head}}}, which is not a parameter of the task's body ({listed}) nor 'task'"
+                )
+            continue
+        index = int(head) if head else auto
+        auto += not head
+        if index >= positional and not any_index:
+            raise InvalidSetting(
+                setting, template, f"uses positional argument {index}, but the task's body takes {positional} ({listed})"
+            )
 
 
 def _arguments(func: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import contextlib
 import socket
 import ssl
 
-__all__ = ["Connection", "Headers"]
+__all__ = ["Connection", "Headers", "NotHTTP"]
 
 #: Never read a header block larger than this (Consul's are a few hundred bytes).
 MAX_HEADER_BYTES = 64 * 1024
@@ -101,8 +101,8 @@ class Connection:
         if not line:
             raise _ClosedEarly
         parts = line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/"):
-            raise ConnectionError(f"not an HTTP answer: {line[:80]!r}")
+        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+            raise NotHTTP(line[:80])
         status = int(parts[1])
         headers = Headers()
         size = 0
@@ -136,13 +136,20 @@ class Connection:
             size_line = f.readline(MAX_HEADER_BYTES)  # type: ignore[union-attr]
             if not size_line:
                 raise ConnectionError("connection closed in the middle of a chunked response")
-            size = int(size_line.split(b";", 1)[0].strip(), 16)
+            try:
+                size = int(size_line.split(b";", 1)[0].strip(), 16)
+            except ValueError:
+                raise NotHTTP(size_line[:80]) from None
             if size == 0:
                 while f.readline(MAX_HEADER_BYTES) not in (b"\r\n", b"\n", b""):  # type: ignore[union-attr]
                     pass
                 return b"".join(chunks)
             chunks.append(f.read(size))  # type: ignore[union-attr]
             f.readline(MAX_HEADER_BYTES)  # type: ignore[union-attr]
+
+
+class NotHTTP(Exception):
+    """The peer sent bytes that are not an HTTP/1.1 answer (``args[0]``: the first of them)."""
 
 
 class _ClosedEarly(Exception):

@@ -17,7 +17,17 @@ import redis
 from celery_consul_lock import ConsulSettings, close_sessions
 
 from .beats import Harness
-from .servers import ConsulAgent, ConsulCluster, RedisServer, start_cluster, start_consul, start_redis, wait_consul_ready
+from .servers import (
+    ConsulAgent,
+    ConsulCluster,
+    RedisServer,
+    WebServer,
+    start_cluster,
+    start_consul,
+    start_redis,
+    start_web_server,
+    wait_consul_ready,
+)
 from .workers import Worker, start_worker, worker_env
 
 
@@ -52,6 +62,16 @@ def cluster(_cluster: ConsulCluster) -> ConsulCluster:
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     server = start_redis(tmp_path_factory.mktemp("redis"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def web_server(tmp_path: Path) -> Iterator[WebServer]:
+    """A real HTTP server that is not a Consul agent (``python -m http.server``)."""
+    server = start_web_server(tmp_path / "web")
     try:
         yield server
     finally:

@@ -14,6 +14,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
@@ -45,7 +46,12 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
-    """Poll ``predicate`` until it returns a truthy value; fail with ``what`` at the deadline."""
+    """Poll ``predicate`` until it returns a truthy value; fail with ``what`` at the deadline.
+
+    Other exceptions (a server not answering yet) are retried; an AssertionError is the
+    predicate saying that waiting is pointless (the process it waits on exited), so it
+    propagates at once, with the log excerpt it carries.
+    """
     deadline = time.monotonic() + timeout
     last_exc: BaseException | None = None
     while time.monotonic() < deadline:
@@ -53,6 +59,8 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.05):
             value = predicate()
             if value:
                 return value
+        except AssertionError:
+            raise
         except Exception as exc:
             last_exc = exc
         time.sleep(interval)
@@ -103,6 +111,37 @@ def _popen(args: list[str], workdir: Path, log: Path, mode: str) -> subprocess.P
     """Start ``args`` in its own session, its output written (``mode``) to ``log``."""
     with log.open(mode) as out:
         return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, cwd=workdir, start_new_session=True)
+
+
+@dataclass
+class WebServer:
+    """``python -m http.server``: answers HTTP, but is not a Consul agent (HTML error pages:
+    404 for a GET of an unknown path, 501 for a PUT)."""
+
+    proc: Proc
+    address: str
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def start_web_server(workdir: Path) -> WebServer:
+    port = free_port()
+    proc = _spawn("http-server", [sys.executable, "-m", "http.server", "--bind", "127.0.0.1", str(port)], workdir)
+    server = WebServer(proc, f"127.0.0.1:{port}")
+
+    def answers() -> bool:
+        if proc.popen.poll() is not None:
+            raise AssertionError(f"http.server exited: {proc.log.read_text()[-2000:]}")
+        with urllib.request.urlopen(f"http://{server.address}/", timeout=2) as resp:
+            return resp.status == 200
+
+    try:
+        wait_for(answers, 15, "python -m http.server to answer")
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 def http_json(

@@ -19,7 +19,7 @@ from celery_consul_lock.command import SCRATCH
 from example_project.cluster import EXAMPLES, ExampleCluster, example_cluster
 
 from .beats import Harness, ticks
-from .servers import ROOT, ConsulAgent, free_port, wait_for
+from .servers import ROOT, ConsulAgent, WebServer, free_port, wait_for
 from .test_interop import _consul_lock, _kill, _kv, _prefix, _start
 from .workers import worker_env
 
@@ -158,11 +158,52 @@ def test_check_fails_clearly_when_the_agent_is_unreachable() -> None:
     assert "check FAILED" in done.stderr and f"http://{address}" in done.stderr and "Traceback" not in done.stderr, done.stderr
 
 
+def test_check_and_status_fail_clearly_against_a_server_that_is_not_consul(web_server: WebServer) -> None:
+    """``python -m http.server`` answers every request with an HTML error page: one line
+    saying it is not a Consul agent, no traceback, and no 'nothing held' from status."""
+    env = worker_env("redis://127.0.0.1:1/0", web_server.address)
+    for args in (["check"], ["status"], ["status", "--json"]):
+        done = consul_lock_cmd(env, *args)
+        assert done.returncode == 1, (args, done)
+        assert f"the server at http://{web_server.address} is not a Consul agent" in done.stderr, (args, done.stderr)
+        assert "Traceback" not in done.stderr and len(done.stderr) < 600, (args, done.stderr)
+        assert done.stdout == "", (args, done.stdout)
+
+
 @pytest.mark.client
 def test_check_fails_clearly_on_an_invalid_setting(consul: ConsulAgent) -> None:
     done = consul_lock_cmd(worker_env("redis://127.0.0.1:1/0", consul.address, TEST_LOCK_DELAY="90"), "check")
     assert done.returncode == 1, done
     assert "invalid setting" in done.stderr and "consul_lock_lock_delay" in done.stderr and "90" in done.stderr, done.stderr
+
+
+@pytest.mark.parametrize(
+    ("options", "setting", "value"),
+    [
+        # The body has customer_id and region, not customer.
+        ({"lock_key": "locks/report-{customer}/.lock"}, "proj.configured.lock_key", "'locks/report-{customer}/.lock'"),
+        # Two positional parameters at most: {2} can never be filled.
+        ({"lock_key": "locks/report-{2}/.lock"}, "proj.configured.lock_key", "'locks/report-{2}/.lock'"),
+        ({"lock_key": "locks/report-{customer_id/.lock"}, "proj.configured.lock_key", "'locks/report-{customer_id/.lock'"),
+        ({"lock_on_held": "queue"}, "proj.configured.lock_on_held", "'queue'"),
+    ],
+)
+def test_check_fails_on_a_locked_tasks_bad_lock_options_naming_the_task_setting_and_value(
+    consul: ConsulAgent, options: dict[str, str], setting: str, value: str
+) -> None:
+    env = worker_env("redis://127.0.0.1:1/0", consul.address, TEST_EXTRA_LOCK_OPTIONS=json.dumps(options))
+    done = consul_lock_cmd(env, "check")
+    assert done.returncode == 1, done
+    assert "check FAILED: invalid setting" in done.stderr and f"{setting}={value} is invalid" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr, done.stderr
+
+
+def test_check_accepts_key_templates_the_body_can_fill(consul: ConsulAgent) -> None:
+    template = "locks/{task.name}/{region}-{customer_id}-{0}/.lock"
+    env = worker_env("redis://127.0.0.1:1/0", consul.address, TEST_EXTRA_LOCK_OPTIONS=json.dumps({"lock_key": template}))
+    done = consul_lock_cmd(env, "check", "--no-beat")
+    assert done.returncode == 0, done
+    assert "consul-lock check OK" in done.stdout, done.stdout
 
 
 # -- against the example projects ---------------------------------------------------------------

@@ -168,6 +168,8 @@ def test_tick_ids_round_trip_and_order():
     ("conf", "message"),
     [
         ({"consul_lock_beat_check_ttl": 0.5}, "consul_lock_beat_check_ttl=0.5 is invalid: must be at least 1 s"),
+        ({"consul_lock_beat_check_ttl": 0}, "consul_lock_beat_check_ttl=0.0 is invalid: must be at least 1 s"),
+        ({"consul_lock_beat_check_ttl": "soon"}, "consul_lock_beat_check_ttl='soon' is invalid: expected seconds"),
         ({"consul_lock_beat_lock_delay": 10, "consul_lock_beat_check_ttl": 2}, "twice the renewal interval"),
         ({"consul_lock_beat_lock_delay": 0}, "a lock-delay of 0 with session checks"),
         ({"consul_lock_beat_missed": "catch-up"}, "consul_lock_beat_missed='catch-up' is invalid"),
@@ -185,9 +187,58 @@ def test_beat_settings_that_break_the_guarantees_are_refused_at_start(monkeypatc
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize(("value", "seconds"), [(90, 90.0), ("2m", 120.0), ("61s", 61.0)])
+def test_beat_check_ttl_is_its_own_setting_not_capped_like_the_connection_timeout(monkeypatch, value, seconds):
+    """A check TTL above 60 s (the HTTP timeout's cap) is slow to fail over, but valid."""
+    from celery_consul_lock.beat import BeatConfig
+
+    monkeypatch.delenv("CONSUL_HTTP_ADDR", raising=False)
+    app = Celery("t", set_as_current=False)
+    app.conf.consul_lock_beat_check_ttl = value
+    config = BeatConfig.from_app(app)
+    assert config.check_ttl == seconds
+    assert config.settings.timeout == 5.0  # the connection timeout is not touched
+
+
 def test_beat_default_settings_give_the_documented_crash_bound():
     from celery_consul_lock.beat import BeatConfig
 
     config = BeatConfig.from_app(Celery("proj", set_as_current=False))
     assert (config.name, config.check_ttl, config.settings.lock_delay) == ("proj", 2.0, 1.5)
     assert config.crash_failover_bound == 3.75 and config.leader_key_name == "locks/proj/beat/.lock"
+
+
+@pytest.mark.parametrize(
+    ("template", "args", "kwargs", "problem"),
+    [
+        ("locks/r-{customer_id}/.lock", (7,), {}, None),
+        ("locks/r-{0}-{region}/.lock", (7,), {}, None),
+        ("locks/r-{}/.lock", (7,), {}, None),
+        ("locks/{task.name}/{customer_id.real}/.lock", (), {"customer_id": 7}, None),
+        ("locks/r-{extra}/.lock", (7,), {}, None),  # the body's **extra: the dict of the rest
+        ("locks/r-{customer}/.lock", (7,), {}, "names {customer}, which is not a parameter of the task's body"),
+        ("locks/r-{customer_id}-{1}/.lock", (7,), {}, "uses positional argument 1, but the task's body takes 1"),
+        ("locks/r-{}-{}/.lock", (7,), {}, "uses positional argument 1"),
+        ("locks/r-{customer_id/.lock", (7,), {}, "not a valid key template"),
+    ],
+)
+def test_check_lock_options_accepts_exactly_the_key_templates_a_run_can_fill(template, args, kwargs, problem):
+    """check_lock_options (what `consul-lock check` runs) judges a template by the body's
+    signature; a run fills it from the call. The two agree."""
+    from celery_consul_lock import ConsulLockedTask
+
+    app = Celery("t", set_as_current=False)
+
+    @app.task(bind=True, base=ConsulLockedTask, name="t.report", lock_key=template)
+    def report(self, customer_id: int, *, region: str = "eu", **extra: object) -> None:
+        pass
+
+    if problem is None:
+        assert report.check_lock_options().key == template
+        assert report.lock_key_for(args, kwargs).startswith("locks/")
+    else:
+        with pytest.raises(InvalidSetting) as info:
+            report.check_lock_options()
+        assert str(info.value).startswith(f"t.report.lock_key={template!r} is invalid: {problem}"), str(info.value)
+        with pytest.raises(InvalidSetting, match=r"^t\.report\.lock_key="):
+            report.lock_key_for(args, kwargs)

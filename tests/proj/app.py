@@ -88,6 +88,14 @@ def ticked(self, seconds: float = 0.2) -> str:
     return tick
 
 
+if os.environ.get("TEST_EXTRA_LOCK_OPTIONS"):
+    # A locked task with the options the test gives (JSON), e.g. a key template naming an
+    # argument the body does not have, for `consul-lock check`.
+    @app.task(bind=True, base=ConsulLockedTask, name="proj.configured", **json.loads(os.environ["TEST_EXTRA_LOCK_OPTIONS"]))
+    def configured(self, customer_id: int, *, region: str = "eu") -> str:
+        return f"{region}-{customer_id}"
+
+
 @app.task(bind=True, base=ConsulLockedTask, name="proj.locked_noop", lock_key="locks/noop-{n}/.lock")
 def locked_noop(self, n: int = 0) -> int:
     return n
