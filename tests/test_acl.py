@@ -92,6 +92,19 @@ def test_a_token_without_key_write_gets_an_error_naming_the_key(acl_agent):
     assert "key:write" in text and "locks/acl-ro/.lock" in text and tokens["no-key"] not in text
 
 
+def test_a_token_consul_does_not_know_is_named_as_unknown_not_as_a_missing_permission(acl_agent):
+    agent, _ = acl_agent
+    unknown = "00000000-dead-beef-0000-000000000000"
+    lock = ConsulLock("locks/acl-unknown/.lock", address=agent.address, token=unknown, lock_delay=2)
+    with pytest.raises(ACLDenied) as info:
+        lock.acquire(blocking=False)
+    text = str(info.value)
+    assert info.value.token_unknown and "does not know the ACL token" in text, text
+    assert "session:write" not in text and unknown not in text, text
+    done = consul_lock_cmd(_env(agent, unknown), "check")
+    assert done.returncode == 1 and "does not know the ACL token" in done.stderr and unknown not in done.stderr, done
+
+
 # -- the consul-lock command under ACLs ---------------------------------------------------------
 
 

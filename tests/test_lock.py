@@ -115,7 +115,7 @@ def test_lost_when_session_destroyed_behind_our_back(settings, key, consul):
     reasons = []
     lock.on_lost(lambda _lock, reason: reasons.append(reason))
     assert lock.acquire()
-    consul.api(f"/v1/session/destroy/{lock._sid}", "PUT")
+    consul.api(f"/v1/session/destroy/{lock.session_id}", "PUT")
     wait_for(lock.lost.is_set, 10, "the lock to be reported lost")
     assert not lock.held and reasons and "session" in reasons[0]
     with pytest.raises(LockLost):
@@ -202,7 +202,7 @@ def test_200_cycles_use_one_session_and_close_removes_it(settings, key, consul):
     seen = set()
     for _ in range(200):
         assert lock.acquire()
-        seen.add(lock._sid)
+        seen.add(lock.session_id)
         lock.release()
     assert len(seen) == 1 and session_ids(consul) - before == seen
     close_sessions()
@@ -234,7 +234,7 @@ print("held", flush=True)
 def test_forked_child_uses_its_own_session(settings, key):
     lock = ConsulLock(key, settings=settings)
     assert lock.acquire()
-    parent_sid = lock._sid
+    parent_sid = lock.session_id
     lock.release()
     r, w = os.pipe()
     pid = os.fork()
@@ -252,8 +252,44 @@ def test_forked_child_uses_its_own_session(settings, key):
     os.waitpid(pid, 0)
     assert data[0] is True and data[1] != parent_sid
     # The parent's session survived the child.
-    assert lock.acquire(blocking=False) and lock._sid == parent_sid
+    assert lock.acquire(blocking=False) and lock.session_id == parent_sid
     lock.release()
+
+
+class _ChildLeaves(Exception):
+    """Raised in a forked child to leave the parent's ``with`` block."""
+
+
+@pytest.mark.parametrize("private_session", [False, True])
+@pytest.mark.parametrize("leave", [_ChildLeaves, SystemExit])
+def test_a_forked_child_leaving_the_with_block_never_releases_the_parents_key(settings, key, consul, leave, private_session):
+    parent = os.getpid()
+    lock = ConsulLock(key, settings=settings, private_session=private_session)
+
+    def hold_and_fork() -> None:
+        with lock:
+            pid = os.fork()
+            if pid == 0:
+                raise leave()  # the child leaves the block: its __exit__ runs in the child
+            _, status = os.waitpid(pid, 0)
+            assert status == 0, f"the child failed: {status}"
+            holder = ConsulLock.holder(key, settings=settings)
+            assert holder is not None and holder.session == lock.session_id, holder
+            assert lock.session_id in session_ids(consul) and lock.held
+            assert not ConsulLock(key, settings=settings, private_session=True).acquire(blocking=False)
+
+    try:
+        hold_and_fork()
+    except BaseException as exc:
+        if os.getpid() != parent:  # the child: what interpreter exit runs, then out
+            code = 0 if isinstance(exc, leave) else 1
+            try:
+                close_sessions()
+            except BaseException:
+                code = 1
+            os._exit(code)
+        raise
+    assert ConsulLock.holder(key, settings=settings) is None
 
 
 def start_holder(settings: ConsulSettings, key: str, tmp_path, hold: float = 3600) -> subprocess.Popen:
