@@ -14,7 +14,7 @@ import time
 import redis
 from celery import Celery
 
-from celery_consul_lock import ConsulLockedTask
+from celery_consul_lock import ConsulLock, ConsulLockedTask, close_sessions
 from celery_consul_lock.consul import LOCK_FLAG
 from celery_consul_lock.signals import task_lock_skipped
 from celery_consul_lock.transport import Connection
@@ -35,7 +35,10 @@ app.conf.update(
 app.conf.consul_lock_beat_name = os.environ.get("TEST_BEAT_NAME", "proj")
 if os.environ.get("TEST_BEAT_INTERVAL"):
     app.conf.beat_schedule = {
-        "heartbeat": {"task": "proj.heartbeat", "schedule": float(os.environ["TEST_BEAT_INTERVAL"])},
+        "heartbeat": {
+            "task": os.environ.get("TEST_BEAT_TASK", "proj.heartbeat"),
+            "schedule": float(os.environ["TEST_BEAT_INTERVAL"]),
+        },
     }
 
 _redis: redis.Redis | None = None
@@ -181,3 +184,70 @@ def retrying(self, key_holder: str = "") -> str:
 def waiting(self) -> str:
     record("start", task="waiting", id=self.request.id)
     return "ran"
+
+
+#: Countdown of the first attempt's retry in the flaky tasks below.
+RETRY_COUNTDOWN = float(os.environ.get("TEST_RETRY_COUNTDOWN", "3"))
+
+
+@app.task(bind=True, base=ConsulLockedTask, name="proj.flaky_tick")
+def flaky_tick(self) -> str | None:
+    """Every tick's first attempt fails and retries (``self.retry``); the retry completes."""
+    tick = getattr(self.request, "consul_lock_tick", None)
+    leader = getattr(self.request, "consul_lock_leader", None) or {}
+    record(
+        "start", task="flaky_tick", tick=tick, id=self.request.id, retries=self.request.retries, instance=leader.get("instance")
+    )
+    if self.request.retries == 0:
+        raise self.retry(countdown=RETRY_COUNTDOWN)
+    record("end", task="flaky_tick", tick=tick, id=self.request.id, retries=self.request.retries)
+    return tick
+
+
+@app.task(
+    bind=True,
+    base=ConsulLockedTask,
+    name="proj.autoretry_tick",
+    autoretry_for=(ValueError,),
+    default_retry_delay=RETRY_COUNTDOWN,
+    retry_backoff=False,
+    max_retries=3,
+)
+def autoretry_tick(self) -> str | None:
+    """As flaky_tick, with Celery's ``autoretry_for`` doing the retry."""
+    tick = getattr(self.request, "consul_lock_tick", None)
+    record("start", task="autoretry_tick", tick=tick, id=self.request.id, retries=self.request.retries)
+    if self.request.retries == 0:
+        raise ValueError("the first attempt fails")
+    record("end", task="autoretry_tick", tick=tick, id=self.request.id, retries=self.request.retries)
+    return tick
+
+
+@app.task(bind=True, base=ConsulLockedTask, name="proj.forking")
+def forking(self, seconds: float = 1.5) -> str:
+    """Forks a child that does what leaving the body and exiting do (the task's release of
+    its lock, then the package's exit handler), then checks, in the parent, that the lock
+    is still ours and still held in Consul."""
+    record("start", task="forking", id=self.request.id)
+    child = os.fork()
+    if child == 0:
+        code = 0
+        try:
+            self.lock.release()
+            close_sessions()
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)  # never back into Celery's pool code in a child
+    _, status = os.waitpid(child, 0)
+    if status != 0:
+        record("child-failed", task="forking", id=self.request.id, status=status)
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        holder = ConsulLock.holder(self.lock.key, settings=self.lock.settings)
+        if not (self.lock.held and holder is not None and holder.session == self.lock.session_id):
+            record("lost", task="forking", id=self.request.id, holder=str(holder))
+            return "lost"
+        time.sleep(0.1)
+    record("end", task="forking", id=self.request.id)
+    return "kept"
