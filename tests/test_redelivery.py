@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 import uuid
 from collections import Counter
 from datetime import datetime, timedelta, timezone
@@ -162,3 +163,41 @@ def test_a_forked_child_never_releases_the_parents_task_lock(proj, workers, r, c
     kinds = Counter(x["kind"] for x in runs(r) if x.get("id") == result.id)
     assert kinds == {"start": 1, "end": 1}, runs(r)
     assert ConsulLock.holder("locks/proj.forking/.lock", settings=ConsulSettings(address=consul.address)) is None
+
+
+def test_retries_sent_before_a_beat_failover_run_after_the_new_leaders_ticks(harness, r, consul):
+    """Every tick's first attempt retries 3 s later. The leader is stopped (SIGTERM): the
+    retries of its last ticks arrive after the new leader's ticks, which have completed by
+    then. Each must still run, once: not dropped as a deposed leader's message (it was sent
+    while its leader led), nor skipped because a later tick completed."""
+    consul.api("/v1/kv/celery-consul-lock/ticks/heartbeat", "DELETE")
+    harness.extra_env = {"TEST_BEAT_TASK": "proj.flaky_tick", "TEST_RETRY_COUNTDOWN": "3"}
+    harness.worker(consul.address)
+    for _ in range(2):
+        harness.beat(consul.address)
+    harness.wait_joined()
+
+    def first_attempts() -> list[dict]:
+        return [x for x in starts(r) if x["retries"] == 0]
+
+    records = wait_for(lambda: len(first_attempts()) >= 3 and first_attempts(), 40, "three ticks sent")
+    leader = harness.by_instance(records[-1]["instance"])
+    stopped = time.time()
+    leader.signal(signal.SIGTERM)
+    new = wait_for(
+        lambda: [x for x in first_attempts() if x["instance"] != leader.instance and x["t"] > stopped], 30, "a new leader's tick"
+    )[0]
+    # Before the stop, the old leader sent ticks whose retries were still due.
+    pending = [x["tick"] for x in first_attempts() if x["instance"] == leader.instance and x["t"] > stopped - 3]
+    assert pending, first_attempts()
+
+    def all_completed() -> bool:
+        sent = {x["tick"] for x in first_attempts() if x["t"] < time.time() - 6}
+        done = {x["tick"] for x in runs(r) if x["kind"] == "end"}
+        return new["tick"] in done and sent <= done
+
+    wait_for(all_completed, 40, "every tick sent to complete")
+    ends = Counter(x["tick"] for x in runs(r) if x["kind"] == "end")
+    assert all(n == 1 for n in ends.values()), ends
+    assert all(tick in ends for tick in pending), (pending, ends)
+    assert not [s for s in skips(r) if s["reason"] in ("stale-leader", "duplicate-tick")], skips(r)
