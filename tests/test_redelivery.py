@@ -72,6 +72,20 @@ def test_a_copy_on_another_host_waits_for_the_live_run_and_then_is_skipped(proj,
     assert "on another host" in here.log_text()
 
 
+def test_a_countdown_message_outliving_the_visibility_timeout_runs_once(proj, workers, r):
+    """Redis gives a reserved, unacked message to another worker once the visibility timeout
+    (here 2 s) passes: a countdown of 8 s makes both workers hold it and run it at its ETA.
+    One runs the body; every other copy is a duplicate delivery."""
+    env = {"TEST_VISIBILITY_TIMEOUT": "2"}
+    workers(2, concurrency=1, env=env)
+    result = proj.backup.apply_async((2.0,), countdown=8)
+    wait_for(lambda: [x for x in runs(r) if x["kind"] == "end"], 40, "the run to end")
+    wait_for(lambda: [s for s in skips(r) if s["task_id"] == result.id], 20, "a copy to be skipped")
+    assert result.get(timeout=10) == "done"
+    assert len(starts(r, id=result.id)) == 1, runs(r)
+    assert {s["reason"] for s in skips(r)} == {"duplicate-delivery"}, skips(r)
+
+
 def test_a_redelivery_of_a_run_that_died_runs_it(proj, workers, r, consul):
     """The same message's run died holding the key (same host, its pid gone): the copy waits
     for the session to free the key and runs the body (the redelivery the lock must not eat)."""

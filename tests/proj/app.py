@@ -32,6 +32,13 @@ app.conf.update(
     consul_lock_lock_delay=float(os.environ.get("TEST_LOCK_DELAY", "2")),
 )
 
+if os.environ.get("TEST_VISIBILITY_TIMEOUT"):  # Redis gives unacked messages to others after this
+    app.conf.broker_transport_options = {
+        "visibility_timeout": float(os.environ["TEST_VISIBILITY_TIMEOUT"]),
+        "unacked_restore_interval": 1,
+        "unacked_restore_throttle": 1,
+    }
+
 app.conf.consul_lock_beat_name = os.environ.get("TEST_BEAT_NAME", "proj")
 if os.environ.get("TEST_BEAT_INTERVAL"):
     app.conf.beat_schedule = {
