@@ -152,8 +152,13 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         """This call's options (``request``'s, default the current one): the task's, with
         the ``consul_lock`` header's on top."""
         if self._lock_options is None:
+            key = self.lock_key
+            if inspect.ismethod(key) and key.__self__ is self:
+                # A function given as @app.task(lock_key=f) is a class attribute, so Python
+                # binds it: call it as documented, f(task, args, kwargs).
+                key = key.__func__
             self._lock_options = LockOptions(
-                key=self.lock_key,
+                key=key,
                 on_held=self.lock_on_held,
                 wait_timeout=self.lock_wait_timeout,
                 retry_countdown=self.lock_retry_countdown,

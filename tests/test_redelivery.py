@@ -215,3 +215,40 @@ def test_retries_sent_before_a_beat_failover_run_after_the_new_leaders_ticks(har
     assert all(n == 1 for n in ends.values()), ends
     assert all(tick in ends for tick in pending), (pending, ends)
     assert not [s for s in skips(r) if s["reason"] in ("stale-leader", "duplicate-tick")], skips(r)
+
+
+def test_an_acks_late_redelivery_sent_before_a_beat_failover_runs_after_the_new_leaders_ticks(harness, r, consul):
+    """The leader is stopped while a worker process runs one of its ticks, and that process is
+    killed: the tick's message is redelivered (acks_late) after the new leader's ticks have
+    completed, waits for the dead run's session, and runs once."""
+    consul.api("/v1/kv/celery-consul-lock/ticks/heartbeat", "DELETE")
+    harness.extra_env = {"TEST_BEAT_TASK": "proj.slow_tick", "TEST_TTL": "10", "TEST_LOCK_DELAY": "1"}
+    harness.worker(consul.address)
+    for _ in range(2):
+        harness.beat(consul.address)
+    harness.wait_joined()
+
+    def running() -> list[dict]:
+        ended = {x["id"] for x in runs(r) if x["kind"] == "end"}
+        return [x for x in starts(r) if x["id"] not in ended]
+
+    wait_for(lambda: [x for x in runs(r) if x["kind"] == "end"], 40, "a tick to complete")
+    victim = wait_for(lambda: running(), 20, "a tick running")[-1]
+    leader = harness.by_instance(victim["instance"])
+    leader.signal(signal.SIGTERM)
+    os.kill(victim["pid"], signal.SIGKILL)
+    killed = time.time()
+
+    def done(tick: str) -> bool:
+        return any(x["kind"] == "end" and x["tick"] == tick for x in runs(r))
+
+    wait_for(
+        lambda: [x for x in starts(r) if x["instance"] != leader.instance and x["t"] > killed and done(x["tick"])],
+        30,
+        "a tick of the new leader to complete",
+    )
+    wait_for(lambda: done(victim["tick"]), 60, "the killed tick's redelivery to complete")
+    assert len(starts(r, tick=victim["tick"])) == 2
+    ends = Counter(x["tick"] for x in runs(r) if x["kind"] == "end")
+    assert all(n == 1 for n in ends.values()), ends
+    assert not [s for s in skips(r) if s["reason"] in ("stale-leader", "duplicate-tick")], skips(r)

@@ -242,3 +242,23 @@ def test_check_lock_options_accepts_exactly_the_key_templates_a_run_can_fill(tem
         assert str(info.value).startswith(f"t.report.lock_key={template!r} is invalid: {problem}"), str(info.value)
         with pytest.raises(InvalidSetting, match=r"^t\.report\.lock_key="):
             report.lock_key_for(args, kwargs)
+
+
+def test_a_callable_lock_key_is_called_with_the_task_args_and_kwargs():
+    """``@app.task(lock_key=f)`` makes f a class attribute, which Python binds as a method:
+    it is still called as documented, f(task, args, kwargs)."""
+    from celery_consul_lock import ConsulLockedTask
+
+    app = Celery("t", set_as_current=False)
+    seen = []
+
+    def key(task, args, kwargs) -> str:
+        seen.append((task.name, args, kwargs))
+        return f"locks/report-{args[0]}-{kwargs['region']}/.lock"
+
+    @app.task(bind=True, base=ConsulLockedTask, name="t.report", lock_key=key)
+    def report(self, customer_id: int, region: str = "eu") -> None:
+        pass
+
+    assert report.lock_key_for((42,), {"region": "us"}) == "locks/report-42-us/.lock"
+    assert seen == [("t.report", (42,), {"region": "us"})]

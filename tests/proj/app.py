@@ -258,3 +258,21 @@ def forking(self, seconds: float = 1.5) -> str:
         time.sleep(0.1)
     record("end", task="forking", id=self.request.id)
     return "kept"
+
+
+def _per_tick_key(task, args, kwargs) -> str:
+    return f"locks/slow-{getattr(task.request, 'consul_lock_tick', None) or 'none'}/.lock"
+
+
+@app.task(
+    bind=True, base=ConsulLockedTask, name="proj.slow_tick", acks_late=True, reject_on_worker_lost=True, lock_key=_per_tick_key
+)
+def slow_tick(self) -> str | None:
+    """A tick that takes TEST_SLOW_TICK_SECONDS (2 s), locked per tick, redelivered if its
+    worker process dies (``acks_late``)."""
+    tick = getattr(self.request, "consul_lock_tick", None)
+    leader = getattr(self.request, "consul_lock_leader", None) or {}
+    record("start", task="slow_tick", tick=tick, id=self.request.id, instance=leader.get("instance"))
+    time.sleep(float(os.environ.get("TEST_SLOW_TICK_SECONDS", "2")))
+    record("end", task="slow_tick", tick=tick, id=self.request.id)
+    return tick
