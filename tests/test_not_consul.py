@@ -137,6 +137,18 @@ def _assert_clear(exc: BaseException, address: str) -> None:
     assert text.count("Welcome to nginx!") < 5 and "\n" not in text, text  # the page has 200
 
 
+def _calling(address: str, call: str) -> ConsulUnavailable:
+    """The clear error that ``call`` against the server at ``address`` must raise."""
+    client = ConsulClient(ConsulSettings(address=address, timeout=5))
+    try:
+        with pytest.raises(ConsulUnavailable) as info:
+            CALLS[call](client)
+    finally:
+        client.close()
+    _assert_clear(info.value, address)
+    return info.value
+
+
 #: Every answer for every call, except another API's JSON to the agent writes: those calls
 #: read no answer, so it is indistinguishable from Consul's empty 200 (any other call shows it).
 PAIRS = [(a, c) for a in ANSWERS for c in CALLS if not (a == "JSON of another API" and c in AGENT_WRITES)]
@@ -145,27 +157,14 @@ PAIRS = [(a, c) for a in ANSWERS for c in CALLS if not (a == "JSON of another AP
 @pytest.mark.parametrize(("answer", "call"), PAIRS)
 def test_every_call_to_a_server_that_is_not_consul_raises_not_consul(foreign, answer: str, call: str) -> None:
     address = foreign(_answering(ANSWERS[answer]))
-    client = ConsulClient(ConsulSettings(address=address, timeout=5))
-    try:
-        with pytest.raises(ConsulUnavailable) as info:
-            CALLS[call](client)
-    finally:
-        client.close()
-    _assert_clear(info.value, address)
-    assert info.value.transient is False
+    error = _calling(address, call)
+    assert error.transient is False
 
 
 @pytest.mark.parametrize("call", ["status leader", "session create", "kv get", "kv lock", "agent check pass"])
 def test_a_server_that_does_not_speak_http_raises_not_consul(foreign, call: str) -> None:
-    address = foreign(_NotHTTP)
-    client = ConsulClient(ConsulSettings(address=address, timeout=5))
-    try:
-        with pytest.raises(ConsulUnavailable) as info:
-            CALLS[call](client)
-    finally:
-        client.close()
-    _assert_clear(info.value, address)
-    assert "not HTTP" in str(info.value) and "-ERR unknown command" in str(info.value)
+    error = _calling(foreign(_NotHTTP), call)
+    assert "not HTTP" in str(error) and "-ERR unknown command" in str(error)
 
 
 def test_the_excerpt_of_a_foreign_answer_never_shows_the_token(foreign) -> None:
