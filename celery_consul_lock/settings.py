@@ -18,6 +18,7 @@ never the token.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -26,7 +27,7 @@ from typing import Any
 
 from .errors import InvalidSetting
 
-__all__ = ["ConsulSettings", "validate_key"]
+__all__ = ["ConsulSettings", "parse_seconds", "validate_key"]
 
 #: Consul's own default agent address.
 DEFAULT_ADDRESS = "127.0.0.1:8500"
@@ -212,7 +213,7 @@ class ConsulSettings:
         out: dict[str, Any] = {}
         for name, value in values.items():
             if name in ("ttl", "lock_delay", "timeout"):
-                out[name] = _parse_seconds(src(name), value)
+                out[name] = parse_seconds(src(name), value)
             elif name == "verify":
                 out[name] = value if isinstance(value, bool) else _parse_bool(src(name), value)
             elif name == "session_checks":
@@ -329,10 +330,14 @@ def _parse_bool(setting: str, value: object) -> bool:
     raise InvalidSetting(setting, value, "expected true or false")
 
 
-def _parse_seconds(setting: str, value: object) -> float:
+def parse_seconds(setting: str, value: object) -> float:
+    """A duration setting in seconds: a number, or text such as ``15``, ``"15s"``, ``"500ms"``,
+    ``"1m"``; anything else (and NaN or infinity) raises InvalidSetting naming ``setting``."""
     if isinstance(value, bool):
         raise InvalidSetting(setting, value, "expected a number of seconds")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise InvalidSetting(setting, value, "expected a finite number of seconds")
         return float(value)
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", str(value))
     if not m:

@@ -97,9 +97,13 @@ class Harness:
     beat_name: str = field(default_factory=lambda: f"beat-{uuid.uuid4().hex[:8]}")
     beats: list[Beat] = field(default_factory=list)
     workers: list[Worker] = field(default_factory=list)
+    #: More environment for every process started from now on (e.g. test hooks' settings).
+    extra_env: dict[str, str] = field(default_factory=dict)
 
     def env(self, consul_address: str, **extra: str) -> dict[str, str]:
-        return worker_env(self.redis_url, consul_address, TEST_BEAT_INTERVAL="1", TEST_BEAT_NAME=self.beat_name, **extra)
+        return worker_env(
+            self.redis_url, consul_address, TEST_BEAT_INTERVAL="1", TEST_BEAT_NAME=self.beat_name, **{**self.extra_env, **extra}
+        )
 
     def worker(self, consul_address: str) -> Worker:
         worker = start_worker(self.proj.app, self.workdir, self.env(consul_address), concurrency=2)
