@@ -6,7 +6,9 @@ Every instance runs an :class:`Election` thread that waits (with Consul blocking
 the leader lock ``<prefix>locks/<beat name>/beat/.lock``. The leader's session is tied to a
 short-TTL health check that the leader keeps passing, so a leader that dies or is cut off is
 replaced within *check TTL + lock-delay + 0.25 s* (default 2 + 1.5 + 0.25 s); one that stops
-normally releases the lock and is replaced at once.
+normally releases the lock and is replaced at once. The check is passed only while the
+scheduler loop comes back: a leader stuck inside one tick or send for longer than the stall
+timeout steps down, and is replaced within *stall timeout + the crash bound*.
 
 Guarantees: a standby sends nothing and writes no shared state; the leader checks its lease
 (the lock's self-fencing deadline) right before every send and stops sending, and rejoins as a
@@ -32,7 +34,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -197,8 +199,9 @@ class LoopWatch:
     sleep between ticks are never steps). Written by the loop, read by the session renewer.
     """
 
-    def __init__(self) -> None:
-        #: ``time.monotonic()`` when the current step began, or None between steps.
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        #: ``clock()`` when the current step began, or None between steps.
         self.busy_since: float | None = None
         #: Sends completed (published without an error), ever.
         self.sends = 0
@@ -208,18 +211,18 @@ class LoopWatch:
         """One step of leader work; a step inside a step (a send inside a tick) marks progress
         on entering and on leaving, so each is measured on its own."""
         outer = self.busy_since is None
-        self.busy_since = time.monotonic()
+        self.busy_since = self.clock()
         try:
             yield
         finally:
-            self.busy_since = None if outer else time.monotonic()
+            self.busy_since = None if outer else self.clock()
 
     def sent(self) -> None:
         self.sends += 1
 
     def busy_for(self) -> float:
         since = self.busy_since
-        return 0.0 if since is None else time.monotonic() - since
+        return 0.0 if since is None else self.clock() - since
 
 
 class Election:

@@ -171,3 +171,24 @@ def test_a_broker_outage_moves_leadership_at_most_once_per_beat_and_runs_each_ti
     assert elections(harness) <= 1 + total, "\n".join(b.log_text()[-2000:] for b in harness.beats)
     report(f"{outage} broker: step-downs, elections in all", (total, elections(harness)))
     report(f"{outage} broker: wide (tick-id gap, run gap) pairs", check_ticks(records, [began], OUTAGE + 15))
+
+
+def test_the_loop_watch_times_each_step_on_its_own_and_not_the_time_between_ticks():
+    from celery_consul_lock.beat import LoopWatch
+
+    now = [100.0]
+    loop = LoopWatch(clock=lambda: now[0])
+    assert loop.busy_since is None and loop.busy_for() == 0.0
+    with loop.step():  # a tick
+        now[0] += 2
+        assert loop.busy_for() == 2.0
+        with loop.step():  # a send inside it starts a new measure...
+            assert loop.busy_for() == 0.0
+            now[0] += 3
+            assert loop.busy_for() == 3.0
+        loop.sent()
+        assert loop.busy_for() == 0.0  # ... and so does its end
+        now[0] += 1
+    assert loop.busy_since is None and loop.sends == 1
+    now[0] += 600  # the sleep between ticks (max_interval) is no step
+    assert loop.busy_for() == 0.0
