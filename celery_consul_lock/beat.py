@@ -81,13 +81,12 @@ ELECTION_WAIT = 10.0
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 15.0
 MISSED_POLICIES = ("run-once", "skip")
 #: Default stall timeout: how long the leader's scheduler loop may stay inside one tick or
-#: one send before the leader steps down. Longer than anything a healthy step can take — a
-#: send to Redis took 1 ms (median; 155 ms at worst of 2000 here), one failing through a
-#: broker restart 0.62 s, a send to a broker whose packets are dropped fails after Celery's
-#: publish retries with kombu's 4 s connect timeout (about 17 s), and the fenced state write
-#: that follows a send is bounded by consul_lock_timeout (5 s) — so a leader whose broker or
-#: Consul is only slow is not deposed; yet a hung leader is replaced within about half a
-#: minute (+ the crash bound), which costs a once-a-minute schedule at most one late run.
+#: one send before the leader steps down. Longer than a healthy step takes — a send to Redis
+#: took 1 ms (median; 155 ms at worst of 2000 on our VM), the fenced state write after it is
+#: bounded by consul_lock_timeout (5 s) — and than the 20 s a beat's send was held by Celery's
+#: publish retries (20, 1 s apart) against a restarting Redis, so a broker blip of that size
+#: moves no leadership; yet a hung leader is replaced within about half a minute (+ the crash
+#: bound), which costs a once-a-minute schedule at most one late run.
 DEFAULT_STALL_TIMEOUT = 30.0
 #: The least a send step is allowed beyond one Consul request (consul_lock_timeout): about
 #: five times the longest bounded send measured here (0.62 s, a send to a restarting Redis
