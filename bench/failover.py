@@ -1,6 +1,6 @@
-"""How fast a leader-elected beat fails over: graceful stops and crashes of the leader.
+"""How fast a leader-elected beat fails over: graceful stops, crashes and stalls of the leader.
 
-Run: ``python bench/failover.py [--rounds N] [--interval S] [--standby log|consul] [--json PATH]``
+Run: ``python bench/failover.py [--rounds N] [--interval S] [--stall-timeout S] [--standby log|consul] [--json PATH]``
 
 Starts its own Consul *server* agent with a data directory (not ``-dev``), a Redis (broker
 and results) and one ``celery worker`` of ``tests.proj.app`` (prefork, 2 processes) in a
@@ -11,10 +11,16 @@ each, alternating:
 
 graceful  SIGTERM to the leader (it releases the lock on its way out);
 crash     SIGKILL to the leader (its session dies with its health check's TTL, then the
-          lock-delay keeps the key for a while).
+          lock-delay keeps the key for a while);
+stall     the leader's next send hangs inside the publish (the test project's hook, while
+          the file ``stall-<pid>`` exists): after ``--stall-timeout`` (the beats'
+          consul_lock_beat_stall_timeout, default 8 s, the least accepted) it steps down.
+          Once a standby leads, the stalled beat is let go (its hung message must be
+          dropped by the worker) and then killed.
 
 The leader is the instance of the latest tick record (``<host>-<pid>-<hex>``: its pid
-names the process). Per failover, measured from the moment of the signal:
+names the process). Per failover, measured from the moment of the signal (for a stall,
+from the moment the send began to hang, as the hook recorded it):
 
 takeover  until the standby logs "elected leader" (the beat log's own timestamp);
 dispatch  until the first tick sent by another instance ran on the worker (the tick
@@ -25,7 +31,8 @@ its log says "standing by" — which a beat says only when its first 10 s wait f
 ends, so each round lasts at least that long. ``--standby consul`` starts the next round
 0.5 s after Consul lists the fresh beat's election session instead. Over the whole run,
 no tick id may run twice. Exits 1 if the graceful takeover median exceeds 1 s, the crash
-takeover max exceeds 5 s, or a tick ran twice.
+takeover max exceeds 5 s, a stall takeover exceeds the documented bound (stall timeout +
+crash bound), or a tick ran twice.
 """
 
 from __future__ import annotations
@@ -71,6 +78,9 @@ STANDBY_TIMEOUT = 40.0
 #: --standby consul: a fresh beat stands by this long after Consul lists its session.
 SESSION_SETTLE = 0.5
 POLL = 0.02
+#: Default --stall-timeout: the least a beat accepts with the default consul_lock_timeout.
+STALL_TIMEOUT = 8.0
+KINDS = ("graceful", "crash", "stall")
 
 LINE = re.compile(r"^\[(?P<ts>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}): [^\]]*\] (?P<msg>.*)$", re.M)
 JOINING = re.compile(r"beat (?P<instance>\S+): joining the election")
@@ -144,6 +154,7 @@ class Fleet:
     agent: ConsulAgent
     beat_name: str
     standby: str  # "log" or "consul": how a fresh beat is known to stand by
+    stall_timeout: float
     beats: list[Beat] = field(default_factory=list)
 
     def standing_by(self, beat: Beat) -> bool:
@@ -250,15 +261,20 @@ def failover(kind: str, fleet: Fleet, runs: Runs, interval: float) -> Round:
     seen_events = len(standby.events())
     seen_ticks = len(runs.poll())
 
-    t_stop = time.time()
-    if kind == "graceful":
-        os.kill(leader.pid, signal.SIGTERM)
+    stall = fleet.tmp / f"stall-{leader.pid}"
+    if kind == "stall":
+        stall.touch()
+        t_stop = wait_for(lambda: hook_time(fleet.tmp / f"stalled-{leader.pid}"), EVENT_TIMEOUT, "the send to hang")
     else:
-        os.killpg(leader.pid, signal.SIGKILL)
+        t_stop = time.time()
+        if kind == "graceful":
+            os.kill(leader.pid, signal.SIGTERM)
+        else:
+            os.killpg(leader.pid, signal.SIGKILL)
     leader.stopped = t_stop
 
     takeover = dispatch = exited = None
-    deadline = time.monotonic() + EVENT_TIMEOUT
+    deadline = time.monotonic() + EVENT_TIMEOUT + (fleet.stall_timeout if kind == "stall" else 0)
     while (takeover is None or dispatch is None) and time.monotonic() < deadline:
         if exited is None and leader.popen.poll() is not None:
             exited = time.time() - t_stop
@@ -281,6 +297,10 @@ def failover(kind: str, fleet: Fleet, runs: Runs, interval: float) -> Round:
         raise RuntimeError(f"a tick came from {new}, not from the standby beat{standby.n} (pid {standby.pid})")
 
     result = Round(kind, old, new, takeover, dispatch)
+    if kind == "stall":  # let the hung send go, then stop the beat like the others
+        stall.unlink()
+        wait_for(lambda: hook_time(fleet.tmp / f"woke-{leader.pid}"), EVENT_TIMEOUT, "the stalled send to return")
+        os.kill(leader.pid, signal.SIGTERM)
     try:
         result.exit_code = leader.popen.wait(10)
         if kind == "graceful":
@@ -292,6 +312,11 @@ def failover(kind: str, fleet: Fleet, runs: Runs, interval: float) -> Round:
     fresh = fleet.start()
     wait_standby(fleet, fresh)
     return result
+
+
+def hook_time(path: Path) -> float | None:
+    """The time the stall hook wrote into ``path``, once it has."""
+    return json.loads(path.read_text())["t"] if path.exists() and path.stat().st_size else None
 
 
 def summarize(rounds: list[Round], kind: str) -> dict[str, float]:
@@ -347,13 +372,21 @@ def main(argv: list[str] | None = None) -> int:
         help="a fresh beat stands by when its log says so (default; about 10 s after it joins), or (consul) "
         f"{SESSION_SETTLE:g} s after Consul lists its election session: a shorter run",
     )
+    parser.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=STALL_TIMEOUT,
+        help=f"the beats' consul_lock_beat_stall_timeout (default {STALL_TIMEOUT:g} s, the least accepted)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to PATH as JSON")
     args = parser.parse_args(argv)
     if args.rounds < 1 or args.interval <= 0:
         parser.error("--rounds must be at least 1 and --interval positive")
 
     t_begin = time.monotonic()
-    bound = BeatConfig.from_app(app).crash_failover_bound
+    app.conf.consul_lock_beat_stall_timeout = args.stall_timeout
+    config = BeatConfig.from_app(app)  # refuses a stall timeout the beats would refuse
+    bound, stall_bound = config.crash_failover_bound, config.stall_failover_bound
     rounds: list[Round] = []
     with tempfile.TemporaryDirectory(prefix="failover-") as tmp_name:
         tmp = Path(tmp_name)
@@ -371,9 +404,15 @@ def main(argv: list[str] | None = None) -> int:
                 raise RuntimeError(f"expected a server agent with a data directory, got {self_info['Config']}")
             redis_server = start_redis(tmp)
             app.conf.broker_url = app.conf.result_backend = redis_server.url
-            env = worker_env(redis_server.url, agent.address, TEST_BEAT_INTERVAL=f"{args.interval:g}")
+            env = worker_env(
+                redis_server.url,
+                agent.address,
+                TEST_BEAT_INTERVAL=f"{args.interval:g}",
+                TEST_BEAT_STALL_TIMEOUT=f"{args.stall_timeout:g}",
+                TEST_STALL_DIR=str(tmp),
+            )
             runs = Runs(redis_server.url)
-            fleet = Fleet(tmp, env, agent, BeatConfig.from_app(app).name, args.standby)
+            fleet = Fleet(tmp, env, agent, config.name, args.standby, args.stall_timeout)
             first = [fleet.start(), fleet.start()]  # they elect a leader while the worker starts
             worker = start_worker(app, tmp, env, pool="prefork", concurrency=2)
             wait_for(lambda: sum(b.state() == "leader" for b in first) == 1, 60, "a leader among the first two beats")
@@ -382,11 +421,12 @@ def main(argv: list[str] | None = None) -> int:
                     wait_standby(fleet, b)
             print(
                 f"Consul v{self_info['Config']['Version']} server agent with data dir {data_dir}; 1 worker x 2 prefork; "
-                f"2 beats, heartbeat every {args.interval:g} s; {args.rounds} graceful + {args.rounds} crash"
-                f" failovers, alternating; a fresh beat stands by per its {args.standby}"
+                f"2 beats, heartbeat every {args.interval:g} s, stall timeout {args.stall_timeout:g} s; "
+                f"{args.rounds} graceful + {args.rounds} crash + {args.rounds} stall failovers, in turn; "
+                f"a fresh beat stands by per its {args.standby}"
             )
-            for i in range(2 * args.rounds):
-                kind = ("graceful", "crash")[i % 2]
+            for i in range(len(KINDS) * args.rounds):
+                kind = KINDS[i % len(KINDS)]
                 rounds.append(failover(kind, fleet, runs, args.interval))
                 r = rounds[-1]
                 print(f"  {i + 1:2d} {kind:8} takeover {r.takeover:6.3f} s  dispatch {r.dispatch:6.3f} s", flush=True)
@@ -430,10 +470,11 @@ def main(argv: list[str] | None = None) -> int:
     duplicates = sum(c - 1 for c in ids.values() if c > 1)
     missing_id = sum(1 for x in ticks if not x["tick"])
     bad_exits = [r for r in rounds if r.kind == "graceful" and r.exit_code != 0]
-    report = {kind: summarize(rounds, kind) for kind in ("graceful", "crash")}
+    report = {kind: summarize(rounds, kind) for kind in KINDS}
     checks = {
         "graceful takeover median": (report["graceful"]["takeover_median"], TARGET_GRACEFUL_MEDIAN),
         "crash takeover max": (report["crash"]["takeover_max"], TARGET_CRASH_MAX),
+        "stall takeover max": (report["stall"]["takeover_max"], stall_bound),
     }
     ok = all(v <= target for v, target in checks.values()) and duplicates == 0 and missing_id == 0
 
@@ -442,6 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     targets = {
         "graceful": f"takeover median <= {TARGET_GRACEFUL_MEDIAN:g} s",
         "crash": f"takeover max <= {TARGET_CRASH_MAX:g} s (documented bound {bound:.2f} s)",
+        "stall": f"takeover max <= stall timeout + crash bound = {stall_bound:.2f} s",
     }
     for kind, s in report.items():
         print(
@@ -460,6 +502,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"graceful stops without exit code 0: {[(r.old, r.exit_code) for r in bad_exits]}")
     over_bound = sum(1 for r in rounds if r.kind == "crash" and r.takeover > bound)
     print(f"crash takeovers over the documented bound: {over_bound}")
+    stalls = [r.takeover - args.stall_timeout for r in rounds if r.kind == "stall"]
+    print(
+        f"stall takeovers over the documented bound: {sum(1 for r in rounds if r.kind == 'stall' and r.takeover > stall_bound)}; "
+        f"after the stall timeout: median {statistics.median(stalls):.3f} s, max {max(stalls):.3f} s"
+    )
     print_complaints(complaints)
     for name, (value, target) in checks.items():
         print(f"{name} = {value:.3f} s (target <= {target:g} s) {'OK' if value <= target else 'MISSED'}")
@@ -476,6 +523,8 @@ def main(argv: list[str] | None = None) -> int:
             "duplicates": duplicates,
             "skips": dict(skips),
             "documented_crash_bound": bound,
+            "stall_timeout": args.stall_timeout,
+            "documented_stall_bound": stall_bound,
             "targets": {"graceful_takeover_median": TARGET_GRACEFUL_MEDIAN, "crash_takeover_max": TARGET_CRASH_MAX},
             "elapsed_s": elapsed,
             "ok": ok,

@@ -6,7 +6,9 @@ Every instance runs an :class:`Election` thread that waits (with Consul blocking
 the leader lock ``<prefix>locks/<beat name>/beat/.lock``. The leader's session is tied to a
 short-TTL health check that the leader keeps passing, so a leader that dies or is cut off is
 replaced within *check TTL + lock-delay + 0.25 s* (default 2 + 1.5 + 0.25 s); one that stops
-normally releases the lock and is replaced at once.
+normally releases the lock and is replaced at once. The check is passed only while the
+scheduler loop comes back: a leader stuck inside one tick or send for longer than the stall
+timeout steps down, and is replaced within *stall timeout + the crash bound*.
 
 Guarantees: a standby sends nothing and writes no shared state; the leader checks its lease
 (the lock's self-fencing deadline) right before every send and stops sending, and rejoins as a
@@ -32,6 +34,8 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
@@ -39,6 +43,7 @@ from typing import Any
 from celery.beat import PersistentScheduler, Scheduler
 from celery.schedules import crontab
 from celery.schedules import schedule as interval_schedule
+from kombu.exceptions import OperationalError as KombuOperationalError
 
 from . import signals
 from .consul import ConsulClient, thread_client
@@ -56,6 +61,7 @@ __all__ = [
     "Election",
     "LeaderElectedMixin",
     "LeaderPersistentScheduler",
+    "LoopWatch",
     "leader_elected",
 ]
 
@@ -74,6 +80,29 @@ ELECTION_WAIT = 10.0
 #: Backoff bounds while Consul cannot be reached.
 BACKOFF_MIN, BACKOFF_MAX = 0.5, 15.0
 MISSED_POLICIES = ("run-once", "skip")
+#: Default stall timeout: how long the leader's scheduler loop may stay inside one tick or
+#: one send before the leader steps down. Longer than a healthy step takes — a send to Redis
+#: took 1 ms (median; 155 ms at worst of 2000 on our VM), the fenced state write after it is
+#: bounded by consul_lock_timeout (5 s) — and than the 20 s a beat's send was held by Celery's
+#: publish retries (20, 1 s apart) against a restarting Redis, so a broker blip of that size
+#: moves no leadership; yet a hung leader is replaced within about half a minute (+ the crash
+#: bound), which costs a once-a-minute schedule at most one late run.
+DEFAULT_STALL_TIMEOUT = 30.0
+#: The least a send step is allowed beyond one Consul request (consul_lock_timeout): about
+#: five times the longest bounded send measured here (0.62 s, a send to a restarting Redis
+#: failing through Celery's publish retries). A stall timeout below consul_lock_timeout +
+#: this could depose a healthy leader whose state write is merely slow, so it is refused.
+STALL_SEND_ALLOWANCE = 3.0
+#: A beat deposed for a stall rejoins as soon as its loop returns; if it stalls again before
+#: it completes a send as leader, its stall timeout doubles, up to 2**this times the setting,
+#: so a cause every beat shares (a broker that makes every send hang) moves leadership a few
+#: times in all, not on every stall timeout.
+STALL_ESCALATION_MAX = 4
+#: How often a beat sitting out a stall looks whether its loop has returned.
+STALL_POLL = 0.1
+#: After a send failed because the broker could not be reached, try again this soon (the
+#: failed attempt itself takes about 0.6 s of Celery's publish retries).
+SEND_RETRY = 1.0
 
 
 @dataclass(frozen=True)
@@ -88,6 +117,9 @@ class BeatConfig:
     check_ttl: float
     #: Ticks that fell due while nobody led: "run-once" (send one, as Celery does) or "skip".
     missed: str
+    #: Longest time the leader's scheduler loop may stay inside one tick or send before the
+    #: leader stops passing its health check and steps down.
+    stall_timeout: float = DEFAULT_STALL_TIMEOUT
 
     @classmethod
     def from_app(cls, app: Any) -> BeatConfig:
@@ -104,7 +136,9 @@ class BeatConfig:
         check_ttl = conf.get("consul_lock_beat_check_ttl")
         check_ttl = DEFAULT_CHECK_TTL if check_ttl is None else parse_seconds("consul_lock_beat_check_ttl", check_ttl)
         missed = conf.get("consul_lock_beat_missed") or "run-once"
-        config = cls(str(name), settings, check_ttl, missed)
+        stall = conf.get("consul_lock_beat_stall_timeout")
+        stall_timeout = DEFAULT_STALL_TIMEOUT if stall is None else parse_seconds("consul_lock_beat_stall_timeout", stall)
+        config = cls(str(name), settings, check_ttl, missed, stall_timeout)
         config.validate()
         return config
 
@@ -121,6 +155,16 @@ class BeatConfig:
                 f"must be at least 1 s and twice the renewal interval ({renew_every:.2f} s), or a "
                 "healthy leader's check could expire between passes",
             )
+        if self.stall_timeout <= 0:
+            raise InvalidSetting("consul_lock_beat_stall_timeout", self.stall_timeout, "must be more than 0 s")
+        if self.stall_timeout < self.stall_timeout_floor:
+            raise InvalidSetting(
+                "consul_lock_beat_stall_timeout",
+                self.stall_timeout,
+                f"must be at least {self.stall_timeout_floor:g} s: one send may take {STALL_SEND_ALLOWANCE:g} s to "
+                f"publish plus consul_lock_timeout ({self.settings.timeout:g} s) to record, and a shorter value "
+                "would depose a healthy leader",
+            )
 
     @property
     def leader_key_name(self) -> str:
@@ -135,6 +179,49 @@ class BeatConfig:
         """Seconds from a leader's crash until a standby leads: check TTL + lock-delay + retry."""
         return self.check_ttl + self.settings.lock_delay + LOCK_DELAY_RETRY
 
+    @property
+    def stall_timeout_floor(self) -> float:
+        """The shortest stall timeout accepted: one Consul request plus a publish allowance."""
+        return self.settings.timeout + STALL_SEND_ALLOWANCE
+
+    @property
+    def stall_failover_bound(self) -> float:
+        """Seconds from the moment the leader's loop stops coming back until a standby leads."""
+        return self.stall_timeout + self.crash_failover_bound
+
+
+class LoopWatch:
+    """Where the scheduler loop (the thread that ticks and sends) is, as the leader's health
+    check sees it: since when it has been inside one step of leader work — a tick, a send, a
+    sync — without coming back, or None while it is between ticks (a standby's polls and the
+    sleep between ticks are never steps). Written by the loop, read by the session renewer.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        #: ``clock()`` when the current step began, or None between steps.
+        self.busy_since: float | None = None
+        #: Sends completed (published without an error), ever.
+        self.sends = 0
+
+    @contextmanager
+    def step(self) -> Iterator[None]:
+        """One step of leader work; a step inside a step (a send inside a tick) marks progress
+        on entering and on leaving, so each is measured on its own."""
+        outer = self.busy_since is None
+        self.busy_since = self.clock()
+        try:
+            yield
+        finally:
+            self.busy_since = None if outer else self.clock()
+
+    def sent(self) -> None:
+        self.sends += 1
+
+    def busy_for(self) -> float:
+        since = self.busy_since
+        return 0.0 if since is None else self.clock() - since
+
 
 class Election:
     """This instance's part in the election, run by a daemon thread.
@@ -144,11 +231,18 @@ class Election:
     while the lock stays held, and re-enters the election when it is lost — no restart
     needed. A session it gives up has its check failed and deregistered, so Consul ends it
     (and frees what it holds) as soon as the servers can, not after 2 x TTL. Logs once per
-    change of state (standby, leader, unreachable), never per attempt.
+    change of state (standby, leader, unreachable, stalled), never per attempt.
+
+    The check is passed only while the scheduler loop (``loop``) comes back: a leader whose
+    loop has been inside one step for longer than the stall timeout steps down (its lock
+    marked lost, then released), stops passing its check, and sits the election out until
+    its loop returns from that step.
     """
 
-    def __init__(self, config: BeatConfig) -> None:
+    def __init__(self, config: BeatConfig, loop: LoopWatch | None = None) -> None:
         self.config = config
+        #: The scheduler loop whose progress the health check vouches for.
+        self.loop = loop or LoopWatch()
         host = socket.gethostname()
         self.instance = f"{host}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         self.leading = threading.Event()
@@ -162,6 +256,11 @@ class Election:
         self._session: LockSession | None = None
         self._stop = threading.Event()
         self._state = "starting"
+        #: Stalls in a row without a completed send as leader (each doubles the stall timeout).
+        self._stalls = 0
+        #: ``loop.busy_since`` of the step we stepped down for, while the loop is still in it.
+        self._stalled_step: float | None = None
+        self._sends_at_election = 0
         self._thread = threading.Thread(target=self._run, name=f"consul-beat-election-{config.name}", daemon=True)
 
     def start(self) -> None:
@@ -210,11 +309,68 @@ class Election:
             if not self._registered:
                 client.agent_register_ttl_service(service_id, f"celery-beat-{self.config.name}", check_ttl=self.config.check_ttl)
                 self._registered = True
+            if self._loop_stalled():
+                return  # no pass: Consul ends the session within the check's TTL
             client.agent_check_pass(f"service:{service_id}")
 
         settings = self.config.settings.replace(session_checks=("serfHealth", f"service:{service_id}"))
         self._session = LockSession(settings, name=f"celery beat {self.config.name} {self.instance}", heartbeat=heartbeat)
         return self._session
+
+    @property
+    def stall_timeout(self) -> float:
+        """The stall timeout now in force: the setting, doubled for each stall in a row."""
+        return self.config.stall_timeout * 2 ** min(self._stalls, STALL_ESCALATION_MAX)
+
+    def _loop_stalled(self) -> bool:
+        """Called before each check pass (from the session renewer): True while the loop is
+        stuck in the step we stepped down for; steps down when the leader's loop has been
+        inside one step for longer than the stall timeout."""
+        loop = self.loop
+        since = loop.busy_since
+        if since is not None and since == self._stalled_step:
+            return True
+        if not self.leading.is_set():
+            return False
+        if loop.sends > self._sends_at_election:
+            self._stalls = 0  # a send completed as leader: not stalled in a row
+        busy = loop.busy_for()
+        limit = self.stall_timeout
+        if since is None or busy <= limit:
+            return False
+        self._stalled_step = since
+        self._stalls += 1
+        log.error(
+            "beat %s: the scheduler loop has been inside one tick or send for %.1f s (stall timeout %g s, "
+            "consul_lock_beat_stall_timeout=%g); stepping down, and not passing the health check until it returns",
+            self.instance,
+            busy,
+            limit,
+            self.config.stall_timeout,
+        )
+        self.step_down(f"the scheduler loop stalled for {busy:.1f} s inside one tick or send")
+        return True
+
+    def _sit_out_stall(self) -> None:
+        """Out of the election until the loop leaves the step it stalled in: no session, no
+        check, so this instance cannot be elected while it could not send anyway."""
+        self._retire_session()
+        self._set_state(
+            "stalled",
+            "beat %s: out of the election until the scheduler loop returns (next stall timeout %g s)",
+            self.instance,
+            self.stall_timeout,
+            level=logging.WARNING,
+        )
+        started = time.monotonic()
+        while not self._stop.is_set() and self.loop.busy_since == self._stalled_step:
+            self._stop.wait(STALL_POLL)
+        self._stalled_step = None
+        log.warning(
+            "beat %s: the scheduler loop returned after %.1f s more; rejoining the election",
+            self.instance,
+            time.monotonic() - started,
+        )
 
     def _retire_session(self) -> None:
         """End the current session for good: fail and deregister its check (the local agent
@@ -245,6 +401,9 @@ class Election:
         backoff = BACKOFF_MIN
         while not self._stop.is_set():
             try:
+                if self._stalled_step is not None:
+                    self._sit_out_stall()
+                    continue
                 self._campaign()
                 backoff = BACKOFF_MIN
             except ConsulLockError as exc:
@@ -281,6 +440,7 @@ class Election:
         self.lock = lock
         self.elected_at = time.time()
         self.generation += 1
+        self._sends_at_election = self.loop.sends
         self.leading.set()
         self._set_state(
             "leader", "beat %s: elected leader of %s (fencing token %s)", self.instance, self.config.name, lock.fencing_token
@@ -310,7 +470,15 @@ class LeaderElectedMixin:
     ``tick``, ``sync`` and ``close`` change nothing shared and nothing is sent.
 
     Hooks for subclasses: :meth:`on_elected` (after winning, before the first send),
-    :meth:`after_send` (after each send, still leading).
+    :meth:`after_send` (after each send, still leading), :meth:`on_send_failed` (a send
+    raised).
+
+    The leader's ticks, sends and syncs are timed (:class:`LoopWatch`): a leader stuck in
+    one of them for longer than ``consul_lock_beat_stall_timeout`` steps down (see
+    :class:`Election`). A send already under way when that happens may still reach the
+    broker once the loop wakes; its message carries the deposed leader's token and the same
+    tick id as the new leader's, so ConsulLockedTask runs that tick once. Nothing after it
+    is sent: the lease is checked before every send.
     """
 
     app: Any
@@ -324,6 +492,8 @@ class LeaderElectedMixin:
         self._setup_pending = False
         self._sending = False
         self._exit_pending = False
+        self._loop = LoopWatch()
+        self._send_failed = False
         super().__init__(*args, **kwargs)
 
     # -- guarded Scheduler methods -------------------------------------------------------------
@@ -338,14 +508,18 @@ class LeaderElectedMixin:
         election = self._start_election()
         if not election.is_leader():
             return min(STANDBY_POLL, self.max_interval)
-        if election.generation != self._seen_generation:
-            self._seen_generation = election.generation
-            if self._setup_pending:
-                self._setup_pending = False
-                super().setup_schedule()  # type: ignore[misc]
-            self._heap = None
-            self.on_elected()
-        return float(super().tick(*args, **kwargs))  # type: ignore[misc]
+        with self._loop.step():
+            if election.generation != self._seen_generation:
+                self._seen_generation = election.generation
+                if self._setup_pending:
+                    self._setup_pending = False
+                    super().setup_schedule()  # type: ignore[misc]
+                self._heap = None
+                self.on_elected()
+            self._send_failed = False
+            interval = float(super().tick(*args, **kwargs))  # type: ignore[misc]
+        # A send that could not reach the broker is tried again soon, not in a hot loop.
+        return max(interval, min(SEND_RETRY, self.max_interval)) if self._send_failed else interval
 
     def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any) -> Any:
         election = self.election
@@ -369,20 +543,27 @@ class LeaderElectedMixin:
         # lend this send our headers and put the entry's own options back afterwards.
         own_options = entry.options
         entry.options = {**own_options, "headers": headers}
-        self._sending = True
-        try:
-            result = super().apply_async(entry, producer=producer, advance=advance, **kwargs)  # type: ignore[misc]
-        finally:
-            entry.options = own_options
-            self._sending = False
-        self.after_send(entry)
+        with self._loop.step():
+            self._sending = True
+            try:
+                result = super().apply_async(entry, producer=producer, advance=advance, **kwargs)  # type: ignore[misc]
+            except Exception as exc:
+                self._send_failed = True
+                self.on_send_failed(entry, exc)
+                raise
+            finally:
+                entry.options = own_options
+                self._sending = False
+            self._loop.sent()
+            self.after_send(entry)
         if self._exit_pending:
             raise SystemExit()
         return result
 
     def sync(self) -> None:
         if self._leading():
-            super().sync()  # type: ignore[misc]
+            with self._loop.step():
+                super().sync()  # type: ignore[misc]
 
     def close(self) -> None:
         try:
@@ -405,17 +586,22 @@ class LeaderElectedMixin:
     def after_send(self, entry: Any) -> None:
         """Called after each send while leading."""
 
+    def on_send_failed(self, entry: Any, exc: Exception) -> None:
+        """Called in the main thread when sending ``entry`` raised ``exc`` (Celery then logs
+        it and, by default, counts the run as done)."""
+
     # -- internals -----------------------------------------------------------------------------
 
     def _start_election(self) -> Election:
         if self.election is None:
-            self.election = Election(self.beat_config)
+            self.election = Election(self.beat_config, self._loop)
             self._defer_exit_during_sends()
             log.info(
-                "beat %s: joining the election for %s (crash failover bound %.2f s)",
+                "beat %s: joining the election for %s (crash failover bound %.2f s, stall timeout %g s)",
                 self.election.instance,
                 self.beat_config.name,
                 self.beat_config.crash_failover_bound,
+                self.beat_config.stall_timeout,
             )
             self.election.start()
         return self.election
@@ -474,6 +660,21 @@ class ConsulLeaderScheduler(LeaderElectedMixin, Scheduler):
         current = self.schedule.get(entry.name)
         if current is not None:
             self._write_state([current])
+
+    def on_send_failed(self, entry: Any, exc: Exception) -> None:
+        """A send the broker did not take (down or restarting) does not use up its tick
+        under ``run-once``: the entry goes back to before the send, so it is sent again (same
+        tick id) until the broker answers — one late run, as for ticks missed while nobody
+        led. Under ``skip`` the tick is dropped, as Celery does. Other errors (a task that
+        cannot be serialised, say) are left to Celery: retrying them would never end."""
+        if self.beat_config.missed != "run-once" or not _broker_unreachable(exc):
+            return
+        if self.schedule.get(entry.name) is not entry:
+            self.schedule[entry.name] = entry
+            self._heap = None
+            if self._leading():
+                self._write_state([entry])  # in case a sync recorded the reserved run
+        log.warning("beat: the broker did not take %s (%s); sending it again in %g s", entry.name, exc, SEND_RETRY)
 
     def sync(self) -> None:
         if self._leading():
@@ -543,6 +744,17 @@ class ConsulLeaderScheduler(LeaderElectedMixin, Scheduler):
                     return
         except ConsulLockError as exc:
             log.error("beat: could not record the schedule state: %s", exc)
+
+
+def _broker_unreachable(exc: BaseException) -> bool:
+    """True if ``exc`` (Celery's SchedulingError) was caused by the broker connection: kombu
+    wraps those in its OperationalError, and the cause chain ends in an OSError."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, (KombuOperationalError, ConnectionError, TimeoutError)):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
 
 
 def _definition_hash(entry: Any) -> str:

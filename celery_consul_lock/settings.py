@@ -18,6 +18,7 @@ never the token.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -330,10 +331,13 @@ def _parse_bool(setting: str, value: object) -> bool:
 
 
 def parse_seconds(setting: str, value: object) -> float:
-    """Seconds from a number or ``"15s"``, ``"500ms"``, ``"1m"``; errors name ``setting``."""
+    """A duration setting in seconds: a number, or text such as ``15``, ``"15s"``, ``"500ms"``,
+    ``"1m"``; anything else (and NaN or infinity) raises InvalidSetting naming ``setting``."""
     if isinstance(value, bool):
         raise InvalidSetting(setting, value, "expected a number of seconds")
     if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise InvalidSetting(setting, value, "expected a finite number of seconds")
         return float(value)
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", str(value))
     if not m:

@@ -174,6 +174,15 @@ def test_tick_ids_round_trip_and_order():
         ({"consul_lock_beat_lock_delay": 0}, "a lock-delay of 0 with session checks"),
         ({"consul_lock_beat_missed": "catch-up"}, "consul_lock_beat_missed='catch-up' is invalid"),
         ({"consul_lock_beat_name": "bad name"}, "consul_lock_beat_name="),
+        ({"consul_lock_beat_stall_timeout": "soon"}, "consul_lock_beat_stall_timeout='soon' is invalid: expected seconds"),
+        ({"consul_lock_beat_stall_timeout": float("nan")}, "consul_lock_beat_stall_timeout=nan is invalid"),
+        ({"consul_lock_beat_stall_timeout": 0}, "consul_lock_beat_stall_timeout=0.0 is invalid: must be more than 0"),
+        ({"consul_lock_beat_stall_timeout": -5}, "consul_lock_beat_stall_timeout=-5.0 is invalid: must be more than 0"),
+        ({"consul_lock_beat_stall_timeout": 7.5}, "consul_lock_beat_stall_timeout=7.5 is invalid: must be at least 8 s"),
+        (
+            {"consul_lock_beat_stall_timeout": "10s", "consul_lock_timeout": 9},
+            "consul_lock_beat_stall_timeout=10.0 is invalid: must be at least 12 s",
+        ),
     ],
 )
 def test_beat_settings_that_break_the_guarantees_are_refused_at_start(monkeypatch, conf, message):
@@ -206,6 +215,7 @@ def test_beat_default_settings_give_the_documented_crash_bound():
     config = BeatConfig.from_app(Celery("proj", set_as_current=False))
     assert (config.name, config.check_ttl, config.settings.lock_delay) == ("proj", 2.0, 1.5)
     assert config.crash_failover_bound == 3.75 and config.leader_key_name == "locks/proj/beat/.lock"
+    assert (config.stall_timeout, config.stall_timeout_floor, config.stall_failover_bound) == (30.0, 8.0, 33.75)
 
 
 @pytest.mark.parametrize(
@@ -262,3 +272,13 @@ def test_a_callable_lock_key_is_called_with_the_task_args_and_kwargs():
 
     assert report.lock_key_for((42,), {"region": "us"}) == "locks/report-42-us/.lock"
     assert seen == [("t.report", (42,), {"region": "us"})]
+
+
+def test_beat_stall_timeout_accepts_the_floor_and_durations():
+    from celery_consul_lock.beat import BeatConfig
+
+    app = Celery("proj", set_as_current=False)
+    app.conf.consul_lock_beat_stall_timeout = 8
+    assert BeatConfig.from_app(app).stall_timeout == 8.0
+    app.conf.consul_lock_beat_stall_timeout = "2m"
+    assert BeatConfig.from_app(app).stall_timeout == 120.0

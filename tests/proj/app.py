@@ -10,9 +10,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from pathlib import Path
 
 import redis
 from celery import Celery
+from celery.signals import before_task_publish
 
 from celery_consul_lock import ConsulLock, ConsulLockedTask, close_sessions
 from celery_consul_lock.consul import LOCK_FLAG
@@ -40,6 +42,8 @@ if os.environ.get("TEST_VISIBILITY_TIMEOUT"):  # Redis gives unacked messages to
     }
 
 app.conf.consul_lock_beat_name = os.environ.get("TEST_BEAT_NAME", "proj")
+if os.environ.get("TEST_BEAT_STALL_TIMEOUT"):
+    app.conf.consul_lock_beat_stall_timeout = float(os.environ["TEST_BEAT_STALL_TIMEOUT"])
 if os.environ.get("TEST_BEAT_INTERVAL"):
     app.conf.beat_schedule = {
         "heartbeat": {
@@ -60,6 +64,25 @@ def store() -> redis.Redis:
 
 def record(kind: str, **data: object) -> None:
     store().rpush("runs", json.dumps({"kind": kind, "pid": os.getpid(), "t": time.time(), **data}))
+
+
+@before_task_publish.connect
+def _stall_send(sender=None, headers=None, **_):
+    """Test hook: a send from this process hangs while the file ``stall-<pid>`` exists in
+    TEST_STALL_DIR (a broker publish that blocks). It writes ``stalled-<pid>`` (the time it
+    began to hang, and the message's leader header) on entering and ``woke-<pid>`` on leaving."""
+    folder = os.environ.get("TEST_STALL_DIR")
+    if not folder:
+        return
+    pid = os.getpid()
+    stall = Path(folder) / f"stall-{pid}"
+    if not stall.exists():
+        return
+    leader = (headers or {}).get("consul_lock_leader")
+    (Path(folder) / f"stalled-{pid}").write_text(json.dumps({"t": time.time(), "leader": leader}))
+    while stall.exists():
+        time.sleep(0.05)
+    (Path(folder) / f"woke-{pid}").write_text(json.dumps({"t": time.time()}))
 
 
 @task_lock_skipped.connect
