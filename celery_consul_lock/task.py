@@ -24,12 +24,13 @@ import logging
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any
+from typing import Any, NoReturn
 
 from celery import Task
 from celery.signals import worker_process_shutdown, worker_shutdown
 
 from . import signals
+from .availability import AvailabilityConfig, requeue_or_raise
 from .consul import thread_client
 from .errors import ConsulUnavailable, InvalidSetting, LockHeld, LockLost
 from .lock import ConsulLock, LockHolder
@@ -118,6 +119,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
 
     _consul_settings: ConsulSettings | None = None
     _lock_options: LockOptions | None = None
+    _availability: AvailabilityConfig | None = None
 
     # -- what the body can use ------------------------------------------------------------
 
@@ -212,7 +214,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             acquired = self._acquire(lock, options, tick, task_id)
         except ConsulUnavailable as exc:
             if settings.fail_policy != "open":
-                raise
+                self._consul_unavailable(exc, request, tick)
             log.warning("running %s[%s] WITHOUT its lock %s (fail_policy=open): %s", self.name, task_id, lock.key, exc)
             return self.run(*args, **kwargs)
         if not acquired:
@@ -233,6 +235,13 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         finally:
             request.consul_lock_held = None
             lock.release()
+
+    def _consul_unavailable(self, exc: ConsulUnavailable, request: Any, tick: Tick | None) -> NoReturn:
+        """fail_policy=closed and Consul cannot be reached: send the message back for another
+        worker (see :mod:`.availability`), or fail with ``exc`` once its bounds are spent."""
+        if self._availability is None:
+            self._availability = AvailabilityConfig.from_celery(self.app.conf)
+        requeue_or_raise(self, exc, request, tick, self._availability)
 
     def _acquire(self, lock: ConsulLock, options: LockOptions, tick: Tick | None, task_id: str | None) -> bool:
         if options.on_held != "wait":

@@ -151,10 +151,13 @@ def test_worker_killed_mid_run_runs_the_tick_again_exactly_once(proj, workers, r
 
 
 def test_consul_down_fail_closed_refuses_and_fail_open_runs(proj, workers, r, tmp_path):
+    """Without requeues (consul_lock_requeue_max=0) and the agent watch, fail closed fails
+    the run at once, as before either existed."""
     agent = start_consul(tmp_path / "down", node="down")
     try:
         wait_consul_ready(agent)
-        (worker,) = workers(1, concurrency=1, consul_address=agent.address)
+        env = {"TEST_REQUEUE_MAX": "0", "TEST_AGENT_WATCH": "false"}
+        (worker,) = workers(1, concurrency=1, consul_address=agent.address, env=env)
     finally:
         agent.stop()
     closed = proj.backup.delay(0.1)
@@ -166,6 +169,48 @@ def test_consul_down_fail_closed_refuses_and_fail_open_runs(proj, workers, r, tm
     assert opened.get(timeout=30) == "done"
     assert len([x for x in runs(r) if x["kind"] == "end"]) == 1
     assert "WITHOUT its lock" in worker.log_text()
+
+
+def test_consul_down_requeues_without_eating_retries_then_fails_past_its_bound(proj, workers, r, tmp_path):
+    """Without the agent watch the worker takes its own copies back: each run sends one more
+    (counted in the consul_lock_requeue header, not in Celery's retries) until the bound."""
+    agent = start_consul(tmp_path / "down", node="down")
+    try:
+        wait_consul_ready(agent)
+        env = {"TEST_REQUEUE_MAX": "3", "TEST_AGENT_WATCH": "false"}
+        (worker,) = workers(1, concurrency=1, consul_address=agent.address, env=env)
+    finally:
+        agent.stop()
+    result = proj.retrying.delay()  # max_retries=2: three requeues would exceed it if they counted
+    result.get(timeout=30, propagate=False)
+    assert result.state == "FAILURE" and "unreachable" in str(result.result), (result.state, result.result)
+    assert runs(r) == []
+    log = worker.log_text()
+    for n in (1, 2, 3):
+        assert f"sent back to the queue for another worker (requeue {n} of at most 3; no agent watch in this worker)" in log
+    assert "requeue 4 of" not in log
+    assert "fails: Consul is unreachable and it was requeued 3 times already (at most 3)" in log
+    assert "MaxRetriesExceeded" not in log
+
+
+def test_a_worker_whose_agent_is_down_stops_consuming_and_resumes_when_it_answers(proj, workers, r, tmp_path):
+    agent = start_consul(tmp_path / "down", node="down")
+    try:
+        wait_consul_ready(agent)
+        (worker,) = workers(1, concurrency=1, consul_address=agent.address)
+        down_line = f"Consul agent at http://{agent.address} is unreachable (connection refused): this worker stops consuming"
+        up_line = f"Consul agent at http://{agent.address} answers again after"
+        agent.stop()
+        wait_for(lambda: down_line in worker.log_text(), 10, "the worker to stop consuming")
+        result = proj.backup.delay(0.1)
+        agent.proc.restart()
+        wait_consul_ready(agent)
+        assert result.get(timeout=30) == "done"
+    finally:
+        agent.stop()
+    log = worker.log_text()
+    assert log.count(down_line) == 1 and log.count(up_line) == 1, log[-3000:]
+    assert len([x for x in runs(r) if x["kind"] == "end"]) == 1
 
 
 def test_keys_from_arguments_lock_per_customer(proj, workers, r):
