@@ -193,23 +193,29 @@ def test_consul_down_requeues_without_eating_retries_then_fails_past_its_bound(p
     assert "MaxRetriesExceeded" not in log
 
 
-def test_a_worker_whose_agent_is_down_stops_consuming_and_resumes_when_it_answers(proj, workers, r, tmp_path):
+def test_a_run_whose_agent_is_down_is_handed_back_and_runs_once_the_agent_answers(proj, workers, r, tmp_path):
+    """The worker takes a message while its agent is down, before its watch has probed (the
+    first probe comes one interval after start): the run wakes the watch, which stops the
+    worker consuming, then sends its copy back. The copy waits in the queue (no other
+    worker) until the agent answers and the worker consumes again, then runs once."""
     agent = start_consul(tmp_path / "down", node="down")
     try:
         wait_consul_ready(agent)
-        (worker,) = workers(1, concurrency=1, consul_address=agent.address)
-        down_line = f"Consul agent at http://{agent.address} is unreachable (connection refused): this worker stops consuming"
-        up_line = f"Consul agent at http://{agent.address} answers again after"
         agent.stop()
-        wait_for(lambda: down_line in worker.log_text(), 10, "the worker to stop consuming")
         result = proj.backup.delay(0.1)
+        (worker,) = workers(1, concurrency=1, consul_address=agent.address, env={"TEST_AGENT_PROBE_INTERVAL": "3"})
+        handed = "(requeue 1 of at most 100; this worker stopped consuming"
+        wait_for(lambda: handed in worker.log_text(), 20, "the run to hand its message back")
         agent.proc.restart()
         wait_consul_ready(agent)
         assert result.get(timeout=30) == "done"
     finally:
         agent.stop()
     log = worker.log_text()
-    assert log.count(down_line) == 1 and log.count(up_line) == 1, log[-3000:]
+    down = f"Consul agent at http://{agent.address} is unreachable (connection refused): this worker stops consuming from celery"
+    up = f"Consul agent at http://{agent.address} answers again after"
+    assert log.count(down) == 1 and log.count(up) == 1 and log.count("sent back to the queue") == 1, log[-3000:]
+    assert log.index(down) < log.index(handed) < log.index(up)
     assert len([x for x in runs(r) if x["kind"] == "end"]) == 1
 
 

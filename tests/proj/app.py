@@ -38,6 +38,8 @@ if os.environ.get("TEST_REQUEUE_MAX"):
     app.conf.consul_lock_requeue_max = int(os.environ["TEST_REQUEUE_MAX"])
 if os.environ.get("TEST_AGENT_WATCH"):
     app.conf.consul_lock_agent_watch = os.environ["TEST_AGENT_WATCH"]
+if os.environ.get("TEST_AGENT_PROBE_INTERVAL"):
+    app.conf.consul_lock_agent_probe_interval = float(os.environ["TEST_AGENT_PROBE_INTERVAL"])
 
 app.conf.consul_lock_beat_name = os.environ.get("TEST_BEAT_NAME", "proj")
 if os.environ.get("TEST_BEAT_INTERVAL"):
