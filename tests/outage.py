@@ -2,7 +2,7 @@
 
 The standard topology: three Consul servers, and one client agent per simulated node on its
 own loopback address, each `celery worker` (prefork, 2 processes) on its own node's agent. A
-thread in this process plays the beat: every ``interval`` seconds, on a grid, it sends
+thread in this process plays the beat: about every ``interval`` seconds it sends
 ``proj.heartbeat`` with a tick id of one entry, as the leader-elected beat does. Each run of
 a tick is recorded in Redis by the task (``tests/proj/app.py``), with the pool process that
 ran it. Used by tests/test_agent_outage.py and bench/agent_outage.py.
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import signal
 import statistics
 import threading
@@ -48,10 +49,13 @@ class Node:
 
 
 class TickSender:
-    """Sends one tick of ``entry`` every ``interval`` s, at its due time (a daemon thread)."""
+    """Sends ticks of ``entry`` at their due times, ``interval`` s apart on average (a daemon
+    thread). The spacing varies (0.5-1.5 x interval): ticks exactly as far apart as Redis's
+    1 s BRPOP cycle lock onto one worker, which would then draw every tick."""
 
     def __init__(self, task: Any, entry: str, interval: float) -> None:
         self.task, self.entry, self.interval = task, entry, interval
+        self.random = random.Random(entry)
         self.sent: list[tuple[str, float]] = []  # (tick id, due epoch)
         self.error: BaseException | None = None
         self._stop = threading.Event()
@@ -77,7 +81,7 @@ class TickSender:
                 tick = Tick.of(self.entry, datetime.fromtimestamp(due, timezone.utc))
                 self.task.apply_async(headers={TICK_HEADER: str(tick)})
                 self.sent.append((str(tick), tick.epoch))
-                due += self.interval
+                due += self.interval * self.random.uniform(0.5, 1.5)
         except BaseException as exc:
             self.error = exc
 
@@ -111,6 +115,14 @@ class Outcome:
         runs = self.runs.get(tick)
         return self.owner.get(runs[0]["pid"]) if runs else None
 
+    def resumed_after(self, node: str) -> float | None:
+        """Seconds from the agent's restart to ``node``'s first run of a tick after it."""
+        if self.restarted_at is None:
+            return None
+        after = self.restarted_at
+        starts = [x["t"] for xs in self.runs.values() for x in xs if x["t"] > after and self.owner.get(x["pid"]) == node]
+        return min(starts) - self.restarted_at if starts else None
+
     def ticks_due(self, start: float, end: float) -> list[str]:
         return [tick for tick, due in self.sent if start <= due <= end]
 
@@ -118,9 +130,11 @@ class Outcome:
         late = self.lateness()
         med = statistics.median(late) if late else float("nan")
         requeued = sum(1 for xs in self.runs.values() for x in xs if x.get("requeues"))
+        resumed = self.notes.get("resumed_after")
         return (
             f"{len(self.sent)} ticks sent, {len(self.lost)} lost, {len(self.doubled)} doubled, "
             f"late median {med:.3f} s max {max(late, default=float('nan')):.3f} s, {requeued} ran from a requeued copy"
+            + (f"; the sick worker ran its first tick {resumed:.1f} s after its agent's restart" if resumed else "")
         )
 
 
@@ -220,7 +234,9 @@ class OutageScenario:
 
         _poll(all_ran, 60)  # a tick that has not run by then is reported as lost by the outcome
         owner = {pid: node.name for node in self.nodes for pid in node.pool_pids()}
-        return Outcome(sender.sent, self.records(entry), owner, killed_at, restarted_at)
+        outcome = Outcome(sender.sent, self.records(entry), owner, killed_at, restarted_at)
+        outcome.notes["resumed_after"] = outcome.resumed_after(self.sick.name)
+        return outcome
 
     def _stream(self, sender: TickSender, seconds: float, dead_agent: Node | None = None) -> None:
         """Let ticks flow for ``seconds``, checking every process meanwhile (not an assertion)."""
