@@ -136,10 +136,9 @@ def requeue_or_raise(task: Any, exc: ConsulUnavailable, request: Any, tick: Tick
     if not exc.transient or request.called_directly or request.is_eager:
         raise exc
     headers = dict(getattr(request, "headers", None) or {})
-    previous = headers.get(REQUEUE_HEADER)
-    previous = previous if isinstance(previous, Mapping) else {}
-    count, now = int(previous.get("count", 0)), time.time()
-    since = float(previous.get("since", now))
+    count, since = _requeued(headers.get(REQUEUE_HEADER))
+    now = time.time()
+    since = now if since is None else since
     start = tick.epoch if tick is not None else since
     name = f"{task.name}[{request.id}]"
     if count >= config.requeue_max or now - start > config.requeue_deadline:
@@ -163,6 +162,16 @@ def requeue_or_raise(task: Any, exc: ConsulUnavailable, request: Any, tick: Tick
         name, count + 1, config.requeue_max, handed, exc,
     )  # fmt: skip
     raise Retry(f"Consul unreachable here; requeued for another worker ({count + 1}/{config.requeue_max})", exc=exc, sig=copy)
+
+
+def _requeued(header: object) -> tuple[int, float | None]:
+    """(requeues so far, epoch of the first) from a copy's header; (0, None) for an original."""
+    if not isinstance(header, Mapping):
+        return 0, None
+    try:
+        return int(header.get("count", 0)), float(header["since"]) if "since" in header else None
+    except (TypeError, ValueError):
+        return 0, None
 
 
 def hand_off(wait: float = HANDOFF_WAIT) -> str:
@@ -335,6 +344,8 @@ class _Watch:
     def _went_down(self, reason: str) -> None:
         with self.mutex:
             if self.down:
+                if self.paused is None:  # a pause that a consumer restart dropped: ask again
+                    self.consumer.call_soon(self._pause)
                 return
             self.down, self.down_since = True, time.monotonic()
         queues = tuple(q.name for q in self.consumer.task_consumer.queues) if self.consumer.task_consumer else ()
@@ -348,6 +359,8 @@ class _Watch:
     def _came_back(self) -> None:
         with self.mutex:
             if not self.down:
+                if self.paused is not None:  # a resume that a consumer restart dropped: ask again
+                    self.consumer.call_soon(self._resume)
                 return
             self.down = False
             downtime = time.monotonic() - self.down_since

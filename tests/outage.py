@@ -141,9 +141,19 @@ class Outcome:
 class OutageScenario:
     """Two nodes (client agent + worker each) on ``cluster``; kill one node's agent mid-stream."""
 
-    def __init__(self, cluster: ConsulCluster, proj: Any, redis_url: str, workdir: Path, interval: float = 1.0) -> None:
+    def __init__(
+        self,
+        cluster: ConsulCluster,
+        proj: Any,
+        redis_url: str,
+        workdir: Path,
+        interval: float = 1.0,
+        sick_env: dict[str, str] | None = None,
+    ) -> None:
         self.cluster, self.proj, self.redis_url, self.workdir = cluster, proj, redis_url, workdir
         self.interval = interval
+        #: Extra environment of the sick node's worker (e.g. TEST_AGENT_PROBE_INTERVAL).
+        self.sick_env = sick_env or {}
         self.nodes: list[Node] = []
         self.r = redis.Redis.from_url(redis_url)
 
@@ -154,7 +164,9 @@ class OutageScenario:
         for node in self.nodes:
             wait_consul_ready(node.agent, timeout=60)
         for node in self.nodes:
-            node.worker = start_worker(self.proj.app, self.workdir, worker_env(self.redis_url, node.agent.address), concurrency=2)
+            extra = self.sick_env if node is self.sick else {}
+            env = worker_env(self.redis_url, node.agent.address, **extra)
+            node.worker = start_worker(self.proj.app, self.workdir, env, concurrency=2)
         return self
 
     def stop(self) -> None:
