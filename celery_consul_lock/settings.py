@@ -344,3 +344,8 @@ def parse_seconds(setting: str, value: object) -> float:
         raise InvalidSetting(setting, value, "expected seconds, e.g. 15 or '15s', '500ms', '1m'")
     scale = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600}[m[2]]
     return float(m[1]) * scale
+
+
+#: The parsers, public for the modules that read settings of their own from ``app.conf``
+#: (the worker's agent watch and requeue bounds, in :mod:`.availability`).
+parse_bool = _parse_bool

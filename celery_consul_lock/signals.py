@@ -19,7 +19,16 @@ from typing import Any
 
 from celery.utils.dispatch import Signal
 
-__all__ = ["beat_leader_elected", "beat_leader_lost", "send", "task_lock_acquired", "task_lock_lost", "task_lock_skipped"]
+__all__ = [
+    "beat_leader_elected",
+    "beat_leader_lost",
+    "send",
+    "task_lock_acquired",
+    "task_lock_lost",
+    "task_lock_skipped",
+    "worker_agent_available",
+    "worker_agent_unavailable",
+]
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +46,13 @@ beat_leader_elected = Signal(name="beat_leader_elected", providing_args={"schedu
 #: This beat instance stopped leading (lease lost, stepped down, or stopped). Sender: the
 #: Election. Arguments: scheduler, instance, reason.
 beat_leader_lost = Signal(name="beat_leader_lost", providing_args={"scheduler", "instance", "reason"})
+
+#: A worker's Consul agent stopped answering its watch: the worker stops consuming from its
+#: queues. Sender: the worker's consumer. Arguments: address, reason.
+worker_agent_unavailable = Signal(name="worker_agent_unavailable", providing_args={"address", "reason"})
+#: The agent answers again: the worker consumes again. Sender: the worker's consumer.
+#: Arguments: address, downtime (seconds since it stopped answering).
+worker_agent_available = Signal(name="worker_agent_available", providing_args={"address", "downtime"})
 
 
 def send(signal: Signal, sender: Any, **kwargs: Any) -> None:

@@ -28,13 +28,14 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from datetime import datetime, timezone
-from typing import Any, Literal
+from typing import Any, Literal, NoReturn
 
 from celery import Task
 from celery.exceptions import Ignore
 from celery.signals import worker_process_shutdown, worker_shutdown
 
 from . import signals
+from .availability import REQUEUE_HEADER, AvailabilityConfig, requeue_or_raise
 from .consul import thread_client
 from .errors import ConsulUnavailable, InvalidSetting, LockHeld, LockLost
 from .lock import ConsulLock, LockHolder
@@ -58,6 +59,9 @@ ON_HELD = ("skip", "wait", "retry")
 #: How a run's acquire ended: the lock taken, held by another run, or held by a live run
 #: of this same message (this copy is a duplicate delivery).
 Acquired = Literal["acquired", "held", "duplicate"]
+#: Which attempt of a message a run is: (Celery's ``retries``, our requeues); a message's
+#: copies with the same attempt are duplicates, a larger one is new work.
+Attempt = tuple[int, int]
 #: Default for ``on_held="wait"``: long enough for most critical sections.
 DEFAULT_WAIT_TIMEOUT = 30.0
 #: Default countdown for ``on_held="retry"``.
@@ -126,6 +130,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
 
     _consul_settings: ConsulSettings | None = None
     _lock_options: LockOptions | None = None
+    _availability: AvailabilityConfig | None = None
 
     # -- what the body can use ------------------------------------------------------------
 
@@ -225,21 +230,23 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         key = self.lock_key_for(args, kwargs, options)
         tick = _tick(request)
         task_id = request.id
-        retries = int(getattr(request, "retries", 0) or 0)
+        attempt = _attempt(request)
         stale = _stale_leader(_request_value(request, LEADER_HEADER))
         if stale:
             return self._skip(key, "stale-leader", None, tick, task_id, why=stale)
         value: dict[str, Any] = {"task_id": task_id}
-        if retries:
-            value["retries"] = retries
+        if attempt[0]:
+            value["retries"] = attempt[0]
+        if attempt[1]:
+            value["requeues"] = attempt[1]
         if tick:
             value["tick"] = str(tick)
         lock = ConsulLock(key, settings=settings, name=self.name, value=value)
         try:
-            outcome = self._acquire(lock, options, task_id, retries)
+            outcome = self._acquire(lock, options, task_id, attempt)
         except ConsulUnavailable as exc:
             if settings.fail_policy != "open":
-                raise
+                self._consul_unavailable(exc, request, tick)
             log.warning("running %s[%s] WITHOUT its lock %s (fail_policy=open): %s", self.name, task_id, lock.key, exc)
             return self.run(*args, **kwargs)
         if outcome == "duplicate":
@@ -248,12 +255,17 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         if outcome == "held":
             return self._not_acquired(lock, options, tick, task_id)
         try:
-            if _delivery_finished(lock.previous, task_id, retries):
+            if _delivery_finished(lock.previous, task_id, attempt):
                 self._skip(lock.key, "duplicate-delivery", None, tick, task_id)
                 raise Ignore()  # the task id's result is the finished run's
             mark = None
             if tick is not None:
-                mark = self._open_tick(lock, settings, tick)
+                try:
+                    mark = self._open_tick(lock, settings, tick)
+                except ConsulUnavailable as exc:
+                    if settings.fail_policy != "open":
+                        self._consul_unavailable(exc, request, tick)
+                    log.warning("running %s[%s] WITHOUT its tick mark %s (fail_policy=open): %s", self.name, task_id, tick, exc)
                 if isinstance(mark, str):
                     return self._skip(lock.key, "duplicate-tick", None, tick, task_id, why=mark)
             request.consul_lock_held = lock
@@ -266,7 +278,14 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             request.consul_lock_held = None
             lock.release()
 
-    def _acquire(self, lock: ConsulLock, options: LockOptions, task_id: str | None, retries: int) -> Acquired:
+    def _consul_unavailable(self, exc: ConsulUnavailable, request: Any, tick: Tick | None) -> NoReturn:
+        """fail_policy=closed and Consul cannot be reached: send the message back for another
+        worker (see :mod:`.availability`), or fail with ``exc`` once its bounds are spent."""
+        if self._availability is None:
+            self._availability = AvailabilityConfig.from_celery(self.app.conf)
+        requeue_or_raise(self, exc, request, tick, self._availability)
+
+    def _acquire(self, lock: ConsulLock, options: LockOptions, task_id: str | None, attempt: Attempt) -> Acquired:
         """Take the lock by ``on_held``. When the holder is a run of this same message,
         decide by that run instead: a live run of the same delivery makes this copy a
         duplicate; a run that died holding the key, or a previous attempt (a retry's
@@ -278,21 +297,21 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         holder = lock.last_holder
         if not (holder and task_id and holder.extra.get("task_id") == task_id):
             return "held"
-        held_retries = holder.extra.get("retries", 0)
+        held = _attempt_of(holder.extra)
         alive = holder.alive()
-        if held_retries > retries or (held_retries == retries and alive):
+        if held > attempt or (held == attempt and alive):
             log.info(
                 "%s[%s] is a duplicate delivery: %s run of this message holds %s (%s)",
                 self.name,
                 task_id,
-                "a later" if held_retries > retries else "the live",
+                "a later" if held > attempt else "the live",
                 lock.key,
                 holder,
             )
             return "duplicate"
         settings = lock.settings
         bound = 2 * settings.ttl + settings.lock_delay + 5
-        if held_retries < retries:
+        if held < attempt:
             why = "its previous attempt still holds"
         elif alive is False:
             why = "its run died holding"
@@ -549,17 +568,30 @@ def _iso(epoch: float) -> str:
     return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
 
 
-def _delivery_finished(previous: Mapping[str, Any] | None, task_id: str | None, retries: int) -> bool:
+def _delivery_finished(previous: Mapping[str, Any] | None, task_id: str | None, attempt: Attempt) -> bool:
     """True if the key's value before our acquire shows that a run of this same message
-    (this delivery, or a later attempt of it) finished and released the key: we are a
-    copy that arrived after it, and must not run the body again."""
+    (this attempt, or a later one) finished and released the key: we are a copy that
+    arrived after it, and must not run the body again."""
     return bool(
         task_id
         and previous
         and "released_at" in previous
         and previous.get("task_id") == task_id
-        and int(previous.get("retries", 0) or 0) >= retries
+        and _attempt_of(previous) >= attempt
     )
+
+
+def _attempt(request: Any) -> Attempt:
+    """Which attempt of its message a run is: (Celery's retries, our requeues)."""
+    requeue = _request_value(request, REQUEUE_HEADER)
+    count = requeue.get("count", 0) if isinstance(requeue, Mapping) else 0
+    return _attempt_of({"retries": getattr(request, "retries", 0), "requeues": count})
+
+
+def _attempt_of(data: Mapping[str, Any]) -> Attempt:
+    """The attempt a lock value (or the like) names; absent counts are 0."""
+    retries, requeues = data.get("retries") or 0, data.get("requeues") or 0
+    return (retries if isinstance(retries, int) else 0, requeues if isinstance(requeues, int) else 0)
 
 
 def _request_value(request: Any, name: str) -> Any:

@@ -364,6 +364,24 @@ def start_cluster(workdir: Path, size: int = 3) -> ConsulCluster:
     return cluster
 
 
+def start_client_agent(workdir: Path, cluster: ConsulCluster, bind: str, node: str) -> ConsulAgent:
+    """A client agent (no ``-server``) on ``bind``, joined to ``cluster``: one simulated node
+    of Consul's standard topology, whose processes talk to it. ``agent.proc.restart()``
+    starts it again with the same node name, ports and data directory."""
+    consul, _ = binaries()
+    ports = {"http": free_port(bind), "serf_lan": free_port(bind), "serf_wan": free_port(bind)}
+    data = workdir / f"data-{node}"
+    data.mkdir(parents=True, exist_ok=True)
+    joins = [f"-retry-join={a.bind}:{a.extra['ports']['serf_lan']}" for a in cluster.agents]
+    args = [
+        consul, "agent", f"-node={node}", f"-bind={bind}", f"-client={bind}", f"-data-dir={data}",
+        f"-http-port={ports['http']}", "-dns-port=-1", f"-serf-lan-port={ports['serf_lan']}",
+        f"-serf-wan-port={ports['serf_wan']}", "-log-level=warn", "-hcl", "ports { grpc = -1 }",
+        *joins,
+    ]  # fmt: skip
+    return ConsulAgent(_spawn(f"consul-{node}", args, workdir), bind, ports["http"], node, {"ports": ports})
+
+
 def have_loopback_aliases() -> bool:
     """Linux routes all of 127.0.0.0/8 to lo; check we can bind 127.0.0.11."""
     try:

@@ -95,15 +95,17 @@ def test_a_message_is_stale_only_if_sent_after_a_newer_leader_was_elected():
 
 
 @pytest.mark.parametrize(
-    ("previous", "retries", "finished"),
+    ("previous", "attempt", "finished"),
     [
-        ({"task_id": "a", "released_at": "t"}, 0, True),
-        ({"task_id": "a", "released_at": "t", "retries": 2}, 1, True),  # a later attempt finished
-        ({"task_id": "a", "released_at": "t"}, 1, False),  # our predecessor: we are its retry
-        ({"task_id": "a"}, 0, False),  # freed by its session's end: the run died
-        ({"task_id": "b", "released_at": "t"}, 0, False),
-        (None, 0, False),
+        ({"task_id": "a", "released_at": "t"}, (0, 0), True),
+        ({"task_id": "a", "released_at": "t", "retries": 2}, (1, 0), True),  # a later attempt finished
+        ({"task_id": "a", "released_at": "t"}, (1, 0), False),  # our predecessor: we are its retry
+        ({"task_id": "a", "released_at": "t"}, (0, 1), False),  # we are its requeued copy
+        ({"task_id": "a", "released_at": "t", "requeues": 1}, (0, 1), True),
+        ({"task_id": "a"}, (0, 0), False),  # freed by its session's end: the run died
+        ({"task_id": "b", "released_at": "t"}, (0, 0), False),
+        (None, (0, 0), False),
     ],
 )
-def test_a_copy_is_a_duplicate_only_if_this_messages_run_finished(previous, retries, finished):
-    assert _delivery_finished(previous, "a", retries) is finished
+def test_a_copy_is_a_duplicate_only_if_this_messages_run_finished(previous, attempt, finished):
+    assert _delivery_finished(previous, "a", attempt) is finished

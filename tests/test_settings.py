@@ -282,3 +282,36 @@ def test_beat_stall_timeout_accepts_the_floor_and_durations():
     assert BeatConfig.from_app(app).stall_timeout == 8.0
     app.conf.consul_lock_beat_stall_timeout = "2m"
     assert BeatConfig.from_app(app).stall_timeout == 120.0
+
+
+@pytest.mark.parametrize(
+    ("conf", "message"),
+    [
+        ({"consul_lock_requeue_max": -1}, "consul_lock_requeue_max=-1 is invalid: expected a whole number of requeues >= 0"),
+        ({"consul_lock_requeue_max": True}, "consul_lock_requeue_max=True is invalid"),
+        ({"consul_lock_requeue_max": 2.5}, "consul_lock_requeue_max=2.5 is invalid"),
+        ({"consul_lock_requeue_deadline": 0}, "consul_lock_requeue_deadline=0.0 is invalid: expected seconds > 0"),
+        ({"consul_lock_requeue_deadline": "soon"}, "consul_lock_requeue_deadline='soon' is invalid"),
+        ({"consul_lock_agent_probe_interval": 0}, "consul_lock_agent_probe_interval=0.0 is invalid: expected seconds between"),
+        ({"consul_lock_agent_probe_interval": "2m"}, "consul_lock_agent_probe_interval=120.0 is invalid"),
+        ({"consul_lock_agent_watch": "maybe"}, "consul_lock_agent_watch='maybe' is invalid: expected true or false"),
+    ],
+)
+def test_requeue_and_agent_watch_settings_are_refused_at_start(conf, message):
+    from celery_consul_lock.availability import AvailabilityConfig
+
+    app = Celery("t", set_as_current=False)
+    app.conf.update(conf)
+    with pytest.raises(InvalidSetting) as info:
+        AvailabilityConfig.from_celery(app.conf)
+    assert message in str(info.value)
+
+
+def test_requeue_and_agent_watch_defaults_and_durations():
+    from celery_consul_lock.availability import AvailabilityConfig
+
+    assert AvailabilityConfig.from_celery(Celery("t", set_as_current=False).conf) == AvailabilityConfig(100, 300.0, True, 1.0)
+    app = Celery("t", set_as_current=False)
+    app.conf.update(consul_lock_requeue_max=0, consul_lock_requeue_deadline="2m", consul_lock_agent_watch="false")
+    app.conf.consul_lock_agent_probe_interval = "500ms"
+    assert AvailabilityConfig.from_celery(app.conf) == AvailabilityConfig(0, 120.0, False, 0.5)

@@ -136,10 +136,13 @@ def test_worker_killed_mid_run_runs_the_tick_again_exactly_once(proj, workers, r
 
 
 def test_consul_down_fail_closed_refuses_and_fail_open_runs(proj, workers, r, tmp_path):
+    """Without requeues (consul_lock_requeue_max=0) and the agent watch, fail closed fails
+    the run at once, as before either existed."""
     agent = start_consul(tmp_path / "down", node="down")
     try:
         wait_consul_ready(agent)
-        (worker,) = workers(1, concurrency=1, consul_address=agent.address)
+        env = {"TEST_REQUEUE_MAX": "0", "TEST_AGENT_WATCH": "false"}
+        (worker,) = workers(1, concurrency=1, consul_address=agent.address, env=env)
     finally:
         agent.stop()
     closed = proj.backup.delay(0.1)
@@ -151,6 +154,54 @@ def test_consul_down_fail_closed_refuses_and_fail_open_runs(proj, workers, r, tm
     assert opened.get(timeout=30) == "done"
     assert len([x for x in runs(r) if x["kind"] == "end"]) == 1
     assert "WITHOUT its lock" in worker.log_text()
+
+
+def test_consul_down_requeues_without_eating_retries_then_fails_past_its_bound(proj, workers, r, tmp_path):
+    """Without the agent watch the worker takes its own copies back: each run sends one more
+    (counted in the consul_lock_requeue header, not in Celery's retries) until the bound."""
+    agent = start_consul(tmp_path / "down", node="down")
+    try:
+        wait_consul_ready(agent)
+        env = {"TEST_REQUEUE_MAX": "3", "TEST_AGENT_WATCH": "false"}
+        (worker,) = workers(1, concurrency=1, consul_address=agent.address, env=env)
+    finally:
+        agent.stop()
+    result = proj.retrying.delay()  # max_retries=2: three requeues would exceed it if they counted
+    result.get(timeout=30, propagate=False)
+    assert result.state == "FAILURE" and "unreachable" in str(result.result), (result.state, result.result)
+    assert runs(r) == []
+    log = worker.log_text()
+    for n in (1, 2, 3):
+        assert f"sent back to the queue for another worker (requeue {n} of at most 3; no agent watch in this worker)" in log
+    assert "requeue 4 of" not in log
+    assert "fails: Consul is unreachable and it was requeued 3 times already (at most 3)" in log
+    assert "MaxRetriesExceeded" not in log
+
+
+def test_a_run_whose_agent_is_down_is_handed_back_and_runs_once_the_agent_answers(proj, workers, r, tmp_path):
+    """The worker takes a message while its agent is down, before its watch has probed (the
+    first probe comes one interval after start): the run wakes the watch, which stops the
+    worker consuming, then sends its copy back. The copy waits in the queue (no other
+    worker) until the agent answers and the worker consumes again, then runs once."""
+    agent = start_consul(tmp_path / "down", node="down")
+    try:
+        wait_consul_ready(agent)
+        agent.stop()
+        result = proj.backup.delay(0.1)
+        (worker,) = workers(1, concurrency=1, consul_address=agent.address, env={"TEST_AGENT_PROBE_INTERVAL": "3"})
+        handed = "(requeue 1 of at most 100; this worker stopped consuming"
+        wait_for(lambda: handed in worker.log_text(), 20, "the run to hand its message back")
+        agent.proc.restart()
+        wait_consul_ready(agent)
+        assert result.get(timeout=30) == "done"
+    finally:
+        agent.stop()
+    log = worker.log_text()
+    down = f"Consul agent at http://{agent.address} is unreachable (connection refused): this worker stops consuming from celery"
+    up = f"Consul agent at http://{agent.address} answers again after"
+    assert log.count(down) == 1 and log.count(up) == 1 and log.count("sent back to the queue") == 1, log[-3000:]
+    assert log.index(down) < log.index(handed) < log.index(up)
+    assert len([x for x in runs(r) if x["kind"] == "end"]) == 1
 
 
 def test_keys_from_arguments_lock_per_customer(proj, workers, r):

@@ -40,6 +40,14 @@ if os.environ.get("TEST_VISIBILITY_TIMEOUT"):  # Redis gives unacked messages to
         "unacked_restore_interval": 1,
         "unacked_restore_throttle": 1,
     }
+# What a worker does when its agent is down (celery_consul_lock.availability): the tests of
+# the old fail-closed behaviour turn requeueing and the agent watch off.
+if os.environ.get("TEST_REQUEUE_MAX"):
+    app.conf.consul_lock_requeue_max = int(os.environ["TEST_REQUEUE_MAX"])
+if os.environ.get("TEST_AGENT_WATCH"):
+    app.conf.consul_lock_agent_watch = os.environ["TEST_AGENT_WATCH"]
+if os.environ.get("TEST_AGENT_PROBE_INTERVAL"):
+    app.conf.consul_lock_agent_probe_interval = float(os.environ["TEST_AGENT_PROBE_INTERVAL"])
 
 app.conf.consul_lock_beat_name = os.environ.get("TEST_BEAT_NAME", "proj")
 if os.environ.get("TEST_BEAT_STALL_TIMEOUT"):
@@ -171,7 +179,16 @@ def floor_noop(n: int = 0) -> int:
 def heartbeat(self) -> str | None:
     tick = getattr(self.request, "consul_lock_tick", None)
     leader = getattr(self.request, "consul_lock_leader", None) or {}
-    record("tick", tick=tick, instance=leader.get("instance"), token=leader.get("token"), id=self.request.id)
+    requeue = getattr(self.request, "consul_lock_requeue", None) or {}
+    record(
+        "tick",
+        tick=tick,
+        instance=leader.get("instance"),
+        token=leader.get("token"),
+        id=self.request.id,
+        retries=self.request.retries,
+        requeues=requeue.get("count", 0),
+    )
     return tick
 
 
