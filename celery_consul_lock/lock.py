@@ -627,6 +627,8 @@ class ConsulLock:
             name=self.name,
             extra=dict(self.value),
             fencing_token=self._token,
+            started=identity().get("started"),
+            pidns=identity().get("pidns"),
         )
 
     # -- losing -------------------------------------------------------------------------

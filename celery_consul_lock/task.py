@@ -253,7 +253,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             self._skip(lock.key, "duplicate-delivery", lock.last_holder, tick, task_id)
             raise Ignore()  # no result of its own: the task id's result is the live run's
         if outcome == "held":
-            return self._not_acquired(lock, options, tick, task_id)
+            return self._not_acquired(lock, options, tick, task_id, attempt)
         try:
             if _delivery_finished(lock.previous, task_id, attempt):
                 self._skip(lock.key, "duplicate-delivery", None, tick, task_id)
@@ -296,7 +296,20 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             return "acquired"
         holder = lock.last_holder
         if not (holder and task_id and holder.extra.get("task_id") == task_id):
-            return "held"
+            if attempt == (0, 0) or options.on_held != "skip":
+                return "held"
+            # A retry or requeue is the way its message gets done: skipping it would lose
+            # the run (a tick's retry would never complete). It waits, then retries.
+            log.info(
+                "%s[%s] is attempt %s of its message and finds %s held by %s; waiting up to %g s",
+                self.name,
+                task_id,
+                attempt,
+                lock.key,
+                holder or "nobody (lock-delay)",
+                options.wait_timeout,
+            )
+            return "acquired" if lock.acquire(timeout=options.wait_timeout) else "held"
         held = _attempt_of(holder.extra)
         alive = holder.alive()
         if held > attempt or (held == attempt and alive):
@@ -350,9 +363,13 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             raise LockLost(lock.key, f"lost before tick {tick} could start (its mark could not be updated)")
         return opened.verdict(tick) or opened
 
-    def _not_acquired(self, lock: ConsulLock, options: LockOptions, tick: Tick | None, task_id: str | None) -> Any:
+    def _not_acquired(
+        self, lock: ConsulLock, options: LockOptions, tick: Tick | None, task_id: str | None, attempt: Attempt
+    ) -> Any:
+        """Skip, or retry: with ``on_held="retry"``, and for a retry or requeue of a message
+        (``attempt`` above (0, 0)) under ``skip``, which would otherwise lose its run."""
         holder = lock.last_holder
-        if options.on_held == "retry":
+        if options.on_held == "retry" or (options.on_held == "skip" and attempt != (0, 0)):
             log.info(
                 "%s[%s]: %s is held by %s; retrying in %g s",
                 self.name,

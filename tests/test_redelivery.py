@@ -32,8 +32,9 @@ def starts(r, **match) -> list[dict]:
     return [x for x in runs(r) if x["kind"] == "start" and all(x.get(k) == v for k, v in match.items())]
 
 
-def test_a_second_delivery_of_a_live_run_is_skipped_and_the_body_runs_once(proj, workers, r):
-    (worker,) = workers(1, concurrency=2)
+@pytest.mark.parametrize("pool", ["prefork", "threads"])
+def test_a_second_delivery_of_a_live_run_is_skipped_and_the_body_runs_once(proj, workers, r, pool):
+    (worker,) = workers(1, concurrency=2, pool=pool)
     task_id = str(uuid.uuid4())
     first = proj.backup.apply_async((2.0,), task_id=task_id)
     wait_for(lambda: starts(r, id=task_id), 30, "the first delivery to start")
@@ -41,7 +42,8 @@ def test_a_second_delivery_of_a_live_run_is_skipped_and_the_body_runs_once(proj,
     skip = wait_for(lambda: [s for s in skips(r) if s["task_id"] == task_id], 30, "the copy to be skipped")
     assert skip[0]["reason"] == "duplicate-delivery", skip
     assert first.get(timeout=30) == "done"
-    wait_for(lambda: [x for x in runs(r) if x["kind"] == "end"], 30, "the live run to end")
+    end = wait_for(lambda: [x for x in runs(r) if x["kind"] == "end"], 30, "the live run to end")[0]
+    assert skip[0]["t"] < end["t"], "the copy waited for the live run instead of being skipped at once"
     # A copy arriving after the run finished finds the run's release in the key: skipped too.
     late = proj.backup.apply_async((2.0,), task_id=task_id)
     wait_for(lambda: len(skips(r)) >= 2, 30, "the late copy to be skipped")
@@ -205,12 +207,19 @@ def test_retries_sent_before_a_beat_failover_run_after_the_new_leaders_ticks(har
     pending = [x["tick"] for x in first_attempts() if x["instance"] == leader.instance and x["t"] > stopped - 3]
     assert pending, first_attempts()
 
-    def all_completed() -> bool:
-        sent = {x["tick"] for x in first_attempts() if x["t"] < time.time() - 6}
-        done = {x["tick"] for x in runs(r) if x["kind"] == "end"}
-        return new["tick"] in done and sent <= done
+    # A few more ticks from the new leader, then no more ticks: every tick sent must complete.
+    wait_for(lambda: len([x for x in first_attempts() if x["t"] > new["t"]]) >= 2, 20, "more ticks of the new leader")
+    for beat in harness.beats:
+        beat.stop()
+    sent = {x["tick"] for x in first_attempts()}
 
-    wait_for(all_completed, 40, "every tick sent to complete")
+    def missing() -> set[str]:
+        return sent - {x["tick"] for x in runs(r) if x["kind"] == "end"}
+
+    try:
+        wait_for(lambda: not missing(), 40, "every tick sent to complete")
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}: {sorted(missing())} never completed; skips {skips(r)}; runs {runs(r)}") from None
     ends = Counter(x["tick"] for x in runs(r) if x["kind"] == "end")
     assert all(n == 1 for n in ends.values()), ends
     assert all(tick in ends for tick in pending), (pending, ends)
@@ -252,3 +261,22 @@ def test_an_acks_late_redelivery_sent_before_a_beat_failover_runs_after_the_new_
     ends = Counter(x["tick"] for x in runs(r) if x["kind"] == "end")
     assert all(n == 1 for n in ends.values()), ends
     assert not [s for s in skips(r) if s["reason"] in ("stale-leader", "duplicate-tick")], skips(r)
+
+
+def test_a_retry_that_finds_another_run_holding_the_key_waits_instead_of_being_skipped(proj, workers, r, consul):
+    """A first attempt is skipped while another run holds the key (the overlap rule); a retry
+    of a message is how that message gets done, so it waits for the key instead."""
+    (worker,) = workers(1, concurrency=1)
+    settings = ConsulSettings(address=consul.address, lock_delay=1)
+    holder = ConsulLock("locks/proj.backup/.lock", settings=settings, private_session=True)
+    assert holder.acquire()
+    try:
+        first = proj.backup.apply_async((0.1,)).get(timeout=30)
+        assert is_skipped(first) and first["reason"] == "held", first
+        retry = proj.backup.apply_async((0.1,), retries=1)
+        wait_for(lambda: "is attempt (1, 0) of its message" in worker.log_text(), 20, "the retry to wait for the key")
+        assert not starts(r) and retry.state == "PENDING"
+    finally:
+        holder.release()
+    assert retry.get(timeout=30) == "done"
+    assert len(starts(r)) == 1

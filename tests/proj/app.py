@@ -95,7 +95,8 @@ def _stall_send(sender=None, headers=None, **_):
 
 @task_lock_skipped.connect
 def _count_skip(sender, key, reason, holder, task_id, **_):
-    store().rpush("skips", json.dumps({"task": sender.name, "key": key, "reason": reason, "task_id": task_id}))
+    skip = {"task": sender.name, "key": key, "reason": reason, "task_id": task_id, "t": time.time()}
+    store().rpush("skips", json.dumps(skip))
 
 
 @app.task(bind=True, base=ConsulLockedTask, name="proj.backup")
