@@ -27,6 +27,7 @@ from urllib.parse import quote
 
 import consul as consul_lib
 
+from . import native as _native
 from .errors import ACLDenied, ConsulLockError, ConsulUnavailable, InvalidSetting, NotConsul, SessionGone
 from .settings import ConsulSettings
 from .transport import Connection, Headers, NotHTTP
@@ -105,14 +106,15 @@ class ConsulClient:
     """A connection to one agent, with our error handling around every call.
 
     Not shared between threads: each thread that talks to Consul (callers, the renewer,
-    each watcher) uses its own, so a blocking query never holds up a renewal.
+    each watcher) uses its own, so a blocking query never holds up a renewal. ``native``:
+    for a real OS thread under gevent (see :mod:`.native`), over a real socket.
     """
 
-    def __init__(self, settings: ConsulSettings, *, timeout: float | None = None) -> None:
+    def __init__(self, settings: ConsulSettings, *, timeout: float | None = None, native: bool = False) -> None:
         self.settings = settings
         self.address = settings.base_url
         self.timeout = settings.timeout if timeout is None else timeout
-        self._client = _make_client(settings, self.timeout)
+        self._client = _make_client(settings, self.timeout, native)
 
     def __repr__(self) -> str:
         return f"<ConsulClient {self.address}>"
@@ -439,13 +441,13 @@ class _KeepAliveHTTP(consul_lib.base.HTTPClient):  # type: ignore[misc]
     ``REQUESTS_CA_BUNDLE`` from the environment behind our settings' back.
     """
 
-    def __init__(self, settings: ConsulSettings, timeout: float) -> None:
+    def __init__(self, settings: ConsulSettings, timeout: float, native: bool = False) -> None:
         super().__init__(host=settings.host, port=settings.port, scheme=settings.scheme, verify=settings.verify, cert=None)
         self.timeout: float = timeout
         self._headers = {"X-Consul-Token": settings.token} if settings.token else {}
         self._token = settings.token
-        context = _tls_context(settings) if settings.scheme == "https" else None
-        self._conn = Connection(settings.host, settings.port, ssl_context=context)
+        context = _tls_context(settings, native) if settings.scheme == "https" else None
+        self._conn = Connection(settings.host, settings.port, ssl_context=context, native=native)
 
     def raw(self, method: str, target: str, body: bytes) -> tuple[int, str]:
         """One request with a ready target (path and query); returns (status, body text)."""
@@ -573,12 +575,20 @@ def _no_leader(address: str, action: str, answer: str) -> ConsulUnavailable:
     return ConsulUnavailable(address, action, f"Consul has no usable leader right now ({answer.strip()[:120]})")
 
 
-def _tls_context(settings: ConsulSettings) -> ssl.SSLContext:
+def _tls_context(settings: ConsulSettings, native: bool = False) -> ssl.SSLContext:
     """The TLS context for an ``https`` agent. The settings checked that each file is PEM;
     one that still does not load (corrupt, or a key that is not the certificate's) raises
-    InvalidSetting here, at the first connection, instead of an ``ssl`` traceback."""
+    InvalidSetting here, at the first connection, instead of an ``ssl`` traceback.
+    ``native``: of the unpatched SSLContext class, whose sockets are real under gevent."""
     try:
-        context = ssl.create_default_context(cafile=settings.ca_file)
+        if native and _native.green():
+            context = _native.ssl_context_class()(ssl.PROTOCOL_TLS_CLIENT)
+            if settings.ca_file:
+                context.load_verify_locations(cafile=settings.ca_file)
+            else:
+                context.load_default_certs()
+        else:
+            context = ssl.create_default_context(cafile=settings.ca_file)
     except ssl.SSLError as exc:
         raise InvalidSetting("ca_file", settings.ca_file, f"cannot be loaded as a CA certificate ({exc.reason})") from None
     if not settings.verify:
@@ -674,13 +684,13 @@ def _parse_go_duration(text: str) -> float | None:
     return sum(float(n) * units[u] for n, u in parts) if parts else None
 
 
-def _make_client(settings: ConsulSettings, timeout: float) -> Any:
+def _make_client(settings: ConsulSettings, timeout: float, native: bool = False) -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         client = consul_lib.Consul(host=settings.host, port=settings.port, scheme=settings.scheme, dc=settings.datacenter)
     # Replace the transport the library built (from CONSUL_HTTP_*, over requests) with
     # ours, built from our settings only.
-    client.http = _KeepAliveHTTP(settings, timeout)
+    client.http = _KeepAliveHTTP(settings, timeout, native)
     client.token = None  # sent as a header by the transport, never as a URL parameter
     client.scheme = settings.scheme
     return client

@@ -32,6 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from . import native
 from .consul import LOCK_FLAG, ConsulClient, KVEntry, LockAttempt, thread_client
 from .errors import ConsulLockError, ConsulUnavailable, LockConflict, LockLost, LockTimeout, SessionGone
 from .liveness import holder_alive, identity
@@ -166,6 +167,9 @@ class _WatchStarter:
     thread, a connection and a blocking query each, doubling the price of a lock. Until
     its watcher starts, a lock's loss is still caught by its session (renewals and the
     fencing deadline), only a deleted or stolen key goes unseen for that long.
+
+    The starter and the watchers are real OS threads (see :mod:`.native`), also under
+    gevent: a task body that does not yield does not keep a loss from being seen.
     """
 
     def __init__(self) -> None:
@@ -173,35 +177,41 @@ class _WatchStarter:
         os.register_at_fork(after_in_child=self._reset)
 
     def _reset(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
+        self._mutex = native.lock()
+        self._wake = native.Event()
         self._due: list[tuple[float, int, Callable[..., None], tuple[Any, ...], _Hold]] = []
         self._seq = itertools.count()
-        self._thread: threading.Thread | None = None
+        self._running = False
 
     def schedule(self, at: float, target: Callable[..., None], args: tuple[Any, ...], released: _Hold) -> None:
-        with self._cond:
+        with self._mutex:
             was_empty = not self._due
             heapq.heappush(self._due, (at, next(self._seq), target, args, released))
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="consul-lock-watch-starter", daemon=True)
-                self._thread.start()
+            start, self._running = not self._running, True
             if was_empty:  # later items never come due before the head: no need to wake
-                self._cond.notify()
+                self._wake.set()
+        if start:
+            native.start_thread(self._run, (), "consul-lock-watch-starter")
 
     def _run(self) -> None:
         try:
             self._loop()
         except BaseException:  # never die silently: say so, and let the next schedule() restart us
             watch_log.exception("the watch starter thread crashed")
-            with self._cond:
-                self._thread = None
+            with self._mutex:
+                self._running = False
             raise
 
     def _loop(self) -> None:
         while True:
-            with self._cond:
-                while not self._due or self._due[0][0] > time.monotonic():
-                    self._cond.wait(min(WATCH_WAIT, self._due[0][0] - time.monotonic()) if self._due else None)
+            while True:
+                with self._mutex:
+                    head = self._due[0][0] if self._due else None
+                    if head is not None and head <= time.monotonic():
+                        break
+                    self._wake.clear()  # under the mutex: a schedule() after this sets it again
+                self._wake.wait(None if head is None else min(WATCH_WAIT, head - time.monotonic()))
+            with self._mutex:
                 # Take everything due within a batch window: one wake-up per window, not
                 # one per acquisition, under a high acquire rate.
                 horizon = time.monotonic() + WATCH_DELAY / 2
@@ -210,21 +220,22 @@ class _WatchStarter:
                     due.append(heapq.heappop(self._due))
             for _, _, target, args, released in due:
                 if not released.is_set():
-                    threading.Thread(target=target, args=args, name="consul-lock-watch", daemon=True).start()
-            time.sleep(WATCH_DELAY / 2)
+                    native.start_thread(target, args, "consul-lock-watch")
+            native.sleep(WATCH_DELAY / 2)
 
 
 class _Hold:
     """Says when one holding of a lock (one acquire) has been released: what the watch
     starter and the watcher of that holding look at. An Event's interface, but the Event
     itself is made only if a watcher has to wait on it (after a failed read), not on every
-    acquire (an Event costs as much as the rest of an acquire's bookkeeping)."""
+    acquire (an Event costs as much as the rest of an acquire's bookkeeping). The watcher
+    is a real OS thread: its Event is a real one (:class:`native.Event`)."""
 
     __slots__ = ("_event", "released")
 
     def __init__(self) -> None:
         self.released = False
-        self._event: threading.Event | None = None
+        self._event: native.Event | None = None
 
     def set(self) -> None:
         self.released = True
@@ -239,7 +250,7 @@ class _Hold:
         """Called by the holding's one watcher thread only (so one Event at most)."""
         event = self._event
         if event is None:
-            event = self._event = threading.Event()
+            event = self._event = native.Event()
         # set() flags first, then looks for the Event: it either sees this Event, or has
         # flagged before the check below.
         if self.released:
@@ -302,7 +313,11 @@ class ConsulLock:
         self.last_holder: LockHolder | None = None
         self._callbacks: list[Callable[[ConsulLock, str], None]] = [on_lost] if on_lost else []
         self._ident = (settings.base_url, settings.datacenter, self.key)
-        self._mutex = threading.Lock()
+        #: Guards the holding's state; a real lock (the watcher is a real thread), held for
+        #: a few statements only.
+        self._mutex = native.lock()
+        #: Under gevent, where a watcher hands a loss back to (see _mark_lost).
+        self._owner: native.Owner | None = None
         self._session: LockSession | None = None
         self._sid: str | None = None
         self._held_value = b""
@@ -449,7 +464,7 @@ class ConsulLock:
         """True while we hold the lock, have not seen it lost, and are inside the session's
         self-fencing deadline. Check it right before a side effect."""
         session = self._session
-        return self._sid is not None and not self.lost.is_set() and session is not None and session.alive()
+        return self._sid is not None and self.lost_reason is None and session is not None and session.alive()
 
     def check(self) -> None:
         """Raise :class:`LockLost` unless :attr:`held`."""
@@ -612,6 +627,7 @@ class ConsulLock:
             self.lost.clear()
             self.last_holder = None
             self._released = released = _Hold()
+            self._owner = native.owner()
         session.hold(self)
         if session.lost_reason is not None:  # lost between ensure() and hold()
             self._session_lost(session.lost_reason)
@@ -637,13 +653,26 @@ class ConsulLock:
         self._mark_lost(f"session lost: {reason}")
 
     def _mark_lost(self, reason: str, released: _Hold | None = None) -> None:
+        """The holding is lost: ``held`` is false from now on (``lost_reason`` is set). Then
+        :attr:`lost` is set and the callbacks run: here, or under gevent, when called from
+        a watcher (a real thread), in a greenlet of the hub that acquired the lock."""
         with self._mutex:
-            if self._sid is None or self.lost.is_set() or (released is not None and released.is_set()):
+            if self._sid is None or self.lost_reason is not None or (released is not None and released.is_set()):
                 return
             self.lost_reason = reason
-            self.lost.set()
-            callbacks = list(self._callbacks)
+            hold, owner = self._released, self._owner
         watch_log.warning("lock %s lost: %s", self.key, reason)
+        if owner is None:
+            self._tell_lost(hold, reason)
+        else:
+            owner.call(self._tell_lost, hold, reason)
+
+    def _tell_lost(self, hold: _Hold, reason: str) -> None:
+        with self._mutex:
+            if self._released is not hold:  # acquired again since: that holding is not lost
+                return
+            callbacks = list(self._callbacks)
+        self.lost.set()
         for callback in callbacks:
             try:
                 callback(self, reason)
@@ -652,7 +681,7 @@ class ConsulLock:
 
     def _watch(self, sid: str, released: _Hold) -> None:
         """Consistent blocking reads of the key until it is released, deleted or taken."""
-        client = ConsulClient(self.settings)
+        client = ConsulClient(self.settings, native=True)
         index = 0  # the first read answers at once, with the key's current index
         try:
             while not released.is_set():

@@ -13,6 +13,9 @@ it to anyone else (a failing check frees it no sooner than lock-delay after our 
 contact; a TTL no sooner than TTL after it). That holds only while this host's clock and
 the Consul servers' advance at about the same rate, and while this process is scheduled;
 a paused process learns of the loss when it resumes.
+
+The renewer is a real OS thread (see :mod:`.native`), also in a gevent worker, so a task
+body that blocks without yielding to gevent does not stop the renewals.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
+from . import native
 from .consul import ConsulClient
 from .errors import ConsulLockError, ConsulUnavailable, SessionGone
 from .settings import ConsulSettings
@@ -75,9 +79,14 @@ class LockSession:
         self.margin = max(FENCE_MARGIN_MIN, self.window * FENCE_MARGIN_RATIO)
         self.interval = (self.window - self.margin) / RENEWALS_PER_WINDOW
         self._last_contact = 0.0
+        #: Guards the users and the session's creation (held across I/O: a greenlet's lock
+        #: under gevent).
         self._mutex = threading.RLock()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        #: Guards ``lost_reason`` and ``_stop``, which the renewer (a real thread) changes.
+        self._state = native.lock()
+        self._stop = native.Event()
+        #: Where the renewer hands a loss to the session's locks (their greenlets, under gevent).
+        self._owner: native.Owner | None = None
         self._users: set[SessionUser] = set()
         #: (key, value) of locks whose release failed while Consul was unavailable.
         self._unreleased: list[tuple[str, bytes]] = []
@@ -103,8 +112,8 @@ class LockSession:
                 )
                 self._last_contact = t0
                 self.pid = os.getpid()
-                self._thread = threading.Thread(target=self._renew_loop, name=f"consul-session-renew-{self.id[:8]}", daemon=True)
-                self._thread.start()
+                self._owner = native.Owner()
+                native.start_thread(self._renew_loop, (), f"consul-session-renew-{self.id[:8]}")
                 log.debug("created session %s (ttl=%gs lock_delay=%gs)", self.id, self.settings.ttl, self.settings.lock_delay)
             return self.id
 
@@ -134,21 +143,32 @@ class LockSession:
             return len(self._users)
 
     def lose(self, reason: str) -> None:
-        """Mark the session lost: stop renewing, tell every lock it holds. Idempotent."""
-        with self._mutex:
+        """Mark the session lost: stop renewing, tell every lock it holds. Idempotent.
+
+        From the renewer under gevent, the locks are told in a greenlet of the session's
+        hub, when that hub gets a turn; :meth:`alive` (and so every lock's ``held``) is
+        false at once."""
+        with self._state:
             if self.lost_reason is not None:
                 return
             self.lost_reason = reason
             self._stop.set()
-            users = list(self._users)
         log.warning("session %s lost: %s", self.id, reason)
+        if self._owner is None:
+            self._tell_users(reason)
+        else:
+            self._owner.call(self._tell_users, reason)
+
+    def _tell_users(self, reason: str) -> None:
+        with self._mutex:
+            users = list(self._users)
         for user in users:
             user._session_lost(reason)
 
     def retire(self, reason: str) -> None:
         """Mark the session as ended by its owner, quietly: no more renewals, and no
         acquire starts with it; :meth:`destroy` still removes it from Consul."""
-        with self._mutex:
+        with self._state:
             self._stop.set()
             if self.lost_reason is None:
                 self.lost_reason = reason
@@ -196,7 +216,7 @@ class LockSession:
     # -- renewer ----------------------------------------------------------------------
 
     def _renew_loop(self) -> None:
-        client = ConsulClient(self.settings)
+        client = ConsulClient(self.settings, native=True)
         sid = self.id
         failing: str | None = None
         next_at = self._last_contact + self.interval

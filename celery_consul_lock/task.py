@@ -23,6 +23,7 @@ import inspect
 import logging
 import re
 import string
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -34,7 +35,7 @@ from celery import Task
 from celery.exceptions import Ignore
 from celery.signals import worker_process_shutdown, worker_shutdown
 
-from . import signals
+from . import native, signals
 from .availability import REQUEUE_HEADER, AvailabilityConfig, requeue_or_raise
 from .consul import thread_client
 from .errors import ConsulUnavailable, InvalidSetting, LockHeld, LockLost
@@ -455,33 +456,64 @@ class LockLostAbort(LockLost):
 
 
 class _AbortOnLoss:
-    """Raises LockLostAbort in the running thread when the lock is lost (at its next
-    Python bytecode: a body blocked in C code sees it when that call returns)."""
+    """Raises LockLostAbort in the running body when the lock is lost.
+
+    In a thread (prefork, threads, solo pools): an asynchronous exception, raised at the
+    thread's next Python bytecode (a body blocked in C code sees it when that call returns).
+    Under gevent, where ``threading.get_ident()`` names a greenlet, not a thread: thrown into
+    the body's greenlet by its hub, at the body's next switch to gevent (a body that never
+    yields sees it when it does, or when it returns: then ``held`` has been false since the
+    loss, as ever)."""
 
     def __init__(self, lock: ConsulLock) -> None:
         self.lock = lock
-        self.thread_id = threading.get_ident()
-        self.mutex = threading.Lock()
+        self.owner = native.owner()
+        self.target: Any = sys.modules["gevent"].getcurrent() if self.owner is not None else threading.get_ident()
+        self.mutex = native.lock()
         self.running = False
         self.sent = False
 
     def __enter__(self) -> None:
         self.running = True
         self.lock.on_lost(self._abort)
-        if self.lock.lost.is_set():
+        if self.lock.lost.is_set() or self.lock.lost_reason is not None:
             raise LockLostAbort(self.lock.key, self.lock.lost_reason or "lost")
 
     def _abort(self, _lock: ConsulLock, reason: str) -> None:
         with self.mutex:
-            if self.running and not self.sent:
-                self.sent = True
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id), ctypes.py_object(LockLostAbort))
+            if not self.running or self.sent:
+                return
+            self.sent = True
+        exc = LockLostAbort(self.lock.key, reason)
+        if self.owner is not None:
+            self.owner.throw(self.target, exc, lambda: self.running)
+        else:
+            _set_async_exc(self.target, LockLostAbort, self.lock.key)
 
     def __exit__(self, *exc: object) -> None:
         with self.mutex:
             self.running = False
-            if self.sent:  # clear an abort that has not fired yet
-                ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(self.thread_id), None)
+            sent = self.sent
+        if sent and self.owner is None:  # clear an abort that has not fired yet
+            _set_async_exc(self.target, None, self.lock.key)
+
+
+def _set_async_exc(thread_id: int, exc: type[BaseException] | None, key: str) -> None:
+    """Raise ``exc`` (None: cancel a pending one) in the thread ``thread_id``; loud if that
+    did not reach exactly one thread."""
+    hit = ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(exc) if exc else None)
+    if hit == 1 or exc is None:  # a cancel only fails for a thread that has ended: nothing to undo
+        return
+    if hit > 1:  # never leave an exception pending in threads that are not the body's
+        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), None)
+    log.error(
+        "abort_on_lock_lost for %s: raising %s in thread %#x reached %d threads instead of 1; the body is NOT aborted "
+        "(its lock is still lost: held is false and check_lock() raises)",
+        key,
+        exc.__name__ if exc else "nothing",
+        thread_id,
+        hit,
+    )
 
 
 #: A request without headers: the task's own options, with no per-call override.

@@ -14,6 +14,8 @@ import contextlib
 import socket
 import ssl
 
+from . import native as _native
+
 __all__ = ["Connection", "Headers", "NotHTTP"]
 
 #: Never read a header block larger than this (Consul's are a few hundred bytes).
@@ -34,11 +36,16 @@ class Headers(dict[str, str]):
 
 
 class Connection:
-    """One keep-alive connection; not thread-safe (one per thread)."""
+    """One keep-alive connection; not thread-safe (one per thread).
 
-    def __init__(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None) -> None:
+    ``native=True``: a real OS socket even under gevent's monkey-patching, for the real
+    threads of :mod:`.native` (give it an ``ssl_context`` of ``native.ssl_context_class()``).
+    """
+
+    def __init__(self, host: str, port: int, *, ssl_context: ssl.SSLContext | None = None, native: bool = False) -> None:
         self.host, self.port = host, port
         self.ssl_context = ssl_context
+        self.native = native
         self._sock: socket.socket | None = None
         self._file: object | None = None
         self._host_header = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
@@ -86,7 +93,10 @@ class Connection:
         raise AssertionError("unreachable")
 
     def _connect(self, timeout: float) -> socket.socket:
-        sock = socket.create_connection((self.host, self.port), timeout=timeout)
+        if self.native:
+            sock = _native.create_connection((self.host, self.port), timeout)
+        else:
+            sock = socket.create_connection((self.host, self.port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if self.ssl_context is not None:
             sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -317,3 +318,40 @@ def slow_tick(self) -> str | None:
     time.sleep(float(os.environ.get("TEST_SLOW_TICK_SECONDS", "2")))
     record("end", task="slow_tick", tick=tick, id=self.request.id)
     return tick
+
+
+def _blocking_sleep(seconds: float) -> None:
+    """Sleep without yielding to gevent (what an unpatched C driver's call does)."""
+    if "gevent.monkey" in sys.modules:
+        sys.modules["gevent.monkey"].get_original("time", "sleep")(seconds)
+    else:
+        time.sleep(seconds)
+
+
+@app.task(bind=True, base=ConsulLockedTask, name="proj.blocking", lock_key="locks/blocking/.lock")
+def blocking(self, seconds: float = 25.0) -> str:
+    """Blocks its whole process for ``seconds`` under gevent (no greenlet runs meanwhile),
+    then records whether it still holds its lock."""
+    record("start", task="blocking", id=self.request.id, session=self.lock.session_id, token=self.fencing_token)
+    _blocking_sleep(seconds)
+    lock = self.lock
+    record("end", task="blocking", id=self.request.id, held=lock.held, lost=lock.lost_reason, session=lock.session_id)
+    return "finished"
+
+
+@app.task(bind=True, base=ConsulLockedTask, name="proj.green_keyed", lock_key="locks/green-{n}/.lock")
+def green_keyed(self, n: int, seconds: float = 2.0) -> int:
+    """One key per argument; sleeps with ``time.sleep`` (a greenlet switch under gevent)."""
+    record("start", task="green_keyed", key=self.lock.key, id=self.request.id, token=self.fencing_token)
+    time.sleep(seconds)
+    record("end", task="green_keyed", key=self.lock.key, id=self.request.id, held=self.lock.held)
+    return n
+
+
+@app.task(bind=True, base=ConsulLockedTask, name="proj.green_shared", lock_key="locks/green-shared/.lock")
+def green_shared(self, n: int, seconds: float = 0.3) -> int:
+    """One key for every call."""
+    record("start", task="green_shared", key=self.lock.key, id=self.request.id, token=self.fencing_token)
+    time.sleep(seconds)
+    record("end", task="green_shared", key=self.lock.key, id=self.request.id, held=self.lock.held)
+    return n

@@ -1,0 +1,175 @@
+"""Real OS threads, locks, events and sockets, also under gevent's monkey-patching.
+
+``celery worker -P gevent`` patches ``threading``, ``socket`` and ``time`` before our code is
+imported: a ``threading.Thread`` is then a greenlet, a lock or an event a greenlet's, and a
+socket waits in the hub. A session renewer or a lock watcher that is a greenlet stops as soon
+as one task body blocks without yielding (an unpatched C database driver, a busy loop), and
+the session lapses while the body still runs. So the renewer and the watchers run on real OS
+threads, with the primitives of this module: real ones under gevent, the usual ``threading``
+ones otherwise (this module never imports gevent; it looks for it in ``sys.modules``).
+
+What may cross between a real thread and the greenlets: a :func:`lock` held for a few
+statements (never across I/O: a greenlet that yields while holding it would block the whole
+hub's thread for the other greenlets that want it), an :class:`Event` that greenlets
+``set()`` and real threads ``wait()`` on, and :meth:`Owner.call`, which runs a function in
+a greenlet of the hub that owns the lock (what a loss's callbacks and signals need).
+"""
+
+from __future__ import annotations
+
+import _thread
+import logging
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["Event", "Owner", "create_connection", "green", "lock", "owner", "sleep", "ssl_context_class", "start_thread"]
+
+log = logging.getLogger("celery_consul_lock.native")
+
+
+def green() -> bool:
+    """True when gevent has monkey-patched ``threading`` in this process."""
+    monkey = sys.modules.get("gevent.monkey")
+    return monkey is not None and bool(monkey.is_module_patched("threading"))
+
+
+def _original(module: str, name: str) -> Any:
+    """The unpatched ``module.name`` (gevent keeps the originals)."""
+    return sys.modules["gevent.monkey"].get_original(module, name)
+
+
+def lock() -> Any:
+    """A real OS lock (``threading.Lock`` when nothing is patched). Hold it for a few
+    statements only, never across I/O or anything that may yield to gevent."""
+    if green():
+        return _original("_thread", "allocate_lock")()
+    return _thread.allocate_lock()
+
+
+def sleep(seconds: float) -> None:
+    """``time.sleep`` that blocks the calling OS thread (gevent's would run a hub in it)."""
+    if green():
+        _original("time", "sleep")(seconds)
+    else:
+        time.sleep(seconds)
+
+
+class Event:
+    """``threading.Event`` on a real OS lock: ``set()`` from any thread or greenlet (it never
+    blocks), ``wait()`` only from a real OS thread (under gevent it blocks that thread, which
+    in a greenlet would block the hub)."""
+
+    __slots__ = ("_flag", "_gate", "_guard")
+
+    def __init__(self) -> None:
+        self._flag = False
+        self._guard = lock()
+        self._gate = lock()
+        self._gate.acquire()  # released by set(): waiters pass through it
+
+    def set(self) -> None:
+        with self._guard:
+            if self._flag:
+                return
+            self._flag = True
+            self._gate.release()
+
+    def is_set(self) -> bool:
+        return self._flag
+
+    def clear(self) -> None:
+        with self._guard:
+            if self._flag:
+                self._flag = False
+                self._gate.acquire()  # at most a waiter's moment between its acquire and release
+
+    def wait(self, timeout: float | None = None) -> bool:
+        if self._flag:
+            return True
+        if self._gate.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
+            self._gate.release()  # let the next waiter through too
+        return self._flag
+
+
+def start_thread(target: Callable[..., None], args: tuple[Any, ...], name: str) -> None:
+    """Run ``target(*args)`` on a new real OS thread (a daemon: never joined at exit)."""
+    if green():
+        _original("_thread", "start_new_thread")(target, args)
+        return
+    threading.Thread(target=target, args=args, name=name, daemon=True).start()
+
+
+def create_connection(address: tuple[str, int], timeout: float) -> socket.socket:
+    """``socket.create_connection`` with an unpatched socket under gevent: a real thread
+    must not use a gevent socket (it would make that thread a hub of its own, never freed)."""
+    if not green():
+        return socket.create_connection(address, timeout=timeout)
+    real_socket, getaddrinfo = _original("socket", "socket"), _original("socket", "getaddrinfo")
+    host, port = address
+    error: OSError | None = None
+    for family, kind, proto, _, where in getaddrinfo(host, port, 0, socket.SOCK_STREAM):
+        sock = real_socket(family, kind, proto)
+        try:
+            sock.settimeout(timeout)
+            sock.connect(where)
+            return sock  # type: ignore[no-any-return]
+        except OSError as exc:
+            error = exc
+            sock.close()
+    raise error or OSError(f"getaddrinfo returned nothing for {host}")
+
+
+def ssl_context_class() -> type[ssl.SSLContext]:
+    """The ``ssl.SSLContext`` whose sockets are real (gevent replaces the class)."""
+    return _original("ssl", "SSLContext") if green() else ssl.SSLContext  # type: ignore[no-any-return]
+
+
+def owner() -> Owner | None:
+    """An :class:`Owner` for the caller under gevent; None otherwise (call directly)."""
+    return Owner() if green() else None
+
+
+class Owner:
+    """Where the code that started a real thread lives, so that the thread can hand work
+    back to it: under gevent, the hub of the thread that made the Owner (the work then runs
+    in a greenlet of that hub, when the hub gets a turn); otherwise, the caller's thread."""
+
+    __slots__ = ("hub",)
+
+    def __init__(self) -> None:
+        self.hub = sys.modules["gevent"].get_hub() if green() else None
+
+    def call(self, func: Callable[..., None], *args: Any) -> None:
+        """Run ``func(*args)`` at once here, or in a new greenlet of the owning hub."""
+        hub = self.hub
+        if hub is None or _here(hub):
+            func(*args)
+            return
+        hub.loop.run_callback_threadsafe(sys.modules["gevent"].spawn_raw, _logged, func, args)
+
+    def throw(self, glet: Any, exc: BaseException, still: Callable[[], bool]) -> None:
+        """Raise ``exc`` in the greenlet ``glet`` at its next switch, if ``still()`` says so
+        then (both are checked in the hub's own thread, so nothing runs in between)."""
+
+        def fire() -> None:
+            if still() and not glet.dead:
+                glet.throw(exc)
+
+        self.hub.loop.run_callback_threadsafe(fire)
+
+
+def _here(hub: Any) -> bool:
+    """True when called from ``hub``'s own OS thread."""
+    return bool(getattr(hub, "thread_ident", None) == _original("_thread", "get_ident")())
+
+
+def _logged(func: Callable[..., None], args: tuple[Any, ...]) -> None:
+    try:
+        func(*args)
+    except Exception:
+        log.exception("%r, handed back to the greenlets by a real thread, failed", func)

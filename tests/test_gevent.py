@@ -1,0 +1,178 @@
+"""ConsulLockedTask in a real `celery worker -P gevent -c 50`, over a real Redis and Consul.
+
+Under the gevent pool every task body is a greenlet of one process, and ``threading``,
+``socket`` and ``time`` are monkey-patched. The session renewer and the lock watchers run on
+real OS threads (celery_consul_lock/native.py), so a body that never yields cannot starve
+them, and abort_on_lock_lost throws into the body's own greenlet.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+from celery_consul_lock import is_skipped
+
+from .servers import wait_for
+from .test_command import consul_lock_cmd
+from .test_task import assert_no_overlap, intervals, runs
+from .workers import wait_results, worker_env
+
+#: TTL 10 s and lock-delay 2 s: the fencing window is 2 s (renewals every 0.5 s), so a
+#: renewer starved for more than 1.5 s shows as a lost lock, and Consul ends a session
+#: that nobody renews within 2 x TTL = 20 s.
+GREEN_ENV = {"TEST_TTL": "10", "TEST_LOCK_DELAY": "2"}
+#: How long after the key is freed the aborted body must have ended (its result stored).
+ABORT_BOUND = 5.0
+
+
+def gevent_worker(workers, concurrency: int = 50, **kw):
+    (worker,) = workers(1, pool="gevent", concurrency=concurrency, env=dict(GREEN_ENV), **kw)
+    return worker
+
+
+def alive(worker) -> None:
+    if worker.popen.poll() is not None:
+        raise AssertionError(f"worker exited:\n{worker.log_text()[-3000:]}")
+
+
+def agent_connections(pid: int, port: int) -> int:
+    """TCP connections of process ``pid`` to ``port`` (its sockets' inodes in /proc/net/tcp)."""
+    inodes = set()
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        try:
+            target = fd.readlink().as_posix()
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+            if remote_port == port and fields[3] == "01" and fields[9] in inodes:  # 01: ESTABLISHED
+                count += 1
+    return count
+
+
+@pytest.mark.parametrize("how", ["consul-lock release", "session destroy"])
+def test_abort_on_lock_lost_throws_into_the_right_greenlet_when_the_key_is_freed(proj, workers, r, consul, how):
+    worker = gevent_worker(workers)
+    # Other greenlets of the same process hold locks of their own meanwhile (without abort).
+    others = [proj.green_keyed.delay(n, 6.0) for n in range(5)]
+    result = proj.guarded.delay(60)
+
+    def started():
+        alive(worker)
+        return [x for x in runs(r) if x["kind"] == "start" and x["task"] == "guarded"]
+
+    (start,) = wait_for(started, 30, "the guarded run to start")
+    wait_for(lambda: len([x for x in runs(r) if x["kind"] == "start"]) == 6, 30, "every run to start")
+    if how == "consul-lock release":
+        done = consul_lock_cmd(worker_env("redis://127.0.0.1:1/0", consul.address), "release", start["key"], "--yes")
+        assert done.returncode == 0, done
+    else:
+        session = consul.api(f"/v1/kv/{start['key']}")[0]["Session"]
+        consul.api(f"/v1/session/destroy/{session}", "PUT")
+    freed = time.monotonic()
+    wait_for(result.ready, ABORT_BOUND, f"the body to be aborted within {ABORT_BOUND} s")
+    took = time.monotonic() - freed
+    assert result.state == "FAILURE" and type(result.result).__name__ == "LockLostAbort", (result.state, result.result)
+    assert not [x for x in runs(r) if x["kind"] == "end" and x["task"] == "guarded"]
+    # The abort hit only its own greenlet: the others ran on to their end (their lock was
+    # lost with the shared session, which their `held` shows).
+    assert wait_results(others, 30) == list(range(5))
+    ends = [x for x in runs(r) if x["kind"] == "end" and x["task"] == "green_keyed"]
+    assert len(ends) == 5 and not any(x["held"] for x in ends), ends
+    log = worker.log_text()
+    assert "lock locks/proj.guarded/.lock lost" in log and "instead of 1" not in log, log[-3000:]
+    print(f"{how}: aborted {took:.2f} s after the key was freed")
+
+
+def test_a_body_blocking_without_yielding_keeps_its_lock_and_no_other_worker_runs_the_key(proj, workers, r, consul):
+    """25 s in a call that never yields to gevent (the whole process blocked): the renewer,
+    a real thread, keeps the session alive, so the key stays ours and a second worker's
+    copies are skipped as held throughout."""
+    worker = gevent_worker(workers)
+    first = proj.blocking.delay(25.0)
+    start = wait_for(lambda: [x for x in runs(r) if x["kind"] == "start"], 30, "the blocking run to start")[0]
+    assert start["pid"] == worker.pid
+    session = start["session"]
+    # Started now, so that it cannot have taken the first run: it takes the copies (the
+    # gevent worker, blocked, fetches nothing meanwhile).
+    (other,) = workers(1, pool="threads", concurrency=2, env=dict(GREEN_ENV))
+    copies, holders = [], set()
+    while not first.ready():
+        alive(worker)
+        alive(other)
+        entry = consul.api("/v1/kv/locks/blocking/.lock")
+        holders.add(entry[0].get("Session") if entry else None)
+        copies.append(proj.blocking.delay(0.0))
+        wait_for(lambda: first.ready() or copies[-1].ready(), 30, "the copy to be decided")
+        if not first.ready():
+            time.sleep(1.0)  # not an assertion: pace the copies
+    assert first.get(timeout=5) == "finished"
+    values = wait_results(copies, 60)
+    (end,) = [x for x in runs(r) if x["kind"] == "end" and x["id"] == first.id]
+    assert end["held"] is True and end["lost"] is None and end["session"] == session, end
+    assert holders == {session}, holders
+    # Each copy that the first run's lock turned away was skipped as held, by the first
+    # run; a copy that came after its release ran (after it: no overlap).
+    ran = [v for v in values if v == "finished"]
+    skipped = [v for v in values if is_skipped(v)]
+    assert len(ran) + len(skipped) == len(values) and len(skipped) >= 10, values
+    assert all(v["reason"] == "held" and v["holder_task_id"] == first.id for v in skipped), skipped
+    assert_no_overlap(intervals(runs(r), task="blocking"))
+    assert " lost: " not in worker.log_text()
+
+
+def test_fifty_greenlets_lock_distinct_keys_and_one_shared_key_without_overlap(proj, workers, r, consul):
+    before = {s["ID"] for s in consul.api("/v1/session/list")}
+    concurrency = 50
+    worker = gevent_worker(workers, concurrency=concurrency)
+    port = int(consul.address.rsplit(":", 1)[1])
+    # Two calls per distinct key (they contend), and as many calls of the one shared key.
+    keyed = [proj.green_keyed.delay(n % 30, 2.0) for n in range(60)]
+    shared = [proj.green_shared.delay(n, 0.3) for n in range(40)]
+    peak = 0
+    pending = keyed + shared
+    deadline = time.monotonic() + 180
+    while not all(x.ready() for x in pending):
+        alive(worker)
+        assert time.monotonic() < deadline, "the runs did not finish within 180 s"
+        peak = max(peak, agent_connections(worker.pid, port))
+        time.sleep(0.2)  # not an assertion: the sampling rate
+    keyed_values, shared_values = wait_results(keyed, 10), wait_results(shared, 10)
+    records = runs(r)
+    by_key = defaultdict(list)
+    for x in records:
+        if x["kind"] == "start":
+            by_key[x["key"]].append(x["id"])
+    assert len(by_key) == 31, sorted(by_key)
+    for key in by_key:
+        assert_no_overlap(intervals(records, key=key))
+    # Every run accounted for: it ran to its end holding its lock, or was skipped as held.
+    for values, task in ((keyed_values, "green_keyed"), (shared_values, "green_shared")):
+        ran = [v for v in values if isinstance(v, int)]
+        skipped = [v for v in values if is_skipped(v)]
+        assert len(ran) + len(skipped) == len(values) and ran, (task, values)
+        assert all(v["reason"] == "held" for v in skipped), skipped
+        ends = [x for x in records if x["kind"] == "end" and x["task"] == task]
+        assert len(ends) == len(ran) and all(x["held"] for x in ends)
+    assert len({v for v in keyed_values if isinstance(v, int)}) == 30  # every key ran at least once
+    during = {s["ID"] for s in consul.api("/v1/session/list")} - before
+    assert len(during) == 1, during  # one session for the whole worker, shared by its greenlets
+    # Connections: one keep-alive per greenlet that talks to Consul (at most the
+    # concurrency), one per watcher (a lock held for over 0.5 s), the renewer's and the
+    # agent watch's.
+    bound = 2 * concurrency + 5
+    print(f"peak connections to the agent: {peak} (bound {bound})")
+    assert 0 < peak <= bound, peak
+    worker.stop()
+    wait_for(lambda: {s["ID"] for s in consul.api("/v1/session/list")} == before, 30, "the worker's session to be destroyed")
+    assert json.dumps(records)  # records are JSON, for the failure message
