@@ -342,7 +342,8 @@ def blocking(self, seconds: float = 25.0) -> str:
 @app.task(bind=True, base=ConsulLockedTask, name="proj.green_keyed", lock_key="locks/green-{n}/.lock")
 def green_keyed(self, n: int, seconds: float = 2.0) -> int:
     """One key per argument; sleeps with ``time.sleep`` (a greenlet switch under gevent)."""
-    record("start", task="green_keyed", key=self.lock.key, id=self.request.id, token=self.fencing_token)
+    tick = getattr(self.request, "consul_lock_tick", None)
+    record("start", task="green_keyed", key=self.lock.key, id=self.request.id, token=self.fencing_token, tick=tick)
     time.sleep(seconds)
     record("end", task="green_keyed", key=self.lock.key, id=self.request.id, held=self.lock.held)
     return n
@@ -351,7 +352,8 @@ def green_keyed(self, n: int, seconds: float = 2.0) -> int:
 @app.task(bind=True, base=ConsulLockedTask, name="proj.green_shared", lock_key="locks/green-shared/.lock")
 def green_shared(self, n: int, seconds: float = 0.3) -> int:
     """One key for every call."""
-    record("start", task="green_shared", key=self.lock.key, id=self.request.id, token=self.fencing_token)
+    tick = getattr(self.request, "consul_lock_tick", None)
+    record("start", task="green_shared", key=self.lock.key, id=self.request.id, token=self.fencing_token, tick=tick)
     time.sleep(seconds)
     record("end", task="green_shared", key=self.lock.key, id=self.request.id, held=self.lock.held)
     return n
