@@ -49,6 +49,9 @@ if os.environ.get("TEST_AGENT_WATCH"):
 if os.environ.get("TEST_AGENT_PROBE_INTERVAL"):
     app.conf.consul_lock_agent_probe_interval = float(os.environ["TEST_AGENT_PROBE_INTERVAL"])
 
+if os.environ.get("TEST_SOFT_SHUTDOWN_TIMEOUT"):  # Celery 5.5+: a cold shutdown waits this long first
+    app.conf.worker_soft_shutdown_timeout = float(os.environ["TEST_SOFT_SHUTDOWN_TIMEOUT"])
+
 app.conf.consul_lock_beat_name = os.environ.get("TEST_BEAT_NAME", "proj")
 if os.environ.get("TEST_BEAT_STALL_TIMEOUT"):
     app.conf.consul_lock_beat_stall_timeout = float(os.environ["TEST_BEAT_STALL_TIMEOUT"])
