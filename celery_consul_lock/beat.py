@@ -20,6 +20,12 @@ one stopped.
 Limit: the one window where a tick can be *sent* twice is a leader that dies between sending it
 and recording it (a millisecond); the copy carries the same tick id, so ConsulLockedTask runs it
 once.
+
+Embedded (``celery worker -B --scheduler consul``): Celery runs the beat as a child process
+forked from the worker (billiard), stopped with SIGTERM at the worker's warm or cold shutdown,
+which releases the lock. The beat is tied to its worker's life (:meth:`~LeaderElectedMixin.
+end_with_worker`), so a worker killed outright does not leave an orphaned beat leading; and
+a worker told ``-S consul`` (there: the state database, not the scheduler) logs a warning.
 """
 
 from __future__ import annotations
@@ -40,10 +46,15 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
+import billiard.process
+from billiard.util import set_pdeathsig
 from celery.beat import PersistentScheduler, Scheduler
 from celery.schedules import crontab
 from celery.schedules import schedule as interval_schedule
+from celery.signals import beat_embedded_init, celeryd_after_setup
+from celery.utils.imports import load_extension_class_names
 from kombu.exceptions import OperationalError as KombuOperationalError
+from kombu.utils.imports import symbol_by_name
 
 from . import signals
 from .consul import ConsulClient, thread_client
@@ -51,7 +62,7 @@ from .errors import ConsulLockError, InvalidSetting
 from .lock import LOCK_DELAY_RETRY, ConsulLock
 from .session import FENCE_MARGIN_MIN, FENCE_MARGIN_RATIO, RENEWALS_PER_WINDOW, LockSession
 from .settings import ConsulSettings, parse_seconds, validate_key
-from .task import LEADER_HEADER
+from .task import LEADER_HEADER, ConsulLockedTask
 from .ticks import TICK_HEADER, Tick, crontab_tick, interval_tick, key_part
 
 __all__ = [
@@ -62,6 +73,7 @@ __all__ = [
     "LeaderElectedMixin",
     "LeaderPersistentScheduler",
     "LoopWatch",
+    "embedded_beat_problem",
     "leader_elected",
 ]
 
@@ -103,6 +115,12 @@ STALL_POLL = 0.1
 #: After a send failed because the broker could not be reached, try again this soon (the
 #: failed attempt itself takes about 0.6 s of Celery's publish retries).
 SEND_RETRY = 1.0
+#: The signal an embedded beat gets when its worker dies: the one its stop handler turns into
+#: leaving the election (the send in progress finished, the lock released), as at a warm
+#: shutdown, so a standby leads at once instead of after the crash bound.
+WORKER_DEATH_SIGNAL = signal.SIGTERM
+#: Where Celery finds beat schedulers by short name (``-S consul``).
+SCHEDULER_ALIASES = "celery.beat_schedulers"
 
 
 @dataclass(frozen=True)
@@ -590,6 +608,23 @@ class LeaderElectedMixin:
         """Called in the main thread when sending ``entry`` raised ``exc`` (Celery then logs
         it and, by default, counts the run as done)."""
 
+    def end_with_worker(self) -> None:
+        """Tie this embedded beat (``celery worker -B``) to its worker: when the worker
+        process dies, even by SIGKILL, the beat gets ``WORKER_DEATH_SIGNAL`` and leaves the
+        election as at a warm shutdown (release, no lock-delay). Without it, a worker killed
+        alone leaves its beat running as an orphan, leading on while the worker is restarted
+        beside it. Linux only (``PR_SET_PDEATHSIG``); elsewhere it logs that it cannot."""
+        worker = getattr(billiard.process.current_process(), "_parent_pid", None) or os.getppid()
+        try:
+            set_pdeathsig(WORKER_DEATH_SIGNAL)
+        except OSError as exc:
+            log.warning("beat: embedded in worker pid %s, but cannot follow its death (%s): kill both together", worker, exc)
+            return
+        if os.getppid() != worker:  # it died before the line above: no signal will come
+            log.warning("beat: the worker (pid %s) that started this embedded beat is gone; exiting", worker)
+            raise SystemExit(1)
+        log.info("beat: embedded in worker pid %s: leaves the election when that worker ends, also if it is killed", worker)
+
     # -- internals -----------------------------------------------------------------------------
 
     def _start_election(self) -> Election:
@@ -622,6 +657,58 @@ class LeaderElectedMixin:
                 raise SystemExit()
 
             signal.signal(signum, handler)
+
+
+@beat_embedded_init.connect(weak=False)
+def _tie_embedded_beat_to_its_worker(sender: Any = None, **_: Any) -> None:
+    # Sent in the beat's child process, after Service.start built the scheduler.
+    scheduler = getattr(sender, "scheduler", None)
+    if isinstance(scheduler, LeaderElectedMixin):
+        scheduler.end_with_worker()
+
+
+@celeryd_after_setup.connect(weak=False)
+def _check_embedded_beat(sender: Any = None, instance: Any = None, **_: Any) -> None:
+    # Sent in the worker's main process once logging is set up, before the beat starts.
+    options = getattr(instance, "options", None) or {}
+    if instance is None or not options.get("beat"):
+        return
+    problem = embedded_beat_problem(instance.app, instance.scheduler, getattr(instance, "statedb", None))
+    if problem is not None:
+        log.warning("%s", problem)
+
+
+def embedded_beat_problem(app: Any, scheduler: Any, statedb: str | None) -> str | None:
+    """Why a ``celery worker -B`` of ``app``, with the scheduler (name or class) and state
+    database the worker was given, would run a beat that is not leader-elected where one is
+    meant: every such worker would then send every tick. None if it is leader-elected, if the
+    app shows no sign of this package (no ConsulLockedTask task, no ``-S consul``), or if the
+    scheduler cannot be imported here (the beat will report that itself)."""
+    aliases = dict(load_extension_class_names(SCHEDULER_ALIASES))
+    try:
+        cls = symbol_by_name(scheduler, aliases=aliases)
+    except Exception:
+        return None
+    if isinstance(cls, type) and issubclass(cls, LeaderElectedMixin):
+        return None
+    statedb_is_ours = bool(statedb) and _names_leader_elected(str(statedb), aliases)
+    if not statedb_is_ours and not any(isinstance(task, ConsulLockedTask) for task in app.tasks.values()):
+        return None
+    name = f"{cls.__module__}:{cls.__qualname__}" if isinstance(cls, type) else repr(cls)
+    why = (
+        f"-S {statedb} was taken as the worker's state database (-S is --statedb for `celery worker`)"
+        if statedb_is_ours
+        else "no leader-elected scheduler was given"
+    )
+    return (
+        f"celery worker -B runs its embedded beat with {name}, which is not leader-elected, so every worker "
+        f"started with -B sends every tick: {why}. Use --scheduler consul"
+    )
+
+
+def _names_leader_elected(name: str, aliases: dict[str, str]) -> bool:
+    """True if ``name`` is a short name or path of one of this package's schedulers."""
+    return aliases.get(name, name).startswith(__name__.partition(".")[0])
 
 
 def tick_of(entry: Any) -> Tick:

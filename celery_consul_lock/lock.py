@@ -365,7 +365,7 @@ class ConsulLock:
             _LOCAL.free(self._ident, self)
         return taken
 
-    def release(self) -> bool:
+    def release(self, *, finished: bool = True) -> bool:
         """Release the lock if we hold it; True if Consul confirmed we still held it.
 
         Consul frees the key only for the session that holds it, so this never frees a
@@ -376,7 +376,9 @@ class ConsulLock:
 
         The released key keeps the holder's value with ``released_at`` added, so the next
         acquirer can tell (:attr:`previous`) a holder that finished from one whose session
-        died holding the key.
+        died holding the key. With ``finished=False`` (the holder is interrupted, e.g. its
+        process is shutting down mid-run) the value is kept without ``released_at``: the
+        key is free at once, and the next acquirer sees an unfinished holder, as if it died.
         """
         with self._mutex:
             sid, session, value = self._sid, self._session, self._held_value
@@ -387,7 +389,8 @@ class ConsulLock:
         if self._pid != os.getpid():
             release_log.debug("%s was acquired by pid %s: a forked child leaves it to its parent", self.key, self._pid)
             return False
-        value = b'{"released_at":"%s",%s' % (_utc_now_ms(), value[1:])
+        if finished:
+            value = b'{"released_at":"%s",%s' % (_utc_now_ms(), value[1:])
         client = thread_client(self.settings)
         ok = False
         try:

@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from typing import Any, Literal, NoReturn
 
 from celery import Task
-from celery.exceptions import Ignore
+from celery.exceptions import Ignore, Reject
 from celery.signals import worker_process_shutdown, worker_shutdown
 
 from . import native, signals
@@ -255,6 +255,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             raise Ignore()  # no result of its own: the task id's result is the live run's
         if outcome == "held":
             return self._not_acquired(lock, options, tick, task_id, attempt)
+        finished = True
         try:
             if _delivery_finished(lock.previous, task_id, attempt):
                 self._skip(lock.key, "duplicate-delivery", None, tick, task_id)
@@ -275,9 +276,21 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             if tick is not None and mark is not None:
                 self._record_tick(lock, settings, tick, mark, task_id)
             return result
+        except (SystemExit, KeyboardInterrupt):
+            # The process is ending mid-run: a cold shutdown's SIGTERM to the pool process
+            # (billiard turns it into SystemExit). Free the key at once, but not as a
+            # finished run, so that a redelivery of this message (acks_late) runs the body
+            # instead of being skipped as a copy of a run that finished.
+            finished = False
+            log.warning("%s[%s] interrupted by its process's exit: releasing %s unfinished", self.name, task_id, lock.key)
+            raise
+        except Reject as exc:
+            # Reject(requeue=True) puts this very message back: its next delivery must run.
+            finished = not exc.requeue
+            raise
         finally:
             request.consul_lock_held = None
-            lock.release()
+            lock.release(finished=finished)
 
     def _consul_unavailable(self, exc: ConsulUnavailable, request: Any, tick: Tick | None) -> NoReturn:
         """fail_policy=closed and Consul cannot be reached: send the message back for another

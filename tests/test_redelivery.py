@@ -280,3 +280,13 @@ def test_a_retry_that_finds_another_run_holding_the_key_waits_instead_of_being_s
         holder.release()
     assert retry.get(timeout=30) == "done"
     assert len(starts(r)) == 1
+
+
+def test_a_message_rejected_with_requeue_runs_on_its_next_delivery(proj, workers, r):
+    """Reject(requeue=True) puts the same message back (same task id, same attempt): the key
+    is released as unfinished, so the next delivery is not taken for a duplicate."""
+    workers(1, concurrency=1)
+    result = proj.rejecting.apply_async()
+    assert result.get(timeout=30) == "ran"
+    assert [x["kind"] for x in runs(r)] == ["start", "start", "end"]
+    assert not skips(r)

@@ -60,9 +60,12 @@ def start_worker(
     app_path: str = "tests.proj.app",
     extra_args: list[str] | None = None,
     hostname: str | None = None,
+    cwd: Path = ROOT,
 ) -> Worker:
     """Start `celery worker` and wait until it answers a ping; with ``hostname``, in a UTS
-    namespace of its own with that host name (as root: a worker on "another host")."""
+    namespace of its own with that host name (as root: a worker on "another host"); in
+    ``cwd`` (files a worker writes there, such as a ``-S`` state database, stay in the test's
+    directory)."""
     name = f"w{uuid.uuid4().hex[:6]}@test"
     log = workdir / f"worker-{name.split('@')[0]}.log"
     args = [
@@ -72,7 +75,7 @@ def start_worker(
     if hostname is not None:
         args = ["unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"', hostname, *args]
     with log.open("wb") as out:
-        popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
+        popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
     worker = Worker(name, popen, log)
 
     def ready() -> bool:

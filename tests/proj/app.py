@@ -15,6 +15,7 @@ from pathlib import Path
 
 import redis
 from celery import Celery
+from celery.exceptions import Reject
 from celery.signals import before_task_publish
 
 from celery_consul_lock import ConsulLock, ConsulLockedTask, close_sessions
@@ -49,6 +50,9 @@ if os.environ.get("TEST_AGENT_WATCH"):
     app.conf.consul_lock_agent_watch = os.environ["TEST_AGENT_WATCH"]
 if os.environ.get("TEST_AGENT_PROBE_INTERVAL"):
     app.conf.consul_lock_agent_probe_interval = float(os.environ["TEST_AGENT_PROBE_INTERVAL"])
+
+if os.environ.get("TEST_SOFT_SHUTDOWN_TIMEOUT"):  # Celery 5.5+: a cold shutdown waits this long first
+    app.conf.worker_soft_shutdown_timeout = float(os.environ["TEST_SOFT_SHUTDOWN_TIMEOUT"])
 
 app.conf.consul_lock_beat_name = os.environ.get("TEST_BEAT_NAME", "proj")
 if os.environ.get("TEST_BEAT_STALL_TIMEOUT"):
@@ -357,3 +361,14 @@ def green_shared(self, n: int, seconds: float = 0.3) -> int:
     time.sleep(seconds)
     record("end", task="green_shared", key=self.lock.key, id=self.request.id, held=self.lock.held)
     return n
+
+
+@app.task(bind=True, base=ConsulLockedTask, name="proj.rejecting", acks_late=True)
+def rejecting(self) -> str:
+    """Its first delivery puts the message back (``Reject(requeue=True)``); the next runs."""
+    first = store().incr(f"rejects:{self.request.id}") == 1
+    record("start", task="rejecting", id=self.request.id, first=first)
+    if first:
+        raise Reject("the first delivery is sent back", requeue=True)
+    record("end", task="rejecting", id=self.request.id)
+    return "ran"
