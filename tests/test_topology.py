@@ -26,9 +26,9 @@ pytestmark = pytest.mark.cluster
 
 @pytest.fixture
 def nodes(cluster, tmp_path: Path) -> Iterator[list[ConsulAgent]]:
-    """Three client agents (nodes n1-n3 on 127.0.0.31-33) joined to the three servers."""
+    """Three client agents (nodes n1-n3 on 127.0.0.41-43) joined to the three servers."""
     agents = [
-        start_client_agent(tmp_path / f"n{i}", cluster, f"127.0.0.3{i}", f"n{i}-{time.time_ns() % 10**6}") for i in (1, 2, 3)
+        start_client_agent(tmp_path / f"n{i}", cluster, f"127.0.0.4{i}", f"n{i}-{time.time_ns() % 10**6}") for i in (1, 2, 3)
     ]
     try:
         for agent in agents:

@@ -349,7 +349,7 @@ def green_keyed(self, n: int, seconds: float = 2.0) -> int:
     tick = getattr(self.request, "consul_lock_tick", None)
     record("start", task="green_keyed", key=self.lock.key, id=self.request.id, token=self.fencing_token, tick=tick)
     time.sleep(seconds)
-    record("end", task="green_keyed", key=self.lock.key, id=self.request.id, held=self.lock.held)
+    record("end", task="green_keyed", key=self.lock.key, id=self.request.id, held=self.lock.held, tick=tick)
     return n
 
 
@@ -359,7 +359,7 @@ def green_shared(self, n: int, seconds: float = 0.3) -> int:
     tick = getattr(self.request, "consul_lock_tick", None)
     record("start", task="green_shared", key=self.lock.key, id=self.request.id, token=self.fencing_token, tick=tick)
     time.sleep(seconds)
-    record("end", task="green_shared", key=self.lock.key, id=self.request.id, held=self.lock.held)
+    record("end", task="green_shared", key=self.lock.key, id=self.request.id, held=self.lock.held, tick=tick)
     return n
 
 
