@@ -23,8 +23,7 @@ OUTAGE = 20.0
 
 @pytest.fixture
 def scenario(cluster: ConsulCluster, proj, redis_server, tmp_path):
-    if not have_loopback_aliases():
-        pytest.skip("needs 127.0.0.21-22 on the loopback interface")
+    assert have_loopback_aliases(), "needs 127.0.0.21-22 on the loopback interface"  # the cluster fixture needs it too
     s = OutageScenario(cluster, proj, redis_server.url, tmp_path)
     try:
         yield s.start()
