@@ -17,7 +17,7 @@ from .errors import (
 from .lock import ConsulLock, LockHolder
 from .session import close_sessions
 from .settings import ConsulSettings
-from .task import ConsulLockedTask, LockOptions, is_skipped
+from .task import ConsulLockedTask, LockLostAbort, LockOptions, is_skipped
 from .ticks import TICK_HEADER, Tick
 
 __all__ = [
@@ -33,6 +33,7 @@ __all__ = [
     "LockHeld",
     "LockHolder",
     "LockLost",
+    "LockLostAbort",
     "LockOptions",
     "LockTimeout",
     "NotConsul",

@@ -467,7 +467,13 @@ class ConsulLock:
         """True while we hold the lock, have not seen it lost, and are inside the session's
         self-fencing deadline. Check it right before a side effect."""
         session = self._session
-        return self._sid is not None and self.lost_reason is None and session is not None and session.alive()
+        return (
+            self._sid is not None
+            and self.lost_reason is None
+            and session is not None
+            and session.alive()
+            and self._pid == os.getpid()  # a forked child's copy is not a holding
+        )
 
     def check(self) -> None:
         """Raise :class:`LockLost` unless :attr:`held`."""

@@ -304,12 +304,12 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         decide by that run instead: a live run of the same delivery makes this copy a
         duplicate; a run that died holding the key, or a previous attempt (a retry's
         predecessor) still releasing it, is waited for, so that the run is not lost."""
-        if options.on_held == "wait":
-            return "acquired" if lock.acquire(timeout=options.wait_timeout) else "held"
         if lock.acquire(blocking=False):
             return "acquired"
         holder = lock.last_holder
         if not (holder and task_id and holder.extra.get("task_id") == task_id):
+            if options.on_held == "wait":
+                return "acquired" if lock.acquire(timeout=options.wait_timeout) else "held"
             if attempt == (0, 0) or options.on_held != "skip":
                 return "held"
             # A retry or requeue is the way its message gets done: skipping it would lose
@@ -440,8 +440,14 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         lock.on_lost(lost)
         if not options.abort_on_lock_lost:
             return self.run(*args, **kwargs)
-        with _AbortOnLoss(lock):
-            return self.run(*args, **kwargs)
+        try:
+            with _AbortOnLoss(lock):
+                return self.run(*args, **kwargs)
+        except LockLostAbort as exc:
+            if exc.key == lock.key:
+                raise
+            # Raised asynchronously as a bare class: give it the key and the reason.
+            raise LockLostAbort(lock.key, lock.lost_reason or exc.reason) from None
 
     def _record_tick(self, lock: ConsulLock, settings: ConsulSettings, tick: Tick, mark: Mark, task_id: str | None) -> None:
         sid = lock.session_id

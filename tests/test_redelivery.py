@@ -59,6 +59,21 @@ def test_a_second_delivery_of_a_live_run_is_skipped_and_the_body_runs_once(proj,
     assert is_skipped(value) and value["reason"] == "held", value
 
 
+def test_a_duplicate_under_on_held_wait_is_skipped_at_once_too(proj, workers, r):
+    """The same-message rules come before lock_on_held: with "wait", a copy of a live run is
+    still a duplicate, skipped at once with no result of its own (not a "held" skip after
+    the wait)."""
+    workers(1, concurrency=2)
+    task_id, wait = str(uuid.uuid4()), {"consul_lock": {"on_held": "wait", "wait_timeout": 1}}
+    first = proj.backup.apply_async((2.0,), task_id=task_id, headers=wait)
+    wait_for(lambda: starts(r, id=task_id), 30, "the first delivery to start")
+    proj.backup.apply_async((2.0,), task_id=task_id, headers=wait)
+    skip = wait_for(lambda: [s for s in skips(r) if s["task_id"] == task_id], 30, "the copy to be skipped")
+    assert skip[0]["reason"] == "duplicate-delivery", skip
+    assert first.get(timeout=30) == "done"
+    assert len(starts(r, id=task_id)) == 1
+
+
 def test_a_copy_on_another_host_waits_for_the_live_run_and_then_is_skipped(proj, workers, r):
     """The holder runs on another host, whose liveness this host cannot see: the copy waits
     for the key; the key's value after the release says this message's run finished."""

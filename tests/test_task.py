@@ -290,6 +290,7 @@ def test_lock_lost_mid_run_raises_in_the_body(proj, workers, r, consul, task_nam
     consul.api(f"/v1/kv/{start['key']}", "DELETE")
     result.get(timeout=30, propagate=False)
     assert result.state == "FAILURE" and "LockLost" in type(result.result).__name__ + repr(result.result)
+    assert start["key"] in str(result.result) and "deleted" in str(result.result), result.result  # the key and why
     assert not [x for x in runs(r) if x["kind"] == "end"]
 
 
