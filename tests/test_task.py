@@ -135,16 +135,21 @@ def test_worker_killed_mid_run_runs_the_tick_again_exactly_once(proj, workers, r
     assert "waiting up to" in worker.log_text()
 
 
-def test_consul_down_fail_closed_refuses_and_fail_open_runs(proj, workers, r, tmp_path):
-    """Without requeues (consul_lock_requeue_max=0) and the agent watch, fail closed fails
-    the run at once, as before either existed."""
+def worker_behind_a_stopped_agent(workers, tmp_path, **env: str):
+    """A worker whose agent ran when it started and is stopped now: (that agent, the worker)."""
     agent = start_consul(tmp_path / "down", node="down")
     try:
         wait_consul_ready(agent)
-        env = {"TEST_REQUEUE_MAX": "0", "TEST_AGENT_WATCH": "false"}
         (worker,) = workers(1, concurrency=1, consul_address=agent.address, env=env)
     finally:
         agent.stop()
+    return agent, worker
+
+
+def test_consul_down_fail_closed_refuses_and_fail_open_runs(proj, workers, r, tmp_path):
+    """Without requeues (consul_lock_requeue_max=0) and the agent watch, fail closed fails
+    the run at once, as before either existed."""
+    agent, worker = worker_behind_a_stopped_agent(workers, tmp_path, TEST_REQUEUE_MAX="0", TEST_AGENT_WATCH="false")
     closed = proj.backup.delay(0.1)
     closed.get(timeout=30, propagate=False)
     assert closed.state == "FAILURE"
@@ -159,13 +164,7 @@ def test_consul_down_fail_closed_refuses_and_fail_open_runs(proj, workers, r, tm
 def test_consul_down_requeues_without_eating_retries_then_fails_past_its_bound(proj, workers, r, tmp_path):
     """Without the agent watch the worker takes its own copies back: each run sends one more
     (counted in the consul_lock_requeue header, not in Celery's retries) until the bound."""
-    agent = start_consul(tmp_path / "down", node="down")
-    try:
-        wait_consul_ready(agent)
-        env = {"TEST_REQUEUE_MAX": "3", "TEST_AGENT_WATCH": "false"}
-        (worker,) = workers(1, concurrency=1, consul_address=agent.address, env=env)
-    finally:
-        agent.stop()
+    _, worker = worker_behind_a_stopped_agent(workers, tmp_path, TEST_REQUEUE_MAX="3", TEST_AGENT_WATCH="false")
     result = proj.retrying.delay()  # max_retries=2: three requeues would exceed it if they counted
     result.get(timeout=30, propagate=False)
     assert result.state == "FAILURE" and "unreachable" in str(result.result), (result.state, result.result)
