@@ -303,7 +303,9 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         """Take the lock by ``on_held``. When the holder is a run of this same message,
         decide by that run instead: a live run of the same delivery makes this copy a
         duplicate; a run that died holding the key, or a previous attempt (a retry's
-        predecessor) still releasing it, is waited for, so that the run is not lost."""
+        predecessor) still releasing it, is waited for, so that the run is not lost. A retry
+        or requeue (``attempt`` above (0, 0)) that finds another message's run holding the
+        key waits for it under ``skip`` too (then retries, see _not_acquired)."""
         if lock.acquire(blocking=False):
             return "acquired"
         holder = lock.last_holder
