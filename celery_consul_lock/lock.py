@@ -652,8 +652,7 @@ class ConsulLock:
             name=self.name,
             extra=dict(self.value),
             fencing_token=self._token,
-            started=identity().get("started"),
-            pidns=identity().get("pidns"),
+            **identity(),  # started, pidns: what tells this process from a later one
         )
 
     # -- losing -------------------------------------------------------------------------

@@ -361,19 +361,14 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         run even if a later tick completes meanwhile). Returns the mark, or why the tick
         must not run."""
         client = thread_client(settings)
-        mark = read_mark(client, settings, tick.entry)
-        why = mark.verdict(tick)
-        if why is not None:
-            return why
-        sid = lock.session_id or ""
-        opened = change_mark(
+        opened = change_mark(  # writes nothing when the mark says the tick must not run
             client,
             settings,
             tick.entry,
-            mark,
+            read_mark(client, settings, tick.entry),
             lambda m: None if m.covers(tick) else m.opened(tick, time.time()),
             lock_key=lock.key,
-            session=sid,
+            session=lock.session_id or "",
         )
         if opened is None:
             raise LockLost(lock.key, f"lost before tick {tick} could start (its mark could not be updated)")

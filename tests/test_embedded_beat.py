@@ -181,6 +181,18 @@ def released_at(node: Node) -> float:
     return when
 
 
+def shut_down_the_leader(embedded: EmbeddedBeats, leader: Node, sig: signal.Signals) -> dict:
+    """Signal the leading node's worker to shut down; the first tick another node's beat
+    sends, which must come within SHUTDOWN_BOUND (the beat released the lock)."""
+    at = time.time()
+    leader.worker.popen.send_signal(sig)
+    takeover = embedded.takeover(leader, at, 10, gone=(leader,))
+    gap = takeover["t"] - at
+    report(f"embedded {sig.name}: signal -> first tick of the new leader", f"{gap:.2f} s")
+    assert gap <= SHUTDOWN_BOUND, f"the first tick of the new leader ran {gap:.2f} s after {sig.name}"
+    return takeover
+
+
 def handover(old: Node, new: Node) -> float:
     """Seconds from the old beat's release of the leader lock to the new leader's election,
     by their logs. Under the lock-delay (1.5 s), it proves the lock was released, not freed
@@ -212,12 +224,7 @@ def test_one_embedded_beat_leads_a_warm_shutdown_hands_over_at_once_and_a_crash_
 
     # 2. Warm shutdown (SIGTERM) of the leader's worker: its beat releases the lock, and
     #    another node's beat sends the next tick at once (no lock-delay).
-    stopped = time.time()
-    first.worker.popen.send_signal(signal.SIGTERM)
-    takeover = embedded.takeover(first, stopped, 10, gone=(first,))
-    gap = takeover["t"] - stopped
-    report("embedded SIGTERM: signal -> first tick of the new leader", f"{gap:.2f} s")
-    assert gap <= SHUTDOWN_BOUND, f"the first tick of the new leader ran {gap:.2f} s after SIGTERM"
+    takeover = shut_down_the_leader(embedded, first, signal.SIGTERM)
     assert first.worker.popen.wait(30) == 0
     second = embedded.by_instance(takeover["instance"])
     took = handover(first, second)
@@ -252,12 +259,7 @@ def test_a_cold_shutdown_hands_over_at_once_and_a_worker_killed_alone_takes_its_
     first = embedded.leader()
 
     # 1. Cold shutdown (SIGQUIT): Celery terminates the embedded beat, which releases.
-    quit_at = time.time()
-    first.worker.popen.send_signal(signal.SIGQUIT)
-    takeover = embedded.takeover(first, quit_at, 10, gone=(first,))
-    gap = takeover["t"] - quit_at
-    report("embedded SIGQUIT: signal -> first tick of the new leader", f"{gap:.2f} s")
-    assert gap <= SHUTDOWN_BOUND, f"the first tick of the new leader ran {gap:.2f} s after SIGQUIT"
+    takeover = shut_down_the_leader(embedded, first, signal.SIGQUIT)
     first.worker.popen.wait(30)
     second = embedded.by_instance(takeover["instance"])
     took = handover(first, second)
