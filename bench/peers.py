@@ -22,7 +22,7 @@ beat HA      celery-consul-lock (``-S consul``), redbeat (``-S redbeat.RedBeatSc
              consecutive runs, round(gap / interval) - 1 (a tick more than half an interval
              late counts as missed, as the schedule then runs one time fewer).
 task locks   ConsulLockedTask, celery-once (QueueOnce), celery-singleton (Singleton), and a
-             plain task as the baseline, on two workers (2 prefork processes each):
+             plain task as the baseline, on two workers (3 prefork processes each):
              *added latency*: send -> result of a no-op, one at a time at a paced rate,
              median minus the baseline's; *burst*: N no-ops sent at once, tasks/s;
              *stuck*: a task holding its lock runs on worker A, which is SIGKILLed (its
@@ -465,7 +465,7 @@ class TaskBench:
             peers_app.app,
             self.tmp,
             self.env(),
-            concurrency=2,
+            concurrency=3,  # worker A runs the three held tasks at once
             app_path="peers_app",
             extra_args=["-Q", f"celery,{name}"],
             cwd=BENCH,
@@ -491,14 +491,24 @@ def send(task_name: str, args: tuple, **options: Any) -> Any:
         raise
 
 
-def latency_and_burst(systems: list[str], plan: Plan, counter: list[int]) -> dict[str, dict[str, list[float]]]:
-    """Per system (and the baseline): every paced latency (s), and each round's burst tasks/s."""
-    out = {s: {"latency": [], "burst": []} for s in ["baseline", *systems]}
+def latency_and_burst(systems: list[str], plan: Plan, counter: list[int], r: redis.Redis) -> dict[str, dict[str, list[float]]]:
+    """Per system (and the baseline), one no-op at a time at ``plan.rate``: the time of the
+    send call (celery-once and celery-singleton lock there), the time in the worker from prerun
+    to postrun (ours locks and unlocks there, the peers unlock there), their sum (``latency``)
+    and the send -> result round trip; then each round's burst tasks/s."""
+    import peers_app
+    from celery.result import ResultSet
+
+    out: dict[str, dict[str, list[float]]] = {
+        s: {"latency": [], "send": [], "worker": [], "round_trip": [], "burst": []} for s in ["baseline", *systems]
+    }
     names = list(out)
     for rnd in range(plan.rounds + 1):  # round 0 warms up every pool process
         order = names[rnd % len(names) :] + names[: rnd % len(names)]
         for system in order:
+            r.delete("spans")
             count = 20 if rnd == 0 else plan.paced
+            sends: dict[str, float] = {}
             t_start = time.perf_counter()
             for i in range(count):
                 ahead = t_start + i / plan.rate - time.perf_counter()
@@ -506,34 +516,44 @@ def latency_and_burst(systems: list[str], plan: Plan, counter: list[int]) -> dic
                     time.sleep(ahead)  # pacing the sender
                 counter[0] += 1
                 t0 = time.perf_counter()
-                value = send(TASKS[system], (counter[0],)).get(timeout=30)
+                res = send(TASKS[system], (counter[0],))
+                t1 = time.perf_counter()
+                value = res.get(timeout=30)
                 if value != counter[0]:
                     raise RuntimeError(f"{system}: a no-op returned {value!r}, not {counter[0]}")
+                sends[res.id] = t1 - t0
                 if rnd:
-                    out[system]["latency"].append(time.perf_counter() - t0)
+                    out[system]["round_trip"].append(time.perf_counter() - t0)
             if rnd == 0:
                 continue
+            time.sleep(0.2)  # the last postrun record
+            spans = {x["id"]: x["dt"] for x in map(json.loads, r.lrange("spans", 0, -1))}
+            for task_id, dt in sends.items():
+                if task_id in spans:
+                    out[system]["send"].append(dt)
+                    out[system]["worker"].append(spans[task_id])
+                    out[system]["latency"].append(dt + spans[task_id])
             results = []
             t0 = time.perf_counter()
             for _ in range(plan.burst):
                 counter[0] += 1
                 results.append(send(TASKS[system], (counter[0],)))
-            for res in results:
-                res.get(timeout=120)
+            ResultSet(results, app=peers_app.app).join_native(timeout=120)
             out[system]["burst"].append(plan.burst / (time.perf_counter() - t0))
     return out
 
 
-def stuck_round(bench: TaskBench, system: str, variant: str, cap: float) -> dict[str, Any]:
-    """Kill worker A 1 s into the held task; send it again for worker B until one runs."""
+HOLD_TASKS = {OURS: "peers.ours_hold", ONCE: "peers.once_hold", SINGLETON: "peers.singleton_hold"}
+
+
+def stuck_round(bench: TaskBench, systems: list[str], variant: str, cap: float) -> dict[str, dict[str, Any]]:
+    """Every system's held task runs on worker A, which is SIGKILLed 1 s into the runs; each
+    task is then sent again for worker B every RESEND s until a copy runs. Per system:
+    stuck_s (kill -> that copy's start), and whether it was projected or censored."""
     import peers_app
 
-    name = {OURS: "peers.ours_hold", ONCE: "peers.once_hold", SINGLETON: "peers.singleton_hold"}[system]
     args = (peers_app.HOLD_SECONDS,)
     bench.r.delete("holds")
-    first = send(name, args, queue="A")
-    if first is None:
-        raise RuntimeError(f"{system}: the held task was refused at its first send (a lock left over?)")
 
     def started(task_id: str) -> float | None:
         for raw in bench.r.lrange("holds", 0, -1):
@@ -542,46 +562,54 @@ def stuck_round(bench: TaskBench, system: str, variant: str, cap: float) -> dict
                 return float(x["t"])
         return None
 
-    wait_for(lambda: started(first.id), 30, f"{system}: the held task to start on worker A")
+    first = {}
+    for system in systems:
+        first[system] = send(HOLD_TASKS[system], args, queue="A")
+        if first[system] is None:
+            raise RuntimeError(f"{system}: the held task was refused at its first send (a lock left over?)")
+    for system in systems:
+        wait_for(lambda system=system: started(first[system].id), 30, f"{system}: the held task to start on worker A")
     time.sleep(1.0)
     signal_group(bench.workers["A"].pid, signal.SIGKILL)
     t_kill = time.time()
     bench.workers["A"].popen.wait(10)
 
-    tried: list[Any] = []
-    long_lock = (system == ONCE and variant == "defaults") or (system == SINGLETON and variant == "defaults")
-    limit = t_kill + (CONFIRM_STUCK if long_lock else cap)
-    run_at = None
-    while time.time() < limit and run_at is None:
-        res = send(name, args, queue="B")
-        if res is not None and res.id != first.id:
-            tried.append(res)
-            if system != OURS:  # the peers refuse at send time: this one will run
-                run_at = wait_for(lambda res=res: started(res.id), 30, f"{system}: the resent task to start")
-                break
-        for res in tried[-8:]:
-            if (t := started(res.id)) is not None:
-                run_at = t
+    # celery-once and celery-singleton at their defaults hold for an hour or for ever: confirmed
+    # stuck for CONFIRM_STUCK, then read from Redis rather than waited out.
+    long_lock = {s: variant == "defaults" and s in (ONCE, SINGLETON) for s in systems}
+    tried: dict[str, list[Any]] = {s: [] for s in systems}
+    run_at: dict[str, float | None] = dict.fromkeys(systems)
+    while True:
+        open_ = [s for s in systems if run_at[s] is None and time.time() < t_kill + (CONFIRM_STUCK if long_lock[s] else cap)]
+        if not open_:
+            break
+        for system in open_:
+            pending = [r for r in tried[system] if system != OURS]  # a peer's accepted copy will run
+            if not pending:
+                res = send(HOLD_TASKS[system], args, queue="B")
+                if res is not None and res.id != first[system].id:
+                    tried[system].append(res)
+            for res in tried[system][-8:]:
+                if (t := started(res.id)) is not None:
+                    run_at[system] = t
         time.sleep(RESEND)
-    for res in tried[-8:]:
-        if run_at is None and (t := started(res.id)) is not None:
-            run_at = t
-    out: dict[str, Any] = {"stuck_s": None, "projected": False, "censored": False}
-    if run_at is not None:
-        out["stuck_s"] = run_at - t_kill
-    elif long_lock:
-        prefix = "qo_peers.once_hold" if system == ONCE else f"SINGLETON-{variant}_"
-        keys = list(bench.r.scan_iter(match=prefix + "*", count=1000))
-        ttls = [bench.r.pttl(k) for k in keys]
-        now = time.time() - t_kill
-        out.update(projected=True, lock_keys=[k.decode() for k in keys])
-        live = [t for t in ttls if t >= 0]
-        out["stuck_s"] = now + max(live) / 1000 if live else None  # None: no expiry at all
-        out["never_expires"] = bool(ttls) and not live
-        if keys:  # free it for the next round (what an operator would have to do)
-            bench.r.delete(*keys)
-    else:
-        out.update(stuck_s=cap, censored=True)
+    out: dict[str, dict[str, Any]] = {}
+    for system in systems:
+        row: dict[str, Any] = {"stuck_s": None, "projected": False, "censored": False}
+        if run_at[system] is not None:
+            row["stuck_s"] = run_at[system] - t_kill
+        elif long_lock[system]:
+            prefix = "qo_peers.once_hold" if system == ONCE else f"SINGLETON-{variant}_"
+            keys = list(bench.r.scan_iter(match=prefix + "*", count=1000))
+            ttls = [bench.r.pttl(k) for k in keys]
+            live = [t for t in ttls if t >= 0]
+            row.update(projected=True, lock_keys=[k.decode() for k in keys], never_expires=bool(ttls) and not live)
+            row["stuck_s"] = time.time() - t_kill + max(live) / 1000 if live else None  # None: no expiry
+            if keys:  # free it for the next round (what an operator would have to do)
+                bench.r.delete(*keys)
+        else:
+            row.update(stuck_s=cap, censored=True)
+        out[system] = row
     # Let whatever runs now end, and bring worker A back.
     peers_app.store().set("peers:hold:stop", "1")
     time.sleep(0.5)
@@ -597,7 +625,7 @@ def duplicates_round(bench: TaskBench, system: str, trials: int, first_trial: in
         system
     ]
     bench.r.delete("dups")
-    t_first = time.time() + 6.0  # the senders start up meanwhile
+    t_first = time.time() + 4.0  # the senders start up meanwhile
     code = (
         "import sys, time, json, peers_app\n"
         "peers_app.configure(sys.argv[1], sys.argv[2])\n"
@@ -630,7 +658,7 @@ def duplicates_round(bench: TaskBench, system: str, trials: int, first_trial: in
         outputs.append(out)
         if p.returncode != 0:
             raise RuntimeError(f"{system}: a sender failed:\n{out[-2000:]}")
-    time.sleep(3.0)  # the last trial's runs
+    time.sleep(1.5)  # the last trial's runs
     runs = collections.Counter(json.loads(x)["trial"] for x in bench.r.lrange("dups", 0, -1))
     wanted = range(first_trial, first_trial + trials)
     return {
@@ -651,14 +679,18 @@ def run_tasks(variant: str, ctx: dict[str, Any], plan: Plan, available: list[str
         bench.start("A")
         bench.start("B")
         if variant == "defaults":  # the settings tuned are expiries: they change nothing per task
-            timing = latency_and_burst(available, plan, ctx["counter"])
+            timing = latency_and_burst(available, plan, ctx["counter"], ctx["r"])
             for system, t in timing.items():
-                out[system]["latency_ms_median"] = statistics.median(t["latency"]) * 1000
-                out[system]["latency_ms_p90"] = statistics.quantiles(t["latency"], n=10)[8] * 1000
-                out[system]["burst_tasks_per_s"] = statistics.median(t["burst"])
+                row = out[system]
+                for what in ("latency", "send", "worker", "round_trip"):
+                    row[f"{what}_ms_median"] = statistics.median(t[what]) * 1000
+                row["latency_ms_p90"] = statistics.quantiles(t["latency"], n=10)[8] * 1000
+                row["latency_samples"] = len(t["latency"])
+                row["burst_tasks_per_s"] = statistics.median(t["burst"])
                 log(
-                    f"    {system:18} paced {plan.rate:g}/s: median {out[system]['latency_ms_median']:.2f} ms; "
-                    f"burst {out[system]['burst_tasks_per_s']:.0f} tasks/s"
+                    f"    {system:18} paced {plan.rate:g}/s: send {row['send_ms_median']:.2f} + worker "
+                    f"{row['worker_ms_median']:.2f} = {row['latency_ms_median']:.2f} ms (round trip "
+                    f"{row['round_trip_ms_median']:.1f} ms); burst {row['burst_tasks_per_s']:.0f} tasks/s"
                 )
         for system in ["baseline", *available]:
             d = duplicates_round(bench, system, plan.dup_trials, ctx["counter"][0] + 1)
@@ -666,11 +698,12 @@ def run_tasks(variant: str, ctx: dict[str, Any], plan: Plan, available: list[str
             out[system]["same_task_sent_at_once"] = d
             log(f"    {system:18} {variant:8} sent by 3 at once: {d}")
         for system in available:
-            rounds = []
-            for _ in range(plan.stuck):
-                rounds.append(stuck_round(bench, system, variant, plan.cap if system == OURS else 2 * plan.cap))
-                log(f"    {system:18} {variant:8} killed holder: {rounds[-1]}")
-            out[system]["stuck_rounds"] = rounds
+            out[system]["stuck_rounds"] = []
+        for _ in range(plan.stuck):
+            found = stuck_round(bench, available, variant, plan.cap)
+            for system, row in found.items():
+                out[system]["stuck_rounds"].append(row)
+                log(f"    {system:18} {variant:8} killed holder: {row}")
     finally:
         bench.stop()
     return out

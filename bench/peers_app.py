@@ -23,7 +23,7 @@ from typing import Any
 
 import redis
 from celery import Celery, Task
-from celery.signals import before_task_publish
+from celery.signals import before_task_publish, task_postrun, task_prerun
 
 from celery_consul_lock import ConsulLockedTask
 
@@ -161,6 +161,27 @@ def _stamp(headers: dict | None = None, **_: object) -> None:
     if headers is not None:
         headers.setdefault("bench_sent", time.time())
         headers.setdefault("bench_pgrp", os.getpgrp())
+
+
+#: The no-ops whose worker-side time the benchmark reads (prerun -> postrun).
+NOOPS = ("peers.noop", "peers.ours_noop", "peers.once_noop", "peers.singleton_noop")
+_began: dict[str, float] = {}
+
+
+@task_prerun.connect
+def _begin(task_id: str | None = None, task: Task | None = None, **_: object) -> None:
+    if task is not None and task.name in NOOPS and task_id:
+        _began[task_id] = time.perf_counter()
+
+
+@task_postrun.connect
+def _end(task_id: str | None = None, task: Task | None = None, **_: object) -> None:
+    """A no-op's time in the worker from before its lock to after its unlock (after_return and
+    on_success run before postrun), recorded in ``spans``."""
+    began = _began.pop(task_id or "", None)
+    if began is not None:
+        dt = time.perf_counter() - began
+        store().rpush("spans", json.dumps({"id": task_id, "dt": dt}))
 
 
 def _tick(task: Task, key: str) -> None:
