@@ -23,7 +23,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 from .errors import InvalidSetting
 
@@ -38,7 +38,7 @@ DEFAULT_TTL = 15.0
 #: stop (self-fence) before the next one starts.
 DEFAULT_LOCK_DELAY = 15.0
 #: Fail closed by default: without Consul, guarded work does not run.
-DEFAULT_FAIL_POLICY = "closed"
+DEFAULT_FAIL_POLICY: Literal["closed", "open"] = "closed"
 #: Tie sessions to the agent's node health, as Consul does by default: a dead node frees
 #: its locks within seconds instead of waiting for the TTL.
 DEFAULT_SESSION_CHECKS: tuple[str, ...] = ("serfHealth",)
@@ -51,7 +51,10 @@ TIMEOUT_MAX = 60.0
 TTL_MIN, TTL_MAX = 10.0, 86400.0
 #: Consul's bound on lock-delay.
 LOCK_DELAY_MAX = 60.0
-FAIL_POLICIES = ("closed", "open")
+#: What a locked task does when Consul cannot be asked: fail closed (requeue, then fail) or
+#: run without its lock.
+FailPolicy = Literal["closed", "open"]
+FAIL_POLICIES: tuple[FailPolicy, ...] = get_args(FailPolicy)
 
 #: The TLS files, the PEM block each must contain (Python's ssl loads PEM only), and what
 #: it is: checked at start-up, so that a swapped certificate and key is refused there.
@@ -110,7 +113,7 @@ class ConsulSettings:
     #: Session lock-delay in seconds (Consul: 0 .. 60 s).
     lock_delay: float = DEFAULT_LOCK_DELAY
     #: What guarded work does when Consul cannot be reached: ``closed`` or ``open``.
-    fail_policy: str = DEFAULT_FAIL_POLICY
+    fail_policy: FailPolicy = DEFAULT_FAIL_POLICY
     #: Health checks the session is tied to; empty for a TTL-only session.
     session_checks: tuple[str, ...] = DEFAULT_SESSION_CHECKS
     #: HTTP timeout in seconds for every non-blocking request.
