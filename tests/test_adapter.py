@@ -123,7 +123,7 @@ def test_unreachable_agent_error_names_the_address():
 def test_token_goes_in_a_header_not_the_url(settings, monkeypatch):
     monkeypatch.setenv("CONSUL_HTTP_TOKEN", "env-token-must-not-win")
     c = ConsulClient(settings.replace(token="tok-123"))
-    assert c._client.http._headers == {"X-Consul-Token": "tok-123"} and c._client.token is None
+    assert c._headers == {"X-Consul-Token": "tok-123"}
     assert "tok-123" not in repr(c)
 
 
