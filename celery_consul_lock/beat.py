@@ -30,7 +30,6 @@ a worker told ``-S consul`` (there: the state database, not the scheduler) logs 
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -57,7 +56,7 @@ from kombu.exceptions import OperationalError as KombuOperationalError
 from kombu.utils.imports import symbol_by_name
 
 from . import signals
-from .consul import ConsulClient, thread_client
+from .consul import ConsulClient, kv_set, thread_client
 from .errors import ConsulLockError, InvalidSetting
 from .lock import LOCK_DELAY_RETRY, ConsulLock
 from .session import FENCE_MARGIN_MIN, FENCE_MARGIN_RATIO, RENEWALS_PER_WINDOW, LockSession
@@ -807,7 +806,7 @@ class ConsulLeaderScheduler(LeaderElectedMixin, Scheduler):
         lock = election.lock if election is not None else None
         if lock is None or lock._sid is None:
             return
-        ops: list[dict[str, Any]] = [{"KV": {"Verb": "check-session", "Key": lock.key, "Session": lock._sid}}]
+        writes = []
         for entry in entries:
             value = json.dumps(
                 {
@@ -817,18 +816,17 @@ class ConsulLeaderScheduler(LeaderElectedMixin, Scheduler):
                     "token": lock._token,
                 }
             )
-            ops.append(
-                {"KV": {"Verb": "set", "Key": self._state_key(entry.name), "Value": base64.b64encode(value.encode()).decode()}}
-            )
+            writes.append(kv_set(self._state_key(entry.name), value.encode()))
         client = thread_client(self.beat_config.settings)
         try:
-            for start in range(1, len(ops), 63):  # Consul allows 64 operations per transaction
-                ok, _, errors = client.txn([ops[0], *ops[start : start + 63]], action="recording the schedule state")
-                if not ok:
-                    log.error("beat: our session no longer holds the leader lock (%s); standing down", errors)
-                    assert election is not None
-                    election.step_down("a fenced write of the schedule state was refused")
-                    return
+            done = client.kv_fenced(
+                lock.key, lock._sid, writes, action="recording the schedule state", resource="the keys involved"
+            )
+            if not done.ok:
+                log.error("beat: our session no longer holds the leader lock (%s); standing down", list(done.errors))
+                assert election is not None
+                election.step_down("a fenced write of the schedule state was refused")
+                return
         except ConsulLockError as exc:
             log.error("beat: could not record the schedule state: %s", exc)
 

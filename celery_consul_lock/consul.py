@@ -37,7 +37,7 @@ from .settings import ConsulSettings
 from .tls import tls_context, tls_failure
 from .transport import Connection, Headers, NotHTTP
 
-__all__ = ["FAILURES", "LOCK_FLAG", "ConsulClient", "KVEntry", "LockAttempt", "thread_client"]
+__all__ = ["FAILURES", "LOCK_FLAG", "ConsulClient", "Fenced", "KVEntry", "LockAttempt", "kv_set", "kv_unlock", "thread_client"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,8 @@ EXCERPT_CHARS = 80
 #: How much longer than ``wait`` a blocking query may take: Consul adds up to wait/16
 #: of jitter before answering.
 BLOCKING_JITTER = 1 / 16
+#: Consul's limit on the operations of one transaction.
+TXN_MAX_OPS = 64
 #: A blocking query's wait when the caller gives none: Consul's own default (5 min).
 DEFAULT_BLOCKING_WAIT = 300.0
 
@@ -110,6 +112,37 @@ class LockAttempt:
     conflict: KVEntry | None = None
     #: When acquired a key that existed: its value just before, base64 as Consul gives it.
     previous: str | None = None
+
+
+@dataclass(frozen=True)
+class Fenced:
+    """The answer to :meth:`ConsulClient.kv_fenced`: written, or why not."""
+
+    #: Every write applied (each transaction is all or nothing).
+    ok: bool
+    #: Not applied because the session no longer holds the lock key (its check failed).
+    lost: bool = False
+    #: The written keys as Consul returns them, in the order of the writes (``ModifyIndex``:
+    #: the index a later ``cas`` needs).
+    results: tuple[dict[str, Any], ...] = ()
+    #: When not ok: Consul's errors (``OpIndex`` counts from the session check, 0).
+    errors: tuple[dict[str, Any], ...] = ()
+
+
+def kv_set(key: str, value: bytes, *, index: int | None = None, flags: int | None = None) -> dict[str, Any]:
+    """A write for :meth:`ConsulClient.kv_fenced`: ``set``, or with ``index`` a ``cas``
+    (written only if the key's ModifyIndex is still ``index``; 0: only if absent)."""
+    op: dict[str, Any] = {"Verb": "set" if index is None else "cas", "Key": key, "Value": base64.b64encode(value).decode()}
+    if index is not None:
+        op["Index"] = index
+    if flags is not None:
+        op["Flags"] = flags
+    return op
+
+
+def kv_unlock(key: str, session: str) -> dict[str, Any]:
+    """A write for :meth:`ConsulClient.kv_fenced`: free ``key`` if ``session`` holds it."""
+    return {"Verb": "unlock", "Key": key, "Session": session}
 
 
 class ConsulClient:
@@ -326,14 +359,31 @@ class ConsulClient:
     def kv_restore(self, key: str, session: str, previous: KVEntry) -> bool:
         """Undo a lock taken on a key that turned out not to be a lock: free it and put its
         value and flags back, in one transaction, only while our session holds it."""
-        value = base64.b64encode(previous.value or b"").decode()
-        ops = [
-            {"KV": {"Verb": "check-session", "Key": key, "Session": session}},
-            {"KV": {"Verb": "unlock", "Key": key, "Session": session}},
-            {"KV": {"Verb": "set", "Key": key, "Value": value, "Flags": previous.flags}},
-        ]
-        ok, _, _ = self.txn(ops, action="restoring a key that is not a lock", resource=key)
-        return ok
+        writes = [kv_unlock(key, session), kv_set(key, previous.value or b"", flags=previous.flags)]
+        return self.kv_fenced(key, session, writes, action="restoring a key that is not a lock").ok
+
+    def kv_fenced(
+        self, lock_key: str, session: str, writes: Sequence[dict[str, Any]], *, action: str, resource: str | None = None
+    ) -> Fenced:
+        """Apply ``writes`` (KV operations, see :func:`kv_set`, :func:`kv_unlock`) only while
+        ``session`` holds ``lock_key``: each transaction starts with a ``check-session`` on
+        it, so a holder that lost its lock (paused past its TTL, cut off) writes nothing.
+
+        Consul takes at most 64 operations per transaction: more writes go in several, in
+        order, each fenced; it stops at the first refused, after the earlier ones applied.
+        ``action`` and ``resource`` (default ``lock_key``) name the call in errors. Raises
+        ACLDenied, ConsulUnavailable; a refusal is an answer (``ok`` False), not an error.
+        """
+        check = {"KV": {"Verb": "check-session", "Key": lock_key, "Session": session}}
+        written: list[dict[str, Any]] = []
+        for start in range(0, len(writes), TXN_MAX_OPS - 1):
+            ops = [check, *({"KV": w} for w in writes[start : start + TXN_MAX_OPS - 1])]
+            ok, results, errors = self.txn(ops, action=action, resource=resource or lock_key)
+            if not ok:
+                lost = any(e.get("OpIndex") == 0 for e in errors)
+                return Fenced(False, lost=lost, results=tuple(written), errors=tuple(errors))
+            written.extend(r["KV"] for r in results[1:])
+        return Fenced(True, results=tuple(written))
 
     def kv_release(self, key: str, session: str, value: bytes, flags: int = LOCK_FLAG) -> bool:
         """``PUT ?release=``: frees the key only if ``session`` holds it (Consul checks);

@@ -19,7 +19,6 @@ lock cannot change the mark.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -29,7 +28,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from .consul import ConsulClient
+from .consul import ConsulClient, kv_set
 from .errors import ConsulLockError
 from .settings import ConsulSettings, validate_key
 
@@ -231,16 +230,12 @@ def change_mark(
         data = change(mark)
         if data is None:
             return mark
-        value = base64.b64encode(json.dumps(data).encode()).decode()
-        ops = [
-            {"KV": {"Verb": "check-session", "Key": lock_key, "Session": session}},
-            {"KV": {"Verb": "cas", "Key": key, "Value": value, "Index": mark.modify_index}},
-        ]
-        ok, results, errors = client.txn(ops, action="updating a tick mark", resource=key)
-        if ok:
+        write = kv_set(key, json.dumps(data).encode(), index=mark.modify_index)
+        done = client.kv_fenced(lock_key, session, [write], action="updating a tick mark", resource=key)
+        if done.ok:
             epoch = data.get("epoch")
-            return Mark(float(epoch) if epoch is not None else None, int(results[-1]["KV"]["ModifyIndex"]), data)
-        if any(e.get("OpIndex") == 0 for e in errors):
+            return Mark(float(epoch) if epoch is not None else None, int(done.results[-1]["ModifyIndex"]), data)
+        if done.lost:
             return None
         mark = read_mark(client, settings, entry)
     raise ConsulLockError(f"tick mark {key!r} kept moving under {MARK_CAS_TRIES} updates in a row; giving up")
