@@ -11,7 +11,6 @@ cannot.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -21,7 +20,7 @@ from typing import Any
 
 from celery.schedules import schedule as interval_schedule
 
-from .consul import thread_client
+from .consul import kv_set, thread_client
 from .election import BeatConfig
 from .lock import ConsulLock
 from .ticks import key_part
@@ -29,9 +28,6 @@ from .ticks import key_part
 __all__ = ["ScheduleState"]
 
 log = logging.getLogger("celery_consul_lock.beat")
-
-#: Consul allows 64 operations per transaction: one check-session and this many writes.
-WRITES_PER_TXN = 63
 
 
 class ScheduleState:
@@ -77,7 +73,7 @@ class ScheduleState:
         sid = lock.session_id
         if sid is None:
             return False, "the leader lock is not held"
-        ops: list[dict[str, Any]] = [{"KV": {"Verb": "check-session", "Key": lock.key, "Session": sid}}]
+        writes = []
         for entry in entries:
             value = json.dumps(
                 {
@@ -87,13 +83,10 @@ class ScheduleState:
                     "token": lock.fencing_token,
                 }
             )
-            ops.append({"KV": {"Verb": "set", "Key": self.key(entry.name), "Value": base64.b64encode(value.encode()).decode()}})
+            writes.append(kv_set(self.key(entry.name), value.encode()))
         client = thread_client(self.config.settings)
-        for start in range(1, len(ops), WRITES_PER_TXN):
-            ok, _, errors = client.txn([ops[0], *ops[start : start + WRITES_PER_TXN]], action="recording the schedule state")
-            if not ok:
-                return False, errors
-        return True, None
+        done = client.kv_fenced(lock.key, sid, writes, action="recording the schedule state", resource="the keys involved")
+        return (True, None) if done.ok else (False, list(done.errors))
 
 
 def definition_hash(entry: Any) -> str:

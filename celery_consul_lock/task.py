@@ -104,9 +104,15 @@ class LockOptions:
     #: Raise LockLost inside the running body as soon as the lock is lost.
     abort_on_lock_lost: bool = False
 
+    @staticmethod
+    def attribute(option: str) -> str:
+        """The task attribute giving ``option``'s default: ``lock_<option>``, or the name
+        itself when it already says lock (``lock_delay``, ``abort_on_lock_lost``)."""
+        return option if "lock" in option else f"lock_{option}"
+
     def validated(self, task: str) -> LockOptions:
         def bad(name: str, value: object, why: str) -> InvalidSetting:
-            return InvalidSetting(f"{task}.lock_{name}", value, why)
+            return InvalidSetting(f"{task}.{LockOptions.attribute(name)}", value, why)
 
         if self.on_held not in ON_HELD:
             raise bad("on_held", self.on_held, f"expected one of {', '.join(ON_HELD)}")
@@ -124,20 +130,11 @@ class LockOptions:
 class ConsulLockedTask(Task):  # type: ignore[misc]
     """A task whose runs are serialised cluster-wide by a Consul lock (see the module doc).
 
-    Options, as task attributes or ``@app.task(lock_on_held="wait", ...)`` arguments, or per
-    call in the ``consul_lock`` message header: ``lock_key``, ``lock_on_held``,
-    ``lock_wait_timeout``, ``lock_retry_countdown``, ``lock_ttl``, ``lock_delay``,
-    ``lock_fail_policy``, ``abort_on_lock_lost``.
+    Options: the fields of :class:`LockOptions`, as task attributes named by
+    :func:`LockOptions.attribute` (``lock_key``, ``lock_on_held``, ..., ``abort_on_lock_lost``;
+    their defaults are the fields' defaults) or ``@app.task(lock_on_held="wait", ...)``
+    arguments, or per call in the ``consul_lock`` message header (by field name).
     """
-
-    lock_key: str | Callable[..., str] | None = None
-    lock_on_held: OnHeld = "skip"
-    lock_wait_timeout: float = DEFAULT_WAIT_TIMEOUT
-    lock_retry_countdown: float = DEFAULT_RETRY_COUNTDOWN
-    lock_ttl: float | None = None
-    lock_delay: float | None = None
-    lock_fail_policy: FailPolicy | None = None
-    abort_on_lock_lost: bool = False
 
     _consul_settings: ConsulSettings | None = None
     _lock_options: LockOptions | None = None
@@ -168,21 +165,13 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         """This call's options (``request``'s, default the current one): the task's, with
         the ``consul_lock`` header's on top."""
         if self._lock_options is None:
-            key = self.lock_key
+            given = {f.name: getattr(self, LockOptions.attribute(f.name)) for f in fields(LockOptions)}
+            key = given["key"]
             if inspect.ismethod(key) and key.__self__ is self:
                 # A function given as @app.task(lock_key=f) is a class attribute, so Python
                 # binds it: call it as documented, f(task, args, kwargs).
-                key = key.__func__
-            self._lock_options = LockOptions(
-                key=key,
-                on_held=self.lock_on_held,
-                wait_timeout=self.lock_wait_timeout,
-                retry_countdown=self.lock_retry_countdown,
-                ttl=self.lock_ttl,
-                lock_delay=self.lock_delay,
-                fail_policy=self.lock_fail_policy,
-                abort_on_lock_lost=self.abort_on_lock_lost,
-            ).validated(self.name)
+                given["key"] = key.__func__
+            self._lock_options = LockOptions(**given).validated(self.name)
         override = options_override(self.request if request is None else request)
         if not override:
             return self._lock_options
@@ -468,6 +457,12 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             log.debug("tick %s recorded as completed", tick)
         else:
             log.error("tick %s ran but could not be recorded: the lock %s was lost meanwhile (it stays open)", tick, lock.key)
+
+
+# The task attributes of the options, with the options' defaults: lock_key, lock_on_held, ...
+for _option in fields(LockOptions):
+    setattr(ConsulLockedTask, LockOptions.attribute(_option.name), _option.default)
+del _option
 
 
 class LockLostAbort(LockLost):

@@ -15,7 +15,6 @@ lock cannot change the mark.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -24,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .consul import ConsulClient
+from .consul import ConsulClient, kv_set
 from .errors import ConsulLockError
 from .protocol import Tick, crontab_tick, interval_tick  # noqa: F401  (import path kept: ticks.crontab_tick)
 from .settings import ConsulSettings, validate_key
@@ -174,16 +173,12 @@ def change_mark(
         data = change(mark)
         if data is None:
             return mark
-        value = base64.b64encode(json.dumps(data).encode()).decode()
-        ops = [
-            {"KV": {"Verb": "check-session", "Key": lock_key, "Session": session}},
-            {"KV": {"Verb": "cas", "Key": key, "Value": value, "Index": mark.modify_index}},
-        ]
-        ok, results, errors = client.txn(ops, action="updating a tick mark", resource=key)
-        if ok:
+        write = kv_set(key, json.dumps(data).encode(), index=mark.modify_index)
+        done = client.kv_fenced(lock_key, session, [write], action="updating a tick mark", resource=key)
+        if done.ok:
             epoch = data.get("epoch")
-            return Mark(float(epoch) if epoch is not None else None, int(results[-1]["KV"]["ModifyIndex"]), data)
-        if any(e.get("OpIndex") == 0 for e in errors):
+            return Mark(float(epoch) if epoch is not None else None, int(done.results[-1]["ModifyIndex"]), data)
+        if done.lost:
             return None
         mark = read_mark(client, settings, entry)
     raise ConsulLockError(f"tick mark {key!r} kept moving under {MARK_CAS_TRIES} updates in a row; giving up")
