@@ -3,10 +3,13 @@
 PYTHON ?= python3
 VENV := .venv
 VENV_PYCONSUL := .venv-py-consul
+# The benchmark environment of bench/peers.py: the package, the peers it is compared with and
+# matplotlib (never dependencies of the package).
+VENV_BENCH := .venv-bench
 SERVERS := .servers/env
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-python-consul2 test-py-consul lint bench servers venv clean
+.PHONY: demo test test-python-consul2 test-py-consul lint bench bench-peers servers venv clean
 
 # make demo EXAMPLE=flask (default: django); DEMO_ARGS="--seconds 30" and the like.
 EXAMPLE ?= django
@@ -31,6 +34,12 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed $(SERVERS)
 	$(VENV)/bin/python bench/lock_cost.py
 
+# Side by side with redbeat, single-beat, celery-once, celery-singleton and the curl script
+# (README "Compared with the peers"); PEERS_ARGS="--quick" for the short run (under 8 minutes).
+PEERS_ARGS ?=
+bench-peers: $(VENV_BENCH)/.installed $(SERVERS)
+	$(VENV_BENCH)/bin/python bench/peers.py --json docs/bench/peers.json --plots docs/bench $(PEERS_ARGS)
+
 servers: $(SERVERS)
 venv: $(VENV)/.installed
 
@@ -41,9 +50,13 @@ $(VENV)/.installed: pyproject.toml scripts/venv.sh
 	bash scripts/venv.sh $(PYTHON) $(VENV) python-consul2
 	touch $@
 
+$(VENV_BENCH)/.installed: pyproject.toml scripts/venv.sh scripts/bench-venv.sh
+	bash scripts/bench-venv.sh $(PYTHON) $(VENV_BENCH)
+	touch $@
+
 $(VENV_PYCONSUL)/.installed: pyproject.toml scripts/venv.sh
 	bash scripts/venv.sh $(PYTHON) $(VENV_PYCONSUL) py-consul
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(VENV_PYCONSUL) .servers .demo
+	rm -rf $(VENV) $(VENV_PYCONSUL) $(VENV_BENCH) .servers .demo
