@@ -365,7 +365,7 @@ def beat_round(fleet: BeatFleet, kind: str, cap: float) -> BeatRound:
 
 def gaps(runs: list[dict]) -> tuple[int, int, list[tuple[float, str]]]:
     """(duplicated, missed, [(time, what)]) over runs in send order (see the module doc)."""
-    sent = sorted((x["sent"], x.get("tick")) for x in runs if x.get("sent"))
+    sent = sorted((x["sent"], x.get("tick")) for x in runs if x.get("sent") is not None)
     dup = missed = 0
     events: list[tuple[float, str]] = []
     ticks = collections.Counter(t for _, t in sent if t)
