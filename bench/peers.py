@@ -363,23 +363,37 @@ def beat_round(fleet: BeatFleet, kind: str, cap: float) -> BeatRound:
     return BeatRound(kind, t0, takeover, dispatch, ttl)
 
 
-def gaps(runs: list[dict]) -> tuple[int, int, list[tuple[float, str]]]:
-    """(duplicated, missed, [(time, what)]) over runs in send order (see the module doc)."""
+def gaps(runs: list[dict], cuts: tuple[float, ...] = ()) -> tuple[int, int, list[tuple[float, float, str]]]:
+    """(duplicated, missed, [(gap start, gap end, what)]) over runs in send order (see the
+    module doc). A gap across one of ``cuts`` (a fleet restarted by the benchmark) ends there."""
     sent = sorted((x["sent"], x.get("tick")) for x in runs if x.get("sent") is not None)
     dup = missed = 0
-    events: list[tuple[float, str]] = []
+    events: list[tuple[float, float, str]] = []
     ticks = collections.Counter(t for _, t in sent if t)
     for (a, _), (b, _) in itertools.pairwise(sent):
-        g = b - a
-        if g < INTERVAL / 2:
+        b = min([b, *(c for c in cuts if a < c < b)])
+        if b - a < INTERVAL / 2:
             dup += 1
-            events.append((b, "dup"))
+            events.append((a, b, "dup"))
         else:
-            m = max(0, round(g / INTERVAL) - 1)
+            m = max(0, round((b - a) / INTERVAL) - 1)
             missed += m
-            events += [(b, "missed")] * m
+            events += [(a, b, "missed")] * m
     dup = max(dup, sum(c - 1 for c in ticks.values()))
     return dup, missed, events
+
+
+def by_kind(events: list[tuple[float, float, str]], rounds: list[BeatRound]) -> dict[str, dict[str, int]]:
+    """Each duplicated or missed tick counted against the fault that caused it: the round
+    whose signal falls inside its gap, else the latest round signalled before the gap."""
+    out = {k: {"duplicates": 0, "missed": 0} for k in KINDS}
+    for a, b, what in events:
+        inside = [r for r in rounds if a <= r.t_signal <= b]
+        before = [r for r in rounds if r.t_signal < a]
+        culprit = inside[0] if inside else (before[-1] if before else None)
+        if culprit is not None:
+            out[culprit.kind]["duplicates" if what == "dup" else "missed"] += 1
+    return out
 
 
 def run_beat(fleet: BeatFleet, plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
@@ -398,8 +412,10 @@ def run_beat(fleet: BeatFleet, plan: Plan, log: Callable[[str], None]) -> dict[s
     for _ in range(3):
         fleet.start()
     t_begin = time.time()
+    cuts: list[float] = []
     for i, kind in enumerate(kinds):
         if long_lease and i > 0:  # a fresh fleet: the crashed leader's lock holds for the lease
+            cuts.append(time.time())
             fleet.stop_all()
             fleet.r.delete(fleet.lock_key())
             for _ in range(3):
@@ -412,13 +428,8 @@ def run_beat(fleet: BeatFleet, plan: Plan, log: Callable[[str], None]) -> dict[s
     time.sleep(INTERVAL + 1.0)
     fleet.stop_all()
     runs = [x for x in fleet.runs() if x["sent"] and x["sent"] >= t_begin]
-    dup, missed, events = gaps(runs)
-    per_kind: dict[str, dict[str, int]] = {k: {"duplicates": 0, "missed": 0} for k in KINDS}
-    starts = [(r.t_signal, r.kind) for r in rounds]
-    for t, what in events:
-        before = [k for s, k in starts if s - INTERVAL <= t]
-        if before:
-            per_kind[before[-1]]["duplicates" if what == "dup" else "missed"] += 1
+    dup, missed, events = gaps(runs, tuple(cuts))
+    per_kind = by_kind(events, rounds)
     row: dict[str, Any] = {
         "rounds": [r.__dict__ for r in rounds],
         "runs": len(runs),
@@ -872,6 +883,18 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
     return out
 
 
+def save(fig: Any, stem: Path) -> list[Path]:
+    """Write ``fig`` as ``stem``.png and ``stem``.svg, and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    for path in out:
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def plots(results: dict[str, Any], folder: Path) -> list[Path]:
     """Takeover distributions and duplicated/missed counts (PNG and SVG, Agg backend)."""
     import matplotlib
@@ -881,36 +904,39 @@ def plots(results: dict[str, Any], folder: Path) -> list[Path]:
 
     folder.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    labels, data, colors = [], [], []
     palette = {OURS: "tab:blue", REDBEAT: "tab:red", SINGLE_BEAT: "tab:orange"}
-    for kind in KINDS:
+    short = {OURS: "ours", REDBEAT: "redbeat", SINGLE_BEAT: "single-beat"}
+    titles = {"crash": "crash (SIGKILL)", "stop": "stop (SIGTERM)", "pause": "pause past the lease (SIGSTOP)"}
+    fig, axes = plt.subplots(1, len(KINDS), figsize=(15, 5), sharey=True)
+    for ax, kind in zip(axes, KINDS, strict=True):
+        col = 0
+        ticks = []
         for system in BEAT_SYSTEMS:
             for variant in VARIANTS:
                 row = results["beat"].get(system, {}).get(variant)
                 if row is None:
                     continue
-                values = row["crash_takeover_s"] if kind == "crash" else row[f"{kind}_takeover_s"]
-                if values:
-                    labels.append(f"{system}\n{variant}\n{kind}")
-                    data.append(values)
-                    colors.append(palette[system])
-    fig, ax = plt.subplots(figsize=(max(8, len(data) * 0.9), 5))
-    if data:
-        parts = ax.boxplot(data, patch_artist=True, showfliers=False)
-        for patch, color in zip(parts["boxes"], colors, strict=True):
-            patch.set_facecolor(color)
-            patch.set_alpha(0.35)
-        for i, (values, color) in enumerate(zip(data, colors, strict=True), start=1):
-            ax.scatter([i + random.uniform(-0.12, 0.12) for _ in values], values, s=12, color=color, zorder=3)
-        ax.set_xticks(range(1, len(labels) + 1), labels, fontsize=7)
-    ax.set_yscale("log")
-    ax.set_ylabel("signal -> another instance holds the lock (s, log scale)")
-    ax.set_title("Beat HA: takeover after a crash (SIGKILL), a stop (SIGTERM), a pause past the lease (SIGSTOP)")
-    fig.tight_layout()
-    for ext in ("png", "svg"):
-        fig.savefig(folder / f"takeover.{ext}", dpi=110)
-        written.append(folder / f"takeover.{ext}")
-    plt.close(fig)
+                col += 1
+                ticks.append((col, f"{short[system]}\n{variant}"))
+                values = row[f"{kind}_takeover_s"]
+                if not values:
+                    ax.text(col, 0.05, "not run", ha="center", fontsize=7, rotation=90)
+                    continue
+                if row["censored"][kind]:
+                    ax.scatter([col] * len(values), values, marker="^", s=40, color=palette[system], zorder=3)
+                    ax.text(col, values[0] * 1.15, f"> {values[0]:g} s\n(cut off)", ha="center", fontsize=7)
+                    continue
+                box = ax.boxplot([values], positions=[col], patch_artist=True, showfliers=False, widths=0.6)
+                box["boxes"][0].set_facecolor(palette[system])
+                box["boxes"][0].set_alpha(0.3)
+                ax.scatter([col + random.uniform(-0.15, 0.15) for _ in values], values, s=12, color=palette[system], zorder=3)
+        ax.set_xticks([c for c, _ in ticks], [t for _, t in ticks], fontsize=7)
+        ax.set_yscale("log")
+        ax.set_title(titles[kind], fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0].set_ylabel("signal -> another instance holds the leader lock (s, log)")
+    fig.suptitle(f"Beat HA, three instances, a job every {INTERVAL:g} s: takeover of the leader lock")
+    written += save(fig, folder / "takeover")
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
     names = [(s, v) for s in BEAT_SYSTEMS for v in VARIANTS if v in results["beat"].get(s, {})]
@@ -918,18 +944,18 @@ def plots(results: dict[str, Any], folder: Path) -> list[Path]:
         bottom = [0.0] * len(names)
         for kind, color in zip(KINDS, ("tab:red", "tab:gray", "tab:purple"), strict=True):
             vals = [results["beat"][s][v]["by_kind"][kind][what] for s, v in names]
-            ax.bar(range(len(names)), vals, bottom=bottom, color=color, label=kind)
+            ax.bar(range(len(names)), vals, bottom=bottom, color=color, label=titles[kind])
             bottom = [b + x for b, x in zip(bottom, vals, strict=True)]
         for i, (s, v) in enumerate(names):
-            ax.text(i, bottom[i], str(results["beat"][s][v][what]), ha="center", va="bottom", fontsize=8)
-        ax.set_xticks(range(len(names)), [f"{s}\n{v}" for s, v in names], fontsize=7)
-        ax.set_title(f"beat HA: {what} ticks (job every {INTERVAL:g} s), by fault")
+            cut = " (waits cut off)" if results["beat"][s][v]["censored_at_s"] else ""
+            ax.text(i, bottom[i], f"{results['beat'][s][v][what]}{cut}", ha="center", va="bottom", fontsize=8)
+        ax.set_ylim(0, max([*bottom, 1.0]) * 1.2)
+        ax.set_xticks(range(len(names)), [f"{short[s]}\n{v}" for s, v in names], fontsize=8)
+        ax.set_title(
+            f"{'duplicated' if what == 'duplicates' else 'missed'} ticks (job every {INTERVAL:g} s), by fault", fontsize=10
+        )
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    for ext in ("png", "svg"):
-        fig.savefig(folder / f"ticks.{ext}", dpi=110)
-        written.append(folder / f"ticks.{ext}")
-    plt.close(fig)
+    written += save(fig, folder / "ticks")
 
     fig, ax = plt.subplots(figsize=(9, 4))
     rows = [(s, v) for s in TASK_SYSTEMS for v in VARIANTS if v in results["task"].get(s, {})]
@@ -943,14 +969,10 @@ def plots(results: dict[str, Any], folder: Path) -> list[Path]:
     for i, x in enumerate(vals):
         ax.text(i, top if x is None else x, "never" if x is None else f"{x:.0f} s", ha="center", va="bottom", fontsize=8)
     ax.set_yscale("log")
-    ax.set_xticks(range(len(rows)), [f"{s}\n{v}" for s, v in rows], fontsize=7)
+    ax.set_xticks(range(len(rows)), [f"{s}\n{v}" for s, v in rows], fontsize=8)
     ax.set_ylabel("kill -> the task can run again (s, log)")
     ax.set_title("Task locks: how long a SIGKILLed holder's lock stays stuck")
-    fig.tight_layout()
-    for ext in ("png", "svg"):
-        fig.savefig(folder / f"stuck.{ext}", dpi=110)
-        written.append(folder / f"stuck.{ext}")
-    plt.close(fig)
+    written += save(fig, folder / "stuck")
     return written
 
 
@@ -1037,14 +1059,15 @@ def main(argv: list[str] | None = None) -> int:
             log(f"  {system:18} defaults {peers_app.settings(system, 'defaults')}   tuned {peers_app.settings(system, 'tuned')}")
 
     failed: BaseException | None = None
-    with tempfile.TemporaryDirectory(prefix="peers-") as tmp_name:
+    with tempfile.TemporaryDirectory(prefix="peers-") as tmp_name, contextlib.ExitStack() as servers:
         tmp = Path(tmp_name)
-        agent = start_consul(tmp, dev=False, node="bench", server_args=["-bootstrap-expect=1"])
-        redis_server = None
         try:
+            agent = start_consul(tmp, dev=False, node="bench", server_args=["-bootstrap-expect=1"])
+            servers.callback(agent.stop)
             wait_consul_ready(agent)
             info = agent_info(agent)
             redis_server = start_redis(tmp)
+            servers.callback(redis_server.stop)
             results["consul"] = info
             log(f"Consul v{info['version']} server agent (data dir {info['data_dir']}) and Redis at {redis_server.url}")
             peers_app.configure(redis_server.url, "defaults")
@@ -1091,12 +1114,7 @@ def main(argv: list[str] | None = None) -> int:
                     results["task"].setdefault(system, {}).setdefault("defaults", {}).update(row)
         except BaseException as exc:
             failed = exc
-        finally:
-            try:
-                if redis_server is not None:
-                    redis_server.stop()
-            finally:
-                agent.stop()
+        servers.close()
         if failed is not None:
             keep = Path(tempfile.mkdtemp(prefix="peers-logs-"))
             for f in tmp.glob("*.log"):
@@ -1136,6 +1154,8 @@ def schema(results: dict[str, Any]) -> dict[str, Any]:
             if "tuned" in by_variant:
                 row["tuned"] = by_variant["tuned"]
             out[part][name] = row
+    if "baseline" in out["task"]:  # the plain task every lock is measured against
+        out["task_baseline"] = out["task"].pop("baseline")
     for name, why in results.get("unavailable", {}).items():
         out["beat" if name in BEAT_SYSTEMS else "task"].setdefault(name, {})["unavailable"] = why
     return json.loads(json.dumps(out, default=str))

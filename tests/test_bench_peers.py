@@ -76,3 +76,19 @@ def test_the_json_has_each_name_with_its_defaults_at_the_top_and_tuned_inside(pe
     assert out["beat"]["single-beat"] == {"unavailable": "not installed"}
     assert out["task"]["curl-script"] == {"unavailable": "curl is not installed"}
     assert set(out["beat"]) | set(out["task"]) <= set(peers.NAMES)
+
+
+def test_a_missed_tick_counts_against_the_fault_signalled_inside_its_gap_and_a_restart_cuts_the_gap(peers) -> None:
+    runs = [{"sent": t, "tick": None} for t in (0.0, 2.0, 4.0, 10.0, 12.0, 30.0, 32.0)]
+    crash = peers.BeatRound("crash", t_signal=5.0, takeover=3.0, dispatch=6.0)
+    stop = peers.BeatRound("stop", t_signal=12.5, takeover=None, dispatch=None)
+    _, missed, events = peers.gaps(runs)
+    assert missed == 2 + 8  # 4 -> 10 s: 2 slots; 12 -> 30 s: 8 slots
+    assert peers.by_kind(events, [crash, stop]) == {
+        "crash": {"duplicates": 0, "missed": 2},
+        "stop": {"duplicates": 0, "missed": 8},
+        "pause": {"duplicates": 0, "missed": 0},
+    }
+    # The benchmark restarted the fleet at 20 s: the 12 -> 30 s gap counts until then only.
+    _, missed, _ = peers.gaps(runs, cuts=(20.0,))
+    assert missed == 2 + 3
