@@ -62,6 +62,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -104,6 +105,7 @@ class Plan:
     stop: int = 10
     pause: int = 3
     cap: float = 60.0  # longest wait for a takeover before a round is recorded as censored
+    stuck_cap: float = 70.0  # longest wait for a killed holder's lock (ours: <= 2 TTL + lock-delay = 45 s)
     paced: int = 100  # tasks per system and round, one at a time
     rate: float = 20.0  # tasks/s of the paced phase
     burst: int = 200
@@ -113,7 +115,7 @@ class Plan:
     ticks: int = 100  # curl-script case
 
 
-QUICK = Plan(crash=1, stop=1, pause=1, cap=25.0, paced=40, burst=100, rounds=1, stuck=1, dup_trials=3, ticks=20)
+QUICK = Plan(crash=1, stop=1, pause=1, cap=15.0, paced=40, burst=100, rounds=1, stuck=1, dup_trials=3, ticks=20)
 
 
 # ---- processes -------------------------------------------------------------------------------
@@ -449,6 +451,36 @@ def run_beat(fleet: BeatFleet, plan: Plan, log: Callable[[str], None]) -> dict[s
     return row
 
 
+def run_beats(systems: list[str], ctx: dict[str, Any], plan: Plan, log: Callable[[str], None]) -> dict[str, Any]:
+    """The systems at the same time, each in a thread of its own (its variants in turn): the
+    same load on the machine for all, and a third of the run time. A failure in one stops
+    the run."""
+    results: dict[str, Any] = {s: {} for s in systems}
+    errors: list[BaseException] = []
+
+    def one(system: str) -> None:
+        try:
+            for variant in VARIANTS:
+                fleet = BeatFleet(system, variant, ctx["tmp"], ctx["redis_url"], ctx["agent"], ctx["r"])
+                try:
+                    results[system][variant] = beat_summary(run_beat(fleet, plan, log))
+                finally:
+                    fleet.stop_all()
+                if errors:
+                    return
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one, args=(s,), name=f"beat-{s}") for s in systems]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
+
+
 # ---- task locks --------------------------------------------------------------------------------
 
 
@@ -503,10 +535,11 @@ def send(task_name: str, args: tuple, **options: Any) -> Any:
 
 
 def latency_and_burst(systems: list[str], plan: Plan, counter: list[int], r: redis.Redis) -> dict[str, dict[str, list[float]]]:
-    """Per system (and the baseline), one no-op at a time at ``plan.rate``: the time of the
-    send call (celery-once and celery-singleton lock there), the time in the worker from prerun
-    to postrun (ours locks and unlocks there, the peers unlock there), their sum (``latency``)
-    and the send -> result round trip; then each round's burst tasks/s."""
+    """Per system (and the baseline), no-ops one at a time at ``plan.rate``, the systems
+    taking turns task by task (so that the machine's drift hits them alike): the time of the
+    send call (celery-once and celery-singleton lock there), the time in the worker from
+    prerun to postrun (ours locks and unlocks there, the peers unlock there), their sum
+    (``latency``) and the send -> result round trip; then each round's burst tasks/s."""
     import peers_app
     from celery.result import ResultSet
 
@@ -515,35 +548,35 @@ def latency_and_burst(systems: list[str], plan: Plan, counter: list[int], r: red
     }
     names = list(out)
     for rnd in range(plan.rounds + 1):  # round 0 warms up every pool process
-        order = names[rnd % len(names) :] + names[: rnd % len(names)]
-        for system in order:
-            r.delete("spans")
-            count = 20 if rnd == 0 else plan.paced
-            sends: dict[str, float] = {}
-            t_start = time.perf_counter()
-            for i in range(count):
-                ahead = t_start + i / plan.rate - time.perf_counter()
-                if ahead > 0:
-                    time.sleep(ahead)  # pacing the sender
-                counter[0] += 1
-                t0 = time.perf_counter()
-                res = send(TASKS[system], (counter[0],))
-                t1 = time.perf_counter()
-                value = res.get(timeout=30)
-                if value != counter[0]:
-                    raise RuntimeError(f"{system}: a no-op returned {value!r}, not {counter[0]}")
-                sends[res.id] = t1 - t0
-                if rnd:
-                    out[system]["round_trip"].append(time.perf_counter() - t0)
-            if rnd == 0:
-                continue
-            time.sleep(0.2)  # the last postrun record
-            spans = {x["id"]: x["dt"] for x in map(json.loads, r.lrange("spans", 0, -1))}
-            for task_id, dt in sends.items():
-                if task_id in spans:
-                    out[system]["send"].append(dt)
-                    out[system]["worker"].append(spans[task_id])
-                    out[system]["latency"].append(dt + spans[task_id])
+        r.delete("spans")
+        sends: dict[str, tuple[str, float]] = {}
+        count = 10 if rnd == 0 else plan.paced
+        t_start = time.perf_counter()
+        for i in range(count * len(names)):
+            system = names[(i + i // len(names)) % len(names)]  # the order rotates every turn
+            ahead = t_start + i / plan.rate - time.perf_counter()
+            if ahead > 0:
+                time.sleep(ahead)  # pacing the sender
+            counter[0] += 1
+            t0 = time.perf_counter()
+            res = send(TASKS[system], (counter[0],))
+            t1 = time.perf_counter()
+            value = res.get(timeout=30)
+            if value != counter[0]:
+                raise RuntimeError(f"{system}: a no-op returned {value!r}, not {counter[0]}")
+            sends[res.id] = (system, t1 - t0)
+            if rnd:
+                out[system]["round_trip"].append(time.perf_counter() - t0)
+        if rnd == 0:
+            continue
+        time.sleep(0.3)  # the last postrun record
+        spans = {x["id"]: x["dt"] for x in map(json.loads, r.lrange("spans", 0, -1))}
+        for task_id, (system, dt) in sends.items():
+            if task_id in spans:
+                out[system]["send"].append(dt)
+                out[system]["worker"].append(spans[task_id])
+                out[system]["latency"].append(dt + spans[task_id])
+        for system in names[rnd % len(names) :] + names[: rnd % len(names)]:
             results = []
             t0 = time.perf_counter()
             for _ in range(plan.burst):
@@ -629,33 +662,37 @@ def stuck_round(bench: TaskBench, systems: list[str], variant: str, cap: float) 
     return out
 
 
-def duplicates_round(bench: TaskBench, system: str, trials: int, first_trial: int) -> dict[str, Any]:
-    """Three sender processes send the same task at the same instants; runs per trial."""
+DUP_TASKS = {"baseline": "peers.plain_dup", OURS: "peers.ours_dup", ONCE: "peers.once_dup", SINGLETON: "peers.singleton_dup"}
+#: The sender processes of the duplicates case: each sends its trials at the agreed instants
+#: (the systems in turn, DUP_SPACING s apart), and prints each refusal at send time.
+SENDER = """
+import json, sys, time
+import peers_app
+peers_app.configure(sys.argv[1], sys.argv[2])
+t0, first, names = float(sys.argv[3]), int(sys.argv[4]), sys.argv[5:]
+peers_app.app.connection_for_write().ensure_connection()
+for k, name in enumerate(names):
+    while time.time() < t0 + {spacing} * k:
+        time.sleep(0.0005)
+    try:
+        peers_app.app.tasks[name].apply_async((first + k,))
+    except Exception as exc:
+        print(json.dumps({{"refused": type(exc).__name__, "name": name}}))
+"""
+DUP_SPACING = 2.0  # s between trials: the task's body runs 1 s
 
-    name = {"baseline": "peers.plain_dup", OURS: "peers.ours_dup", ONCE: "peers.once_dup", SINGLETON: "peers.singleton_dup"}[
-        system
-    ]
+
+def duplicates_round(bench: TaskBench, systems: list[str], trials: int, first_trial: int) -> dict[str, dict[str, int]]:
+    """Three sender processes send the same task at the same instants, ``trials`` times per
+    system; per system: runs beyond one per trial, trials that never ran, refusals at send."""
     bench.r.delete("dups")
+    plan = [systems[k % len(systems)] for k in range(trials * len(systems))]
     t_first = time.time() + 4.0  # the senders start up meanwhile
-    code = (
-        "import sys, time, json, peers_app\n"
-        "peers_app.configure(sys.argv[1], sys.argv[2])\n"
-        "name, t0, first, n = sys.argv[3], float(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])\n"
-        "task = peers_app.app.tasks[name]\n"
-        "task.app.connection_for_write().ensure_connection()\n"
-        "for k in range(n):\n"
-        "    while time.time() < t0 + 2.0 * k:\n"
-        "        time.sleep(0.0005)\n"
-        "    try:\n"
-        "        task.apply_async((first + k,))\n"
-        "    except Exception as exc:\n"
-        "        print(json.dumps({'refused': type(exc).__name__}))\n"
-    )
-    env = bench.env()
+    args = [bench.redis_url, bench.variant, str(t_first), str(first_trial), *(DUP_TASKS[s] for s in plan)]
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", code, bench.redis_url, bench.variant, name, str(t_first), str(first_trial), str(trials)],
-            env=env,
+            [sys.executable, "-c", SENDER.format(spacing=DUP_SPACING), *args],
+            env=bench.env(),
             cwd=BENCH,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -664,20 +701,26 @@ def duplicates_round(bench: TaskBench, system: str, trials: int, first_trial: in
         for _ in range(3)
     ]
     outputs = []
-    for p in procs:
-        out, _ = p.communicate(timeout=60 + 2 * trials)
+    for proc in procs:
+        out, _ = proc.communicate(timeout=60 + DUP_SPACING * len(plan))
         outputs.append(out)
-        if p.returncode != 0:
-            raise RuntimeError(f"{system}: a sender failed:\n{out[-2000:]}")
+        if proc.returncode != 0:
+            raise RuntimeError(f"a sender of the duplicates case failed:\n{out[-2000:]}")
     time.sleep(1.5)  # the last trial's runs
     runs = collections.Counter(json.loads(x)["trial"] for x in bench.r.lrange("dups", 0, -1))
-    wanted = range(first_trial, first_trial + trials)
-    return {
-        "trials": trials,
-        "duplicates": sum(max(0, runs[t] - 1) for t in wanted),
-        "lost": sum(1 for t in wanted if runs[t] == 0),
-        "refused_at_send": sum(o.count("refused") for o in outputs),
-    }
+    refused = collections.Counter(
+        json.loads(line)["name"] for out in outputs for line in out.splitlines() if line.startswith('{"refused"')
+    )
+    result = {}
+    for system in systems:
+        mine = [first_trial + k for k, s in enumerate(plan) if s == system]
+        result[system] = {
+            "trials": len(mine),
+            "duplicates": sum(max(0, runs[t] - 1) for t in mine),
+            "lost": sum(1 for t in mine if runs[t] == 0),
+            "refused_at_send": refused[DUP_TASKS[system]],
+        }
+    return result
 
 
 def run_tasks(variant: str, ctx: dict[str, Any], plan: Plan, available: list[str], log: Callable[[str], None]) -> dict:
@@ -703,15 +746,16 @@ def run_tasks(variant: str, ctx: dict[str, Any], plan: Plan, available: list[str
                     f"{row['worker_ms_median']:.2f} = {row['latency_ms_median']:.2f} ms (round trip "
                     f"{row['round_trip_ms_median']:.1f} ms); burst {row['burst_tasks_per_s']:.0f} tasks/s"
                 )
-        for system in ["baseline", *available]:
-            d = duplicates_round(bench, system, plan.dup_trials, ctx["counter"][0] + 1)
-            ctx["counter"][0] += plan.dup_trials
+        everyone = ["baseline", *available]
+        found = duplicates_round(bench, everyone, plan.dup_trials, ctx["counter"][0] + 1)
+        ctx["counter"][0] += plan.dup_trials * len(everyone)
+        for system, d in found.items():
             out[system]["same_task_sent_at_once"] = d
             log(f"    {system:18} {variant:8} sent by 3 at once: {d}")
         for system in available:
             out[system]["stuck_rounds"] = []
         for _ in range(plan.stuck):
-            found = stuck_round(bench, available, variant, plan.cap)
+            found = stuck_round(bench, available, variant, plan.stuck_cap)
             for system, row in found.items():
                 out[system]["stuck_rounds"].append(row)
                 log(f"    {system:18} {variant:8} killed holder: {row}")
@@ -1084,16 +1128,7 @@ def main(argv: list[str] | None = None) -> int:
                     peers_app.app, tmp, bench_env(redis_server.url, agent.address), concurrency=2, app_path="peers_app", cwd=BENCH
                 )
                 try:
-                    for system in BEAT_SYSTEMS:
-                        if missing[system]:
-                            continue
-                        results["beat"][system] = {}
-                        for variant in VARIANTS:
-                            fleet = BeatFleet(system, variant, tmp, redis_server.url, agent, ctx["r"])
-                            try:
-                                results["beat"][system][variant] = beat_summary(run_beat(fleet, plan, log))
-                            finally:
-                                fleet.stop_all()
+                    results["beat"] = run_beats([s for s in BEAT_SYSTEMS if not missing[s]], ctx, plan, log)
                 finally:
                     worker.stop()
             if "task" in parts:
