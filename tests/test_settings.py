@@ -320,7 +320,7 @@ def test_requeue_and_agent_watch_defaults_and_durations():
 
 def _declared_settings():
     from celery_consul_lock.availability import AVAILABILITY_SETTINGS
-    from celery_consul_lock.beat import BEAT_SETTINGS
+    from celery_consul_lock.election import BEAT_SETTINGS
     from celery_consul_lock.settings import CONSUL_SETTINGS
 
     return (*CONSUL_SETTINGS, *AVAILABILITY_SETTINGS, *BEAT_SETTINGS)
