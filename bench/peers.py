@@ -14,7 +14,9 @@ beat HA      celery-consul-lock (``-S consul``), redbeat (``-S redbeat.RedBeatSc
              recording each run (its send time and sending instance). Rounds in turn:
              SIGKILL of the leader's process group (a crash), SIGTERM to the leader (a
              stop), SIGSTOP of the leader's process group past its lease, then SIGCONT.
-             The stopped instance is replaced by a fresh one after each round.
+             The stopped instance is replaced by a fresh one after each round. The three
+             systems run at the same time (a thread each), so the machine's load is the
+             same for all; their variants one after the other.
              *takeover*: signal -> another instance holds the leader lock (polled every
              20 ms in Consul or Redis); *dispatch*: signal -> the first run sent by another
              instance. *duplicated*: a run sent less than half an interval after the
@@ -23,10 +25,12 @@ beat HA      celery-consul-lock (``-S consul``), redbeat (``-S redbeat.RedBeatSc
              late counts as missed, as the schedule then runs one time fewer).
 task locks   ConsulLockedTask, celery-once (QueueOnce), celery-singleton (Singleton), and a
              plain task as the baseline, on two workers (3 prefork processes each):
-             *added latency*: send -> result of a no-op, one at a time at a paced rate,
-             median minus the baseline's; *burst*: N no-ops sent at once, tasks/s;
-             *stuck*: a task holding its lock runs on worker A, which is SIGKILLed (its
-             whole process group) 1 s into the run; the same task is then sent every
+             *added latency*: a no-op's send call (the peers lock there) plus its time in
+             the worker from prerun to postrun (ours locks there, the peers unlock there),
+             one at a time at a paced rate, the systems taking turns task by task; median
+             minus the baseline's; *burst*: N no-ops sent at once, tasks/s;
+             *stuck*: each system's task holding its lock runs on worker A, which is
+             SIGKILLed (its whole process group) 1 s into the runs; each task is then sent every
              0.25 s for worker B until one runs: kill -> that run's start. A lock that
              outlives the wait by far (a timeout of an hour, no expiry) is confirmed stuck
              for 5 s and its remaining TTL read from Redis (stuck = 5 s + TTL; never
