@@ -236,19 +236,25 @@ def plain_dup(self: Task, trial: int) -> int:
     return _dup(self, trial)
 
 
-@app.task(bind=True, base=ConsulLockedTask, name="peers.ours_noop", lock_key="locks/peers-noop-{n}/.lock")
-def ours_noop(self: Task, n: int) -> int:
+def _noop(task: Task, n: int) -> int:
     return n
 
 
-@app.task(bind=True, base=ConsulLockedTask, name="peers.ours_hold", lock_key="locks/peers-hold/.lock")
-def ours_hold(self: Task, seconds: float) -> str:
-    return _hold(self, seconds)
+def lock_tasks(prefix: str, base: type[Task], **lock_keys: str) -> None:
+    """``peers.<prefix>_noop``, ``_hold`` and ``_dup`` with ``base`` (a lock_key per kind for
+    ours: one key per no-op and per trial, one key for the held task)."""
+    for kind, body in (("noop", _noop), ("hold", _hold), ("dup", _dup)):
+        options = {"lock_key": lock_keys[kind]} if kind in lock_keys else {}
+        app.task(bind=True, base=base, name=f"peers.{prefix}_{kind}", **options)(body)
 
 
-@app.task(bind=True, base=ConsulLockedTask, name="peers.ours_dup", lock_key="locks/peers-dup-{trial}/.lock")
-def ours_dup(self: Task, trial: int) -> int:
-    return _dup(self, trial)
+lock_tasks(
+    "ours",
+    ConsulLockedTask,
+    noop="locks/peers-noop-{n}/.lock",
+    hold="locks/peers-hold/.lock",
+    dup="locks/peers-dup-{trial}/.lock",
+)
 
 
 @app.task(bind=True, base=ConsulLockedTask, name="peers.ours_job")
@@ -263,36 +269,14 @@ def ours_job(self: Task, seconds: float = 0.3) -> str | None:
 try:  # celery-once: the lock is taken when the task is sent, released when it returns
     from celery_once import AlreadyQueued, QueueOnce
 
-    @app.task(bind=True, base=QueueOnce, name="peers.once_noop")
-    def once_noop(self: Task, n: int) -> int:
-        return n
-
-    @app.task(bind=True, base=QueueOnce, name="peers.once_hold")
-    def once_hold(self: Task, seconds: float) -> str:
-        return _hold(self, seconds)
-
-    @app.task(bind=True, base=QueueOnce, name="peers.once_dup")
-    def once_dup(self: Task, trial: int) -> int:
-        return _dup(self, trial)
-
+    lock_tasks("once", QueueOnce)
 except ImportError:
     AlreadyQueued = None  # type: ignore[assignment,misc]
 
 try:  # celery-singleton: the lock is taken when the task is sent, released when it ends
     from celery_singleton import Singleton
 
-    @app.task(bind=True, base=Singleton, name="peers.singleton_noop")
-    def singleton_noop(self: Task, n: int) -> int:
-        return n
-
-    @app.task(bind=True, base=Singleton, name="peers.singleton_hold")
-    def singleton_hold(self: Task, seconds: float) -> str:
-        return _hold(self, seconds)
-
-    @app.task(bind=True, base=Singleton, name="peers.singleton_dup")
-    def singleton_dup(self: Task, trial: int) -> int:
-        return _dup(self, trial)
-
+    lock_tasks("singleton", Singleton)
 except ImportError:
     pass
 
