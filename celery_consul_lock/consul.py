@@ -373,6 +373,10 @@ class ConsulClient:
         order, each fenced; it stops at the first refused, after the earlier ones applied.
         ``action`` and ``resource`` (default ``lock_key``) name the call in errors. Raises
         ACLDenied, ConsulUnavailable; a refusal is an answer (``ok`` False), not an error.
+
+        Guarantee: Consul checks the session when it applies the transaction, so no write
+        lands after the lock moved to another holder. Limit: it fences state kept in
+        Consul only; a side effect elsewhere needs the lock's fencing token.
         """
         check = {"KV": {"Verb": "check-session", "Key": lock_key, "Session": session}}
         written: list[dict[str, Any]] = []
