@@ -70,8 +70,9 @@ AGENT_READY_TIMEOUT = 30.0
 CLUSTER_READY_TIMEOUT = 60.0
 #: redis-server answers PING within a second of its start.
 REDIS_READY_TIMEOUT = 15.0
-#: A `celery worker` imports its project and answers a ping within ~5 s; 60 s on a loaded box.
-WORKER_READY_TIMEOUT = 60.0
+#: A `celery worker` imports its project and answers a ping within ~5 s alone; on a 2-core
+#: machine shared by several test runs (load 10) an import alone took 10 s and workers missed 60 s.
+WORKER_READY_TIMEOUT = 120.0
 #: A worker's warm shutdown lets running tasks finish; the behaviour tests' run for seconds.
 WORKER_STOP_TIMEOUT = 30.0
 #: SIGTERM first, so a process can shut down warm; SIGKILL of its group after this long.
@@ -149,7 +150,8 @@ def wait_for(
 ) -> T:
     """Poll ``predicate`` until it returns a truthy value, and return that value.
 
-    Fails with AssertionError naming ``what`` (and the last error) after ``timeout`` seconds.
+    Fails with AssertionError naming ``what``, the last error and the end of each watched
+    process's log after ``timeout`` seconds.
     Fails at once with :class:`ProcessDied` when one of ``procs`` has exited, and with any
     AssertionError the predicate raises (its way to say waiting is pointless). Other
     exceptions (a server not answering yet) are retried.
@@ -169,7 +171,8 @@ def wait_for(
         except Exception as exc:
             last_exc = exc
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last error: {last_exc!r})")
+    logs = "".join(f"\n--- the end of {proc.name}'s log:\n{proc.log_text()[-LOG_TAIL:]}" for proc in watched)
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last error: {last_exc!r}){logs}")
 
 
 def http_json(
@@ -211,7 +214,8 @@ class Proc:
     log: Path
     #: Where and with what environment it was started (:meth:`restart` starts it so again).
     cwd: Path | None = None
-    env: Mapping[str, str] | None = None
+    #: Not in the repr: an environment may hold a token (CONSUL_HTTP_TOKEN).
+    env: Mapping[str, str] | None = field(default=None, repr=False)
 
     @property
     def pid(self) -> int:
@@ -262,8 +266,13 @@ class Proc:
                 os.kill(leader, signal.SIGTERM)
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self.popen.wait(timeout)
+        self.kill()
+
+    def kill(self) -> None:
+        """SIGKILL of the whole process group (a crash, or what is left after a stop), and
+        reap the process."""
         with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(leader, signal.SIGKILL)
+            os.killpg(self.popen.pid, signal.SIGKILL)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(10)
 

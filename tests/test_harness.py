@@ -78,3 +78,16 @@ def test_stop_ends_the_whole_process_group_by_the_leaders_pid(tmp_path) -> None:
             return f.read().split(") ")[1].startswith("Z")
 
     wait_for(gone, 10, "the child to be killed with its group")
+
+
+def test_a_timed_out_wait_quotes_the_end_of_each_watched_process_log(tmp_path) -> None:
+    script = "print('still importing the project', flush=True); import time; time.sleep(600)"
+    proc = spawn("slow", [sys.executable, "-c", script], tmp_path)
+    try:
+        wait_for(lambda: "importing" in proc.log_text(), 30, "the first line", procs=[proc])
+        quoted = r"waiting for the worker to answer ping.*\n--- the end of slow's log:\nstill importing"
+        with pytest.raises(AssertionError, match=quoted):
+            wait_for(lambda: False, 0.3, "the worker to answer ping", procs=[proc])
+    finally:
+        proc.stop()
+    assert "env=" not in repr(proc), "a process's repr must not show its environment (it may hold a token)"

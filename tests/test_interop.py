@@ -109,7 +109,7 @@ def test_consul_lock_cli_excludes_consul_lock_until_it_exits(
         finally:
             lock.release()
     finally:
-        cli.stop(timeout=0)
+        cli.kill()
 
 
 def test_consul_lock_cli_waits_for_consul_lock(consul: ConsulAgent, settings: ConsulSettings, key: str, tmp_path: Path) -> None:
@@ -262,4 +262,4 @@ def test_consul_semaphore_key_raises_lock_conflict(
             assert after == before, "the semaphore's key was changed"
     finally:
         lock.release()
-        cli.stop(timeout=0)
+        cli.kill()

@@ -4,13 +4,14 @@ the plugin is loaded only through its ``pytest11`` entry point."""
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pytest
 
 from celery_consul_lock.testing import BinaryNotFound, consul_binary
 
-from .servers import binaries
+from .servers import ROOT, binaries
 
 #: The user's tests: a ConsulLock on the fixture's agent, and a locked task run eagerly by
 #: Celery's own pytest fixtures (celery.contrib.pytest), once through ``celery_config`` and
@@ -72,6 +73,23 @@ def test_a_users_tests_take_the_agent_from_the_plugin_beside_celerys_fixtures(py
     binaries()  # the consul binary provisioned for this suite, as CONSUL_BIN
     result = _run(pytester, USER_TESTS)
     result.assert_outcomes(passed=3)
+
+
+def readme_files() -> dict[str, str]:
+    """The code blocks of the README's "Testing your tasks" section, by the file their first
+    line names (``# conftest.py``)."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("\n## Testing your tasks\n", 1)[1].split("\n## ", 1)[0]
+    return {m[1]: m[2] for m in re.finditer(r"```python\n# (\S+\.py)\n(.*?)```", section, re.S)}
+
+
+def test_the_readmes_user_test_passes_as_written(pytester: pytest.Pytester) -> None:
+    files = readme_files()
+    assert sorted(files) == ["conftest.py", "test_backup.py"], sorted(files)
+    binaries()
+    pytester.makeconftest(files["conftest.py"])
+    result = _run(pytester, files["test_backup.py"])
+    result.assert_outcomes(passed=1)
 
 
 def test_no_consul_binary_is_an_error_naming_consul_bin_and_path(
