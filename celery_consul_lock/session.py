@@ -31,11 +31,12 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from . import native
+from .backoff import Backoff
 from .consul import ConsulClient
 from .errors import ConsulLockError, ConsulUnavailable, SessionGone
 from .settings import ConsulSettings
 
-__all__ = ["LockSession", "SessionPool", "close_sessions", "shared_session"]
+__all__ = ["LockSession", "SessionPool", "close_sessions", "fence_margin", "renewal_interval", "shared_session"]
 
 log = logging.getLogger("celery_consul_lock.session")
 renew_log = logging.getLogger("celery_consul_lock.session.renew")
@@ -52,10 +53,22 @@ FENCE_MARGIN_MIN = 0.5
 LEFTOVER_RETRY_MIN, LEFTOVER_RETRY_MAX = 0.2, 2.0
 
 
+def fence_margin(window: float) -> float:
+    """The part of a fencing window (seconds) kept back for clock-rate differences and
+    scheduling: the self-fencing deadline is the last contact + window - this."""
+    return max(FENCE_MARGIN_MIN, window * FENCE_MARGIN_RATIO)
+
+
+def renewal_interval(window: float) -> float:
+    """Seconds between renewals of a session whose fencing window is ``window`` seconds:
+    RENEWALS_PER_WINDOW renewals fit before the self-fencing deadline."""
+    return (window - fence_margin(window)) / RENEWALS_PER_WINDOW
+
+
 class SessionUser(Protocol):
     """What a session tells its locks."""
 
-    def _session_lost(self, reason: str) -> None: ...
+    def session_lost(self, reason: str) -> None: ...
 
 
 class LockSession:
@@ -76,8 +89,8 @@ class LockSession:
         self.pid = os.getpid()
         self.lost_reason: str | None = None
         self.window = settings.fence_window
-        self.margin = max(FENCE_MARGIN_MIN, self.window * FENCE_MARGIN_RATIO)
-        self.interval = (self.window - self.margin) / RENEWALS_PER_WINDOW
+        self.margin = fence_margin(self.window)
+        self.interval = renewal_interval(self.window)
         self._last_contact = 0.0
         #: Guards the users and the session's creation (held across I/O: a greenlet's lock
         #: under gevent).
@@ -163,7 +176,7 @@ class LockSession:
         with self._mutex:
             users = list(self._users)
         for user in users:
-            user._session_lost(reason)
+            user.session_lost(reason)
 
     def retire(self, reason: str) -> None:
         """Mark the session as ended by its owner, quietly: no more renewals, and no
@@ -205,7 +218,7 @@ class LockSession:
         try:
             leftover.end(client)
         except ConsulLockError as exc:
-            if not _passing(exc):
+            if not _transient(exc):
                 log.warning("could not destroy session %s (its TTL will end it): %s", sid, exc)
                 return
             log.warning("could not destroy session %s yet; trying again in the background: %s", sid, exc)
@@ -278,7 +291,7 @@ class _Leftovers:
 
     def __init__(self) -> None:
         self._reset()
-        os.register_at_fork(after_in_child=self._reset)
+        native.at_fork(self._reset)
 
     def _reset(self) -> None:
         self._cond = threading.Condition(threading.Lock())
@@ -295,7 +308,7 @@ class _Leftovers:
 
     def _run(self) -> None:
         clients: dict[ConsulSettings, ConsulClient] = {}
-        backoff = LEFTOVER_RETRY_MIN
+        backoff = Backoff(LEFTOVER_RETRY_MIN, LEFTOVER_RETRY_MAX)
         try:
             while True:
                 with self._cond:
@@ -310,9 +323,10 @@ class _Leftovers:
                             self._pending.remove(leftover)
                 with self._cond:
                     waiting = bool(self._pending)
-                backoff = min(LEFTOVER_RETRY_MAX, backoff * 2) if waiting else LEFTOVER_RETRY_MIN
                 if waiting:
-                    time.sleep(backoff)
+                    time.sleep(backoff.next())
+                else:
+                    backoff.reset()
         except BaseException:  # never die silently: say so, and let the next add() restart us
             log.exception("the leftover sessions thread crashed")
             with self._cond:
@@ -329,7 +343,7 @@ class _Leftovers:
         try:
             leftover.end(client)
         except ConsulLockError as exc:
-            if _passing(exc):
+            if _transient(exc):
                 log.debug("session %s: Consul still unavailable: %s", leftover.sid, exc)
                 return False
             log.warning("could not destroy session %s (its TTL will end it): %s", leftover.sid, exc)
@@ -338,7 +352,7 @@ class _Leftovers:
         return True
 
 
-def _passing(exc: ConsulLockError) -> bool:
+def _transient(exc: ConsulLockError) -> bool:
     """True for an error that waiting can fix: Consul unreachable or between leaders (not
     a TLS or ACL refusal, which needs a configuration change)."""
     return isinstance(exc, ConsulUnavailable) and exc.transient
@@ -356,8 +370,7 @@ class SessionPool:
 
     def __init__(self) -> None:
         self._reset()
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._reset)
+        native.at_fork(self._reset)
         atexit.register(self.close_all)
 
     def _reset(self) -> None:
@@ -367,7 +380,7 @@ class SessionPool:
 
     def get(self, settings: ConsulSettings) -> LockSession:
         """The current shared session for ``settings``; a fresh one if the last was lost."""
-        if self._pid != os.getpid():  # forked without register_at_fork
+        if self._pid != os.getpid():  # forked without the at_fork reset (os.fork not used)
             self._reset()
         with self._mutex:
             session = self._sessions.get(settings)

@@ -32,7 +32,8 @@ from pathlib import Path
 import redis
 from celery import Celery
 
-from celery_consul_lock.beat import DEFAULT_BEAT_LOCK_DELAY, DEFAULT_CHECK_TTL, STANDBY_POLL
+from celery_consul_lock.beat import STANDBY_POLL
+from celery_consul_lock.election import DEFAULT_BEAT_LOCK_DELAY, DEFAULT_CHECK_TTL
 from celery_consul_lock.lock import LOCK_DELAY_RETRY
 from celery_consul_lock.testing import Proc, start_beat
 from tests.servers import ROOT, http_json, wait_for
