@@ -27,6 +27,7 @@ test-py-consul: $(VENV_PYCONSUL)/.installed $(SERVERS)
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check celery_consul_lock tests bench example_project
 	$(VENV)/bin/ruff format --check celery_consul_lock
+	$(VENV)/bin/mypy
 
 bench: $(VENV)/.installed $(SERVERS)
 	$(VENV)/bin/python bench/lock_cost.py

@@ -208,7 +208,7 @@ class ConsulClient:
         """Destroy a session (its locks are released); True if Consul answered 200."""
         target = self._target(f"/v1/session/destroy/{quote(session)}")
         status, _, _ = self._request("PUT", target, b"", "destroying a session", "session:write", "the agent's node", ok=_OK_404)
-        return status == 200
+        return bool(status == 200)
 
     def session_info(self, session: str) -> dict[str, Any] | None:
         """The session's description (ID, Name, Node, TTL, LockDelay, Checks, ...), or None."""
@@ -397,7 +397,7 @@ class ConsulClient:
         answer = content.strip()
         if answer not in (b"true", b"false"):
             raise NotConsul(self.address, action, f"HTTP 200 with {self._excerpt(content)} instead of true or false")
-        return answer == b"true"
+        return bool(answer == b"true")
 
     def txn(
         self, ops: list[dict[str, Any]], *, action: str = "running a transaction", resource: str = "the keys involved"
@@ -560,7 +560,7 @@ FAILURES: tuple[tuple[type[Exception], Callable[[Any, Call], bool] | None, Calla
     (OSError, None, lambda e, c: ConsulUnavailable(c.address, c.action, f"{type(e).__name__}: {e}")),
     # -- Consul's refusals
     (_Refused, lambda r, c: r.status == 403, _acl_denied),
-    (_Refused, _unknown_session, lambda r, c: SessionGone(c.session, c.address)),
+    (_Refused, _unknown_session, lambda r, c: SessionGone(c.session or "", c.address)),
     (_Refused, _election, lambda r, c: _no_leader(c.address, c.action, r.text)),
     (_Refused, None, _refused),
 )
