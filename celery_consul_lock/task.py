@@ -35,16 +35,18 @@ from celery.exceptions import Ignore, Reject
 from celery.signals import worker_process_shutdown, worker_shutdown
 
 from . import native, signals
-from .availability import REQUEUE_HEADER, AvailabilityConfig, requeue_or_raise
+from .availability import AvailabilityConfig, requeue_or_raise
 from .consul import thread_client
 from .errors import ConsulUnavailable, InvalidSetting, LockHeld, LockLost
 from .lock import ConsulLock, LockHolder
 from .protocol import (
     LEADER_HEADER,
     LOCK_OPTIONS_HEADER,
+    REQUEUE_HEADER,
     Tick,
     header_value,
     options_override,
+    requeues,
     retry_headers,
     stale_leader,
     tick_of_request,
@@ -602,8 +604,7 @@ def _delivery_finished(previous: Mapping[str, Any] | None, task_id: str | None, 
 
 def _attempt(request: Any) -> Attempt:
     """Which attempt of its message a run is: (Celery's retries, our requeues)."""
-    requeue = header_value(request, REQUEUE_HEADER)
-    count = requeue.get("count", 0) if isinstance(requeue, Mapping) else 0
+    count, _ = requeues(header_value(request, REQUEUE_HEADER))
     return _attempt_of({"retries": getattr(request, "retries", 0), "requeues": count})
 
 
