@@ -198,10 +198,8 @@ class ConsulClient:
         target = self._target(f"/v1/session/renew/{quote(session)}")
         action = "renewing a session"
         answer = self._request(
-            "PUT", target, b"", action, "session:write", "the agent's node", session=session, timeout=timeout, read=_read_first
+            "PUT", target, b"", action, "session:write", "the agent's node", session=session, timeout=timeout, read=_read_renewed
         )
-        if answer is None:
-            raise SessionGone(session, self.address)
         return _parse_go_duration(answer.get("TTL", "")) or self.settings.ttl
 
     def session_destroy(self, session: str) -> bool:
@@ -330,29 +328,8 @@ class ConsulClient:
             flags,
             json.dumps(session),
         )
-        code, answer = self._txn_send(body.encode(), "acquiring a lock", key)
-        if code == 200:
-            taken = _quick_lock_answer(answer, exists)
-            if taken is not None:
-                return taken
-        ok, results, errors = self._txn_parse(code, answer, "acquiring a lock", key)
-        if ok and len(results) != (2 if exists else 1):
-            raise NotConsul(self.address, "acquiring a lock", f"{len(results)} results to a transaction of 2 operations")
-        if ok:
-            before = results[0]["KV"] if exists else {}
-            conflict = KVEntry.from_api(before) if int(before.get("Flags") or 0) not in (0, LOCK_FLAG) else None
-            return LockAttempt(True, int(results[-1]["KV"]["ModifyIndex"]), conflict=conflict, previous=before.get("Value"))
-        what = " ".join(str(e.get("What", "")) for e in errors)
-        for marker, reason in (
-            ("doesn't exist", "missing"),
-            ("exists", "exists"),
-            ("lock delay", "lock-delay"),
-            ("invalid session", "session"),
-            ("already held", "held"),
-        ):
-            if marker in what:
-                return LockAttempt(False, reason=reason)
-        raise ConsulLockError(f"Consul at {self.address} refused to lock {key!r}: {what}")
+        read = _read_lock_existing if exists else _read_lock_new
+        return self._request("PUT", self._txn_target, body.encode(), "acquiring a lock", "key:write", key, ok=_OK_409, read=read)  # type: ignore[no-any-return]
 
     def kv_restore(self, key: str, session: str, previous: KVEntry) -> bool:
         """Undo a lock taken on a key that turned out not to be a lock: free it and put its
@@ -392,45 +369,16 @@ class ConsulClient:
         no lock-delay follows. True if we held it."""
         # The hot path of every lock: the target is cached per (key, session).
         target = _release_target(key, session, flags, self.settings.datacenter)
-        action = "releasing a lock"
-        _, _, content = self._request("PUT", target, value, action, "key:write", key, session=session)
-        answer = content.strip()
-        if answer not in (b"true", b"false"):
-            raise NotConsul(self.address, action, f"HTTP 200 with {self._excerpt(content)} instead of true or false")
-        return answer == b"true"
+        return self._request("PUT", target, value, "releasing a lock", "key:write", key, session=session, read=_read_release)  # type: ignore[no-any-return]
 
     def txn(
         self, ops: list[dict[str, Any]], *, action: str = "running a transaction", resource: str = "the keys involved"
     ) -> tuple[bool, list[dict[str, Any]], list[dict[str, Any]]]:
         """``PUT /v1/txn``: all operations or none. Returns (ok, results, errors); a
         ``check-session`` that fails gives ok=False, not an exception."""
-        code, body = self._txn_send(json.dumps(ops).encode(), action, resource)
-        return self._txn_parse(code, body, action, resource)
-
-    def _txn_send(self, payload: bytes, action: str, resource: str) -> tuple[int, str]:
-        """Send a transaction; its answer (200, or 409: rolled back) or an exception."""
-        code, _, content = self._request("PUT", self._txn_target, payload, action, "key:write", resource, ok=_OK_409)
-        return code, content.decode("utf-8", "replace")
-
-    def _txn_parse(
-        self, code: int, body: str, action: str, resource: str
-    ) -> tuple[bool, list[dict[str, Any]], list[dict[str, Any]]]:
-        try:
-            data = json.loads(body)
-            errors, results = data.get("Errors") or [], data.get("Results") or []
-            # Consul lists the results of a transaction that ran and the errors of one that did not.
-            if not isinstance(data.get("Results" if code == 200 else "Errors"), list):
-                raise ValueError("no results")
-            if not all(isinstance(e, dict) for e in errors) or not all(isinstance(r.get("KV"), dict) for r in results):
-                raise ValueError("not a KV transaction's answer")
-        except (ValueError, TypeError, AttributeError):
-            raise NotConsul(
-                self.address, action, f"HTTP {code} with {self._excerpt(body)}, which is not a transaction's answer"
-            ) from None
-        if any("Permission denied" in str(e.get("What", "")) for e in errors):
-            # A transaction reports ACL refusals as 409 with errors, not as 403.
-            raise ACLDenied(self.address, action, "key:write", resource)
-        return code == 200, results, errors
+        return self._request(
+            "PUT", self._txn_target, json.dumps(ops).encode(), action, "key:write", resource, ok=_OK_409, read=_read_txn
+        )  # type: ignore[no-any-return]
 
     # -- the one road -------------------------------------------------------------------
 
@@ -476,8 +424,9 @@ class ConsulClient:
             try:
                 return read(status, headers, content)
             except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-                # JSON of a shape Consul never sends.
-                raise _Foreign(f"HTTP {status} with {self._excerpt(content)} ({type(exc).__name__} reading it)") from None
+                # An answer of a shape Consul never sends.
+                what = str(exc) if isinstance(exc, _Unreadable) else f"{type(exc).__name__} reading it"
+                raise _Foreign(f"HTTP {status} with {self._excerpt(content)} ({what})") from None
         except Exception as exc:
             error = _failure(exc, Call(self, action, permission, resource, session))
             if error is None:
@@ -637,6 +586,82 @@ def _read_entry(status: int, headers: Headers, content: bytes) -> tuple[int, KVE
 
 def _read_entries(status: int, headers: Headers, content: bytes) -> list[KVEntry]:
     return [] if status == 404 else [_entry(d) for d in _expect(json.loads(content) or [], list, "a key list")]
+
+
+class _Unreadable(ValueError):
+    """An answer a reader cannot take; ``args[0]`` says why ("not a transaction's answer")."""
+
+
+def _read_renewed(status: int, headers: Headers, content: bytes) -> dict[str, Any]:
+    """The renewed session; an empty answer means Consul no longer knows it."""
+    session = _read_first(status, headers, content)
+    if session is None:
+        raise _Refused(404, "no such session")
+    return session
+
+
+def _read_release(status: int, headers: Headers, content: bytes) -> bool:
+    answer = content.strip()
+    if answer not in (b"true", b"false"):
+        raise _Unreadable("instead of true or false")
+    return answer == b"true"
+
+
+def _read_txn(status: int, headers: Headers, content: bytes) -> tuple[bool, list[dict[str, Any]], list[dict[str, Any]]]:
+    """(ok, results, errors) of a transaction: 200 ran, 409 rolled back. Consul reports an
+    ACL refusal inside a transaction as a 409 with errors: it becomes a 403's error."""
+    try:
+        data = json.loads(content)
+        errors, results = data.get("Errors") or [], data.get("Results") or []
+        # Consul lists the results of a transaction that ran and the errors of one that did not.
+        if not isinstance(data.get("Results" if status == 200 else "Errors"), list):
+            raise ValueError("no results")
+        if not all(isinstance(e, dict) for e in errors) or not all(isinstance(r.get("KV"), dict) for r in results):
+            raise ValueError("not a KV transaction's answer")
+    except (ValueError, TypeError, AttributeError):
+        raise _Unreadable("which is not a transaction's answer") from None
+    denied = [str(e.get("What", "")) for e in errors if "Permission denied" in str(e.get("What", ""))]
+    if denied:
+        raise _Refused(403, denied[0])
+    return status == 200, results, errors
+
+
+#: Why Consul refused a lock transaction (words of its error), and the reason we give.
+_LOCK_REFUSALS = (
+    ("doesn't exist", "missing"),
+    ("exists", "exists"),
+    ("lock delay", "lock-delay"),
+    ("invalid session", "session"),
+    ("already held", "held"),
+)
+
+
+def _read_lock(status: int, headers: Headers, content: bytes, exists: bool) -> LockAttempt:
+    """kv_lock's answer: taken (the usual answer, read quickly), or why not."""
+    if status == 200:
+        taken = _quick_lock_answer(content.decode("utf-8", "replace"), exists)
+        if taken is not None:
+            return taken
+    ok, results, errors = _read_txn(status, headers, content)
+    if ok and len(results) != (2 if exists else 1):
+        raise _Unreadable(f"{len(results)} results to a transaction of 2 operations")
+    if ok:
+        before = results[0]["KV"] if exists else {}
+        conflict = KVEntry.from_api(before) if int(before.get("Flags") or 0) not in (0, LOCK_FLAG) else None
+        return LockAttempt(True, int(results[-1]["KV"]["ModifyIndex"]), conflict=conflict, previous=before.get("Value"))
+    what = " ".join(str(e.get("What", "")) for e in errors)
+    for marker, reason in _LOCK_REFUSALS:
+        if marker in what:
+            return LockAttempt(False, reason=reason)
+    raise _Refused(status, what)
+
+
+def _read_lock_existing(status: int, headers: Headers, content: bytes) -> LockAttempt:
+    return _read_lock(status, headers, content, True)
+
+
+def _read_lock_new(status: int, headers: Headers, content: bytes) -> LockAttempt:
+    return _read_lock(status, headers, content, False)
 
 
 def _kv_path(key: str) -> str:
