@@ -27,7 +27,7 @@ import ssl
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import quote
 
 from . import native
@@ -61,6 +61,8 @@ BLOCKING_JITTER = 1 / 16
 TXN_MAX_OPS = 64
 #: A blocking query's wait when the caller gives none: Consul's own default (5 min).
 DEFAULT_BLOCKING_WAIT = 300.0
+
+_T = TypeVar("_T")
 
 #: Answers that are not failures when nothing else is said: 200 only.
 _OK = (200,)
@@ -189,7 +191,7 @@ class ConsulClient:
         if ttl:
             body["TTL"] = f"{_seconds(ttl)}s"
         target = self._target("/v1/session/create")
-        return self._request(  # type: ignore[no-any-return]
+        return self._request(
             "PUT", target, json.dumps(body).encode(), "creating a session", "session:write", "the agent's node", read=_read_id
         )
 
@@ -205,20 +207,21 @@ class ConsulClient:
     def session_destroy(self, session: str) -> bool:
         """Destroy a session (its locks are released); True if Consul answered 200."""
         target = self._target(f"/v1/session/destroy/{quote(session)}")
-        status, _, _ = self._request("PUT", target, b"", "destroying a session", "session:write", "the agent's node", ok=_OK_404)
-        return status == 200
+        return self._request(
+            "PUT", target, b"", "destroying a session", "session:write", "the agent's node", ok=_OK_404, read=_read_found
+        )
 
     def session_info(self, session: str) -> dict[str, Any] | None:
         """The session's description (ID, Name, Node, TTL, LockDelay, Checks, ...), or None."""
         target = self._target(f"/v1/session/info/{quote(session)}")
-        return self._request(  # type: ignore[no-any-return]
+        return self._request(
             "GET", target, None, "reading a session", "session:read", "the agent's node", ok=_OK_404, read=_read_first
         )
 
     def session_list(self) -> list[dict[str, Any]]:
         """Every session in the datacenter (ID, Name, Node, TTL, LockDelay, Checks, ...)."""
         target = self._target("/v1/session/list")
-        return self._request(  # type: ignore[no-any-return]
+        return self._request(
             "GET", target, None, "listing sessions", "session:read", "the datacenter's nodes", read=_read_sessions
         )
 
@@ -239,7 +242,7 @@ class ConsulClient:
 
     def status_leader(self) -> str:
         """The address of the servers' raft leader; empty while they have none."""
-        return self._request(  # type: ignore[no-any-return]
+        return self._request(
             "GET", "/v1/status/leader", None, "asking for the cluster leader", "none", "the cluster", read=_read_leader
         )
 
@@ -256,20 +259,21 @@ class ConsulClient:
             "Name": name,
             "Check": {"TTL": _go_duration(check_ttl), "DeregisterCriticalServiceAfter": "1m"},
         }
-        self._request(
-            "PUT", "/v1/agent/service/register", json.dumps(body).encode(), "registering a health check", "service:write", name
-        )
+        self._agent_write("/v1/agent/service/register", json.dumps(body).encode(), "registering a health check", name)
         return f"service:{service_id}"
 
     def agent_check_pass(self, check_id: str) -> None:
-        self._request("PUT", f"/v1/agent/check/pass/{quote(check_id)}", b"", "passing a health check", "service:write", check_id)
+        self._agent_write(f"/v1/agent/check/pass/{quote(check_id)}", b"", "passing a health check", check_id)
 
     def agent_check_fail(self, check_id: str) -> None:
-        self._request("PUT", f"/v1/agent/check/fail/{quote(check_id)}", b"", "failing a health check", "service:write", check_id)
+        self._agent_write(f"/v1/agent/check/fail/{quote(check_id)}", b"", "failing a health check", check_id)
 
     def agent_deregister_service(self, service_id: str) -> None:
-        target = f"/v1/agent/service/deregister/{quote(service_id)}"
-        self._request("PUT", target, b"", "deregistering a health check", "service:write", service_id)
+        self._agent_write(f"/v1/agent/service/deregister/{quote(service_id)}", b"", "deregistering a health check", service_id)
+
+    def _agent_write(self, path: str, body: bytes, action: str, resource: str) -> None:
+        """A PUT to the agent's own endpoints (no datacenter): they answer 200 and no body."""
+        self._request("PUT", path, body, action, "service:write", resource, read=_read_nothing)
 
     # -- KV ---------------------------------------------------------------------------
 
@@ -292,25 +296,23 @@ class ConsulClient:
         if consistent:
             query.append("consistent=1")
         target = self._target(_kv_path(key), "&".join(query))
-        return self._request(  # type: ignore[no-any-return]
-            "GET", target, None, "reading a key", "key:read", key, timeout=timeout, ok=_OK_404, read=_read_entry
-        )
+        return self._request("GET", target, None, "reading a key", "key:read", key, timeout=timeout, ok=_OK_404, read=_read_entry)
 
     def kv_keys(self, prefix: str) -> list[KVEntry]:
         """Every key under ``prefix``."""
         target = self._target(_kv_path(prefix), "recurse=1")
-        return self._request("GET", target, None, "listing keys", "key:read", prefix, ok=_OK_404, read=_read_entries)  # type: ignore[no-any-return]
+        return self._request("GET", target, None, "listing keys", "key:read", prefix, ok=_OK_404, read=_read_entries)
 
     def kv_put(self, key: str, value: bytes, *, cas: int | None = None, flags: int | None = None) -> bool:
         """Write a key; with ``cas``, only if its ModifyIndex is ``cas`` (0: if absent)."""
         query = "&".join(f"{name}={v}" for name, v in (("cas", cas), ("flags", flags)) if v is not None)
         target = self._target(_kv_path(key), query)
-        return self._request("PUT", target, value, "writing a key", "key:write", key, read=_read_bool)  # type: ignore[no-any-return]
+        return self._request("PUT", target, value, "writing a key", "key:write", key, read=_read_bool)
 
     def kv_delete(self, key: str, *, cas: int | None = None) -> bool:
         """Delete a key; with ``cas``, only if its ModifyIndex is still ``cas``."""
         target = self._target(_kv_path(key), "" if cas is None else f"cas={cas}")
-        return self._request("DELETE", target, None, "deleting a key", "key:write", key, read=_read_bool)  # type: ignore[no-any-return]
+        return self._request("DELETE", target, None, "deleting a key", "key:write", key, read=_read_bool)
 
     def kv_lock(self, key: str, session: str, value: bytes, flags: int = LOCK_FLAG, *, exists: bool = True) -> LockAttempt:
         """Acquire ``key`` for ``session`` in one transaction that also returns, atomically,
@@ -329,7 +331,7 @@ class ConsulClient:
             json.dumps(session),
         )
         read = _read_lock_existing if exists else _read_lock_new
-        return self._request("PUT", self._txn_target, body.encode(), "acquiring a lock", "key:write", key, ok=_OK_409, read=read)  # type: ignore[no-any-return]
+        return self._request("PUT", self._txn_target, body.encode(), "acquiring a lock", "key:write", key, ok=_OK_409, read=read)
 
     def kv_restore(self, key: str, session: str, previous: KVEntry) -> bool:
         """Undo a lock taken on a key that turned out not to be a lock: free it and put its
@@ -369,7 +371,7 @@ class ConsulClient:
         no lock-delay follows. True if we held it."""
         # The hot path of every lock: the target is cached per (key, session).
         target = _release_target(key, session, flags, self.settings.datacenter)
-        return self._request("PUT", target, value, "releasing a lock", "key:write", key, session=session, read=_read_release)  # type: ignore[no-any-return]
+        return self._request("PUT", target, value, "releasing a lock", "key:write", key, session=session, read=_read_release)
 
     def txn(
         self, ops: list[dict[str, Any]], *, action: str = "running a transaction", resource: str = "the keys involved"
@@ -378,7 +380,7 @@ class ConsulClient:
         ``check-session`` that fails gives ok=False, not an exception."""
         return self._request(
             "PUT", self._txn_target, json.dumps(ops).encode(), action, "key:write", resource, ok=_OK_409, read=_read_txn
-        )  # type: ignore[no-any-return]
+        )
 
     # -- the one road -------------------------------------------------------------------
 
@@ -399,16 +401,16 @@ class ConsulClient:
         session: str | None = None,
         timeout: float | None = None,
         ok: tuple[int, ...] = _OK,
-        read: Callable[[int, Headers, bytes], Any] | None = None,
-    ) -> Any:
+        read: Callable[[int, Headers, bytes], _T],
+    ) -> _T:
         """Send one request and check its answer; every call of this module comes here.
 
-        Returns (status, headers, body), or what ``read(status, headers, body)`` makes of
-        them. ``action``, ``permission`` and ``resource`` name the call in its errors
-        ("creating a session", "session:write", "the agent's node"); ``session``, if the
-        call is about one, lets a refusal for an unknown session become SessionGone. A
-        status outside ``ok``, an answer no Consul agent gives, a body ``read`` cannot read
-        and every failure of the connection become our errors through :data:`FAILURES`.
+        Returns what ``read(status, headers, body)`` makes of the answer. ``action``,
+        ``permission`` and ``resource`` name the call in its errors ("creating a session",
+        "session:write", "the agent's node"); ``session``, if the call is about one, lets a
+        refusal for an unknown session become SessionGone. A status outside ``ok``, an
+        answer no Consul agent gives, a body ``read`` cannot read and every failure of the
+        connection become our errors through :data:`FAILURES`.
         """
         try:
             status, headers, content = self._conn.request(
@@ -419,8 +421,6 @@ class ConsulClient:
                 raise _Foreign(f"{why}: {self._excerpt(content)}" if content else why)
             if status not in ok:
                 raise _Refused(status, content.decode("utf-8", "replace"))
-            if read is None:
-                return status, headers, content
             try:
                 return read(status, headers, content)
             except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
@@ -569,6 +569,15 @@ def _read_config(status: int, headers: Headers, content: bytes) -> dict[str, Any
 
 def _read_leader(status: int, headers: Headers, content: bytes) -> str:
     return _expect(json.loads(content) or "", str, "a raft leader address")  # type: ignore[no-any-return]
+
+
+def _read_nothing(status: int, headers: Headers, content: bytes) -> None:
+    return None
+
+
+def _read_found(status: int, headers: Headers, content: bytes) -> bool:
+    """True for 200, False for 404 (nothing there)."""
+    return status == 200
 
 
 def _read_bool(status: int, headers: Headers, content: bytes) -> bool:
