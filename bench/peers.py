@@ -81,9 +81,10 @@ for path in (str(ROOT), str(BENCH)):
         sys.path.insert(0, path)
 
 import redis  # noqa: E402
-from common import agent_info, write_json  # noqa: E402
+from common import start_server_agent, write_json  # noqa: E402
 
-from tests.servers import ConsulAgent, start_consul, start_redis, wait_consul_ready, wait_for  # noqa: E402
+from celery_consul_lock.testing import Proc, spawn  # noqa: E402
+from tests.servers import ConsulAgent, start_redis, wait_for  # noqa: E402
 from tests.workers import Worker, start_worker, worker_env  # noqa: E402
 
 NAMES = ("celery-consul-lock", "redbeat", "single-beat", "celery-once", "celery-singleton", "curl-script")
@@ -125,28 +126,11 @@ QUICK = Plan(crash=1, stop=1, pause=1, cap=15.0, paced=40, burst=100, rounds=1, 
 # ---- processes -------------------------------------------------------------------------------
 
 
-def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    """Start ``args`` in its own session (a process group we signal as one), output to ``log``."""
-    with log.open("ab") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=BENCH, start_new_session=True)
-
-
 def signal_group(pid: int, sig: int) -> None:
+    """``sig`` to the process group led by ``pid`` (SIGSTOP / SIGCONT: the harness's Proc
+    stops and kills, but does not pause)."""
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pid, sig)
-
-
-def end_group(popen: subprocess.Popen, grace: float = 5.0) -> None:
-    """SIGCONT + SIGTERM, then SIGKILL of the whole group; reaps the leader."""
-    if popen.poll() is None:
-        signal_group(popen.pid, signal.SIGCONT)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(popen.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            popen.wait(grace)
-    signal_group(popen.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        popen.wait(10)
 
 
 def bench_env(redis_url: str, consul: str, **extra: str) -> dict[str, str]:
@@ -183,20 +167,21 @@ def availability() -> dict[str, str | None]:
 
 @dataclass
 class Instance:
+    """One beat instance: the harness's process (its own process group) and its start time."""
+
     n: int
-    popen: subprocess.Popen
-    log: Path
+    proc: Proc
     started: float
 
     @property
     def pid(self) -> int:
-        return self.popen.pid
+        return self.proc.pid
 
     def alive(self) -> bool:
-        return self.popen.poll() is None
+        return self.proc.alive()
 
     def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
+        return self.proc.log_text()
 
 
 @dataclass
@@ -296,7 +281,7 @@ class BeatFleet:
         n = len(self.instances)
         args, env = self.command(n)
         log = self.tmp / f"beat-{self.system}-{self.variant}-{n}.log"
-        inst = Instance(n, spawn(args, env, log), log, time.time())
+        inst = Instance(n, spawn(log.stem, args, self.tmp, cwd=BENCH, env=env, log=log), time.time())
         self.instances.append(inst)
         return inst
 
@@ -319,7 +304,7 @@ class BeatFleet:
 
     def stop_all(self) -> None:
         for inst in self.instances:
-            end_group(inst.popen)
+            inst.proc.stop(5.0)
 
 
 def beat_round(fleet: BeatFleet, kind: str, cap: float) -> BeatRound:
@@ -342,7 +327,7 @@ def beat_round(fleet: BeatFleet, kind: str, cap: float) -> BeatRound:
     ttl = fleet.lock_ttl()
     t0 = time.time()
     if kind == "crash":
-        signal_group(leader.pid, signal.SIGKILL)
+        leader.proc.kill()
     elif kind == "stop":
         os.kill(leader.pid, signal.SIGTERM)
     else:
@@ -364,7 +349,7 @@ def beat_round(fleet: BeatFleet, kind: str, cap: float) -> BeatRound:
         time.sleep(max(0.0, t0 + fleet.lease + 1.0 - time.time()) if takeover is not None else 0.0)
         signal_group(leader.pid, signal.SIGCONT)
         time.sleep(2 * INTERVAL + 1.0)
-    end_group(leader.popen)
+    leader.proc.stop(5.0)
     fleet.start()
     return BeatRound(kind, t0, takeover, dispatch, ttl)
 
@@ -618,9 +603,8 @@ def stuck_round(bench: TaskBench, systems: list[str], variant: str, cap: float) 
     for system in systems:
         wait_for(lambda system=system: started(first[system].id), 30, f"{system}: the held task to start on worker A")
     time.sleep(1.0)
-    signal_group(bench.workers["A"].pid, signal.SIGKILL)
     t_kill = time.time()
-    bench.workers["A"].popen.wait(10)
+    bench.workers["A"].kill()  # its whole process group
 
     # celery-once and celery-singleton at their defaults hold for an hour or for ever: confirmed
     # stuck for CONFIRM_STUCK, then read from Redis rather than waited out.
@@ -1110,10 +1094,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="peers-") as tmp_name, contextlib.ExitStack() as servers:
         tmp = Path(tmp_name)
         try:
-            agent = start_consul(tmp, dev=False, node="bench", server_args=["-bootstrap-expect=1"])
+            agent, info = start_server_agent(tmp)
             servers.callback(agent.stop)
-            wait_consul_ready(agent)
-            info = agent_info(agent)
             redis_server = start_redis(tmp)
             servers.callback(redis_server.stop)
             results["consul"] = info
