@@ -1,0 +1,496 @@
+"""`celery-consul-lock run`: the cron job on every node, run once per slot across the cluster.
+
+Every scenario runs the real console script as child processes ("nodes") against the dev
+agent, on a key of its own. The wrappers read a fake clock (CELERY_CONSUL_LOCK_RUN_NOW: what
+their clock reads when they start), so the slot does not depend on when the test runs and
+"nodes" can be skewed; Consul is never faked. Their job is a shell command that appends a
+line to a file per run, so a test can count who ran a slot.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from celery import Celery
+
+from celery_consul_lock import TICK_HEADER, ConsulLock, ConsulLockedTask, ConsulSettings, Tick, is_skipped
+from celery_consul_lock.consul import ConsulClient
+from celery_consul_lock.cron import (
+    EXIT_BAD_ARGUMENTS,
+    EXIT_LOCK_LOST,
+    EXIT_SKIPPED,
+    EXIT_UNAVAILABLE,
+    NOW_ENV,
+    CronSchedule,
+    EverySchedule,
+    main,
+    slot_of,
+)
+from celery_consul_lock.ticks import read_mark
+
+from .servers import ConsulAgent, binaries, free_port, wait_for
+
+WRAPPER = str(Path(sys.executable).parent / "celery-consul-lock")
+#: The wrappers' fake clock: 5 s into the 10:00 slot of "* * * * *".
+NOW = "2026-11-30T10:00:05Z"
+SLOT = "2026-11-30T10:00:00Z"
+#: Short sessions so that a dead wrapper's lock frees fast: its health check's TTL is 2 s
+#: (CHECK_TTL_MIN), then the 2 s lock-delay.
+LOCKING = ["--cron", "* * * * *", "--ttl", "10", "--lock-delay", "2"]
+#: A SIGKILLed wrapper's lock is takeable again within check TTL + lock-delay (4 s); the rest
+#: is room for a loaded 2-core machine. The session's own TTL (10 s, so up to 20 s) is above it.
+KILLED_FREE_BOUND = 9.0
+
+
+@dataclass
+class Node:
+    """One wrapper process."""
+
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.popen.wait(timeout)
+
+    @property
+    def stderr(self) -> str:
+        return self.log.read_text()
+
+    def lines(self) -> list[str]:
+        """The wrapper's own decision lines (the command's output is in the same file)."""
+        return [line for line in self.stderr.splitlines() if line.startswith("celery-consul-lock run:")]
+
+
+@dataclass
+class Job:
+    """Where a test's command records its runs, and the key and entry it runs under."""
+
+    dir: Path
+    prefix: str
+
+    @property
+    def key(self) -> str:
+        return self.prefix + "/.lock"
+
+    @property
+    def entry(self) -> str:
+        return self.prefix.removeprefix("locks/")
+
+    @property
+    def runs_file(self) -> Path:
+        return self.dir / "runs"
+
+    def runs(self) -> list[dict[str, str]]:
+        """One dict per run of the command: node, slot, fencing token, its pid."""
+        if not self.runs_file.exists():
+            return []
+        fields = ("node", "slot", "token", "pid")
+        return [dict(zip(fields, line.split(), strict=True)) for line in self.runs_file.read_text().splitlines()]
+
+    def command(self, then: str = "exit 0") -> list[str]:
+        """sh -c: record the run (one line), then ``then``."""
+        record = f'echo "$NODE $CELERY_CONSUL_LOCK_SLOT $CELERY_CONSUL_LOCK_FENCING_TOKEN $$" >> {self.runs_file}'
+        return ["sh", "-c", f"{record}; {then}"]
+
+
+@pytest.fixture
+def job(key: str, tmp_path: Path) -> Job:
+    return Job(tmp_path, key.removesuffix("/.lock"))
+
+
+@pytest.fixture
+def node(consul: ConsulAgent, tmp_path: Path) -> Iterator:
+    """``node(name, job_or_args, *command, now=NOW, options=[...])`` starts a wrapper; all are
+    killed (with their process groups) at the test's end."""
+    started: list[Node] = []
+
+    def start(name: str, args: list[str], command: list[str], *, now: str = NOW, env: dict | None = None) -> Node:
+        log = tmp_path / f"{name}-{len(started)}.log"
+        environ = {**os.environ, "CONSUL_HTTP_ADDR": consul.address, NOW_ENV: now, "NODE": name, **(env or {})}
+        with log.open("wb") as out:
+            popen = subprocess.Popen(
+                [WRAPPER, "run", *args, "--", *command],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=environ,
+                start_new_session=True,
+            )
+        started.append(Node(name, popen, log))
+        return started[-1]
+
+    yield start
+    for n in started:
+        with suppress(ProcessLookupError):
+            os.killpg(n.popen.pid, signal.SIGKILL)
+        n.popen.wait(10)
+
+
+def _settings(consul: ConsulAgent) -> ConsulSettings:
+    return ConsulSettings(address=consul.address, lock_delay=2.0)
+
+
+def _kv(consul: ConsulAgent, key: str) -> dict | None:
+    data = consul.api(f"/v1/kv/{key}?consistent")
+    return data[0] if data else None
+
+
+def _session_of(consul: ConsulAgent, key: str) -> str | None:
+    try:
+        entry = _kv(consul, key)
+    except OSError:  # 404: no key yet
+        return None
+    return entry.get("Session") if entry else None
+
+
+def _completed(consul: ConsulAgent, job: Job, due: str = SLOT) -> bool:
+    """True if the entry's mark says the slot ran to completion."""
+    settings = _settings(consul)
+    client = ConsulClient(settings)
+    try:
+        mark = read_mark(client, settings, job.entry)
+    finally:
+        client.close()
+    return mark.covers(Tick.parse(f"{job.entry}@{due}"))
+
+
+def _alive(pid: int) -> bool:
+    """True if ``pid`` runs (a zombie waiting for its reaper does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+def _group_alive(pgid: int) -> bool:
+    """True if any process of the process group ``pgid`` runs."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with suppress(OSError):
+            fields = stat.read_text().rpartition(")")[2].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
+
+
+def _started(path: Path) -> int:
+    """Wait for a command to write its pid into ``path``; returns it."""
+    wait_for(lambda: path.exists() and path.read_text().strip(), 20, f"the command to start ({path.name})")
+    return int(path.read_text().strip())
+
+
+# -- the slot: pure logic ----------------------------------------------------------------------
+
+
+def _at(text: str) -> datetime:
+    return datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+@pytest.mark.parametrize(
+    ("now", "due", "early"),
+    [
+        ("2026-11-30T03:00:00Z", "2026-11-30T03:00:00Z", 0.0),  # on time
+        ("2026-11-30T03:00:04Z", "2026-11-30T03:00:00Z", 0.0),  # a few seconds late
+        ("2026-11-30T14:00:00Z", "2026-11-30T03:00:00Z", 0.0),  # hours late: a retry by hand
+        ("2026-11-30T02:59:58Z", "2026-11-30T03:00:00Z", 2.0),  # a clock behind: the coming slot
+        ("2026-11-30T02:59:29Z", "2026-11-29T03:00:00Z", 0.0),  # earlier than the tolerance: the last one
+    ],
+)
+def test_cron_slot_is_the_due_time_with_early_tolerance_and_any_lateness(now: str, due: str, early: float) -> None:
+    slot = slot_of(CronSchedule("0 3 * * *", tz=timezone.utc), _at(now), tolerance=30)
+    assert (slot.due, slot.early) == (_at(due), early)
+    assert slot.window_end == _at("2026-12-01T02:59:30Z") if due.startswith("2026-11-30") else True
+
+
+def test_every_slots_align_on_the_epoch_and_the_tolerance_stays_below_half_the_period() -> None:
+    every = EverySchedule(10)
+    assert slot_of(every, _at("2026-11-30T03:00:04.9Z"), tolerance=30).due == _at("2026-11-30T03:00:00Z")
+    assert slot_of(every, _at("2026-11-30T03:00:05.1Z"), tolerance=30).due == _at("2026-11-30T03:00:10Z")
+    assert slot_of(every, _at("2026-11-30T03:00:08Z"), tolerance=1).due == _at("2026-11-30T03:00:00Z")
+
+
+def test_cron_reads_day_of_month_or_day_of_week_as_cron_does() -> None:
+    # "the 1st, or any Monday": 2026-11-30 is a Monday, not the 1st.
+    slot = slot_of(CronSchedule("0 3 1 * 1", tz=timezone.utc), _at("2026-11-30T03:00:01Z"))
+    assert slot.due == _at("2026-11-30T03:00:00Z")
+
+
+# -- one run per slot -------------------------------------------------------------------------
+
+
+def test_three_nodes_at_once_one_runs_two_skip_and_a_late_fourth_skips(node, job: Job, consul: ConsulAgent) -> None:
+    nodes = [node(name, ["--key", job.prefix, *LOCKING], job.command("sleep 1.5")) for name in ("a", "b", "c")]
+    statuses = sorted(n.wait() for n in nodes)
+    runs = job.runs()
+    assert statuses == [0, EXIT_SKIPPED, EXIT_SKIPPED], [n.stderr for n in nodes]
+    assert len(runs) == 1, runs
+    assert runs[0]["slot"] == f"{job.entry}@{SLOT}" and int(runs[0]["token"]) > 0
+    for n in nodes:
+        lines = n.lines()
+        assert lines and all(f"key {job.key}, slot {job.entry}@{SLOT}" in line and "holder: " in line for line in lines), lines
+        if n.popen.returncode == EXIT_SKIPPED:
+            assert len(lines) == 1 and "skipped" in lines[0], lines
+    assert _completed(consul, job)
+
+    # A node whose cron fired 20 s late, after the run finished: the usual script's hole.
+    late = node("d", ["--key", job.prefix, *LOCKING], job.command(), now="2026-11-30T10:00:20Z")
+    assert late.wait() == EXIT_SKIPPED
+    assert "already ran to completion" in late.lines()[0] and f"{job.entry}@{SLOT}" in late.lines()[0], late.stderr
+    quiet = node("e", ["--key", job.prefix, *LOCKING, "--skip-ok", "--quiet"], job.command(), now="2026-11-30T10:00:25Z")
+    assert quiet.wait() == 0 and quiet.lines() == []
+    assert len(job.runs()) == 1
+
+
+def test_nodes_skewed_by_seconds_agree_on_the_slot(node, job: Job, consul: ConsulAgent) -> None:
+    # The same moment on three clocks: 2.5 s behind, on time, 2.5 s ahead.
+    clocks = {"slow": "2026-11-30T09:59:57.5Z", "exact": "2026-11-30T10:00:00Z", "fast": "2026-11-30T10:00:02.5Z"}
+    args = ["--key", job.prefix, *LOCKING, "--on-held", "wait"]
+    nodes = [node(name, args, job.command("sleep 1"), now=now) for name, now in clocks.items()]
+    statuses = sorted(n.wait() for n in nodes)
+    assert statuses == [0, EXIT_SKIPPED, EXIT_SKIPPED], [n.stderr for n in nodes]
+    assert [r["slot"] for r in job.runs()] == [f"{job.entry}@{SLOT}"]
+    for n in nodes:
+        assert all(f"slot {job.entry}@{SLOT}" in line for line in n.lines()), n.stderr
+    # A node whose clock is more than the tolerance behind belongs to the previous slot.
+    stale = node("stale", ["--key", job.prefix, *LOCKING, "--tolerance", "2"], job.command(), now="2026-11-30T09:59:57.5Z")
+    assert stale.wait() == 0
+    assert job.runs()[-1]["slot"] == f"{job.entry}@2026-11-30T09:59:00Z"
+
+
+def test_a_failing_command_leaves_the_slot_open_and_a_waiting_node_or_a_retry_runs_it(node, job: Job, consul) -> None:
+    first = node("a", ["--key", job.prefix, *LOCKING], job.command("sleep 1; exit 3"))
+    wait_for(job.runs_file.exists, 20, "the first node's command to start")
+    waiting = node("b", ["--key", job.prefix, *LOCKING, "--on-held", "wait"], job.command("exit 4"))
+    assert first.wait() == 3, first.stderr
+    assert "failed with status 3; slot not recorded" in first.lines()[-1]
+    # The waiting node took the lock after the failure and ran the slot (and failed too).
+    assert waiting.wait() == 4, waiting.stderr
+    assert not _completed(consul, job)
+    retry = node("c", ["--key", job.prefix, *LOCKING], job.command(), now="2026-11-30T10:00:25Z")
+    assert retry.wait() == 0, retry.stderr
+    assert [r["node"] for r in job.runs()] == ["a", "b", "c"]
+    assert _completed(consul, job)
+
+
+# -- death, loss and signals ---------------------------------------------------------------------
+
+
+def test_a_wrapper_killed_mid_run_frees_the_lock_within_the_bound_and_the_slot_runs_again(node, job: Job, consul) -> None:
+    pidfile = job.dir / "pid"
+    victim = node("a", ["--key", job.prefix, *LOCKING], job.command(f"echo $$ > {pidfile}; exec sleep 60"))
+    command = _started(pidfile)
+    os.kill(victim.popen.pid, signal.SIGKILL)  # the wrapper alone: its command is left to the kernel
+    killed = time.monotonic()
+    victim.wait()
+    wait_for(lambda: not _alive(command), 5, "the command to get SIGTERM when its wrapper died (PR_SET_PDEATHSIG)")
+    assert not _completed(consul, job)
+
+    later = node("b", ["--key", job.prefix, *LOCKING, "--on-held", "wait"], job.command(), now="2026-11-30T10:00:25Z")
+    assert later.wait(KILLED_FREE_BOUND + 10) == 0, later.stderr
+    took = time.monotonic() - killed
+    assert took < KILLED_FREE_BOUND, f"the killed wrapper's lock took {took:.1f} s to be taken again"
+    assert [r["node"] for r in job.runs()] == ["a", "b"]
+    assert _completed(consul, job)
+
+
+def test_the_lock_taken_away_mid_run_stops_the_command_with_sigterm_then_sigkill(node, job: Job, consul) -> None:
+    pidfile, terms = job.dir / "pid", job.dir / "terms"
+    # The command notes SIGTERM and carries on: only SIGKILL stops it.
+    stubborn = f"trap 'echo TERM >> {terms}' TERM; echo $$ > {pidfile}; while :; do sleep 0.2; done"
+    victim = node("a", ["--key", job.prefix, *LOCKING, "--kill-grace", "1"], job.command(stubborn))
+    command = _started(pidfile)
+    sid = _session_of(consul, job.key)
+    assert sid
+    consul.api(f"/v1/session/destroy/{sid}", "PUT")
+    assert victim.wait(15) == EXIT_LOCK_LOST, victim.stderr
+    assert terms.read_text().split() == ["TERM"]
+    assert any("lock lost" in line and "SIGKILL after 1 s" in line for line in victim.lines()), victim.stderr
+    wait_for(lambda: not _group_alive(command), 5, "the command's process group to be gone")
+    assert not _completed(consul, job)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_and_sigint_go_to_the_command_and_the_lock_is_released_after_it(node, job: Job, consul, signum) -> None:
+    pidfile = job.dir / "pid"
+    wrapper = node("a", ["--key", job.prefix, *LOCKING], job.command(f"echo $$ > {pidfile}; exec sleep 60"))
+    command = _started(pidfile)
+    os.kill(wrapper.popen.pid, signum)
+    assert wrapper.wait() == 128 + signum, wrapper.stderr
+    assert not _alive(command)
+    # Released, not dropped: no lock-delay for the next holder.
+    lock = ConsulLock(job.key, settings=_settings(consul))
+    assert lock.acquire(blocking=False), _kv(consul, job.key)
+    lock.release()
+    assert not _completed(consul, job)
+
+
+def test_consul_unavailable_exits_with_its_own_status_and_runs_nothing(node, job: Job) -> None:
+    wrapper = node("a", ["--key", job.prefix, *LOCKING], job.command(), env={"CONSUL_HTTP_ADDR": f"127.0.0.1:{free_port()}"})
+    assert wrapper.wait() == EXIT_UNAVAILABLE
+    assert "Consul unavailable" in wrapper.lines()[0] and "unreachable" in wrapper.lines()[0], wrapper.stderr
+    assert job.runs() == []
+
+
+# -- the other tools on the same key -----------------------------------------------------------
+
+
+def _consul_lock(consul: ConsulAgent, prefix: str, command: str, *options: str) -> list[str]:
+    return [binaries()[0], "lock", f"-http-addr={consul.address}", *options, prefix, command]
+
+
+def test_consul_lock_and_the_wrapper_exclude_each_other(node, job: Job, consul: ConsulAgent, tmp_path: Path) -> None:
+    started = tmp_path / "cli-started"
+    with (tmp_path / "cli.log").open("wb") as out:
+        cli = subprocess.Popen(
+            _consul_lock(consul, job.prefix, f"touch {started}; exec sleep 60"), stdout=out, stderr=out, start_new_session=True
+        )
+    try:
+        wait_for(started.exists, 20, "`consul lock`'s child to start")
+        skipped = node("a", ["--key", job.prefix, *LOCKING], job.command())
+        assert skipped.wait() == EXIT_SKIPPED
+        assert "held by another holder" in skipped.lines()[0] and "Consul lock" in skipped.lines()[0], skipped.stderr
+    finally:
+        os.killpg(cli.pid, signal.SIGTERM)  # `consul lock` stops its child and releases
+        cli.wait(15)
+    assert job.runs() == []
+
+    pidfile, touched = job.dir / "pid", tmp_path / "cli-ran"
+    running = node("b", ["--key", job.prefix, *LOCKING], job.command(f"echo $$ > {pidfile}; sleep 2.5"))
+    _started(pidfile)
+    refused = subprocess.run(
+        _consul_lock(consul, job.prefix, f"touch {touched}", "-timeout=1s"), capture_output=True, timeout=30, check=False
+    )
+    assert refused.returncode != 0 and not touched.exists(), refused
+    assert running.wait() == 0, running.stderr
+
+
+def _curl(*args: str) -> str:
+    curl = shutil.which("curl")
+    assert curl, "curl is not installed"
+    done = subprocess.run([curl, "-sS", "--fail", *args], capture_output=True, text=True, timeout=15, check=False)
+    assert done.returncode == 0, f"curl {args} failed ({done.returncode}): {done.stderr}"
+    return done.stdout.strip()
+
+
+def test_the_usual_curl_script_and_the_wrapper_exclude_each_other(node, job: Job, consul: ConsulAgent) -> None:
+    base = consul.url
+    script = json.loads(_curl("-X", "PUT", "--data-binary", '{"Name": "backup cron", "TTL": "15s"}', f"{base}/v1/session/create"))
+    sid = script["ID"]
+    try:
+        assert _curl("-X", "PUT", "--data-binary", "backup by cron", f"{base}/v1/kv/{job.key}?acquire={sid}") == "true"
+        skipped = node("a", ["--key", job.prefix, *LOCKING], job.command())
+        assert skipped.wait() == EXIT_SKIPPED
+        assert "held by another holder" in skipped.lines()[0] and "backup cron" in skipped.lines()[0], skipped.stderr
+        assert _curl("-X", "PUT", f"{base}/v1/kv/{job.key}?release={sid}") == "true"
+
+        pidfile = job.dir / "pid"
+        running = node("b", ["--key", job.prefix, *LOCKING], job.command(f"echo $$ > {pidfile}; sleep 1.5"))
+        _started(pidfile)
+        assert _curl("-X", "PUT", "--data-binary", "backup by cron", f"{base}/v1/kv/{job.key}?acquire={sid}") == "false"
+        assert running.wait() == 0, running.stderr
+    finally:
+        _curl("-X", "PUT", f"{base}/v1/session/destroy/{sid}")
+    assert [r["node"] for r in job.runs()] == ["b"]
+
+
+@pytest.fixture
+def locked_task(consul: ConsulAgent, job: Job):
+    """A ConsulLockedTask guarding the same job (same lock key), run in this process."""
+    app = Celery("cron-interop", set_as_current=False)
+    app.conf.update(consul_lock_address=consul.address, consul_lock_lock_delay=2, consul_lock_ttl=10)
+
+    @app.task(base=ConsulLockedTask, lock_key=job.key, bind=True, shared=False)
+    def backup(self):
+        return {"ran": True, "token": self.fencing_token}
+
+    return backup
+
+
+def test_a_consul_locked_task_and_the_wrapper_share_the_lock_and_the_slots(node, job: Job, consul, locked_task) -> None:
+    # The task runs the 10:00 tick as Celery beat sends it: the wrapper's 10:00 slot is done.
+    result = locked_task.apply(headers={TICK_HEADER: f"{job.entry}@{SLOT}"}).get()
+    assert result["ran"], result
+    late = node("a", ["--key", job.prefix, *LOCKING], job.command())
+    assert late.wait() == EXIT_SKIPPED
+    assert "already ran to completion" in late.lines()[0] and "Celery task" in late.lines()[0], late.stderr
+
+    # The wrapper runs the 10:01 slot: the task's copy of that tick is skipped.
+    ran = node("b", ["--key", job.prefix, *LOCKING], job.command(), now="2026-11-30T10:01:02Z")
+    assert ran.wait() == 0, ran.stderr
+    skipped = locked_task.apply(headers={TICK_HEADER: f"{job.entry}@2026-11-30T10:01:00Z"}).get()
+    assert is_skipped(skipped) and skipped["reason"] == "duplicate-tick", skipped
+
+    # While the wrapper runs, the task finds the key held.
+    pidfile = job.dir / "pid"
+    args = ["--key", job.prefix, *LOCKING]
+    running = node("c", args, job.command(f"echo $$ > {pidfile}; sleep 1.5"), now="2026-11-30T10:02:02Z")
+    _started(pidfile)
+    held = locked_task.apply().get()
+    assert is_skipped(held) and held["reason"] == "held" and "celery-consul-lock run" in held["holder"], held
+    assert running.wait() == 0, running.stderr
+    assert [r["node"] for r in job.runs()] == ["b", "c"]
+
+
+# -- bad input ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "message"),
+    [
+        (["--cron", "61 * * * *", "--", "true"], EXIT_BAD_ARGUMENTS, "--cron='61 * * * *' is invalid"),
+        (["--cron", "* * *", "--", "true"], EXIT_BAD_ARGUMENTS, "--cron='* * *' is invalid"),
+        (["--cron", "0 3 * * * *", "--", "true"], EXIT_BAD_ARGUMENTS, "five crontab fields"),
+        (["--every", "0", "--", "true"], EXIT_BAD_ARGUMENTS, "--every=0.0 is invalid"),
+        (["--every", "soon", "--", "true"], EXIT_BAD_ARGUMENTS, "--every='soon' is invalid"),
+        (["--every", "60", "--"], EXIT_BAD_ARGUMENTS, "no command given"),
+        (["--every", "60"], EXIT_BAD_ARGUMENTS, "no command given"),
+        (["--", "true"], EXIT_BAD_ARGUMENTS, "one of the arguments --cron --every is required"),
+        (["--cron", "* * * * *", "--every", "60", "--", "true"], EXIT_BAD_ARGUMENTS, "not allowed with argument"),
+        (["--every", "60", "--key", "locks/my job", "--", "true"], EXIT_BAD_ARGUMENTS, "--key='locks/my job' is invalid"),
+        (["--every", "60", "--key", "locks/../x", "--", "true"], EXIT_BAD_ARGUMENTS, "--key='locks/../x' is invalid"),
+        (["--every", "60", "--key", "/locks/x", "--", "true"], EXIT_BAD_ARGUMENTS, "--key='/locks/x' is invalid"),
+        (["--every", "60", "--ttl", "5", "--", "true"], EXIT_BAD_ARGUMENTS, "--ttl='5' is invalid"),
+        (["--every", "60", "--lock-delay", "61", "--", "true"], EXIT_BAD_ARGUMENTS, "--lock-delay='61' is invalid"),
+        (["--every", "60", "--on-held", "retry", "--", "true"], EXIT_BAD_ARGUMENTS, "invalid choice: 'retry'"),
+        (["--every", "60", "--", "/nonexistent/backup"], 127, "'/nonexistent/backup' is not found"),
+        (["--every", "60", "--", "{here}"], 126, "is not executable"),
+    ],
+)
+def test_bad_input_is_refused_with_a_clear_message_and_nothing_taken(
+    args, status, message, consul: ConsulAgent, monkeypatch, capsys, tmp_path: Path
+) -> None:
+    plain = tmp_path / "not-executable"
+    plain.write_text("echo hi\n")
+    monkeypatch.setenv("CONSUL_HTTP_ADDR", consul.address)
+    sessions, services = consul.api("/v1/session/list"), consul.api("/v1/agent/services")
+    assert main(["run", *[a.replace("{here}", str(plain)) for a in args]]) == status
+    err = capsys.readouterr().err
+    assert err.startswith("celery-consul-lock run: refused, nothing taken: ") and message in err, err
+    assert consul.api("/v1/session/list") == sessions and consul.api("/v1/agent/services") == services
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"CONSUL_HTTP_ADDR": "no-port"}, "CONSUL_HTTP_ADDR='no-port' is invalid"),
+        ({NOW_ENV: "tomorrow"}, f"{NOW_ENV}='tomorrow' is invalid"),
+    ],
+)
+def test_bad_environment_is_refused_by_the_console_script(env: dict, message: str, node, job: Job) -> None:
+    wrapper = node("a", ["--key", job.prefix, *LOCKING], job.command(), env=env)
+    assert wrapper.wait() == EXIT_BAD_ARGUMENTS
+    assert message in wrapper.stderr and "nothing taken" in wrapper.stderr, wrapper.stderr
+    assert job.runs() == []
