@@ -90,9 +90,13 @@ EXIT_NOT_FOUND, EXIT_NOT_EXECUTABLE = 127, 126
 
 #: An invocation this long before a due time belongs to that slot, not to the previous one:
 #: nodes whose clocks are behind, or a scheduler on another clock, start a little early.
-#: Never more than half the gap between two due times, so a slot is never mistaken for the
-#: next one. Any lateness up to the next slot's window is tolerated (a late start, a retry).
-DEFAULT_TOLERANCE = 30.0
+#: NTP keeps clocks within milliseconds; 10 s covers a node without it for a while. Never
+#: more than a quarter of the gap before the due time (EARLY_SHARE_MAX), because lateness
+#: is the common case and gets the rest: a slow node, a loaded host (the wrapper reads its
+#: clock after starting up, which takes seconds there), a retry by hand.
+DEFAULT_TOLERANCE = 10.0
+#: The largest share of the gap between two due times that may count as early.
+EARLY_SHARE_MAX = 0.25
 #: Between SIGTERM and SIGKILL when the command must stop because the lock was lost. Below
 #: the default lock-delay (15 s), so the command is gone before the next holder may start.
 DEFAULT_KILL_GRACE = 5.0
@@ -191,15 +195,15 @@ def slot_of(schedule: Schedule, now: datetime, tolerance: float = DEFAULT_TOLERA
     """The slot an invocation at ``now`` belongs to.
 
     Due times d0 < d1 < d2 ...: the window of slot d1 is [d1 - e1, d2 - e2), where e is the
-    early tolerance, min(``tolerance``, half the gap before that due time). So an invocation
-    up to ``tolerance`` early (a clock behind the others) and one started any time later, up
-    to the next window (a slow or late node, a retry by hand), agree on d1."""
+    early tolerance, min(``tolerance``, a quarter of the gap before that due time). So an
+    invocation up to ``tolerance`` early (a clock behind the others) and one started any
+    time later, up to the next window (a slow or late node, a retry by hand), agree on d1."""
     upcoming = schedule.next(now)
     current = schedule.previous(upcoming)
     after = schedule.next(upcoming)
 
     def early(due: datetime, before: datetime) -> float:
-        return min(tolerance, (due - before).total_seconds() / 2)
+        return min(tolerance, (due - before).total_seconds() * EARLY_SHARE_MAX)
 
     ahead = (upcoming - now).total_seconds()
     if ahead <= early(upcoming, current):
