@@ -429,7 +429,12 @@ class Run:
             name=f"{PROG} {options.entry}",
             value={"slot": str(self.tick), "command": os.path.basename(options.command[0])},
         )
+        #: The command's process, once started; whether we stopped it because the lock was lost.
         self.child: subprocess.Popen[bytes] | None = None
+        self.child_stopped = False
+        #: The slot's mark as our _open read or wrote it.
+        self.mark = Mark(None, 0, {})
+        #: Signals received (SIGTERM, SIGINT), in order.
         self.signals: list[int] = []
 
     # -- output -------------------------------------------------------------------------
@@ -491,7 +496,10 @@ class Run:
                 self.say(f"the command succeeded but the lock was lost ({self.lock.lost_reason}); slot not recorded", self.me())
                 return EXIT_LOCK_LOST
         if status != 0:
-            self.say(f"the command failed with status {status}; slot not recorded (a later invocation runs it)", self.me())
+            passed = "".join(f" after {signal.Signals(s).name} was passed on to it" for s in self.signals[:1])
+            self.say(
+                f"the command failed with status {status}{passed}; slot not recorded (a later invocation runs it)", self.me()
+            )
             return status
         if self._record(opened) is None:
             self.say(f"the command succeeded but the lock was lost ({self.lock.lost_reason}); slot not recorded", self.me())
@@ -507,7 +515,7 @@ class Run:
             timeout = max(0.0, (self.slot.window_end - self.started).total_seconds())
         if self.lock.acquire(blocking=False):
             return True
-        self.say(f"waiting up to {timeout:g} s for the lock", self.lock.last_holder or "none (lock-delay)", skip=True)
+        self.say(f"waiting up to {timeout:.1f} s for the lock", self.lock.last_holder or "none (lock-delay)", skip=True)
         return self.lock.acquire(timeout=timeout)
 
     def _open(self) -> Mark | str:
@@ -530,9 +538,11 @@ class Run:
         return opened.verdict(tick) or opened
 
     def _completed_by(self) -> str:
-        """Who completed the latest slot of the entry, as far as its mark says."""
+        """Who completed the entry's latest completed slot, as far as its mark says."""
         data = self.mark.data
-        return str(data.get("runner") or (f"Celery task {data['task_id']}" if data.get("task_id") else "unknown"))
+        who = f"Celery task {data['task_id']}" if data.get("task_id") else str(data.get("runner") or "unknown")
+        due = data.get("due")
+        return who if due == str(self.tick).rpartition("@")[2] else f"{who} (for the latest completed slot, {due})"
 
     def _record(self, mark: Mark) -> Mark | None:
         extra = {"task_id": None, "runner": f"{PROG} on {socket.gethostname()} pid {os.getpid()}"}
@@ -551,8 +561,6 @@ class Run:
         return 0 if self.options.skip_ok else EXIT_SKIPPED
 
     # -- the command -------------------------------------------------------------------------
-
-    child_stopped = False
 
     def _run_command(self) -> int:
         env = dict(os.environ)

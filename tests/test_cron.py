@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -40,7 +39,8 @@ from celery_consul_lock.cron import (
 )
 from celery_consul_lock.ticks import read_mark
 
-from .servers import ConsulAgent, binaries, free_port, wait_for
+from .servers import ConsulAgent, free_port, wait_for
+from .test_interop import _consul_lock, _curl
 
 WRAPPER = str(Path(sys.executable).parent / "celery-consul-lock")
 #: The wrappers' fake clock: 5 s into the 10:00 slot of "* * * * *".
@@ -332,6 +332,7 @@ def test_sigterm_and_sigint_go_to_the_command_and_the_lock_is_released_after_it(
     command = _started(pidfile)
     os.kill(wrapper.popen.pid, signum)
     assert wrapper.wait() == 128 + signum, wrapper.stderr
+    assert f"failed with status {128 + signum} after {signum.name} was passed on to it" in wrapper.lines()[-1]
     assert not _alive(command)
     # Released, not dropped: no lock-delay for the next holder.
     lock = ConsulLock(job.key, settings=_settings(consul))
@@ -348,10 +349,6 @@ def test_consul_unavailable_exits_with_its_own_status_and_runs_nothing(node, job
 
 
 # -- the other tools on the same key -----------------------------------------------------------
-
-
-def _consul_lock(consul: ConsulAgent, prefix: str, command: str, *options: str) -> list[str]:
-    return [binaries()[0], "lock", f"-http-addr={consul.address}", *options, prefix, command]
 
 
 def test_consul_lock_and_the_wrapper_exclude_each_other(node, job: Job, consul: ConsulAgent, tmp_path: Path) -> None:
@@ -378,14 +375,6 @@ def test_consul_lock_and_the_wrapper_exclude_each_other(node, job: Job, consul: 
     )
     assert refused.returncode != 0 and not touched.exists(), refused
     assert running.wait() == 0, running.stderr
-
-
-def _curl(*args: str) -> str:
-    curl = shutil.which("curl")
-    assert curl, "curl is not installed"
-    done = subprocess.run([curl, "-sS", "--fail", *args], capture_output=True, text=True, timeout=15, check=False)
-    assert done.returncode == 0, f"curl {args} failed ({done.returncode}): {done.stderr}"
-    return done.stdout.strip()
 
 
 def test_the_usual_curl_script_and_the_wrapper_exclude_each_other(node, job: Job, consul: ConsulAgent) -> None:
