@@ -603,10 +603,16 @@ class Run:
         grace = self.options.kill_grace
         self.say(f"lock lost ({reason}); stopping the command: SIGTERM, SIGKILL after {grace:g} s", self.me())
         _signal_group(child, signal.SIGTERM)
+        deadline = time.monotonic() + grace
         try:
             status = child.wait(grace)
         except subprocess.TimeoutExpired:
-            _signal_group(child, signal.SIGKILL)
+            status = None
+        # The group's other processes (a script's children) get the same grace.
+        while _group_alive(child.pid) and time.monotonic() < deadline:
+            time.sleep(POLL)
+        _signal_group(child, signal.SIGKILL)
+        if status is None:
             status = child.wait()
         self._trap(self._note)
         return status if status >= 0 else 128 - status
@@ -657,6 +663,17 @@ def _signal_group(child: subprocess.Popen[bytes], signum: int) -> None:
         pass
     except PermissionError:
         child.send_signal(signum)
+
+
+def _group_alive(pgid: int) -> bool:
+    """True while the process group ``pgid`` has a process (a zombie not yet reaped counts)."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _pdeathsig_setter() -> Callable[[], None]:

@@ -218,8 +218,8 @@ def test_cron_slot_is_the_due_time_with_early_tolerance_and_any_lateness(now: st
 def test_every_slots_align_on_the_epoch_and_early_is_at_most_a_quarter_of_the_period() -> None:
     every = EverySchedule(10)
     # Up to a quarter of the period early, whatever the tolerance; late for the rest of it.
-    assert slot_of(every, _at("2026-11-30T03:00:07.4Z"), tolerance=30).due == _at("2026-11-30T03:00:00Z")
-    assert slot_of(every, _at("2026-11-30T03:00:07.6Z"), tolerance=30).due == _at("2026-11-30T03:00:10Z")
+    assert slot_of(every, _at("2026-11-30T03:00:07.400Z"), tolerance=30).due == _at("2026-11-30T03:00:00Z")
+    assert slot_of(every, _at("2026-11-30T03:00:07.600Z"), tolerance=30).due == _at("2026-11-30T03:00:10Z")
     assert slot_of(every, _at("2026-11-30T03:00:08Z"), tolerance=1).due == _at("2026-11-30T03:00:00Z")
 
 
@@ -259,7 +259,7 @@ def test_three_nodes_at_once_one_runs_two_skip_and_a_late_fourth_skips(node, job
 
 def test_nodes_skewed_by_seconds_agree_on_the_slot(node, job: Job, consul: ConsulAgent) -> None:
     # The same moment on three clocks: 2.5 s behind, on time, 2.5 s ahead.
-    clocks = {"slow": "2026-11-30T09:59:57.5Z", "exact": "2026-11-30T10:00:00Z", "fast": "2026-11-30T10:00:02.5Z"}
+    clocks = {"slow": "2026-11-30T09:59:57.500Z", "exact": "2026-11-30T10:00:00Z", "fast": "2026-11-30T10:00:02.500Z"}
     args = ["--key", job.prefix, *LOCKING, "--on-held", "wait"]
     nodes = [node(name, args, job.command("sleep 1"), now=now) for name, now in clocks.items()]
     statuses = sorted(n.wait() for n in nodes)
@@ -268,7 +268,7 @@ def test_nodes_skewed_by_seconds_agree_on_the_slot(node, job: Job, consul: Consu
     for n in nodes:
         assert all(f"slot {job.entry}@{SLOT}" in line for line in n.lines()), n.stderr
     # A node whose clock is more than the tolerance behind belongs to the previous slot.
-    stale = node("stale", ["--key", job.prefix, *LOCKING, "--tolerance", "2"], job.command(), now="2026-11-30T09:59:57.5Z")
+    stale = node("stale", ["--key", job.prefix, *LOCKING, "--tolerance", "2"], job.command(), now="2026-11-30T09:59:57.500Z")
     assert stale.wait() == 0
     assert job.runs()[-1]["slot"] == f"{job.entry}@2026-11-30T09:59:00Z"
 
