@@ -47,9 +47,10 @@ from dateutil.tz import tzlocal
 from .consul import ConsulClient, thread_client
 from .errors import ConsulLockError, InvalidSetting, LockConflict
 from .lock import ConsulLock
+from .protocol import Tick
 from .session import LockSession
 from .settings import ConsulSettings, parse_seconds, validate_key
-from .ticks import Mark, Tick, change_mark, key_part, read_mark
+from .ticks import Mark, change_mark, key_part, read_mark
 
 __all__ = [
     "EXIT_BAD_ARGUMENTS",
