@@ -59,9 +59,11 @@ __all__ = [
     "EXIT_UNAVAILABLE",
     "CronSchedule",
     "EverySchedule",
+    "RunOptions",
     "Schedule",
     "Slot",
     "main",
+    "parse_args",
     "slot_of",
 ]
 

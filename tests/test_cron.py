@@ -35,11 +35,12 @@ from celery_consul_lock.cron import (
     CronSchedule,
     EverySchedule,
     main,
+    parse_args,
     slot_of,
 )
 from celery_consul_lock.ticks import read_mark
 
-from .servers import ConsulAgent, free_port, wait_for
+from .servers import ConsulAgent, free_port, start_consul, wait_consul_ready, wait_for
 from .test_interop import _consul_lock, _curl
 
 WRAPPER = str(Path(sys.executable).parent / "celery-consul-lock")
@@ -229,6 +230,18 @@ def test_cron_reads_day_of_month_or_day_of_week_as_cron_does() -> None:
     assert slot.due == _at("2026-11-30T03:00:00Z")
 
 
+def test_the_key_and_the_entry_default_to_the_command_and_follow_consul_lock_layout(monkeypatch) -> None:
+    monkeypatch.delenv("CONSUL_HTTP_ADDR", raising=False)
+    for args, key, entry in [
+        (["--", "/bin/true"], "locks/true/.lock", "true"),
+        (["--key", "locks/backup", "--", "true"], "locks/backup/.lock", "backup"),
+        (["--key", "locks/backup/.lock", "--", "true"], "locks/backup/.lock", "backup"),
+        (["--key", "jobs/nightly", "--entry", "nightly-backup", "--", "true"], "jobs/nightly/.lock", "nightly-backup"),
+    ]:
+        options, _ = parse_args(["--every", "60", *args])
+        assert (options.key, options.entry, options.command[0]) == (key, entry, args[-1])
+
+
 # -- one run per slot -------------------------------------------------------------------------
 
 
@@ -341,11 +354,28 @@ def test_sigterm_and_sigint_go_to_the_command_and_the_lock_is_released_after_it(
     assert not _completed(consul, job)
 
 
-def test_consul_unavailable_exits_with_its_own_status_and_runs_nothing(node, job: Job) -> None:
-    wrapper = node("a", ["--key", job.prefix, *LOCKING], job.command(), env={"CONSUL_HTTP_ADDR": f"127.0.0.1:{free_port()}"})
-    assert wrapper.wait() == EXIT_UNAVAILABLE
-    assert "Consul unavailable" in wrapper.lines()[0] and "unreachable" in wrapper.lines()[0], wrapper.stderr
-    assert job.runs() == []
+def test_consul_unreachable_before_the_run_exits_69_and_during_it_stops_the_command_75(node, job: Job, tmp_path: Path) -> None:
+    agent = start_consul(tmp_path / "own-agent", node="cron-cut-off")
+    try:
+        wait_consul_ready(agent)
+        unreachable = node(
+            "a", ["--key", job.prefix, *LOCKING], job.command(), env={"CONSUL_HTTP_ADDR": f"127.0.0.1:{free_port()}"}
+        )
+        pidfile, terms = job.dir / "pid", job.dir / "terms"
+        obliging = f"trap 'echo TERM >> {terms}; exit 0' TERM; echo $$ > {pidfile}; while :; do sleep 0.2; done"
+        cut_off = node("b", ["--key", job.prefix, *LOCKING], job.command(obliging), env={"CONSUL_HTTP_ADDR": agent.address})
+        _started(pidfile)
+        agent.proc.signal(signal.SIGKILL)  # the node's agent dies: no renewal gets through
+        lost = time.monotonic()
+        assert cut_off.wait(20) == EXIT_LOCK_LOST, cut_off.stderr
+        # The fencing window is min(TTL, lock-delay) = 2 s; the command stopped within it plus room.
+        assert terms.read_text().split() == ["TERM"] and time.monotonic() - lost < 8, cut_off.stderr
+        assert any("lock lost" in line and "no successful renewal" in line for line in cut_off.lines()), cut_off.stderr
+    finally:
+        agent.stop()
+    assert unreachable.wait() == EXIT_UNAVAILABLE
+    assert "Consul unavailable" in unreachable.lines()[0] and "unreachable" in unreachable.lines()[0], unreachable.stderr
+    assert [r["node"] for r in job.runs()] == ["b"]
 
 
 # -- the other tools on the same key -----------------------------------------------------------
