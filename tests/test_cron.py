@@ -338,20 +338,23 @@ def test_the_lock_taken_away_mid_run_stops_the_command_with_sigterm_then_sigkill
     assert not _completed(consul, job)
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_sigterm_and_sigint_go_to_the_command_and_the_lock_is_released_after_it(node, job: Job, consul, signum) -> None:
-    pidfile = job.dir / "pid"
-    wrapper = node("a", ["--key", job.prefix, *LOCKING], job.command(f"echo $$ > {pidfile}; exec sleep 60"))
-    command = _started(pidfile)
-    os.kill(wrapper.popen.pid, signum)
-    assert wrapper.wait() == 128 + signum, wrapper.stderr
-    assert f"failed with status {128 + signum} after {signum.name} was passed on to it" in wrapper.lines()[-1]
-    assert not _alive(command)
-    # Released, not dropped: no lock-delay for the next holder.
-    lock = ConsulLock(job.key, settings=_settings(consul))
-    assert lock.acquire(blocking=False), _kv(consul, job.key)
-    lock.release()
-    assert not _completed(consul, job)
+def test_sigterm_and_sigint_go_to_the_command_and_the_lock_is_released_after_it(node, job: Job, consul) -> None:
+    wrappers = {}
+    for signum in (signal.SIGTERM, signal.SIGINT):  # at once, on keys of their own
+        prefix, pidfile = f"{job.prefix}-{signum.name}", job.dir / f"pid-{signum.name}"
+        wrapper = node(signum.name, ["--key", prefix, *LOCKING], job.command(f"echo $$ > {pidfile}; exec sleep 60"))
+        wrappers[signum] = (prefix, pidfile, wrapper)
+    for signum, (prefix, pidfile, wrapper) in wrappers.items():
+        command = _started(pidfile)
+        os.kill(wrapper.popen.pid, signum)
+        assert wrapper.wait() == 128 + signum, wrapper.stderr
+        assert f"failed with status {128 + signum} after {signum.name} was passed on to it" in wrapper.lines()[-1]
+        assert not _alive(command)
+        # Released, not dropped: no lock-delay for the next holder.
+        lock = ConsulLock(f"{prefix}/.lock", settings=_settings(consul))
+        assert lock.acquire(blocking=False), _kv(consul, f"{prefix}/.lock")
+        lock.release()
+        assert not _completed(consul, Job(job.dir, prefix))
 
 
 def test_consul_unreachable_before_the_run_exits_69_and_during_it_stops_the_command_75(node, job: Job, tmp_path: Path) -> None:
@@ -382,46 +385,49 @@ def test_consul_unreachable_before_the_run_exits_69_and_during_it_stops_the_comm
 
 
 def test_consul_lock_and_the_wrapper_exclude_each_other(node, job: Job, consul: ConsulAgent, tmp_path: Path) -> None:
-    started = tmp_path / "cli-started"
+    # Both ways at once, on two keys: `consul lock` holds one, a wrapper the other.
+    cli_holds, run_holds = f"{job.prefix}-cli", f"{job.prefix}-run"
+    started, pidfile, touched = tmp_path / "cli-started", job.dir / "pid", tmp_path / "cli-ran"
     with (tmp_path / "cli.log").open("wb") as out:
         cli = subprocess.Popen(
-            _consul_lock(consul, job.prefix, f"touch {started}; exec sleep 60"), stdout=out, stderr=out, start_new_session=True
+            _consul_lock(consul, cli_holds, f"touch {started}; exec sleep 60"), stdout=out, stderr=out, start_new_session=True
         )
+    running = node("b", ["--key", run_holds, *LOCKING], job.command(f"echo $$ > {pidfile}; sleep 2.5"))
     try:
         wait_for(started.exists, 20, "`consul lock`'s child to start")
-        skipped = node("a", ["--key", job.prefix, *LOCKING], job.command())
+        skipped = node("a", ["--key", cli_holds, *LOCKING], job.command())
+        _started(pidfile)
+        refused = subprocess.run(
+            _consul_lock(consul, run_holds, f"touch {touched}", "-timeout=1s"), capture_output=True, timeout=30, check=False
+        )
+        assert refused.returncode != 0 and not touched.exists(), refused
         assert skipped.wait() == EXIT_SKIPPED
         assert "held by another holder" in skipped.lines()[0] and "Consul lock" in skipped.lines()[0], skipped.stderr
     finally:
         os.killpg(cli.pid, signal.SIGTERM)  # `consul lock` stops its child and releases
         cli.wait(15)
-    assert job.runs() == []
-
-    pidfile, touched = job.dir / "pid", tmp_path / "cli-ran"
-    running = node("b", ["--key", job.prefix, *LOCKING], job.command(f"echo $$ > {pidfile}; sleep 2.5"))
-    _started(pidfile)
-    refused = subprocess.run(
-        _consul_lock(consul, job.prefix, f"touch {touched}", "-timeout=1s"), capture_output=True, timeout=30, check=False
-    )
-    assert refused.returncode != 0 and not touched.exists(), refused
     assert running.wait() == 0, running.stderr
+    assert [r["node"] for r in job.runs()] == ["b"]
 
 
 def test_the_usual_curl_script_and_the_wrapper_exclude_each_other(node, job: Job, consul: ConsulAgent) -> None:
-    base = consul.url
+    # Both ways at once, on two keys: the script holds one, a wrapper the other.
+    script_holds, run_holds = f"{job.prefix}-script", f"{job.prefix}-run"
+    base, pidfile = consul.url, job.dir / "pid"
     script = json.loads(_curl("-X", "PUT", "--data-binary", '{"Name": "backup cron", "TTL": "15s"}', f"{base}/v1/session/create"))
     sid = script["ID"]
+
+    def acquire(prefix: str) -> str:
+        return _curl("-X", "PUT", "--data-binary", "backup by cron", f"{base}/v1/kv/{prefix}/.lock?acquire={sid}")
+
     try:
-        assert _curl("-X", "PUT", "--data-binary", "backup by cron", f"{base}/v1/kv/{job.key}?acquire={sid}") == "true"
-        skipped = node("a", ["--key", job.prefix, *LOCKING], job.command())
+        assert acquire(script_holds) == "true"
+        skipped = node("a", ["--key", script_holds, *LOCKING], job.command())
+        running = node("b", ["--key", run_holds, *LOCKING], job.command(f"echo $$ > {pidfile}; sleep 1.5"))
+        _started(pidfile)
+        assert acquire(run_holds) == "false"
         assert skipped.wait() == EXIT_SKIPPED
         assert "held by another holder" in skipped.lines()[0] and "backup cron" in skipped.lines()[0], skipped.stderr
-        assert _curl("-X", "PUT", f"{base}/v1/kv/{job.key}?release={sid}") == "true"
-
-        pidfile = job.dir / "pid"
-        running = node("b", ["--key", job.prefix, *LOCKING], job.command(f"echo $$ > {pidfile}; sleep 1.5"))
-        _started(pidfile)
-        assert _curl("-X", "PUT", "--data-binary", "backup by cron", f"{base}/v1/kv/{job.key}?acquire={sid}") == "false"
         assert running.wait() == 0, running.stderr
     finally:
         _curl("-X", "PUT", f"{base}/v1/session/destroy/{sid}")
@@ -429,41 +435,45 @@ def test_the_usual_curl_script_and_the_wrapper_exclude_each_other(node, job: Job
 
 
 @pytest.fixture
-def locked_task(consul: ConsulAgent, job: Job):
-    """A ConsulLockedTask guarding the same job (same lock key), run in this process."""
+def locked_task(consul: ConsulAgent):
+    """A ConsulLockedTask guarding a job whose lock key is its argument, run in this process."""
     app = Celery("cron-interop", set_as_current=False)
     app.conf.update(consul_lock_address=consul.address, consul_lock_lock_delay=2, consul_lock_ttl=10)
 
-    @app.task(base=ConsulLockedTask, lock_key=job.key, bind=True, shared=False)
-    def backup(self):
+    @app.task(base=ConsulLockedTask, lock_key="{key}", bind=True, shared=False)
+    def backup(self, key):
         return {"ran": True, "token": self.fencing_token}
 
     return backup
 
 
 def test_a_consul_locked_task_and_the_wrapper_share_the_lock_and_the_slots(node, job: Job, consul, locked_task) -> None:
+    # Three cases at once, on keys of their own (entry = the key's job name).
+    done_by_task, done_by_run, held_by_run = (f"{job.prefix}-{n}" for n in (1, 2, 3))
+
+    def task(prefix: str, due: str | None = None) -> dict:
+        headers = {TICK_HEADER: f"{prefix.removeprefix('locks/')}@{due}"} if due else {}
+        return locked_task.apply(kwargs={"key": f"{prefix}/.lock"}, headers=headers).get()
+
     # The task runs the 10:00 tick as Celery beat sends it: the wrapper's 10:00 slot is done.
-    result = locked_task.apply(headers={TICK_HEADER: f"{job.entry}@{SLOT}"}).get()
-    assert result["ran"], result
-    late = node("a", ["--key", job.prefix, *LOCKING], job.command())
-    assert late.wait() == EXIT_SKIPPED
-    assert "already ran to completion" in late.lines()[0] and "Celery task" in late.lines()[0], late.stderr
-
+    assert task(done_by_task, SLOT)["ran"]
+    late = node("a", ["--key", done_by_task, *LOCKING], job.command())
     # The wrapper runs the 10:01 slot: the task's copy of that tick is skipped.
-    ran = node("b", ["--key", job.prefix, *LOCKING], job.command(), now="2026-11-30T10:01:02Z")
-    assert ran.wait() == 0, ran.stderr
-    skipped = locked_task.apply(headers={TICK_HEADER: f"{job.entry}@2026-11-30T10:01:00Z"}).get()
-    assert is_skipped(skipped) and skipped["reason"] == "duplicate-tick", skipped
-
-    # While the wrapper runs, the task finds the key held.
+    ran = node("b", ["--key", done_by_run, *LOCKING], job.command(), now="2026-11-30T10:01:02Z")
+    # While a wrapper runs, the task finds the key held.
     pidfile = job.dir / "pid"
-    args = ["--key", job.prefix, *LOCKING]
-    running = node("c", args, job.command(f"echo $$ > {pidfile}; sleep 1.5"), now="2026-11-30T10:02:02Z")
+    running = node("c", ["--key", held_by_run, *LOCKING], job.command(f"echo $$ > {pidfile}; sleep 1.5"))
+
     _started(pidfile)
-    held = locked_task.apply().get()
+    held = task(held_by_run)
     assert is_skipped(held) and held["reason"] == "held" and "celery-consul-lock run" in held["holder"], held
     assert running.wait() == 0, running.stderr
-    assert [r["node"] for r in job.runs()] == ["b", "c"]
+    assert ran.wait() == 0, ran.stderr
+    skipped = task(done_by_run, "2026-11-30T10:01:00Z")
+    assert is_skipped(skipped) and skipped["reason"] == "duplicate-tick", skipped
+    assert late.wait() == EXIT_SKIPPED
+    assert "already ran to completion" in late.lines()[0] and "Celery task" in late.lines()[0], late.stderr
+    assert sorted(r["node"] for r in job.runs()) == ["b", "c"]
 
 
 # -- bad input ----------------------------------------------------------------------------------
