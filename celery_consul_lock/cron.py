@@ -475,13 +475,6 @@ class Run:
             return EXIT_UNAVAILABLE
 
     def _locked(self) -> int:
-        if self.slot.early:
-            log.info(
-                "started %.1f s before %s: taken as that slot (tolerance %g s)",
-                self.slot.early,
-                self.tick,
-                self.options.tolerance,
-            )
         if not self._acquire():
             holder = self.lock.last_holder
             if holder is None:
@@ -490,7 +483,8 @@ class Run:
         opened = self._open()
         if isinstance(opened, str):
             return self._skip(f"skipped: {opened}", self._completed_by())
-        self.say("running the command", self.me())
+        early = f" ({self.slot.early:.1f} s before the slot's due time, within the tolerance)" if self.slot.early else ""
+        self.say(f"running the command{early}", self.me())
         status = self._run_command()
         if self.lock.lost.is_set() or not self.lock.held:
             if self.child_stopped:

@@ -280,10 +280,14 @@ def test_nodes_skewed_by_seconds_agree_on_the_slot(node, job: Job, consul: Consu
     assert [r["slot"] for r in job.runs()] == [f"{job.entry}@{SLOT}"]
     for n in nodes:
         assert all(f"slot {job.entry}@{SLOT}" in line for line in n.lines()), n.stderr
-    # A node whose clock is more than the tolerance behind belongs to the previous slot.
-    stale = node("stale", ["--key", job.prefix, *LOCKING, "--tolerance", "2"], job.command(), now="2026-11-30T09:59:57.500Z")
-    assert stale.wait() == 0
-    assert job.runs()[-1]["slot"] == f"{job.entry}@2026-11-30T09:59:00Z"
+    # A node whose clock is more than the tolerance behind belongs to the previous slot; one
+    # within it, to the coming one, and says so.
+    waiting = ["--key", job.prefix, *LOCKING, "--on-held", "wait"]
+    stale = node("stale", [*waiting, "--tolerance", "2"], job.command(), now="2026-11-30T09:59:57.500Z")
+    early = node("early", waiting, job.command(), now="2026-11-30T10:00:57.500Z")
+    assert stale.wait() == 0 and early.wait() == 0, stale.stderr + early.stderr
+    assert sorted(r["slot"] for r in job.runs()[1:]) == [f"{job.entry}@2026-11-30T09:59:00Z", f"{job.entry}@2026-11-30T10:01:00Z"]
+    assert "running the command (2.5 s before the slot's due time, within the tolerance)" in early.stderr, early.stderr
 
 
 def test_a_failing_command_leaves_the_slot_open_and_a_waiting_node_or_a_retry_runs_it(node, job: Job, consul) -> None:
