@@ -101,6 +101,15 @@ class Job:
         fields = ("node", "slot", "token", "pid")
         return [dict(zip(fields, line.split(), strict=True)) for line in self.runs_file.read_text().splitlines()]
 
+    def kill_leftovers(self) -> None:
+        """SIGKILL what is left of this test's commands (a failed test may leave a stubborn
+        one): the processes whose command line names this job's runs file."""
+        marker = str(self.runs_file).encode()
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with suppress(OSError):
+                if marker in cmdline.read_bytes():
+                    os.kill(int(cmdline.parent.name), signal.SIGKILL)
+
     def command(self, then: str = "exit 0") -> list[str]:
         """sh -c: record the run (one line), then ``then``."""
         record = f'echo "$NODE $CELERY_CONSUL_LOCK_SLOT $CELERY_CONSUL_LOCK_FENCING_TOKEN $$" >> {self.runs_file}'
@@ -108,8 +117,10 @@ class Job:
 
 
 @pytest.fixture
-def job(key: str, tmp_path: Path) -> Job:
-    return Job(tmp_path, key.removesuffix("/.lock"))
+def job(key: str, tmp_path: Path) -> Iterator[Job]:
+    j = Job(tmp_path, key.removesuffix("/.lock"))
+    yield j
+    j.kill_leftovers()
 
 
 @pytest.fixture
@@ -328,14 +339,18 @@ def test_a_wrapper_killed_mid_run_frees_the_lock_within_the_bound_and_the_slot_r
 
 def test_the_lock_taken_away_mid_run_stops_the_command_with_sigterm_then_sigkill(node, job: Job, consul) -> None:
     pidfile, terms = job.dir / "pid", job.dir / "terms"
-    # The command notes SIGTERM and carries on: only SIGKILL stops it.
-    stubborn = f"trap 'echo TERM >> {terms}' TERM; echo $$ > {pidfile}; while :; do sleep 0.2; done"
-    victim = node("a", ["--key", job.prefix, *LOCKING, "--kill-grace", "1"], job.command(stubborn))
+    # The command ends at SIGTERM, but leaves a process in its group that ignores it: only
+    # SIGKILL, after the grace, stops that one.
+    stubborn = "(trap '' TERM; while :; do sleep 0.2; done) &"
+    obliging = f"trap 'echo TERM >> {terms}; exit 0' TERM; echo $$ > {pidfile}; wait"
+    victim = node("a", ["--key", job.prefix, *LOCKING, "--kill-grace", "1"], job.command(f"{stubborn} {obliging}"))
     command = _started(pidfile)
     sid = _session_of(consul, job.key)
     assert sid
     consul.api(f"/v1/session/destroy/{sid}", "PUT")
+    taken = time.monotonic()
     assert victim.wait(15) == EXIT_LOCK_LOST, victim.stderr
+    assert time.monotonic() - taken >= 1, "the wrapper did not give the command's group its grace"
     assert terms.read_text().split() == ["TERM"]
     assert any("lock lost" in line and "SIGKILL after 1 s" in line for line in victim.lines()), victim.stderr
     wait_for(lambda: not _group_alive(command), 5, "the command's process group to be gone")
