@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, NoReturn
@@ -158,10 +158,12 @@ class CronSchedule(Schedule):
             object.__setattr__(self, "tz", tzlocal())
 
     def next(self, when: datetime) -> datetime:
-        return croniter(self.expression, when.astimezone(self.tz)).get_next(datetime)  # type: ignore[no-any-return]
+        due: datetime = croniter(self.expression, when.astimezone(self.tz)).get_next(datetime)
+        return due
 
     def previous(self, due: datetime) -> datetime:
-        return croniter(self.expression, due.astimezone(self.tz)).get_prev(datetime)  # type: ignore[no-any-return]
+        before: datetime = croniter(self.expression, due.astimezone(self.tz)).get_prev(datetime)
+        return before
 
 
 @dataclass(frozen=True)
@@ -214,9 +216,9 @@ def slot_of(schedule: Schedule, now: datetime, tolerance: float = DEFAULT_TOLERA
     return Slot(current, upcoming - timedelta(seconds=early(upcoming, current)), 0.0)
 
 
-def now_from_env(env: dict[str, str] | os._Environ[str] = os.environ) -> Callable[[], datetime]:
+def now_from_env(env: Mapping[str, str] | None = None) -> Callable[[], datetime]:
     """The wrapper's clock: the real one, or the fake one :data:`NOW_ENV` sets."""
-    fake = env.get(NOW_ENV)
+    fake = (os.environ if env is None else env).get(NOW_ENV)
     if not fake:
         return lambda: datetime.now(timezone.utc)
     try:
@@ -309,7 +311,7 @@ class _BadArguments(Exception):
         self.status = status
 
 
-def parse_args(argv: Sequence[str], env: dict[str, str] | None = None) -> tuple[RunOptions, int]:
+def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tuple[RunOptions, int]:
     """Validate ``run``'s arguments (after ``run``); returns the options and the verbosity.
     Raises _BadArguments with a message naming the option and the value."""
     parser = _parser()
