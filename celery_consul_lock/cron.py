@@ -488,6 +488,8 @@ class Run:
         early = f" ({self.slot.early:.1f} s before the slot's due time, within the tolerance)" if self.slot.early else ""
         self.say(f"running the command{early}", self.me())
         status = self._run_command()
+        if self.child is None:  # it could not be started, and said so
+            return status
         if self.lock.lost.is_set() or not self.lock.held:
             if self.child_stopped:
                 return EXIT_LOCK_LOST
@@ -583,7 +585,13 @@ class Run:
 
         lost = self.lock.lost
         self._trap(self._forward)
-        self.child = child = subprocess.Popen(self.options.command, env=env, preexec_fn=child_setup)
+        try:
+            self.child = child = subprocess.Popen(self.options.command, env=env, preexec_fn=child_setup)
+        except OSError as exc:  # removed or made unrunnable since the arguments were checked
+            self._trap(self._note)
+            status = EXIT_NOT_FOUND if isinstance(exc, FileNotFoundError) else EXIT_NOT_EXECUTABLE
+            self.say(f"the command could not be started: {exc.strerror}", self.me())
+            return status
         while True:
             try:
                 status = child.wait(POLL)
