@@ -38,6 +38,7 @@ from celery_consul_lock.cron import (
     parse_args,
     slot_of,
 )
+from celery_consul_lock.protocol import crontab_tick
 from celery_consul_lock.ticks import read_mark
 
 from .servers import ConsulAgent, free_port, start_consul, wait_consul_ready, wait_for
@@ -472,12 +473,14 @@ def test_a_consul_locked_task_and_the_wrapper_share_the_lock_and_the_slots(node,
     # Three cases at once, on keys of their own (entry = the key's job name).
     done_by_task, done_by_run, held_by_run = (f"{job.prefix}-{n}" for n in (1, 2, 3))
 
-    def task(prefix: str, due: str | None = None) -> dict:
-        headers = {TICK_HEADER: f"{prefix.removeprefix('locks/')}@{due}"} if due else {}
+    def task(prefix: str, fired: str | None = None) -> dict:
+        """Run the task as a beat's crontab entry named after the job sends it at ``fired``."""
+        tick = crontab_tick(prefix.removeprefix("locks/"), _at(fired)) if fired else None
+        headers = {TICK_HEADER: str(tick)} if tick else {}
         return locked_task.apply(kwargs={"key": f"{prefix}/.lock"}, headers=headers).get()
 
-    # The task runs the 10:00 tick as Celery beat sends it: the wrapper's 10:00 slot is done.
-    assert task(done_by_task, SLOT)["ran"]
+    # The task runs the 10:00 tick (fired 0.4 s into the minute): the wrapper's slot is done.
+    assert task(done_by_task, "2026-11-30T10:00:00.400Z")["ran"]
     late = node("a", ["--key", done_by_task, *LOCKING], job.command())
     # The wrapper runs the 10:01 slot: the task's copy of that tick is skipped.
     ran = node("b", ["--key", done_by_run, *LOCKING], job.command(), now="2026-11-30T10:01:02Z")
@@ -490,7 +493,7 @@ def test_a_consul_locked_task_and_the_wrapper_share_the_lock_and_the_slots(node,
     assert is_skipped(held) and held["reason"] == "held" and "celery-consul-lock run" in held["holder"], held
     assert running.wait() == 0, running.stderr
     assert ran.wait() == 0, ran.stderr
-    skipped = task(done_by_run, "2026-11-30T10:01:00Z")
+    skipped = task(done_by_run, "2026-11-30T10:01:00.400Z")
     assert is_skipped(skipped) and skipped["reason"] == "duplicate-tick", skipped
     assert late.wait() == EXIT_SKIPPED
     assert "already ran to completion" in late.lines()[0] and "Celery task" in late.lines()[0], late.stderr
@@ -533,6 +536,24 @@ def test_bad_input_is_refused_with_a_clear_message_and_nothing_taken(
     err = capsys.readouterr().err
     assert err.startswith("celery-consul-lock run: refused, nothing taken: ") and message in err, err
     assert consul.api("/v1/session/list") == sessions and consul.api("/v1/agent/services") == services
+
+
+def test_a_command_gone_when_its_turn_comes_is_reported_and_the_slot_stays_open(node, job: Job, consul) -> None:
+    script, go, pidfile = job.dir / "backup.sh", job.dir / "go", job.dir / "pid"
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o755)
+    holder = node(
+        "a", ["--key", job.prefix, *LOCKING], job.command(f"echo $$ > {pidfile}; until [ -e {go} ]; do sleep 0.1; done; exit 1")
+    )
+    _started(pidfile)
+    waiter = node("b", ["--key", job.prefix, *LOCKING, "--on-held", "wait"], [str(script)])
+    wait_for(lambda: any("waiting up to" in line for line in waiter.lines()), 30, "the second node to wait for the lock")
+    script.unlink()  # checked when the wrapper started; gone when the lock comes
+    go.touch()
+    assert holder.wait() == 1, holder.stderr
+    assert waiter.wait() == 127, waiter.stderr
+    assert "the command could not be started: No such file or directory" in waiter.lines()[-1], waiter.stderr
+    assert not _completed(consul, job)
 
 
 def test_bad_environment_is_refused_by_the_console_script(node, job: Job) -> None:
