@@ -128,7 +128,9 @@ OnHeld = Literal["skip", "wait"]
 
 
 class Schedule:
-    """When a job is due: :meth:`next` is the first due time strictly after ``when``."""
+    """When a job is due: :meth:`next` is the first due time strictly after ``when``. Due
+    times are in UTC, so that arithmetic on them is in real seconds also across daylight
+    saving time changes (Python subtracts two times of one zone by their wall clocks)."""
 
     def next(self, when: datetime) -> datetime:
         raise NotImplementedError
@@ -159,11 +161,11 @@ class CronSchedule(Schedule):
 
     def next(self, when: datetime) -> datetime:
         due: datetime = croniter(self.expression, when.astimezone(self.tz)).get_next(datetime)
-        return due
+        return due.astimezone(timezone.utc)
 
     def previous(self, due: datetime) -> datetime:
         before: datetime = croniter(self.expression, due.astimezone(self.tz)).get_prev(datetime)
-        return before
+        return before.astimezone(timezone.utc)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from contextlib import suppress
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from celery import Celery
@@ -236,6 +237,20 @@ def test_every_slots_align_on_the_epoch_and_early_is_at_most_a_quarter_of_the_pe
     assert slot_of(every, _at("2026-11-30T03:00:07.400Z"), tolerance=30).due == _at("2026-11-30T03:00:00Z")
     assert slot_of(every, _at("2026-11-30T03:00:07.600Z"), tolerance=30).due == _at("2026-11-30T03:00:10Z")
     assert slot_of(every, _at("2026-11-30T03:00:08Z"), tolerance=1).due == _at("2026-11-30T03:00:00Z")
+
+
+def test_cron_slots_across_daylight_saving_time_changes() -> None:
+    berlin = CronSchedule("30 2 * * *", tz=ZoneInfo("Europe/Berlin"))
+    # Clocks go forward at 02:00 CET: 02:30 does not exist that day; the slot is at 03:00 CEST.
+    assert slot_of(berlin, _at("2026-03-29T01:05:00Z")).due == _at("2026-03-29T01:00:00Z")
+    # Clocks go back at 03:00 CEST: 02:30 happens twice, and each is a slot of its own.
+    assert slot_of(berlin, _at("2026-10-25T00:31:00Z")).due == _at("2026-10-25T00:30:00Z")
+    assert slot_of(berlin, _at("2026-10-25T01:31:00Z")).due == _at("2026-10-25T01:30:00Z")
+    # An hourly job that night: the gap between the two 02:30s is an hour of real time (zero on
+    # the wall clock), so an invocation 5 s early still belongs to the second.
+    hourly = CronSchedule("30 * * * *", tz=ZoneInfo("Europe/Berlin"))
+    slot = slot_of(hourly, _at("2026-10-25T01:29:55Z"))
+    assert (slot.due, slot.early) == (_at("2026-10-25T01:30:00Z"), 5.0)
 
 
 def test_cron_reads_day_of_month_or_day_of_week_as_cron_does() -> None:
