@@ -579,6 +579,8 @@ class Run:
         pdeathsig = _pdeathsig_setter()
         parent = os.getpid()
 
+        # Runs in the child between fork and exec, while the parent has threads (the session's
+        # renewer, the lock's watcher): only system calls, the prctl function resolved above.
         def child_setup() -> None:
             os.setpgid(0, 0)  # its own group: a terminal's ^C reaches it through us only, once
             pdeathsig()
