@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import functools
 import json
-import logging
 import re
 import ssl
 import threading
@@ -39,7 +38,6 @@ from .transport import Connection, Headers, NotHTTP
 
 __all__ = ["FAILURES", "LOCK_FLAG", "ConsulClient", "Fenced", "KVEntry", "LockAttempt", "kv_set", "kv_unlock", "thread_client"]
 
-log = logging.getLogger(__name__)
 
 #: The flags value ``consul lock`` and the Go client write on a lock key
 #: (``api.LockFlagValue``); a key with other non-zero flags is not a lock.
