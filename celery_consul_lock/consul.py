@@ -32,13 +32,16 @@ from .errors import ACLDenied, ConsulLockError, ConsulUnavailable, InvalidSettin
 from .settings import ConsulSettings
 from .transport import Connection, Headers, NotHTTP
 
-__all__ = ["LOCK_FLAG", "ConsulClient", "KVEntry", "LockAttempt", "thread_client"]
+__all__ = ["LOCK_FLAG", "SEMAPHORE_FLAG", "ConsulClient", "KVEntry", "LockAttempt", "thread_client"]
 
 log = logging.getLogger(__name__)
 
 #: The flags value ``consul lock`` and the Go client write on a lock key
 #: (``api.LockFlagValue``); a key with other non-zero flags is not a lock.
 LOCK_FLAG = 0x2DDCCBC058A50C18
+#: The flags value ``consul lock -n N`` and the Go client's semaphore write on a
+#: semaphore's keys (``api.SemaphoreFlagValue``); a lock refuses them and they refuse a lock.
+SEMAPHORE_FLAG = 0xE0F69A2BAA414DE0
 
 #: kv_lock's transaction: ``get`` (or ``check-not-exists``) then ``lock``, on one key.
 _LOCK_TXN = '[{"KV":{"Verb":"%s","Key":%s}},{"KV":{"Verb":"lock","Key":%s,"Value":"%s","Flags":%d,"Session":%s}}]'
@@ -246,6 +249,25 @@ class ConsulClient:
         with self._errors("listing keys", "key:read", prefix):
             _, data = self._client.kv.get(prefix, recurse=True, dc=self.settings.datacenter)
             return [_entry(d) for d in _expect(data or [], list, "a key list")]
+
+    def kv_list(
+        self, prefix: str, *, index: int | None = None, wait: float | None = None, consistent: bool = False
+    ) -> tuple[int, list[KVEntry]]:
+        """Every key under ``prefix``; with ``index``, a blocking query that returns when the
+        prefix's index passes it or ``wait`` ends. Returns (X-Consul-Index, entries)."""
+        timeout = None
+        if index:
+            timeout = self.timeout + (wait or 300) * (1 + BLOCKING_JITTER)
+        with self._errors("listing keys", "key:read", prefix, timeout=timeout):
+            idx, data = self._client.kv.get(
+                prefix,
+                recurse=True,
+                index=index or None,
+                wait=_go_duration(wait) if index and wait is not None else None,
+                consistency="consistent" if consistent else None,
+                dc=self.settings.datacenter,
+            )
+            return int(idx or 0), [_entry(d) for d in _expect(data or [], list, "a key list")]
 
     def kv_put(self, key: str, value: bytes, *, cas: int | None = None, flags: int | None = None) -> bool:
         """Write a key; with ``cas``, only if its ModifyIndex is ``cas`` (0: if absent)."""
@@ -675,7 +697,8 @@ def _seconds(value: float) -> int | float:
 
 
 def _go_duration(seconds: float) -> str:
-    return f"{int(seconds * 1000)}ms"
+    # Never "0ms": Consul takes a zero wait as its default, five minutes.
+    return f"{max(1, int(seconds * 1000))}ms"
 
 
 def _parse_go_duration(text: str) -> float | None:

@@ -351,19 +351,30 @@ class ConsulLock:
             deadline = None if timeout is None else time.monotonic() + timeout
         if self._sid is not None:
             raise ConsulLockError(f"{self!r} is already held by this object; release it first (it is not reentrant)")
-        other = _LOCAL.claim(self._ident, self, deadline)
-        if other is not None:
-            self.last_holder = other._as_holder()
-            acquire_log.debug("%s is held in this process by %s", self.key, self.last_holder)
+        if not self._claim_local(deadline):
             return False
         try:
             taken = self._acquire_in_consul(deadline)
         except BaseException:
-            _LOCAL.free(self._ident, self)
+            self._free_local()
             raise
         if not taken:
-            _LOCAL.free(self._ident, self)
+            self._free_local()
         return taken
+
+    def _claim_local(self, deadline: float | None) -> bool:
+        """Keep other holders in this process off the key (they share our session, and
+        Consul would answer them true); False, with :attr:`last_holder` set, when another
+        one here still holds it at ``deadline``."""
+        other = _LOCAL.claim(self._ident, self, deadline)
+        if other is None:
+            return True
+        self.last_holder = other._as_holder()
+        acquire_log.debug("%s is held in this process by %s", self.key, self.last_holder)
+        return False
+
+    def _free_local(self) -> None:
+        _LOCAL.free(self._ident, self)
 
     def release(self, *, finished: bool = True) -> bool:
         """Release the lock if we hold it; True if Consul confirmed we still held it.
@@ -397,12 +408,16 @@ class ConsulLock:
             ok = self._release_in_consul(client, session, sid, value)
         finally:
             session.unhold(self)
-            _LOCAL.free(self._ident, self)
-            if self.private_session:
+            self._free_local()
+            if self._owns(session):
                 session.destroy(client)
             else:
                 retire_if_unused(session)
         return ok
+
+    def _owns(self, session: LockSession) -> bool:
+        """True for a session made for this lock alone (destroyed with its release)."""
+        return self.private_session and session is not self.given_session
 
     def _release_in_consul(self, client: ConsulClient, session: LockSession, sid: str, value: bytes) -> bool:
         """``?release=``, retried through a brief outage (a Consul leader election) for as
@@ -413,7 +428,7 @@ class ConsulLock:
         backoff = RETRY_MIN
         while True:
             try:
-                ok = client.kv_release(self.key, sid, value)
+                ok = self._release_once(client, sid, value)
             except ConsulLockError as exc:
                 if time.monotonic() + backoff < session.deadline and session.lost_reason is None:
                     release_log.info("releasing %s failed (%s); retrying in %.2f s", self.key, exc, backoff)
@@ -426,7 +441,7 @@ class ConsulLock:
                     self.key,
                     exc,
                 )
-                session.release_later(self.key, value)
+                session.release_later(*self._release_key(sid, value))
                 session.lose(f"releasing {self.key} failed: {exc}")
                 return False
             if ok:
@@ -434,6 +449,15 @@ class ConsulLock:
             else:
                 release_log.warning("%s was no longer held by our session when released (lost: %s)", self.key, self.lost_reason)
             return ok
+
+    def _release_once(self, client: ConsulClient, sid: str, value: bytes) -> bool:
+        """One try at freeing what this holding took in Consul; True if it was still ours."""
+        return client.kv_release(self.key, sid, value)
+
+    def _release_key(self, sid: str, value: bytes) -> tuple[str, bytes]:
+        """(key, value) whose ``?release=`` by our session frees the holding: what a
+        release that failed leaves to the session (see :meth:`LockSession.release_later`)."""
+        return self.key, value
 
     @property
     def session_id(self) -> str | None:
@@ -506,7 +530,6 @@ class ConsulLock:
     # -- acquiring ----------------------------------------------------------------------
 
     def _acquire_in_consul(self, deadline: float | None) -> bool:
-        client = thread_client(self.settings)
         # ``exists`` picks the transaction's form; a wrong guess costs a request, no write.
         # A key this process has locked before is taken with ``get`` + ``lock``, which
         # reports the key's previous flags, so a key repurposed since (a semaphore's) is put
@@ -515,6 +538,38 @@ class ConsulLock:
         # checked before anything is written, so a key that is not a lock is never touched.
         exists = self._ident in _LOCK_KEYS
         checked = exists
+
+        def attempt_once(client: ConsulClient, session: LockSession, sid: str) -> bool | None:
+            nonlocal exists, checked
+            value = self._value(sid)
+            attempt = client.kv_lock(self.key, sid, value, exists=exists)
+            if attempt.reason in ("missing", "exists"):
+                exists = attempt.reason == "exists"
+                if exists and not checked:
+                    _, entry = client.kv_get(self.key)
+                    self._check_is_lock(entry)
+                    checked = True
+                return None
+            _LOCK_KEYS.add(self._ident)
+            exists = True
+            if attempt.acquired:
+                self._taken(client, session, sid, value, attempt)
+                return True
+            if attempt.reason == "session":
+                raise SessionGone(sid, client.address)
+            return None if self._wait_for_change(client, session, deadline) else False
+
+        return self._acquire_loop(deadline, attempt_once)
+
+    def _acquire_loop(
+        self, deadline: float | None, attempt_once: Callable[[ConsulClient, LockSession, str], bool | None]
+    ) -> bool:
+        """Run ``attempt_once(client, session, sid)`` until it returns True (taken) or False
+        (gave up at the deadline); None means try again. Around it, the parts every kind of
+        holding shares: a usable session (a new one when the last was lost), retries through
+        a brief Consul outage while the caller waits, and a bound on sessions that Consul
+        says are gone (``attempt_once`` raises :class:`SessionGone`)."""
+        client = thread_client(self.settings)
         session = self._new_session()
         session_failures = 0
         backoff = RETRY_MIN
@@ -522,29 +577,15 @@ class ConsulLock:
             try:
                 session = self._usable_session(session)
                 sid = session.ensure(client)
-                value = self._value(sid)
-                attempt = client.kv_lock(self.key, sid, value, exists=exists)
-                if attempt.reason in ("missing", "exists"):
-                    exists = attempt.reason == "exists"
-                    if exists and not checked:
-                        _, entry = client.kv_get(self.key)
-                        self._check_is_lock(entry)
-                        checked = True
-                    continue
-                _LOCK_KEYS.add(self._ident)
-                exists = True
-                if attempt.acquired:
-                    self._taken(client, session, sid, value, attempt)
-                    return True
-                if attempt.reason == "session":
-                    session.lose("Consul does not know the session")
-                    session_failures += 1
-                    if session_failures >= SESSION_RETRIES:
-                        raise SessionGone(sid, client.address)
-                    continue
-                if not self._wait_for_change(client, session, deadline):
-                    return False
+                outcome = attempt_once(client, session, sid)
+                if outcome is not None:
+                    return outcome
                 backoff = RETRY_MIN
+            except SessionGone as exc:
+                session.lose("Consul does not know the session")
+                session_failures += 1
+                if session_failures >= SESSION_RETRIES:
+                    raise SessionGone(exc.session, client.address) from None
             except ConsulUnavailable as exc:
                 # Brief during a Consul leader election: retry while the caller waits
                 # (not through a TLS failure: waiting does not fix a configuration).
@@ -601,18 +642,25 @@ class ConsulLock:
                 raise SessionGone(self.given_session.id or "?", self.settings.base_url)
             return self.given_session
         if self.private_session:
-            name = f"celery-consul-lock {self.name} {socket.gethostname()} pid {os.getpid()}"
-            return LockSession(self.settings, name=name)
+            return self._private_session()
         return shared_session(self.settings)
+
+    def _private_session(self) -> LockSession:
+        """A session for this lock alone (destroyed with its release, see :meth:`_owns`)."""
+        return LockSession(self.settings, name=f"celery-consul-lock {self.name} {socket.gethostname()} pid {os.getpid()}")
 
     def _gave_up(self, client: ConsulClient, entry: KVEntry | None, session: LockSession) -> None:
         if entry is not None and entry.session:
-            self.last_holder = _holder_of(client, entry)
+            self.last_holder = holder_of(client, entry)
             acquire_log.debug("%s is held by %s", self.key, self.last_holder)
         else:
             self.last_holder = None
             acquire_log.debug("%s is free but inside a lock-delay", self.key)
-        if self.private_session and session.holding() == 0:
+        self._drop_unused(client, session)
+
+    def _drop_unused(self, client: ConsulClient, session: LockSession) -> None:
+        """After a failed acquire: destroy a session made for this lock alone."""
+        if self._owns(session) and session.holding() == 0:
             session.destroy(client)
 
     def _check_is_lock(self, entry: KVEntry | None) -> None:
@@ -694,7 +742,7 @@ class ConsulLock:
         try:
             while not released.is_set():
                 try:
-                    new_index, entry = client.kv_get(self.key, index=index, wait=WATCH_WAIT, consistent=True)
+                    new_index, loss = self._watch_read(client, sid, index)
                 except ConsulLockError as exc:
                     if released.wait(WATCH_RETRY):
                         return
@@ -702,14 +750,8 @@ class ConsulLock:
                     continue
                 if released.is_set():
                     return
-                if entry is None:
-                    self._mark_lost("the key was deleted", released)
-                    return
-                if entry.session != sid:
-                    if entry.session:
-                        self._mark_lost(f"the key is now held by session {entry.session}", released)
-                    else:
-                        self._mark_lost("the key was freed behind our back (our session destroyed or invalidated?)", released)
+                if loss is not None:
+                    self._mark_lost(loss, released)
                     return
                 index = new_index if new_index >= index else 1
                 index = max(index, 1)
@@ -718,15 +760,27 @@ class ConsulLock:
         finally:
             client.close()
 
+    def _watch_read(self, client: ConsulClient, sid: str, index: int) -> tuple[int, str | None]:
+        """One consistent blocking read of what the holding took: (Consul's index, why the
+        holding is lost or None)."""
+        new_index, entry = client.kv_get(self.key, index=index, wait=WATCH_WAIT, consistent=True)
+        if entry is None:
+            return new_index, "the key was deleted"
+        if entry.session == sid:
+            return new_index, None
+        if entry.session:
+            return new_index, f"the key is now held by session {entry.session}"
+        return new_index, "the key was freed behind our back (our session destroyed or invalidated?)"
+
 
 def _read_holder(client: ConsulClient, key: str) -> LockHolder | None:
     _, entry = client.kv_get(key, consistent=True)
     if entry is None or not entry.session:
         return None
-    return _holder_of(client, entry)
+    return holder_of(client, entry)
 
 
-def _holder_of(client: ConsulClient, entry: KVEntry) -> LockHolder:
+def holder_of(client: ConsulClient, entry: KVEntry) -> LockHolder:
     """The holder of a held key; asks Consul for the session's name and node only when the
     key's value does not say who holds it (``consul lock``, curl scripts)."""
     holder = LockHolder.from_entry(entry)
