@@ -199,7 +199,7 @@ class LockLost(ConsulLockError):
 
 
 class LockHeld(ConsulLockError):
-    """A task's lock was held elsewhere and its retries ran out (``on_held="retry"``)."""
+    """A task's lock was held elsewhere: ``on_held="fail"``, or ``"retry"`` once its retries ran out."""
 
     def __init__(self, key: str, holder: str | None = None) -> None:
         super().__init__(key, holder)

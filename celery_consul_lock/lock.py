@@ -376,7 +376,7 @@ class ConsulLock:
     def _free_local(self) -> None:
         _LOCAL.free(self._ident, self)
 
-    def release(self, *, finished: bool = True) -> bool:
+    def release(self, *, finished: bool = True, restore: bool = False) -> bool:
         """Release the lock if we hold it; True if Consul confirmed we still held it.
 
         Consul frees the key only for the session that holds it, so this never frees a
@@ -390,6 +390,8 @@ class ConsulLock:
         died holding the key. With ``finished=False`` (the holder is interrupted, e.g. its
         process is shutting down mid-run) the value is kept without ``released_at``: the
         key is free at once, and the next acquirer sees an unfinished holder, as if it died.
+        With ``restore=True`` (a holding that did nothing) the key gets back the value it had
+        before our acquire, so the next acquirer sees the holder before us.
         """
         with self._mutex:
             sid, session, value = self._sid, self._session, self._held_value
@@ -400,7 +402,9 @@ class ConsulLock:
         if self._pid != os.getpid():
             release_log.debug("%s was acquired by pid %s: a forked child leaves it to its parent", self.key, self._pid)
             return False
-        if finished:
+        if restore and self._previous_raw:
+            value = base64.b64decode(self._previous_raw)
+        elif finished:
             value = b'{"released_at":"%s",%s' % (_utc_now_ms(), value[1:])
         client = thread_client(self.settings)
         ok = False
@@ -478,6 +482,12 @@ class ConsulLock:
         except ValueError:
             return None
         return data if isinstance(data, dict) else None
+
+    @property
+    def fence_key(self) -> str:
+        """The key our session holds while we hold the lock: what a ``check-session``
+        transaction names to write only while the holding lasts."""
+        return self.key
 
     @property
     def fencing_token(self) -> int | None:

@@ -218,6 +218,8 @@ class ConsulSemaphore(ConsulLock):
         self.last_holders: tuple[LockHolder, ...] = ()
         #: ``.lock`` as our admission wrote it (index, holders): the release's first guess.
         self._admitted: tuple[int, frozenset[str]] | None = None
+        #: The other live holders when we were admitted (from their contender keys).
+        self.co_holders: tuple[LockHolder, ...] = ()
         #: A session made for one holding (another holder here uses the shared one).
         self._own_session: LockSession | None = None
 
@@ -328,6 +330,9 @@ class ConsulSemaphore(ConsulLock):
             token = int(results[1]["KV"]["ModifyIndex"])
             self._admitted = (token, holders)
             self._previous_raw = None
+            self.co_holders = tuple(
+                LockHolder.from_entry(state.contenders[other]) for other in sorted(holders - {sid}) if other in state.contenders
+            )
             self._acquired(session, sid, value, token)
             return True
         what = " ".join(str(e.get("What", "")) for e in errors)
@@ -385,6 +390,11 @@ class ConsulSemaphore(ConsulLock):
             if ok:
                 return sid in holders
             guess = None
+
+    @property
+    def fence_key(self) -> str:
+        """Our contender key (held by our session while we hold a slot)."""
+        return f"{self._dir}{self._sid or ''}"
 
     def _release_key(self, sid: str, value: bytes) -> tuple[str, bytes]:
         # Freeing our contender key is enough: every contender then prunes us.

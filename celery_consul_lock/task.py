@@ -40,6 +40,7 @@ from .availability import REQUEUE_HEADER, AvailabilityConfig, requeue_or_raise
 from .consul import thread_client
 from .errors import ConsulUnavailable, InvalidSetting, LockHeld, LockLost
 from .lock import ConsulLock, LockHolder
+from .semaphore import SEMAPHORE_KEY, ConsulSemaphore, validate_limit
 from .session import close_sessions
 from .settings import FAIL_POLICIES, ConsulSettings, validate_key
 from .ticks import TICK_HEADER, Mark, Tick, change_mark, read_mark
@@ -56,7 +57,16 @@ log = logging.getLogger("celery_consul_lock.task")
 LOCK_OPTIONS_HEADER = "consul_lock"
 #: The value a skipped run returns: ``{"consul_lock": "skipped", ...}`` (see is_skipped).
 SKIPPED = "skipped"
-ON_HELD = ("skip", "wait", "retry")
+ON_HELD = ("skip", "wait", "retry", "fail")
+#: App-wide defaults of the task lock options: Celery setting -> LockOptions field. The
+#: others (key, limit, cooldown, ttl, ...) belong to one task (ttl, lock_delay and
+#: fail_policy have app-wide settings of their own: see ConsulSettings).
+APP_DEFAULTS = {
+    "consul_lock_on_held": "on_held",
+    "consul_lock_wait_timeout": "wait_timeout",
+    "consul_lock_retry_countdown": "retry_countdown",
+    "consul_lock_abort_on_lock_lost": "abort_on_lock_lost",
+}
 #: How a run's acquire ended: the lock taken, held by another run, or held by a live run
 #: of this same message (this copy is a duplicate delivery).
 Acquired = Literal["acquired", "held", "duplicate"]
@@ -81,7 +91,8 @@ class LockOptions:
 
     #: Key template (``str.format`` with the task's arguments), or callable(task, args, kwargs).
     key: str | Callable[..., str] | None = None
-    #: What to do when the lock is held elsewhere: skip, wait (then skip) or retry.
+    #: What to do when the lock is held elsewhere: skip, wait (then skip), retry, or fail
+    #: (raise LockHeld).
     on_held: str = "skip"
     #: How long ``wait`` waits.
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT
@@ -93,10 +104,20 @@ class LockOptions:
     fail_policy: str | None = None
     #: Raise LockLost inside the running body as soon as the lock is lost.
     abort_on_lock_lost: bool = False
+    #: At most this many runs at once per key, cluster-wide (1: a lock; more: a semaphore).
+    limit: int = 1
+    #: After a run of the key ends, skip runs for this many seconds (reason "cooldown").
+    cooldown: float = 0.0
 
     def validated(self, task: str) -> LockOptions:
         def bad(name: str, value: object, why: str) -> InvalidSetting:
             return InvalidSetting(f"{task}.lock_{name}", value, why)
+
+        validate_limit(f"{task}.lock_limit", self.limit)
+        if isinstance(self.cooldown, bool) or not isinstance(self.cooldown, int | float) or self.cooldown < 0:
+            raise bad("cooldown", self.cooldown, "expected a number of seconds >= 0")
+        if self.cooldown and self.limit > 1:
+            raise bad("cooldown", self.cooldown, "a cooldown needs lock_limit=1 (it is kept in the lock's key)")
 
         if self.on_held not in ON_HELD:
             raise bad("on_held", self.on_held, f"expected one of {', '.join(ON_HELD)}")
@@ -117,7 +138,9 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
     Options, as task attributes or ``@app.task(lock_on_held="wait", ...)`` arguments, or per
     call in the ``consul_lock`` message header: ``lock_key``, ``lock_on_held``,
     ``lock_wait_timeout``, ``lock_retry_countdown``, ``lock_ttl``, ``lock_delay``,
-    ``lock_fail_policy``, ``abort_on_lock_lost``.
+    ``lock_fail_policy``, ``abort_on_lock_lost``, ``lock_limit``, ``lock_cooldown``. A task
+    that sets none of ``lock_on_held``, ``lock_wait_timeout``, ``lock_retry_countdown``,
+    ``abort_on_lock_lost`` takes the app's ``consul_lock_<name>`` setting (see APP_DEFAULTS).
     """
 
     lock_key: str | Callable[..., str] | None = None
@@ -128,6 +151,8 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
     lock_delay: float | None = None
     lock_fail_policy: str | None = None
     abort_on_lock_lost: bool = False
+    lock_limit: int = 1
+    lock_cooldown: float = 0.0
 
     _consul_settings: ConsulSettings | None = None
     _lock_options: LockOptions | None = None
@@ -158,21 +183,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         """This call's options (``request``'s, default the current one): the task's, with
         the ``consul_lock`` header's on top."""
         if self._lock_options is None:
-            key = self.lock_key
-            if inspect.ismethod(key) and key.__self__ is self:
-                # A function given as @app.task(lock_key=f) is a class attribute, so Python
-                # binds it: call it as documented, f(task, args, kwargs).
-                key = key.__func__
-            self._lock_options = LockOptions(
-                key=key,
-                on_held=self.lock_on_held,
-                wait_timeout=self.lock_wait_timeout,
-                retry_countdown=self.lock_retry_countdown,
-                ttl=self.lock_ttl,
-                lock_delay=self.lock_delay,
-                fail_policy=self.lock_fail_policy,
-                abort_on_lock_lost=self.abort_on_lock_lost,
-            ).validated(self.name)
+            self._lock_options = replace(self._own_options(), **self._app_defaults()).validated(self.name)
         override = _request_value(self.request if request is None else request, LOCK_OPTIONS_HEADER)
         if not override:
             return self._lock_options
@@ -185,6 +196,46 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
                 f"{self.name} header {LOCK_OPTIONS_HEADER}", override, f"unknown option(s) {unknown}; known: {sorted(known)}"
             )
         return replace(self._lock_options, **override).validated(self.name)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A task's own lock options are checked when it is defined (``@app.task``), so a
+        bad value fails at import, naming the task and the option."""
+        super().__init_subclass__(**kwargs)
+        cls._own_options().validated(getattr(cls, "name", None) or cls.__name__)
+
+    @classmethod
+    def _own_options(cls) -> LockOptions:
+        """The options the task's class sets (a function given as ``lock_key`` is read from
+        the class, unbound: it is called as documented, f(task, args, kwargs))."""
+        return LockOptions(
+            key=cls.lock_key,
+            on_held=cls.lock_on_held,
+            wait_timeout=cls.lock_wait_timeout,
+            retry_countdown=cls.lock_retry_countdown,
+            ttl=cls.lock_ttl,
+            lock_delay=cls.lock_delay,
+            fail_policy=cls.lock_fail_policy,
+            abort_on_lock_lost=cls.abort_on_lock_lost,
+            limit=cls.lock_limit,
+            cooldown=cls.lock_cooldown,
+        )
+
+    def _app_defaults(self) -> dict[str, Any]:
+        """The app's ``consul_lock_<option>`` settings for the options this task's class
+        does not set itself, validated (InvalidSetting names the Celery setting)."""
+        defaults: dict[str, Any] = {}
+        for setting, name in APP_DEFAULTS.items():
+            attr = "abort_on_lock_lost" if name == "abort_on_lock_lost" else f"lock_{name}"
+            owner = next(c for c in type(self).__mro__ if attr in c.__dict__)
+            value = self.app.conf.get(setting)
+            if value is None or owner is not ConsulLockedTask:
+                continue
+            try:
+                LockOptions(**{name: value}).validated(self.name)
+            except InvalidSetting as exc:
+                raise InvalidSetting(setting, value, exc.reason) from None
+            defaults[name] = value
+        return defaults
 
     def check_lock_options(self) -> LockOptions:
         """This task's own lock options, validated as a run would use them, without a run:
@@ -242,7 +293,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             value["requeues"] = attempt[1]
         if tick:
             value["tick"] = str(tick)
-        lock = ConsulLock(key, settings=settings, name=self.name, value=value)
+        lock = self._make_lock(key, options, settings, value)
         try:
             outcome = self._acquire(lock, options, task_id, attempt)
         except ConsulUnavailable as exc:
@@ -256,10 +307,15 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         if outcome == "held":
             return self._not_acquired(lock, options, tick, task_id, attempt)
         finished = True
+        restore = False
         try:
             if _delivery_finished(lock.previous, task_id, attempt):
                 self._skip(lock.key, "duplicate-delivery", None, tick, task_id)
                 raise Ignore()  # the task id's result is the finished run's
+            cooling = _cooling_down(lock.previous, options.cooldown)
+            if cooling:
+                restore = True  # a skipped run must not restart the cooldown
+                return self._skip(lock.key, "cooldown", None, tick, task_id, why=cooling)
             mark = None
             if tick is not None:
                 try:
@@ -290,7 +346,15 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             raise
         finally:
             request.consul_lock_held = None
-            lock.release(finished=finished)
+            lock.release(finished=finished, restore=restore)
+
+    def _make_lock(self, key: str, options: LockOptions, settings: ConsulSettings, value: dict[str, Any]) -> ConsulLock:
+        """The run's lock: a ConsulLock on ``key``, or with ``lock_limit`` above 1 a
+        ConsulSemaphore whose prefix is ``key`` without its ``/.lock``."""
+        if options.limit == 1:
+            return ConsulLock(key, settings=settings, name=self.name, value=value)
+        prefix = key[: -len(SEMAPHORE_KEY) - 1] if key.endswith(f"/{SEMAPHORE_KEY}") else key
+        return ConsulSemaphore(prefix, options.limit, settings=settings, name=self.name, value=value)
 
     def _consul_unavailable(self, exc: ConsulUnavailable, request: Any, tick: Tick | None) -> NoReturn:
         """fail_policy=closed and Consul cannot be reached: send the message back for another
@@ -307,8 +371,15 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         or requeue (``attempt`` above (0, 0)) that finds another message's run holding the
         key waits for it under ``skip`` too (then retries, see _not_acquired)."""
         if lock.acquire(blocking=False):
+            twin = _same_message(lock.co_holders if isinstance(lock, ConsulSemaphore) else (), task_id)
+            if twin is not None and _attempt_of(twin.extra) >= attempt:
+                # A semaphore had a free slot, but a run of this same message holds another.
+                lock.release(finished=False)
+                lock.last_holder = twin
+                log.info("%s[%s] is a duplicate delivery: a run of this message holds a slot of %s", self.name, task_id, lock.key)
+                return "duplicate"
             return "acquired"
-        holder = lock.last_holder
+        holder = _same_message(lock.last_holders if isinstance(lock, ConsulSemaphore) else (), task_id) or lock.last_holder
         if not (holder and task_id and holder.extra.get("task_id") == task_id):
             if options.on_held == "wait":
                 return "acquired" if lock.acquire(timeout=options.wait_timeout) else "held"
@@ -367,7 +438,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             tick.entry,
             read_mark(client, settings, tick.entry),
             lambda m: None if m.covers(tick) else m.opened(tick, time.time()),
-            lock_key=lock.key,
+            lock_key=lock.fence_key,
             session=lock.session_id or "",
         )
         if opened is None:
@@ -380,6 +451,11 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         """Skip, or retry: with ``on_held="retry"``, and for a retry or requeue of a message
         (``attempt`` above (0, 0)) under ``skip``, which would otherwise lose its run."""
         holder = lock.last_holder
+        if options.on_held == "fail":
+            log.info(
+                "%s[%s]: %s is held by %s; failing (on_held=fail)", self.name, task_id, lock.key, holder or "nobody (lock-delay)"
+            )
+            raise LockHeld(lock.key, str(holder) if holder else None)
         if options.on_held == "retry" or (options.on_held == "skip" and attempt != (0, 0)):
             log.info(
                 "%s[%s]: %s is held by %s; retrying in %g s",
@@ -405,7 +481,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         """Log, signal and return the visible outcome of a run that did not run its body."""
         if reason == "stale-leader":
             log.warning("dropping %s[%s]: %s", self.name, task_id, why)
-        elif reason == "duplicate-tick":
+        elif reason in ("duplicate-tick", "cooldown"):
             log.info("skipping %s[%s]: %s", self.name, task_id, why)
         elif reason == "duplicate-delivery":
             log.info(
@@ -455,7 +531,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             tick.entry,
             mark,
             lambda m: m.completed(tick, extra),
-            lock_key=lock.key,
+            lock_key=lock.fence_key,
             session=sid,
         )
         if written:
@@ -644,6 +720,26 @@ def _delivery_finished(previous: Mapping[str, Any] | None, task_id: str | None, 
         and previous.get("task_id") == task_id
         and _attempt_of(previous) >= attempt
     )
+
+
+def _same_message(holders: tuple[LockHolder, ...], task_id: str | None) -> LockHolder | None:
+    """The holder among ``holders`` that is a run of the message ``task_id``, if any."""
+    return next((h for h in holders if task_id and h.extra.get("task_id") == task_id), None)
+
+
+def _cooling_down(previous: Mapping[str, Any] | None, cooldown: float) -> str | None:
+    """Why a run must be skipped for the cooldown: the key's value before our acquire shows
+    a run that finished (``released_at``) less than ``cooldown`` seconds ago."""
+    if not cooldown or not previous or not isinstance(previous.get("released_at"), str):
+        return None
+    try:
+        ended = datetime.fromisoformat(previous["released_at"]).timestamp()
+    except ValueError:
+        return None
+    left = ended + cooldown - time.time()
+    if left <= 0:
+        return None
+    return f"the last run ended at {previous['released_at']}; the cooldown of {cooldown:g} s has {left:.1f} s left"
 
 
 def _attempt(request: Any) -> Attempt:
