@@ -277,3 +277,33 @@ def test_our_holders_fill_slots_and_the_cli_gets_only_the_rest(settings, prefix,
             sem.release()
         if cli_proc is not None:
             _kill(cli_proc)
+
+
+# -- status ------------------------------------------------------------------------------
+
+
+def test_status_lists_each_semaphore_with_its_limit_and_live_holders(settings, prefix, consul, tmp_path):
+    from celery import Celery
+
+    from celery_consul_lock.command import collect_status, render_status
+
+    app = Celery("status", set_as_current=False)
+    app.conf.consul_lock_address = consul.address
+    ours = ConsulSemaphore(prefix, 3, settings=settings, name="nightly-report", value={"task_id": "t-1"})
+    started = tmp_path / "started"
+    proc = _start(cli(consul, prefix, 3, f"echo started > {shlex.quote(str(started))}; exec sleep 60"), tmp_path / "cli.log")
+    try:
+        wait_for(started.exists, 30, "`consul lock -n 3` to take a slot")
+        assert ours.acquire(blocking=False)
+        status = collect_status(app)
+        text = render_status(status)
+    finally:
+        ours.release()
+        _kill(proc)
+    (sem,) = [s for s in status["semaphores"] if s["prefix"] == prefix]
+    assert sem["limit"] == 3 and len(sem["holders"]) == 2
+    assert {h["task_id"] for h in sem["holders"]} == {"t-1", None}
+    assert any(h["name"] and "Consul lock" in h["name"] for h in sem["holders"]), sem
+    # Contender keys are slots, not locks: they are not listed among the held locks.
+    assert not [lock for lock in status["locks"] if lock["key"].startswith(f"{prefix}/")]
+    assert f"{prefix}  2/3" in text and "nightly-report" in text, text
