@@ -36,20 +36,23 @@ written by our admission (it only grows, but N holders hold at once).
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .consul import SEMAPHORE_FLAG, ConsulClient, KVEntry, thread_client
 from .errors import ConsulLockError, InvalidSetting, SemaphoreConflict, SemaphoreLimitConflict, SessionGone
-from .lock import LOCK_DELAY_RETRY, WAIT_MAX, WATCH_WAIT, ConsulLock, LockHolder, holder_of
+from .holder import LockHolder, holder_of
+from .lock import LOCK_DELAY_RETRY, WAIT_MAX, ConsulLock, Holding
 from .session import LockSession
 from .settings import ConsulSettings
+from .watch import WATCH_WAIT, watch_later
 
 __all__ = ["SEMAPHORE_KEY", "ConsulSemaphore", "SemaphoreState"]
 
@@ -126,6 +129,16 @@ def _encode(limit: int, holders: frozenset[str] | set[str]) -> str:
     """``.lock``'s value as the Go client writes it (base64, for a transaction)."""
     text = json.dumps({"Limit": limit, "Holders": dict.fromkeys(sorted(holders), True)}, separators=(",", ":"))
     return base64.b64encode(text.encode()).decode()
+
+
+@dataclass(slots=True)
+class SlotHolding(Holding):
+    """One holding of a semaphore slot: a lock's holding, plus what the admission saw."""
+
+    #: ``.lock`` as our admission wrote it (ModifyIndex, holders): the release's first guess.
+    admitted: tuple[int, frozenset[str]] = (0, frozenset())
+    #: The other live holders when we were admitted (from their contender keys).
+    co_holders: tuple[LockHolder, ...] = field(default_factory=tuple)
 
 
 class _PrefixSessions:
@@ -216,18 +229,21 @@ class ConsulSemaphore(ConsulLock):
         self.name = name or self.prefix
         #: Who held the slots when our last acquire gave up (empty when it did not).
         self.last_holders: tuple[LockHolder, ...] = ()
-        #: ``.lock`` as our admission wrote it (index, holders): the release's first guess.
-        self._admitted: tuple[int, frozenset[str]] | None = None
-        #: The other live holders when we were admitted (from their contender keys).
-        self.co_holders: tuple[LockHolder, ...] = ()
         #: A session made for one holding (another holder here uses the shared one).
         self._own_session: LockSession | None = None
 
     def __repr__(self) -> str:
-        state = "held" if self._sid else "free"
+        state = "held" if self._current() else "free"
         if self.lost.is_set():
             state = "lost"
         return f"<ConsulSemaphore {self.prefix!r} limit={self.limit} {state} at {self.settings.base_url}>"
+
+    @property
+    def co_holders(self) -> tuple[LockHolder, ...]:
+        """The other live holders when our current holding was admitted (from their
+        contender keys, without asking Consul again); empty when not held."""
+        holding = self._current()
+        return holding.co_holders if isinstance(holding, SlotHolding) else ()
 
     @classmethod
     def state(cls, prefix: str, *, settings: ConsulSettings | None = None, **setting_values: Any) -> SemaphoreState:
@@ -328,12 +344,10 @@ class ConsulSemaphore(ConsulLock):
         ok, results, errors = client.txn(ops, action="entering a semaphore", resource=self.key)
         if ok:
             token = int(results[1]["KV"]["ModifyIndex"])
-            self._admitted = (token, holders)
-            self._previous_raw = None
-            self.co_holders = tuple(
-                LockHolder.from_entry(state.contenders[other]) for other in sorted(holders - {sid}) if other in state.contenders
+            others = tuple(LockHolder.from_entry(state.contenders[o]) for o in sorted(holders - {sid}) if o in state.contenders)
+            self._acquired(
+                SlotHolding(session, sid, value, token, None, os.getpid(), admitted=(token, holders), co_holders=others)
             )
-            self._acquired(session, sid, value, token)
             return True
         what = " ".join(str(e.get("What", "")) for e in errors)
         if "invalid session" in what:
@@ -351,17 +365,23 @@ class ConsulSemaphore(ConsulLock):
         acquire_log.debug("%s is full: %s", self.prefix, ", ".join(map(str, self.last_holders)))
         self._drop_unused(client, session)
 
-    def _acquired(self, session: LockSession, sid: str, value: bytes, token: int | None) -> None:
+    def _acquired(self, holding: Holding) -> None:
         self.last_holders = ()
-        super()._acquired(session, sid, value, token)
+        super()._acquired(holding)
+
+    def _watch_later(self, holding: Holding) -> None:
+        lost = functools.partial(self._mark_lost, holding=holding)
+        read = functools.partial(self._watch_read, sid=holding.sid)
+        watch_later(self.settings, self.prefix, holding.sid, holding.released, lost, read)
 
     # -- releasing ----------------------------------------------------------------------
 
-    def _release_once(self, client: ConsulClient, sid: str, value: bytes) -> bool:
+    def _release_once(self, client: ConsulClient, holding: Holding, value: bytes) -> bool:
         """Take us off ``.lock`` (deleting it when nobody is left, as ``consul lock`` does)
         and delete our contender key, in one transaction; first with ``.lock`` as our
         admission left it, then as read, until the check-and-set holds."""
-        guess, self._admitted = self._admitted, None
+        sid = holding.sid
+        guess: tuple[int, frozenset[str]] | None = holding.admitted if isinstance(holding, SlotHolding) else None
         while True:
             if guess is None:
                 _, entry = client.kv_get(self.key)
@@ -394,15 +414,17 @@ class ConsulSemaphore(ConsulLock):
     @property
     def fence_key(self) -> str:
         """Our contender key (held by our session while we hold a slot)."""
-        return f"{self._dir}{self._sid or ''}"
+        return f"{self._dir}{self.session_id or ''}"
 
-    def _release_key(self, sid: str, value: bytes) -> tuple[str, bytes]:
+    def _release_key(self, holding: Holding, value: bytes) -> tuple[str, bytes]:
         # Freeing our contender key is enough: every contender then prunes us.
-        return f"{self._dir}{sid}", b""
+        return f"{self._dir}{holding.sid}", b""
 
     # -- watching -----------------------------------------------------------------------
 
-    def _watch_read(self, client: ConsulClient, sid: str, index: int) -> tuple[int, str | None]:
+    def _watch_read(self, client: ConsulClient, index: int, *, sid: str) -> tuple[int, str | None]:
+        """The watcher's read: our slot is lost when ``.lock`` is gone or no longer a
+        semaphore's, or no longer lists our session among its live holders."""
         new_index, entries = client.kv_list(self._dir, index=index, wait=WATCH_WAIT, consistent=True)
         try:
             state = SemaphoreState.parse(self.key, entries)

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Any, Literal, NoReturn
 
 from celery import Task
@@ -40,21 +40,25 @@ from .availability import REQUEUE_HEADER, AvailabilityConfig, requeue_or_raise
 from .consul import thread_client
 from .errors import ConsulUnavailable, InvalidSetting, LockHeld, LockLost
 from .lock import ConsulLock, LockHolder
+from .protocol import (
+    LEADER_HEADER,
+    LOCK_OPTIONS_HEADER,
+    Tick,
+    header_value,
+    options_override,
+    retry_headers,
+    stale_leader,
+    tick_of_request,
+)
 from .semaphore import SEMAPHORE_KEY, ConsulSemaphore, validate_limit
 from .session import close_sessions
 from .settings import FAIL_POLICIES, ConsulSettings, validate_key
-from .ticks import TICK_HEADER, Mark, Tick, change_mark, read_mark
-
-#: Header set by the leader-elected beat (see celery_consul_lock.beat).
-LEADER_HEADER = "consul_lock_leader"
+from .ticks import Mark, change_mark, read_mark
 
 __all__ = ["LOCK_OPTIONS_HEADER", "SKIPPED", "ConsulLockedTask", "LockOptions", "is_skipped"]
 
 log = logging.getLogger("celery_consul_lock.task")
 
-#: Message header with per-call overrides of the lock options, e.g.
-#: ``task.apply_async(args, headers={"consul_lock": {"on_held": "wait"}})``.
-LOCK_OPTIONS_HEADER = "consul_lock"
 #: The value a skipped run returns: ``{"consul_lock": "skipped", ...}`` (see is_skipped).
 SKIPPED = "skipped"
 ON_HELD = ("skip", "wait", "retry", "fail")
@@ -184,7 +188,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         the ``consul_lock`` header's on top."""
         if self._lock_options is None:
             self._lock_options = replace(self._own_options(), **self._app_defaults()).validated(self.name)
-        override = _request_value(self.request if request is None else request, LOCK_OPTIONS_HEADER)
+        override = options_override(self.request if request is None else request)
         if not override:
             return self._lock_options
         if not isinstance(override, Mapping):
@@ -280,10 +284,10 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         options = self.lock_options(request)
         settings = self.lock_settings(options)
         key = self.lock_key_for(args, kwargs, options)
-        tick = _tick(request)
+        tick = tick_of_request(request)
         task_id = request.id
         attempt = _attempt(request)
-        stale = _stale_leader(_request_value(request, LEADER_HEADER))
+        stale = stale_leader(header_value(request, LEADER_HEADER))
         if stale:
             return self._skip(key, "stale-leader", None, tick, task_id, why=stale)
         value: dict[str, Any] = {"task_id": task_id}
@@ -465,10 +469,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
                 holder or "nobody (lock-delay)",
                 options.retry_countdown,
             )
-            headers = {TICK_HEADER: str(tick)} if tick else {}
-            override = _request_value(self.request, LOCK_OPTIONS_HEADER)
-            if override:
-                headers[LOCK_OPTIONS_HEADER] = override
+            headers = retry_headers(tick, options_override(self.request))
             raise self.retry(
                 countdown=options.retry_countdown, exc=LockHeld(lock.key, str(holder) if holder else None), headers=headers
             )
@@ -660,55 +661,6 @@ def _signature(func: Callable[..., Any]) -> inspect.Signature:
     return inspect.signature(func)
 
 
-#: Leaderships of each beat scheduler this process has seen messages from: name ->
-#: {fencing token: when that leader was elected (epoch s, its clock)}; the newest few.
-_LEADERS: dict[str, dict[int, float]] = {}
-_LEADERS_MUTEX = threading.Lock()
-#: Leaderships remembered per scheduler.
-LEADERS_KEPT = 16
-
-
-def _stale_leader(header: Any) -> str | None:
-    """Why a message from a beat leader must be dropped, or None.
-
-    The rule: a message is refused only if its leader had been deposed when it sent it,
-    i.e. it was sent (``sent_at``, the sender's clock) at or after the election of a newer
-    leader (``elected_at`` of a message with a larger token, that leader's clock). It is
-    judged by when it was *sent*, not by when it arrives, so a retry of a tick (Celery
-    copies the header into it), a countdown or ETA message, a backlog on a slow queue or an
-    ``acks_late`` redelivery sent by the previous leader while it led still runs. A leader
-    checks its lease before each send and an election waits out the old lease, so a legal
-    send precedes the next election by at least c + d - (W_b - m_b) (2.5 s by default):
-    beat hosts' clocks must agree better than that. Messages without ``sent_at`` (from
-    version 0.1) are not judged."""
-    if not isinstance(header, Mapping):
-        return None
-    name, token = header.get("scheduler"), header.get("token")
-    if not isinstance(name, str) or not isinstance(token, int):
-        return None
-    sent_at, elected_at = header.get("sent_at"), header.get("elected_at")
-    with _LEADERS_MUTEX:
-        seen = _LEADERS.setdefault(name, {})
-        if isinstance(elected_at, int | float) and token not in seen:
-            seen[token] = float(elected_at)
-            for old in sorted(seen)[:-LEADERS_KEPT]:
-                del seen[old]
-        if not isinstance(sent_at, int | float):
-            return None
-        newer = [(other, since) for other, since in seen.items() if other > token and since <= sent_at]
-    if not newer:
-        return None
-    other, since = min(newer)
-    return (
-        f"sent by a deposed leader of {name} (token {token}) at {_iso(sent_at)}, after the leader with "
-        f"token {other} was elected at {_iso(since)}"
-    )
-
-
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
-
-
 def _delivery_finished(previous: Mapping[str, Any] | None, task_id: str | None, attempt: Attempt) -> bool:
     """True if the key's value before our acquire shows that a run of this same message
     (this attempt, or a later one) finished and released the key: we are a copy that
@@ -744,7 +696,7 @@ def _cooling_down(previous: Mapping[str, Any] | None, cooldown: float) -> str | 
 
 def _attempt(request: Any) -> Attempt:
     """Which attempt of its message a run is: (Celery's retries, our requeues)."""
-    requeue = _request_value(request, REQUEUE_HEADER)
+    requeue = header_value(request, REQUEUE_HEADER)
     count = requeue.get("count", 0) if isinstance(requeue, Mapping) else 0
     return _attempt_of({"retries": getattr(request, "retries", 0), "requeues": count})
 
@@ -753,19 +705,6 @@ def _attempt_of(data: Mapping[str, Any]) -> Attempt:
     """The attempt a lock value (or the like) names; absent counts are 0."""
     retries, requeues = data.get("retries") or 0, data.get("requeues") or 0
     return (retries if isinstance(retries, int) else 0, requeues if isinstance(requeues, int) else 0)
-
-
-def _request_value(request: Any, name: str) -> Any:
-    value = getattr(request, name, None)
-    if value is None:
-        headers = getattr(request, "headers", None) or {}
-        value = headers.get(name)
-    return value
-
-
-def _tick(request: Any) -> Tick | None:
-    value = _request_value(request, TICK_HEADER)
-    return Tick.parse(value) if value else None
 
 
 @worker_process_shutdown.connect(weak=False)
