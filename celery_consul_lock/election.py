@@ -33,7 +33,7 @@ from .consul import ConsulClient, thread_client
 from .errors import ConsulLockError, InvalidSetting
 from .lock import LOCK_DELAY_RETRY, ConsulLock
 from .session import LockSession, renewal_interval
-from .settings import ConsulSettings, parse_seconds, validate_key
+from .settings import ConsulSettings, Setting, one_of, read_celery, seconds, text, validate_key
 
 __all__ = ["BeatConfig", "Election", "LoopWatch", "MissedPolicy"]
 
@@ -75,6 +75,29 @@ STALL_ESCALATION_MAX = 4
 STALL_POLL = 0.1
 
 
+#: The beat's settings (see :class:`~celery_consul_lock.settings.Setting`); BeatConfig.validate
+#: checks what holds between them and the connection settings.
+BEAT_SETTINGS: tuple[Setting, ...] = (
+    Setting("beat_name", text, None, "election and state namespace of the beats", shown_default="the app's main name"),
+    Setting(
+        "beat_check_ttl",
+        seconds(),
+        DEFAULT_CHECK_TTL,
+        "TTL of the leader's health check: at least 1 s and twice the renewal interval; no upper bound (a crashed "
+        "leader is replaced after about this plus the lock-delay)",
+    ),
+    Setting("beat_lock_delay", seconds(), DEFAULT_BEAT_LOCK_DELAY, "lock-delay of beat sessions"),
+    Setting("beat_missed", one_of(*MISSED_POLICIES), "run-once", "ticks missed while nobody led: `run-once` or `skip`"),
+    Setting(
+        "beat_stall_timeout",
+        seconds(),
+        DEFAULT_STALL_TIMEOUT,
+        "the leader steps down when its scheduler loop has been inside one tick or send this long; at least "
+        "`consul_lock_timeout` + 3 s",
+    ),
+)
+
+
 @dataclass(frozen=True)
 class BeatConfig:
     """Beat settings (``consul_lock_beat_*``), read once and validated at start-up."""
@@ -94,21 +117,12 @@ class BeatConfig:
     @classmethod
     def from_app(cls, app: Any) -> BeatConfig:
         conf = app.conf
-        name = conf.get("consul_lock_beat_name") or app.main or "celery"
+        beat = read_celery(conf, BEAT_SETTINGS)
         base = ConsulSettings.from_celery(conf)
-        lock_delay = conf.get("consul_lock_beat_lock_delay")
-        settings = ConsulSettings.resolve(
-            {"lock_delay": DEFAULT_BEAT_LOCK_DELAY if lock_delay is None else lock_delay},
-            env={},
-            names="consul_lock_beat_{}",
-        )
+        settings = ConsulSettings.resolve({"lock_delay": beat["beat_lock_delay"]}, env={}, names="consul_lock_beat_{}")
         settings = base.replace(lock_delay=settings.lock_delay)
-        check_ttl = conf.get("consul_lock_beat_check_ttl")
-        check_ttl = DEFAULT_CHECK_TTL if check_ttl is None else parse_seconds("consul_lock_beat_check_ttl", check_ttl)
-        missed = conf.get("consul_lock_beat_missed") or "run-once"
-        stall = conf.get("consul_lock_beat_stall_timeout")
-        stall_timeout = DEFAULT_STALL_TIMEOUT if stall is None else parse_seconds("consul_lock_beat_stall_timeout", stall)
-        config = cls(str(name), settings, check_ttl, missed, stall_timeout)
+        name = beat["beat_name"] or app.main or "celery"
+        config = cls(str(name), settings, beat["beat_check_ttl"], beat["beat_missed"], beat["beat_stall_timeout"])
         config.validate()
         return config
 

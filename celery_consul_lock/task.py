@@ -52,7 +52,7 @@ from .protocol import (
 )
 from .semaphore import SEMAPHORE_KEY, ConsulSemaphore, validate_limit
 from .session import close_sessions
-from .settings import FAIL_POLICIES, ConsulSettings, validate_key
+from .settings import FAIL_POLICIES, ConsulSettings, Setting, boolean, one_of, read_celery, seconds, validate_key
 from .ticks import Mark, change_mark, read_mark
 
 __all__ = ["LOCK_OPTIONS_HEADER", "SKIPPED", "ConsulLockedTask", "LockOptions", "is_skipped"]
@@ -62,15 +62,6 @@ log = logging.getLogger("celery_consul_lock.task")
 #: The value a skipped run returns: ``{"consul_lock": "skipped", ...}`` (see is_skipped).
 SKIPPED = "skipped"
 ON_HELD = ("skip", "wait", "retry", "fail")
-#: App-wide defaults of the task lock options: Celery setting -> LockOptions field. The
-#: others (key, limit, cooldown, ttl, ...) belong to one task (ttl, lock_delay and
-#: fail_policy have app-wide settings of their own: see ConsulSettings).
-APP_DEFAULTS = {
-    "consul_lock_on_held": "on_held",
-    "consul_lock_wait_timeout": "wait_timeout",
-    "consul_lock_retry_countdown": "retry_countdown",
-    "consul_lock_abort_on_lock_lost": "abort_on_lock_lost",
-}
 #: How a run's acquire ended: the lock taken, held by another run, or held by a live run
 #: of this same message (this copy is a duplicate delivery).
 Acquired = Literal["acquired", "held", "duplicate"]
@@ -81,6 +72,35 @@ Attempt = tuple[int, int]
 DEFAULT_WAIT_TIMEOUT = 30.0
 #: Default countdown for ``on_held="retry"``.
 DEFAULT_RETRY_COUNTDOWN = 5.0
+
+#: App-wide defaults of task lock options (Celery settings ``consul_lock_<option>``), for
+#: the tasks that do not set the option themselves; unset, the option's own default holds.
+#: The other options (key, limit, cooldown, ...) belong to one task; ttl, lock_delay and
+#: fail_policy have app-wide settings of their own (ConsulSettings).
+TASK_SETTINGS: tuple[Setting, ...] = (
+    Setting("on_held", one_of(*ON_HELD), None, "tasks' `lock_on_held` where a task sets none", shown_default="`skip`"),
+    Setting(
+        "wait_timeout",
+        seconds(at_least=0, why="expected a number of seconds >= 0"),
+        None,
+        "tasks' `lock_wait_timeout` where a task sets none",
+        shown_default=f"`{DEFAULT_WAIT_TIMEOUT:g}` s",
+    ),
+    Setting(
+        "retry_countdown",
+        seconds(at_least=0, why="expected a number of seconds >= 0"),
+        None,
+        "tasks' `lock_retry_countdown` where a task sets none",
+        shown_default=f"`{DEFAULT_RETRY_COUNTDOWN:g}` s",
+    ),
+    Setting("abort_on_lock_lost", boolean, None, "tasks' `abort_on_lock_lost` where a task sets none", shown_default="`false`"),
+)
+
+
+def task_defaults(conf: Any) -> dict[str, Any]:
+    """The app-wide task option defaults ``conf`` sets (TASK_SETTINGS), parsed; InvalidSetting
+    names the Celery setting."""
+    return {name: value for name, value in read_celery(conf, TASK_SETTINGS).items() if value is not None}
 
 
 def is_skipped(result: object) -> bool:
@@ -113,9 +133,15 @@ class LockOptions:
     #: After a run of the key ends, skip runs for this many seconds (reason "cooldown").
     cooldown: float = 0.0
 
+    @staticmethod
+    def attribute(option: str) -> str:
+        """The task attribute giving ``option``'s default: ``lock_<option>``, or the name
+        itself when it already says lock (``lock_delay``, ``abort_on_lock_lost``)."""
+        return option if "lock" in option else f"lock_{option}"
+
     def validated(self, task: str) -> LockOptions:
         def bad(name: str, value: object, why: str) -> InvalidSetting:
-            return InvalidSetting(f"{task}.lock_{name}", value, why)
+            return InvalidSetting(f"{task}.{LockOptions.attribute(name)}", value, why)
 
         validate_limit(f"{task}.lock_limit", self.limit)
         if isinstance(self.cooldown, bool) or not isinstance(self.cooldown, int | float) or self.cooldown < 0:
@@ -139,24 +165,13 @@ class LockOptions:
 class ConsulLockedTask(Task):  # type: ignore[misc]
     """A task whose runs are serialised cluster-wide by a Consul lock (see the module doc).
 
-    Options, as task attributes or ``@app.task(lock_on_held="wait", ...)`` arguments, or per
-    call in the ``consul_lock`` message header: ``lock_key``, ``lock_on_held``,
-    ``lock_wait_timeout``, ``lock_retry_countdown``, ``lock_ttl``, ``lock_delay``,
-    ``lock_fail_policy``, ``abort_on_lock_lost``, ``lock_limit``, ``lock_cooldown``. A task
-    that sets none of ``lock_on_held``, ``lock_wait_timeout``, ``lock_retry_countdown``,
-    ``abort_on_lock_lost`` takes the app's ``consul_lock_<name>`` setting (see APP_DEFAULTS).
+    Options: the fields of :class:`LockOptions`, as task attributes named by
+    :func:`LockOptions.attribute` (``lock_key``, ``lock_on_held``, ..., ``abort_on_lock_lost``;
+    their defaults are the fields' defaults) or ``@app.task(lock_on_held="wait", ...)``
+    arguments, or per call in the ``consul_lock`` message header (by field name). A task
+    that does not set ``lock_on_held``, ``lock_wait_timeout``, ``lock_retry_countdown`` or
+    ``abort_on_lock_lost`` takes the app's ``consul_lock_<option>`` setting (TASK_SETTINGS).
     """
-
-    lock_key: str | Callable[..., str] | None = None
-    lock_on_held: str = "skip"
-    lock_wait_timeout: float = DEFAULT_WAIT_TIMEOUT
-    lock_retry_countdown: float = DEFAULT_RETRY_COUNTDOWN
-    lock_ttl: float | None = None
-    lock_delay: float | None = None
-    lock_fail_policy: str | None = None
-    abort_on_lock_lost: bool = False
-    lock_limit: int = 1
-    lock_cooldown: float = 0.0
 
     _consul_settings: ConsulSettings | None = None
     _lock_options: LockOptions | None = None
@@ -211,34 +226,16 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
     def _own_options(cls) -> LockOptions:
         """The options the task's class sets (a function given as ``lock_key`` is read from
         the class, unbound: it is called as documented, f(task, args, kwargs))."""
-        return LockOptions(
-            key=cls.lock_key,
-            on_held=cls.lock_on_held,
-            wait_timeout=cls.lock_wait_timeout,
-            retry_countdown=cls.lock_retry_countdown,
-            ttl=cls.lock_ttl,
-            lock_delay=cls.lock_delay,
-            fail_policy=cls.lock_fail_policy,
-            abort_on_lock_lost=cls.abort_on_lock_lost,
-            limit=cls.lock_limit,
-            cooldown=cls.lock_cooldown,
-        )
+        return LockOptions(**{f.name: getattr(cls, LockOptions.attribute(f.name)) for f in fields(LockOptions)})
 
     def _app_defaults(self) -> dict[str, Any]:
         """The app's ``consul_lock_<option>`` settings for the options this task's class
         does not set itself, validated (InvalidSetting names the Celery setting)."""
-        defaults: dict[str, Any] = {}
-        for setting, name in APP_DEFAULTS.items():
-            attr = "abort_on_lock_lost" if name == "abort_on_lock_lost" else f"lock_{name}"
-            owner = next(c for c in type(self).__mro__ if attr in c.__dict__)
-            value = self.app.conf.get(setting)
-            if value is None or owner is not ConsulLockedTask:
-                continue
-            try:
-                LockOptions(**{name: value}).validated(self.name)
-            except InvalidSetting as exc:
-                raise InvalidSetting(setting, value, exc.reason) from None
-            defaults[name] = value
+        defaults = task_defaults(self.app.conf)
+        for name in list(defaults):
+            attr = LockOptions.attribute(name)
+            if next(c for c in type(self).__mro__ if attr in c.__dict__) is not ConsulLockedTask:
+                del defaults[name]  # the task's class sets it
         return defaults
 
     def check_lock_options(self) -> LockOptions:
@@ -539,6 +536,12 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             log.debug("tick %s recorded as completed", tick)
         else:
             log.error("tick %s ran but could not be recorded: the lock %s was lost meanwhile (it stays open)", tick, lock.key)
+
+
+# The task attributes of the options, with the options' defaults: lock_key, lock_on_held, ...
+for _option in fields(LockOptions):
+    setattr(ConsulLockedTask, LockOptions.attribute(_option.name), _option.default)
+del _option
 
 
 class LockLostAbort(LockLost):
