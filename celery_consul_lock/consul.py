@@ -388,6 +388,24 @@ class ConsulClient:
                 return LockAttempt(False, reason=reason)
         raise ConsulLockError(f"Consul at {self.address} refused to lock {key!r}: {what}")
 
+    def kv_take_over(self, key: str, holder: str, session: str, value: bytes) -> LockAttempt:
+        """Move ``key`` from session ``holder`` to ``session`` in one transaction (``unlock``
+        then ``lock``: no moment where neither holds it, and no lock-delay); not acquired
+        (reason "held") unless ``holder`` holds it now. Returns the previous value and the
+        new ModifyIndex as :meth:`kv_lock` does."""
+        encoded = base64.b64encode(value).decode()
+        ops = [
+            {"KV": {"Verb": "get", "Key": key}},
+            {"KV": kv_unlock(key, holder)},
+            {"KV": {"Verb": "lock", "Key": key, "Value": encoded, "Flags": LOCK_FLAG, "Session": session}},
+        ]
+        ok, results, _ = self.txn(ops, action="taking over a reserved lock", resource=key)
+        if not ok:
+            return LockAttempt(False, reason="held")
+        before = results[0]["KV"]
+        conflict = KVEntry.from_api(before) if int(before.get("Flags") or 0) not in (0, LOCK_FLAG) else None
+        return LockAttempt(True, int(results[-1]["KV"]["ModifyIndex"]), conflict=conflict, previous=before.get("Value"))
+
     def kv_restore(self, key: str, session: str, previous: KVEntry) -> bool:
         """Undo a lock taken on a key that turned out not to be a lock: free it and put its
         value and flags back, in one transaction, only while our session holds it."""

@@ -144,6 +144,9 @@ class ConsulLock:
         #: The latest acquisition (kept after its release for fencing_token and previous).
         self._holding: Holding | None = None
         self._value_tail: tuple[int, bytes] = (0, b"}")
+        #: A session holding the key for us (a send-time reservation, see :mod:`.reservation`)
+        #: whose hold the next acquire takes over atomically, then destroys; used once.
+        self.reservation: str | None = None
 
     def __repr__(self) -> str:
         state = "held" if self._current() else "free"
@@ -384,6 +387,8 @@ class ConsulLock:
         def attempt_once(client: ConsulClient, session: LockSession, sid: str) -> bool | None:
             nonlocal exists, checked
             value = self._value(sid)
+            if self.reservation is not None and self._took_over(client, session, sid, value):
+                return True
             attempt = client.kv_lock(self.key, sid, value, exists=exists)
             if attempt.reason in ("missing", "exists"):
                 exists = attempt.reason == "exists"
@@ -437,6 +442,23 @@ class ConsulLock:
                 acquire_log.info("acquiring %s: %s; retrying in %.2f s", self.key, exc.detail, backoff)
                 time.sleep(backoff if left is None else min(backoff, left))
                 backoff = min(RETRY_MAX, backoff * 2)
+
+    def _took_over(self, client: ConsulClient, session: LockSession, sid: str, value: bytes) -> bool:
+        """Take the key over from :attr:`reservation` (once); False when that session no
+        longer holds it (expired, or taken over by another copy of the message)."""
+        reserved, self.reservation = self.reservation, None
+        attempt = client.kv_take_over(self.key, reserved or "", sid, value)
+        if not attempt.acquired:
+            acquire_log.info("%s: the reservation is gone; acquiring as usual", self.key)
+            return False
+        _LOCK_KEYS.add(self._ident)
+        self._taken(client, session, sid, value, attempt)
+        try:
+            client.session_destroy(reserved or "")
+        except ConsulLockError as exc:  # its TTL ends it; it holds nothing any more
+            acquire_log.info("could not destroy the reservation's session of %s: %s", self.key, exc)
+        acquire_log.debug("took %s over from its reservation", self.key)
+        return True
 
     def _usable_session(self, session: LockSession) -> LockSession:
         if session.id is not None and not session.alive():

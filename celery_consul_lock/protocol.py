@@ -27,6 +27,7 @@ from typing import Any
 __all__ = [
     "LEADER_HEADER",
     "LOCK_OPTIONS_HEADER",
+    "RESERVATION_HEADER",
     "TICK_HEADER",
     "Tick",
     "crontab_tick",
@@ -46,6 +47,9 @@ LEADER_HEADER = "consul_lock_leader"
 #: Message header with per-call overrides of the lock options, e.g.
 #: ``task.apply_async(args, headers={"consul_lock": {"on_held": "wait"}})``.
 LOCK_OPTIONS_HEADER = "consul_lock"
+#: Message header of a message sent with ``lock_at="send"``/``"both"``: the session holding
+#: its send-time reservation, which the run takes over (see :mod:`.reservation`).
+RESERVATION_HEADER = "consul_lock_reservation"
 #: Leaderships remembered per scheduler (see :func:`stale_leader`).
 LEADERS_KEPT = 16
 

@@ -31,7 +31,7 @@ from dataclasses import dataclass, fields, replace
 from datetime import datetime
 from typing import Any, Literal, NoReturn
 
-from celery import Task
+from celery import Task, uuid
 from celery.exceptions import Ignore, Reject
 from celery.signals import worker_process_shutdown, worker_shutdown
 
@@ -43,6 +43,7 @@ from .lock import ConsulLock, LockHolder
 from .protocol import (
     LEADER_HEADER,
     LOCK_OPTIONS_HEADER,
+    RESERVATION_HEADER,
     Tick,
     header_value,
     options_override,
@@ -50,6 +51,7 @@ from .protocol import (
     stale_leader,
     tick_of_request,
 )
+from .reservation import Reservation, cancel, reservation_ttl, reserve
 from .semaphore import SEMAPHORE_KEY, ConsulSemaphore, validate_limit
 from .session import close_sessions
 from .settings import FAIL_POLICIES, ConsulSettings, Setting, boolean, one_of, read_celery, seconds, validate_key
@@ -62,6 +64,9 @@ log = logging.getLogger("celery_consul_lock.task")
 #: The value a skipped run returns: ``{"consul_lock": "skipped", ...}`` (see is_skipped).
 SKIPPED = "skipped"
 ON_HELD = ("skip", "wait", "retry", "fail")
+#: Where a task's key is locked: in the worker around the run (today's behaviour), at send
+#: time only (dedupe on the broker), or both.
+LOCK_AT = ("run", "send", "both")
 #: How a run's acquire ended: the lock taken, held by another run, or held by a live run
 #: of this same message (this copy is a duplicate delivery).
 Acquired = Literal["acquired", "held", "duplicate"]
@@ -72,6 +77,11 @@ Attempt = tuple[int, int]
 DEFAULT_WAIT_TIMEOUT = 30.0
 #: Default countdown for ``on_held="retry"``.
 DEFAULT_RETRY_COUNTDOWN = 5.0
+#: Default TTL of a send-time reservation (``lock_at="send"``): how long a queued message
+#: keeps later sends of its call off the broker before Consul frees the key (up to twice
+#: this). Ten minutes: longer than a healthy queue's wait, short enough that a lost message
+#: does not block its call for long.
+DEFAULT_RESERVE_TTL = 600.0
 
 #: App-wide defaults of task lock options (Celery settings ``consul_lock_<option>``), for
 #: the tasks that do not set the option themselves; unset, the option's own default holds.
@@ -132,6 +142,11 @@ class LockOptions:
     limit: int = 1
     #: After a run of the key ends, skip runs for this many seconds (reason "cooldown").
     cooldown: float = 0.0
+    #: "run" (lock in the worker), "send" (reserve the key at apply_async: a call already
+    #: queued or running is not sent again), or "both".
+    at: str = "run"
+    #: A send-time reservation's session TTL (see :mod:`.reservation`), 10 s .. 24 h.
+    reserve_ttl: float = DEFAULT_RESERVE_TTL
 
     @staticmethod
     def attribute(option: str) -> str:
@@ -148,6 +163,16 @@ class LockOptions:
             raise bad("cooldown", self.cooldown, "expected a number of seconds >= 0")
         if self.cooldown and self.limit > 1:
             raise bad("cooldown", self.cooldown, "a cooldown needs lock_limit=1 (it is kept in the lock's key)")
+        if self.at not in LOCK_AT:
+            raise bad("at", self.at, f"expected one of {', '.join(LOCK_AT)}")
+        if self.at != "run" and (self.limit > 1 or self.cooldown):
+            raise bad("at", self.at, "send-time dedupe needs lock_limit=1 and no lock_cooldown")
+        if (
+            isinstance(self.reserve_ttl, bool)
+            or not isinstance(self.reserve_ttl, int | float)
+            or not 10 <= self.reserve_ttl <= 86400
+        ):
+            raise bad("reserve_ttl", self.reserve_ttl, "expected seconds between 10 and 86400 (Consul's session TTL range)")
 
         if self.on_held not in ON_HELD:
             raise bad("on_held", self.on_held, f"expected one of {', '.join(ON_HELD)}")
@@ -295,6 +320,9 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         if tick:
             value["tick"] = str(tick)
         lock = self._make_lock(key, options, settings, value)
+        reserved = header_value(request, RESERVATION_HEADER) if options.at != "run" else None
+        if isinstance(reserved, Mapping) and isinstance(reserved.get("session"), str):
+            lock.reservation = reserved["session"]  # taken over by the acquire, atomically
         try:
             outcome = self._acquire(lock, options, task_id, attempt)
         except ConsulUnavailable as exc:
@@ -305,6 +333,11 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         if outcome == "duplicate":
             self._skip(lock.key, "duplicate-delivery", lock.last_holder, tick, task_id)
             raise Ignore()  # no result of its own: the task id's result is the live run's
+        if outcome == "held" and options.at == "send":
+            # Dedupe at send only: a copy that was not deduplicated (send_task by name, a
+            # reservation that expired) runs, without the key.
+            log.info("%s[%s]: %s is held by %s; running anyway (lock_at=send)", self.name, task_id, lock.key, lock.last_holder)
+            return self.run(*args, **kwargs)
         if outcome == "held":
             return self._not_acquired(lock, options, tick, task_id, attempt)
         finished = True
@@ -348,6 +381,45 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         finally:
             request.consul_lock_held = None
             lock.release(finished=finished, restore=restore)
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: Any = None,
+        **options: Any,
+    ) -> Any:
+        """Celery's ``apply_async``; with ``lock_at="send"`` or ``"both"``, the call's key is
+        reserved in Consul first (see :mod:`.reservation`): when a copy of the call is
+        already queued or running, nothing is published and its AsyncResult is returned."""
+        headers = dict(options.get("headers") or {})
+        lock_options = self.lock_options(_Headers(headers))
+        if lock_options.at == "run" or self.app.conf.task_always_eager:
+            return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
+        settings = self.lock_settings(lock_options)
+        key = settings.full_key(self.lock_key_for(tuple(args or ()), dict(kwargs or {}), lock_options))
+        task_id = task_id or uuid()
+        try:
+            reservation = reserve(settings, key, task_id, ttl=reservation_ttl(lock_options.reserve_ttl, options), name=self.name)
+        except ConsulUnavailable as exc:
+            if settings.fail_policy != "open":
+                raise
+            log.warning("sending %s[%s] unreserved (fail_policy=open): %s", self.name, task_id, exc)
+            reservation = Reservation(key, False)
+        if not reservation.made and reservation.task_id not in (None, task_id):
+            log.info("not sending %s[%s]: %s is queued or running (%s)", self.name, task_id, reservation.task_id, key)
+            return self.AsyncResult(reservation.task_id)
+        if reservation.made:
+            options["headers"] = {**headers, RESERVATION_HEADER: {"session": reservation.session}}
+        try:
+            return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
+        except BaseException:
+            cancel(settings, reservation)
+            raise
 
     def _make_lock(self, key: str, options: LockOptions, settings: ConsulSettings, value: dict[str, Any]) -> ConsulLock:
         """The run's lock: a ConsulLock on ``key``, or with ``lock_limit`` above 1 a
@@ -610,6 +682,13 @@ def _set_async_exc(thread_id: int, exc: type[BaseException] | None, key: str) ->
         thread_id,
         hit,
     )
+
+
+class _Headers:
+    """A send's headers as a request, to read the per-call lock options at send time."""
+
+    def __init__(self, headers: dict[str, Any]) -> None:
+        self.headers = headers
 
 
 #: A request without headers: the task's own options, with no per-call override.

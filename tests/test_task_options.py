@@ -89,3 +89,37 @@ def test_a_per_call_limit_override_is_validated():
     assert info.value.setting == "opts.limited.lock_limit"
     Request.headers = {"consul_lock": {"limit": 5}}
     assert limited.lock_options(Request()).limit == 5
+
+
+@pytest.mark.parametrize(
+    ("options", "option"),
+    [
+        ({"lock_at": "sometimes"}, "lock_at"),
+        ({"lock_at": "send", "lock_limit": 2}, "lock_at"),
+        ({"lock_at": "both", "lock_cooldown": 60}, "lock_at"),
+        ({"lock_at": "send", "lock_reserve_ttl": 5}, "lock_reserve_ttl"),
+    ],
+)
+def test_bad_send_time_options_fail_when_the_task_is_defined(options, option):
+    app = make_app()
+    with pytest.raises(InvalidSetting) as info:
+
+        @app.task(base=ConsulLockedTask, name="opts.sent", **options)
+        def sent() -> None: ...
+
+        sent.name  # noqa: B018
+    assert info.value.setting == f"opts.sent.{option}"
+
+
+def test_a_reservation_lasts_the_ttl_after_the_message_is_due_but_not_past_its_expiry():
+    from datetime import datetime, timedelta, timezone
+
+    from celery_consul_lock.reservation import reservation_ttl
+
+    assert reservation_ttl(600, {}) == 600
+    assert reservation_ttl(600, {"countdown": 60}) == 660
+    eta = datetime.now(timezone.utc) + timedelta(seconds=120)
+    assert 719 <= reservation_ttl(600, {"eta": eta}) <= 720
+    assert reservation_ttl(600, {"countdown": 60, "expires": 30}) == 30
+    assert reservation_ttl(600, {"expires": 1}) == 10  # Consul's shortest TTL
+    assert reservation_ttl(86400, {"countdown": 10}) == 86400  # and its longest

@@ -129,6 +129,15 @@ def cooled(self) -> str:
     return "done"
 
 
+@app.task(bind=True, base=ConsulLockedTask, name="proj.sent_once", lock_at="both", lock_reserve_ttl=10)
+def sent_once(self, seconds: float = 2.0) -> str:
+    """Deduplicated at send time: a call queued or running is not sent again."""
+    record("start", task="sent_once", id=self.request.id)
+    time.sleep(seconds)
+    record("end", task="sent_once", id=self.request.id)
+    return "done"
+
+
 @app.task(bind=True, base=ConsulLockedTask, name="proj.report", lock_key="locks/report-{customer_id}/.lock")
 def report(self, customer_id: int, seconds: float = 1.5) -> str:
     record("start", task="report", customer=customer_id, id=self.request.id)
