@@ -29,15 +29,14 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import agent_info, write_json  # noqa: E402
-from lock_cost import Floor, Ours, stats  # noqa: E402
+from common import agent_info, interleave, write_json  # noqa: E402
+from lock_cost import Floor, Ours  # noqa: E402
 
 from celery_consul_lock import ConsulLockedTask, ConsulSemaphore, close_sessions  # noqa: E402
 from celery_consul_lock.consul import SEMAPHORE_FLAG, ConsulClient  # noqa: E402
@@ -169,27 +168,7 @@ def run(
         "send_dup": sends.send_dup,
     }
     try:
-        for _ in range(WARMUP):
-            for fn in methods.values():
-                fn()
-                sends.after()
-        samples: dict[str, list[float]] = {name: [] for name in methods}
-        per_round: list[dict[str, float]] = []
-        names = list(methods)
-        orders = (names[r % len(names) :] + names[: r % len(names)] for r in itertools.count())
-        for _ in range(rounds):
-            medians = {}
-            for name in next(orders):
-                fn, out = methods[name], []
-                for _ in range(iterations):
-                    t0 = time.perf_counter()
-                    fn()
-                    out.append(time.perf_counter() - t0)
-                    sends.after()
-                samples[name] += out
-                medians[name] = statistics.median(out)
-            per_round.append(medians)
-        return {name: stats(s) for name, s in samples.items()}, per_round
+        return interleave(methods, rounds, iterations, WARMUP, after=sends.after)
     finally:
         sem_floor.close()
         lock_floor.close()

@@ -301,15 +301,8 @@ class ConsulClient:
     ) -> tuple[int, KVEntry | None]:
         """Read a key; with ``index``, a blocking query that returns when the key's index
         passes it or ``wait`` ends. Returns (X-Consul-Index, entry or None)."""
-        query, timeout = [], None
-        if index:
-            query.append(f"index={index}")
-            if wait is not None:
-                query.append(f"wait={_go_duration(wait)}")
-            timeout = self.timeout + (wait or DEFAULT_BLOCKING_WAIT) * (1 + BLOCKING_JITTER)
-        if consistent:
-            query.append("consistent=1")
-        target = self._target(_kv_path(key), "&".join(query))
+        query, timeout = self._read_query([], index, wait, consistent)
+        target = self._target(_kv_path(key), query)
         return self._request(  # type: ignore[no-any-return]
             "GET", target, None, "reading a key", "key:read", key, timeout=timeout, ok=_OK_404, read=_read_entry
         )
@@ -319,7 +312,16 @@ class ConsulClient:
     ) -> tuple[int, list[KVEntry]]:
         """Every key under ``prefix``; with ``index``, a blocking query that returns when the
         prefix's index passes it or ``wait`` ends. Returns (X-Consul-Index, entries)."""
-        query, timeout = ["recurse=1"], None
+        query, timeout = self._read_query(["recurse=1"], index, wait, consistent)
+        target = self._target(_kv_path(prefix), query)
+        return self._request(  # type: ignore[no-any-return]
+            "GET", target, None, "listing keys", "key:read", prefix, timeout=timeout, ok=_OK_404, read=_read_indexed_entries
+        )
+
+    def _read_query(self, query: list[str], index: int | None, wait: float | None, consistent: bool) -> tuple[str, float | None]:
+        """A KV read's query string (``query`` plus blocking and consistency parameters) and
+        the request timeout a blocking read needs (None: the client's)."""
+        timeout = None
         if index:
             query.append(f"index={index}")
             if wait is not None:
@@ -327,10 +329,7 @@ class ConsulClient:
             timeout = self.timeout + (wait or DEFAULT_BLOCKING_WAIT) * (1 + BLOCKING_JITTER)
         if consistent:
             query.append("consistent=1")
-        target = self._target(_kv_path(prefix), "&".join(query))
-        return self._request(  # type: ignore[no-any-return]
-            "GET", target, None, "listing keys", "key:read", prefix, timeout=timeout, ok=_OK_404, read=_read_indexed_entries
-        )
+        return "&".join(query), timeout
 
     def kv_keys(self, prefix: str) -> list[KVEntry]:
         """Every key under ``prefix``."""

@@ -195,38 +195,18 @@ class ConsulSemaphore(ConsulLock):
     made and destroyed with their holding.
     """
 
-    def __init__(
-        self,
-        prefix: str,
-        limit: int,
-        *,
-        name: str | None = None,
-        value: dict[str, Any] | None = None,
-        timeout: float | None = None,
-        private_session: bool = False,
-        session: LockSession | None = None,
-        on_lost: Callable[[ConsulLock, str], None] | None = None,
-        settings: ConsulSettings | None = None,
-        **setting_values: Any,
-    ) -> None:
+    def __init__(self, prefix: str, limit: int, **options: Any) -> None:
+        """``options``: :class:`ConsulLock`'s keyword arguments (``name``, ``value``,
+        ``timeout``, ``private_session``, ``session``, ``on_lost``, ``settings``, and settings
+        by name)."""
         self.limit = validate_limit("limit", limit)
         prefix = prefix.rstrip("/")
         if not prefix:
             raise InvalidSetting("prefix", prefix, "a semaphore needs a non-empty KV prefix")
-        super().__init__(
-            f"{prefix}/{SEMAPHORE_KEY}",
-            name=name,
-            value=value,
-            timeout=timeout,
-            private_session=private_session,
-            session=session,
-            on_lost=on_lost,
-            settings=settings,
-            **setting_values,
-        )
+        super().__init__(f"{prefix}/{SEMAPHORE_KEY}", **options)
         #: The prefix as stored in Consul (the settings' key prefix applied).
         self.prefix = self.key[: -len(SEMAPHORE_KEY) - 1]
-        self.name = name or self.prefix
+        self.name = options.get("name") or self.prefix
         #: Who held the slots when our last acquire gave up (empty when it did not).
         self.last_holders: tuple[LockHolder, ...] = ()
         #: A session made for one holding (another holder here uses the shared one).

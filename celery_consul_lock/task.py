@@ -87,23 +87,15 @@ DEFAULT_RESERVE_TTL = 600.0
 #: the tasks that do not set the option themselves; unset, the option's own default holds.
 #: The other options (key, limit, cooldown, ...) belong to one task; ttl, lock_delay and
 #: fail_policy have app-wide settings of their own (ConsulSettings).
-TASK_SETTINGS: tuple[Setting, ...] = (
-    Setting("on_held", one_of(*ON_HELD), None, "tasks' `lock_on_held` where a task sets none", shown_default="`skip`"),
-    Setting(
-        "wait_timeout",
-        seconds(at_least=0, why="expected a number of seconds >= 0"),
-        None,
-        "tasks' `lock_wait_timeout` where a task sets none",
-        shown_default=f"`{DEFAULT_WAIT_TIMEOUT:g}` s",
-    ),
-    Setting(
-        "retry_countdown",
-        seconds(at_least=0, why="expected a number of seconds >= 0"),
-        None,
-        "tasks' `lock_retry_countdown` where a task sets none",
-        shown_default=f"`{DEFAULT_RETRY_COUNTDOWN:g}` s",
-    ),
-    Setting("abort_on_lock_lost", boolean, None, "tasks' `abort_on_lock_lost` where a task sets none", shown_default="`false`"),
+_SECONDS = seconds(at_least=0, why="expected a number of seconds >= 0")
+TASK_SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(name, parse, None, f"tasks' `{attribute}` where a task sets none", shown_default=shown)
+    for name, parse, attribute, shown in (
+        ("on_held", one_of(*ON_HELD), "lock_on_held", "`skip`"),
+        ("wait_timeout", _SECONDS, "lock_wait_timeout", f"`{DEFAULT_WAIT_TIMEOUT:g}` s"),
+        ("retry_countdown", _SECONDS, "lock_retry_countdown", f"`{DEFAULT_RETRY_COUNTDOWN:g}` s"),
+        ("abort_on_lock_lost", boolean, "abort_on_lock_lost", "`false`"),
+    )
 )
 
 
