@@ -383,6 +383,7 @@ def test_the_task_lock_options_are_declared_once_and_each_reaches_the_run():
 
     given = {"key": "locks/x/.lock", "on_held": "wait", "wait_timeout": 3.0, "retry_countdown": 4.0, "ttl": 20.0}
     given.update({"lock_delay": 2.0, "fail_policy": "open", "abort_on_lock_lost": True, "limit": 3, "cooldown": 0.0})
+    given.update({"at": "run", "reserve_ttl": 60.0})
     assert sorted(given) == sorted(f.name for f in fields(LockOptions))
     for f in fields(LockOptions):
         assert getattr(ConsulLockedTask, LockOptions.attribute(f.name)) == f.default
