@@ -307,3 +307,13 @@ def test_status_lists_each_semaphore_with_its_limit_and_live_holders(settings, p
     # Contender keys are slots, not locks: they are not listed among the held locks.
     assert not [lock for lock in status["locks"] if lock["key"].startswith(f"{prefix}/")]
     assert f"{prefix}  2/3" in text and "nightly-report" in text, text
+
+
+@pytest.mark.parametrize(
+    "exc", [SemaphoreConflict("locks/x/.lock", 0x2DDCCBC058A50C18), SemaphoreLimitConflict("locks/x/.lock", 2, 3)]
+)
+def test_semaphore_errors_pickle_and_keep_their_message(exc):
+    import pickle
+
+    again = pickle.loads(pickle.dumps(exc))
+    assert type(again) is type(exc) and str(again) == str(exc) and again.args == exc.args

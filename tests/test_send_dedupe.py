@@ -117,3 +117,17 @@ def test_a_reservation_whose_message_never_runs_frees_itself_within_twice_its_tt
     assert time.monotonic() - sent >= 9, "the reservation ended before its TTL"
     second = proj.sent_once.delay(0.1)
     assert second.id != first.id and r.llen("celery") == 1
+
+
+def test_lock_at_send_runs_a_copy_that_was_not_deduplicated_even_while_the_key_is_held(proj, workers, r, consul, settings):
+    from celery_consul_lock import ConsulLock
+
+    workers(1, concurrency=1)
+    with ConsulLock("locks/proj.sent_only/.lock", settings=settings, name="a cron script"):
+        # Held by something that is not a task message: nothing to return, so it is sent.
+        first = proj.sent_only.delay()
+        # send_task by name makes no reservation at all.
+        second = proj.app.send_task("proj.sent_only")
+        assert first.get(timeout=30) == "done" and second.get(timeout=30) == "done"
+    starts = [json.loads(x)["id"] for x in r.lrange("runs", 0, -1)]
+    assert sorted(starts) == sorted([first.id, second.id])

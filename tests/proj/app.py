@@ -138,6 +138,13 @@ def sent_once(self, seconds: float = 2.0) -> str:
     return "done"
 
 
+@app.task(bind=True, base=ConsulLockedTask, name="proj.sent_only", lock_at="send")
+def sent_only(self) -> str:
+    """Deduplicated at send time only: a copy that was not deduplicated runs regardless."""
+    record("start", task="sent_only", id=self.request.id)
+    return "done"
+
+
 @app.task(bind=True, base=ConsulLockedTask, name="proj.report", lock_key="locks/report-{customer_id}/.lock")
 def report(self, customer_id: int, seconds: float = 1.5) -> str:
     record("start", task="report", customer=customer_id, id=self.request.id)
