@@ -89,7 +89,9 @@ class Floor(Plain):
 
     def __init__(self, agent: ConsulAgent) -> None:
         super().__init__(agent)
-        _, _, text = self.conn.request("PUT", "/v1/session/create", b'{"TTL": "60s", "LockDelay": "0s"}', {}, 5.0)
+        # Never renewed: a TTL longer than any run (on a loaded machine a run took over the
+        # 2 x 60 s an earlier TTL lasted, and the floor's acquire failed with "invalid session").
+        _, _, text = self.conn.request("PUT", "/v1/session/create", b'{"TTL": "3600s", "LockDelay": "0s"}', {}, 5.0)
         self.session = json.loads(text)["ID"]
 
     def __call__(self) -> None:

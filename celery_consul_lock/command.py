@@ -32,8 +32,8 @@ from typing import Any, NoReturn
 import click
 from celery.bin.base import CeleryCommand
 
-from .beat import BeatConfig
 from .consul import SEMAPHORE_FLAG, ConsulClient, KVEntry, kv_set
+from .election import BeatConfig
 from .errors import ConsulLockError, InvalidSetting
 from .lock import LockHolder
 from .semaphore import SEMAPHORE_KEY, SemaphoreState

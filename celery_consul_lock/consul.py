@@ -23,7 +23,6 @@ import base64
 import functools
 import json
 import logging
-import os
 import re
 import ssl
 import threading
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
+from . import native
 from .errors import ACLDenied, ConsulLockError, ConsulUnavailable, NotConsul, SessionGone
 from .settings import ConsulSettings
 from .tls import tls_context, tls_failure
@@ -422,6 +422,10 @@ class ConsulClient:
         order, each fenced; it stops at the first refused, after the earlier ones applied.
         ``action`` and ``resource`` (default ``lock_key``) name the call in errors. Raises
         ACLDenied, ConsulUnavailable; a refusal is an answer (``ok`` False), not an error.
+
+        Guarantee: Consul checks the session when it applies the transaction, so no write
+        lands after the lock moved to another holder. Limit: it fences state kept in
+        Consul only; a side effect elsewhere needs the lock's fencing token.
         """
         check = {"KV": {"Verb": "check-session", "Key": lock_key, "Session": session}}
         written: list[dict[str, Any]] = []
@@ -769,7 +773,7 @@ def _forget_thread_clients() -> None:
     _THREAD_CLIENTS = _ThreadClients()
 
 
-os.register_at_fork(after_in_child=_forget_thread_clients)
+native.at_fork(_forget_thread_clients)
 
 
 def thread_client(settings: ConsulSettings) -> ConsulClient:

@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
 from datetime import datetime
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, get_args
 
 from celery import Task, uuid
 from celery.exceptions import Ignore, Reject
@@ -54,7 +54,7 @@ from .protocol import (
 from .reservation import Reservation, cancel, reservation_ttl, reserve
 from .semaphore import SEMAPHORE_KEY, ConsulSemaphore, validate_limit
 from .session import close_sessions
-from .settings import FAIL_POLICIES, ConsulSettings, Setting, boolean, one_of, read_celery, seconds, validate_key
+from .settings import FAIL_POLICIES, ConsulSettings, FailPolicy, Setting, boolean, one_of, read_celery, seconds, validate_key
 from .ticks import Mark, change_mark, read_mark
 
 __all__ = ["LOCK_OPTIONS_HEADER", "SKIPPED", "ConsulLockedTask", "LockOptions", "is_skipped"]
@@ -63,10 +63,19 @@ log = logging.getLogger("celery_consul_lock.task")
 
 #: The value a skipped run returns: ``{"consul_lock": "skipped", ...}`` (see is_skipped).
 SKIPPED = "skipped"
-ON_HELD = ("skip", "wait", "retry", "fail")
+#: What a run does when its lock is held elsewhere: skip, wait (then skip), retry, or fail
+#: (raise LockHeld).
+OnHeld = Literal["skip", "wait", "retry", "fail"]
+ON_HELD: tuple[OnHeld, ...] = get_args(OnHeld)
 #: Where a task's key is locked: in the worker around the run (today's behaviour), at send
 #: time only (dedupe on the broker), or both.
-LOCK_AT = ("run", "send", "both")
+LockAt = Literal["run", "send", "both"]
+LOCK_AT: tuple[LockAt, ...] = get_args(LockAt)
+#: Why a run did not run its body (the ``reason`` of its result and of task_lock_skipped):
+#: the key held by another run; free but inside its lock-delay; sent by a deposed beat
+#: leader; its tick already ran to completion; a duplicate delivery of a message whose run
+#: is alive or finished; a run of the key ended less than ``lock_cooldown`` ago.
+SkipReason = Literal["held", "lock-delay", "stale-leader", "duplicate-tick", "duplicate-delivery", "cooldown"]
 #: How a run's acquire ended: the lock taken, held by another run, or held by a live run
 #: of this same message (this copy is a duplicate delivery).
 Acquired = Literal["acquired", "held", "duplicate"]
@@ -119,7 +128,7 @@ class LockOptions:
     key: str | Callable[..., str] | None = None
     #: What to do when the lock is held elsewhere: skip, wait (then skip), retry, or fail
     #: (raise LockHeld).
-    on_held: str = "skip"
+    on_held: OnHeld = "skip"
     #: How long ``wait`` waits.
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT
     #: Countdown of ``retry``.
@@ -127,7 +136,7 @@ class LockOptions:
     #: Session TTL / lock-delay / fail policy for this task (None: the app's settings).
     ttl: float | None = None
     lock_delay: float | None = None
-    fail_policy: str | None = None
+    fail_policy: FailPolicy | None = None
     #: Raise LockLost inside the running body as soon as the lock is lost.
     abort_on_lock_lost: bool = False
     #: At most this many runs at once per key, cluster-wide (1: a lock; more: a semaphore).
@@ -136,7 +145,7 @@ class LockOptions:
     cooldown: float = 0.0
     #: "run" (lock in the worker), "send" (reserve the key at apply_async: a call already
     #: queued or running is not sent again), or "both".
-    at: str = "run"
+    at: LockAt = "run"
     #: A send-time reservation's session TTL (see :mod:`.reservation`), 10 s .. 24 h.
     reserve_ttl: float = DEFAULT_RESERVE_TTL
 
@@ -534,11 +543,10 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             raise self.retry(
                 countdown=options.retry_countdown, exc=LockHeld(lock.key, str(holder) if holder else None), headers=headers
             )
-        reason = "held" if holder else "lock-delay"
-        return self._skip(lock.key, reason, holder, tick, task_id)
+        return self._skip(lock.key, "held" if holder else "lock-delay", holder, tick, task_id)
 
     def _skip(
-        self, key: str, reason: str, holder: LockHolder | None, tick: Tick | None, task_id: str | None, why: str = ""
+        self, key: str, reason: SkipReason, holder: LockHolder | None, tick: Tick | None, task_id: str | None, why: str = ""
     ) -> dict[str, Any]:
         """Log, signal and return the visible outcome of a run that did not run its body."""
         if reason == "stale-leader":
