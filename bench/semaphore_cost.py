@@ -35,14 +35,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import agent_info, interleave, write_json  # noqa: E402
+from common import interleave, start_server_agent, write_json  # noqa: E402
 from lock_cost import Floor, Ours  # noqa: E402
 
 from celery_consul_lock import ConsulLockedTask, ConsulSemaphore, close_sessions  # noqa: E402
 from celery_consul_lock.consul import SEMAPHORE_FLAG, ConsulClient  # noqa: E402
 from celery_consul_lock.settings import ConsulSettings  # noqa: E402
 from celery_consul_lock.transport import Connection  # noqa: E402
-from tests.servers import ConsulAgent, start_consul, start_redis, wait_consul_ready  # noqa: E402
+from tests.servers import ConsulAgent, start_redis  # noqa: E402
 
 SEM_PREFIX = "locks/bench-sem"
 FLOOR_PREFIX = "locks/bench-sem-floor"
@@ -184,11 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds and --iterations must be at least 1")
 
     with tempfile.TemporaryDirectory(prefix="semaphore-cost-") as tmp:
-        agent = start_consul(Path(tmp), dev=False, node="bench", server_args=["-bootstrap-expect=1"])
+        agent, info = start_server_agent(Path(tmp))
         redis_server = start_redis(Path(tmp))
         try:
-            wait_consul_ready(agent)
-            info = agent_info(agent)
             print(f"Consul v{info['version']}, server agent with data dir {info['data_dir']} at {info['address']}")
             print(f"{args.rounds} rounds x {args.iterations} iterations of each, rotating order, after {WARMUP} warm-up cycles")
             results, per_round = run(agent, redis_server.url, args.rounds, args.iterations)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import functools
 import json
-import logging
 import re
 import ssl
 import threading
@@ -50,7 +49,6 @@ __all__ = [
     "thread_client",
 ]
 
-log = logging.getLogger(__name__)
 
 #: The flags value ``consul lock`` and the Go client write on a lock key
 #: (``api.LockFlagValue``); a key with other non-zero flags is not a lock.

@@ -28,9 +28,10 @@ from celery_consul_lock import (
     SemaphoreLimitConflict,
 )
 from celery_consul_lock.consul import SEMAPHORE_FLAG
+from celery_consul_lock.testing import spawn
 
 from .servers import ROOT, binaries, wait_for
-from .test_interop import _kill, _kv, _start
+from .test_interop import _kv
 
 pytestmark = pytest.mark.client
 
@@ -204,13 +205,13 @@ def test_a_sigkilled_holder_process_frees_its_slot_when_its_session_ends(setting
         time.sleep(3600)
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, start_new_session=True)
+    proc = spawn("holder", [sys.executable, "-c", script], tmp_path, cwd=ROOT)
     try:
-        wait_for(lambda: (tmp_path / "held").exists() or proc.poll() is not None, 30, "the other process to hold a slot")
-        assert proc.poll() is None
+        wait_for(lambda: (tmp_path / "held").exists() or not proc.alive(), 30, "the other process to hold a slot")
+        proc.check_alive()
         sem = ConsulSemaphore(prefix, 1, settings=settings)
         assert sem.acquire(blocking=False) is False and sem.last_holder and sem.last_holder.name == "doomed"
-        os.killpg(proc.pid, signal.SIGKILL)
+        proc.kill()
         t0 = time.monotonic()
         # The killed session ends by its TTL (Consul waits up to 2 x TTL); no lock-delay:
         # the next holder writes a contender key of its own.
@@ -218,7 +219,7 @@ def test_a_sigkilled_holder_process_frees_its_slot_when_its_session_ends(setting
         assert time.monotonic() - t0 < 2 * 10 + 5
         sem.release()
     finally:
-        _kill(proc)
+        proc.kill()
 
 
 # -- `consul lock -n N` -----------------------------------------------------------------
@@ -229,7 +230,7 @@ def test_cli_holders_fill_the_slots_and_ours_gets_the_one_freed(settings, prefix
     try:
         for i in range(3):
             cmd = f"echo started > {shlex.quote(str(tmp_path / f'cli{i}'))}; exec sleep 60"
-            procs.append(_start(cli(consul, prefix, 3, cmd), tmp_path / f"cli{i}.log"))
+            procs.append(spawn(f"cli{i}", cli(consul, prefix, 3, cmd), tmp_path))
         wait_for(lambda: all((tmp_path / f"cli{i}").exists() for i in range(3)), 30, "three `consul lock -n 3` children")
         sem = ConsulSemaphore(prefix, 3, settings=settings)
         assert sem.acquire(blocking=False) is False
@@ -238,14 +239,14 @@ def test_cli_holders_fill_the_slots_and_ours_gets_the_one_freed(settings, prefix
         with pytest.raises(SemaphoreLimitConflict):
             ConsulSemaphore(prefix, 2, settings=settings).acquire(blocking=False)
 
-        os.kill(procs[0].pid, signal.SIGTERM)  # `consul lock` releases its slot on SIGTERM
+        procs[0].signal(signal.SIGTERM)  # `consul lock` releases its slot on SIGTERM
         assert sem.acquire(timeout=20), f"no slot after a CLI holder exited: {stored(consul, prefix)}"
         holders = stored(consul, prefix)["Holders"]
         assert len(holders) == 3 and sem.session_id in holders
         sem.release()
     finally:
         for p in procs:
-            _kill(p)
+            p.kill()
 
 
 def test_our_holders_fill_slots_and_the_cli_gets_only_the_rest(settings, prefix, consul, tmp_path):
@@ -255,7 +256,7 @@ def test_our_holders_fill_slots_and_the_cli_gets_only_the_rest(settings, prefix,
         for sem in ours:
             assert sem.acquire(blocking=False)
         cmd = f"echo started > {shlex.quote(str(tmp_path / 'third'))}; exec sleep 60"
-        cli_proc = _start(cli(consul, prefix, 3, cmd), tmp_path / "third.log")
+        cli_proc = spawn("third", cli(consul, prefix, 3, cmd), tmp_path)
         wait_for((tmp_path / "third").exists, 30, "`consul lock -n 3` to take the third slot")
         assert len(stored(consul, prefix)["Holders"]) == 3
 
@@ -276,7 +277,7 @@ def test_our_holders_fill_slots_and_the_cli_gets_only_the_rest(settings, prefix,
         for sem in ours:
             sem.release()
         if cli_proc is not None:
-            _kill(cli_proc)
+            cli_proc.kill()
 
 
 # -- status ------------------------------------------------------------------------------
@@ -291,7 +292,7 @@ def test_status_lists_each_semaphore_with_its_limit_and_live_holders(settings, p
     app.conf.consul_lock_address = consul.address
     ours = ConsulSemaphore(prefix, 3, settings=settings, name="nightly-report", value={"task_id": "t-1"})
     started = tmp_path / "started"
-    proc = _start(cli(consul, prefix, 3, f"echo started > {shlex.quote(str(started))}; exec sleep 60"), tmp_path / "cli.log")
+    proc = spawn("cli", cli(consul, prefix, 3, f"echo started > {shlex.quote(str(started))}; exec sleep 60"), tmp_path)
     try:
         wait_for(started.exists, 30, "`consul lock -n 3` to take a slot")
         assert ours.acquire(blocking=False)
@@ -299,7 +300,7 @@ def test_status_lists_each_semaphore_with_its_limit_and_live_holders(settings, p
         text = render_status(status)
     finally:
         ours.release()
-        _kill(proc)
+        proc.kill()
     (sem,) = [s for s in status["semaphores"] if s["prefix"] == prefix]
     assert sem["limit"] == 3 and len(sem["holders"]) == 2
     assert {h["task_id"] for h in sem["holders"]} == {"t-1", None}
