@@ -288,7 +288,13 @@ class ConsulSemaphore(ConsulLock):
             wait_index = 0
             return self._enter(client, session, sid, state, others | {sid})
 
-        return self._acquire_loop(deadline, attempt_once)
+        try:
+            return self._acquire_loop(deadline, attempt_once)
+        except BaseException:
+            own = self._own_session  # made for this acquire: not left renewing after an error
+            if own is not None and own.holding() == 0:
+                own.destroy(thread_client(self.settings))
+            raise
 
     @property
     def _dir(self) -> str:

@@ -318,3 +318,15 @@ def test_semaphore_errors_pickle_and_keep_their_message(exc):
 
     again = pickle.loads(pickle.dumps(exc))
     assert type(again) is type(exc) and str(again) == str(exc) and again.args == exc.args
+
+
+def test_a_refused_second_holder_in_one_process_leaves_no_session_behind(settings, prefix, consul):
+    first = ConsulSemaphore(prefix, 2, settings=settings)
+    assert first.acquire(blocking=False)
+    try:
+        before = {s["ID"] for s in consul.api("/v1/session/list")}
+        with pytest.raises(SemaphoreLimitConflict):  # its own session was made for it, then refused
+            ConsulSemaphore(prefix, 3, settings=settings).acquire(blocking=False)
+        wait_for(lambda: {s["ID"] for s in consul.api("/v1/session/list")} <= before, 10, "the refused holder's session to go")
+    finally:
+        first.release()
