@@ -6,6 +6,7 @@ tests/servers.py), with the binaries scripts/provision.sh found (exported on imp
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import statistics
@@ -102,3 +103,16 @@ def interleave(
             medians[name] = statistics.median(out)
         per_round.append(medians)
     return {name: stats(s) for name, s in samples.items()}, per_round
+
+
+def interleaved_args(description: str, rounds: int, iterations: int, argv: list[str] | None) -> argparse.Namespace:
+    """The command line of an interleaved benchmark: ``--rounds``, ``--iterations`` (each at
+    least 1) and ``--json PATH``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--rounds", type=int, default=rounds, help=f"rounds of all flows, in rotating order (default {rounds})")
+    parser.add_argument("--iterations", type=int, default=iterations, help=f"iterations of each per round (default {iterations})")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to PATH as JSON")
+    args = parser.parse_args(argv)
+    if args.rounds < 1 or args.iterations < 1:
+        parser.error("--rounds and --iterations must be at least 1")
+    return args

@@ -26,7 +26,6 @@ ours/floor or curl/ours misses its target, so it can serve as a check.
 
 from __future__ import annotations
 
-import argparse
 import http.client
 import json
 import statistics
@@ -39,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import interleave, start_server_agent, write_json  # noqa: E402
+from common import interleave, interleaved_args, start_server_agent, write_json  # noqa: E402
 
 from celery_consul_lock import ConsulLock, close_sessions  # noqa: E402
 from celery_consul_lock.consul import LOCK_FLAG  # noqa: E402
@@ -173,13 +172,7 @@ def run(agent: ConsulAgent, rounds: int, iterations: int) -> tuple[dict[str, dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=15, help="rounds of all flows, in rotating order (default 15)")
-    parser.add_argument("--iterations", type=int, default=40, help="iterations of each per round (default 40)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to PATH as JSON")
-    args = parser.parse_args(argv)
-    if args.rounds < 1 or args.iterations < 1:
-        parser.error("--rounds and --iterations must be at least 1")
+    args = interleaved_args(__doc__.split("\n\n")[0], 15, 40, argv)
 
     with tempfile.TemporaryDirectory(prefix="lock-cost-") as tmp:
         agent, info = start_server_agent(Path(tmp))

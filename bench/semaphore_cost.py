@@ -22,7 +22,6 @@ of the ratio of the two flows' medians within a round.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import itertools
 import json
@@ -35,7 +34,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import interleave, start_server_agent, write_json  # noqa: E402
+from common import interleave, interleaved_args, start_server_agent, write_json  # noqa: E402
 from lock_cost import Floor, Ours  # noqa: E402
 
 from celery_consul_lock import ConsulLockedTask, ConsulSemaphore, close_sessions  # noqa: E402
@@ -175,13 +174,7 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=10, help="rounds of all flows, in rotating order (default 10)")
-    parser.add_argument("--iterations", type=int, default=30, help="iterations of each per round (default 30)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to PATH as JSON")
-    args = parser.parse_args(argv)
-    if args.rounds < 1 or args.iterations < 1:
-        parser.error("--rounds and --iterations must be at least 1")
+    args = interleaved_args(__doc__.split("\n\n")[0], 10, 30, argv)
 
     with tempfile.TemporaryDirectory(prefix="semaphore-cost-") as tmp:
         agent, info = start_server_agent(Path(tmp))
