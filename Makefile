@@ -24,9 +24,15 @@ test-python-consul2: $(VENV)/.installed $(SERVERS)
 test-py-consul: $(VENV_PYCONSUL)/.installed $(SERVERS)
 	$(VENV_PYCONSUL)/bin/python -m pytest -m client $(PYTEST_ARGS)
 
+# ruff, then the release check: build the sdist and wheel into dist/ as an upload would,
+# `twine check` them (metadata, the description renders) and check what they carry.
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check celery_consul_lock tests bench example_project
+	$(VENV)/bin/ruff check celery_consul_lock tests bench example_project scripts
 	$(VENV)/bin/ruff format --check celery_consul_lock
+	rm -rf dist
+	$(VENV)/bin/python -m build -q --outdir dist . >/dev/null
+	$(VENV)/bin/twine check --strict dist/*
+	$(VENV)/bin/python scripts/check_dist.py dist
 
 bench: $(VENV)/.installed $(SERVERS)
 	$(VENV)/bin/python bench/lock_cost.py
@@ -46,4 +52,4 @@ $(VENV_PYCONSUL)/.installed: pyproject.toml scripts/venv.sh
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(VENV_PYCONSUL) .servers .demo
+	rm -rf $(VENV) $(VENV_PYCONSUL) .venv-matrix-* .servers .demo dist

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
 from .errors import (
     ACLDenied,
     ConsulLockError,
@@ -19,6 +22,12 @@ from .session import close_sessions
 from .settings import ConsulSettings
 from .task import ConsulLockedTask, LockLostAbort, LockOptions, is_skipped
 from .ticks import TICK_HEADER, Tick
+
+try:
+    #: The installed distribution's version (``pyproject.toml`` is its one source).
+    __version__: str = _version("celery-consul-lock")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "TICK_HEADER",
@@ -39,6 +48,7 @@ __all__ = [
     "NotConsul",
     "SessionGone",
     "Tick",
+    "__version__",
     "close_sessions",
     "is_skipped",
 ]
