@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
+from .contrib.flask import LockedFlaskTask
 from .errors import (
     ACLDenied,
     ConsulLockError,
@@ -45,6 +46,7 @@ __all__ = [
     "LockLostAbort",
     "LockOptions",
     "LockTimeout",
+    "LockedFlaskTask",
     "NotConsul",
     "SessionGone",
     "Tick",
