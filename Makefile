@@ -6,7 +6,7 @@ VENV_PYCONSUL := .venv-py-consul
 SERVERS := .servers/env
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-python-consul2 test-py-consul lint bench servers venv clean
+.PHONY: demo test test-python-consul2 test-py-consul test-matrix lint bench servers venv clean
 
 # make demo EXAMPLE=flask (default: django); DEMO_ARGS="--seconds 30" and the like.
 EXAMPLE ?= django
@@ -23,6 +23,11 @@ test-python-consul2: $(VENV)/.installed $(SERVERS)
 # The adapter and lock tests again with the maintained fork py-consul instead.
 test-py-consul: $(VENV_PYCONSUL)/.installed $(SERVERS)
 	$(VENV_PYCONSUL)/bin/python -m pytest -m client $(PYTEST_ARGS)
+
+# The task and beat tests against the oldest and newest Celery / django-celery-beat we claim,
+# with both Consul clients, one virtualenv per cell (scripts/matrix.sh). Not part of `make test`.
+test-matrix: $(SERVERS)
+	bash scripts/matrix.sh $(PYTHON) $(PYTEST_ARGS)
 
 # ruff, then the release check: build the sdist and wheel into dist/ as an upload would,
 # `twine check` them (metadata, the description renders) and check what they carry.

@@ -59,6 +59,7 @@ from kombu.utils.imports import symbol_by_name
 from . import signals
 from .consul import ConsulClient, thread_client
 from .errors import ConsulLockError, InvalidSetting
+from .internals import check_celery_scheduler, check_heap_rebuilt
 from .lock import LOCK_DELAY_RETRY, ConsulLock
 from .session import FENCE_MARGIN_MIN, FENCE_MARGIN_RATIO, RENEWALS_PER_WINDOW, LockSession
 from .settings import ConsulSettings, parse_seconds, validate_key
@@ -503,6 +504,7 @@ class LeaderElectedMixin:
     max_interval: float
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_celery_scheduler()  # loud at start if Celery changed the heap we rebuild
         app = kwargs.get("app") or (args[0] if args else None)
         self.beat_config = BeatConfig.from_app(app)
         self.election: Election | None = None
@@ -527,7 +529,8 @@ class LeaderElectedMixin:
         if not election.is_leader():
             return min(STANDBY_POLL, self.max_interval)
         with self._loop.step():
-            if election.generation != self._seen_generation:
+            elected = election.generation != self._seen_generation
+            if elected:
                 self._seen_generation = election.generation
                 if self._setup_pending:
                     self._setup_pending = False
@@ -536,6 +539,8 @@ class LeaderElectedMixin:
                 self.on_elected()
             self._send_failed = False
             interval = float(super().tick(*args, **kwargs))  # type: ignore[misc]
+            if elected:
+                check_heap_rebuilt(self)
         # A send that could not reach the broker is tried again soon, not in a hot loop.
         return max(interval, min(SEND_RETRY, self.max_interval)) if self._send_failed else interval
 
