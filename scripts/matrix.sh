@@ -8,15 +8,16 @@
 # Cells (name | Consul client | pins): the "oldest" pins are the floors of pyproject.toml
 # (celery>=5.3, django-celery-beat>=2.5); "newest" upgrades to the newest on every run.
 set -uo pipefail
+set -f  # the pins hold brackets (celery[redis]): no globbing
 cd "$(dirname "$0")/.."
 python="$1"; shift
 
 files=(tests/test_internals.py tests/test_eager.py tests/test_task.py tests/test_beat.py)
 cells=(
-  "oldest-python-consul2|python-consul2|celery==5.3.0 django-celery-beat==2.5.0"
-  "oldest-py-consul|py-consul|celery==5.3.0 django-celery-beat==2.5.0"
-  "newest-python-consul2|python-consul2|--upgrade celery django-celery-beat python-consul2"
-  "newest-py-consul|py-consul|--upgrade celery django-celery-beat py-consul"
+  "oldest-python-consul2|python-consul2|celery[redis]==5.3.0 django-celery-beat==2.5.0"
+  "oldest-py-consul|py-consul|celery[redis]==5.3.0 django-celery-beat==2.5.0"
+  "newest-python-consul2|python-consul2|--upgrade celery[redis] django-celery-beat python-consul2"
+  "newest-py-consul|py-consul|--upgrade celery[redis] django-celery-beat py-consul"
 )
 results=()
 status=0
@@ -33,7 +34,7 @@ for cell in "${cells[@]}"; do
     echo "$pins" >"$stamp"
   fi
   versions="$("$dir/bin/python" -c 'import importlib.metadata as m, sys
-names = ["celery", "kombu", "django-celery-beat", "Django", "python-consul2", "py-consul"]
+names = ["celery", "kombu", "redis", "django-celery-beat", "Django", "python-consul2", "py-consul"]
 print(f"Python {sys.version.split()[0]}, " + ", ".join(f"{n} {m.version(n)}" for n in names if any(d.metadata["Name"].lower() == n.lower() for d in m.distributions())))')"
   echo "== matrix $name: $versions"
   start=$SECONDS
