@@ -50,10 +50,19 @@ from .protocol import (
     tick_of_request,
 )
 from .session import close_sessions
-from .settings import FAIL_POLICIES, ConsulSettings, validate_key
+from .settings import FAIL_POLICIES, ConsulSettings, Setting, one_of, read_celery, validate_key
 from .ticks import Mark, change_mark, read_mark
 
-__all__ = ["EAGER_MODES", "LOCK_OPTIONS_HEADER", "SKIPPED", "ConsulLockedTask", "LockOptions", "eager_mode", "is_skipped"]
+__all__ = [
+    "EAGER_MODES",
+    "LOCK_OPTIONS_HEADER",
+    "SKIPPED",
+    "TASK_SETTINGS",
+    "ConsulLockedTask",
+    "LockOptions",
+    "eager_mode",
+    "is_skipped",
+]
 
 log = logging.getLogger("celery_consul_lock.task")
 
@@ -80,6 +89,18 @@ EAGER_MODES: tuple[EagerMode, ...] = ("consul", "bypass")
 #: ``consul``, every such call needs an agent, or fails with ConsulUnavailable). The lock
 #: exists to keep workers apart; an eager call runs in its caller, not in a worker.
 DEFAULT_EAGER: EagerMode = "bypass"
+
+#: The app-wide settings of locked tasks (see :class:`~celery_consul_lock.settings.Setting`);
+#: the per-task options are :class:`LockOptions`.
+TASK_SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "eager",
+        one_of(*EAGER_MODES),
+        DEFAULT_EAGER,
+        "eager (`task_always_eager`, `apply()`) and direct (`task()`) calls: `bypass` runs the body without a lock, "
+        "`consul` locks it as a worker does ([Eager and direct calls](#eager-and-direct-calls-your-projects-tests))",
+    ),
+)
 
 
 def is_skipped(result: object) -> bool:
@@ -551,15 +572,10 @@ def _set_async_exc(thread_id: int, exc: type[BaseException] | None, key: str) ->
 
 
 def eager_mode(conf: Any) -> EagerMode:
-    """``consul_lock_eager`` from a Celery app's ``conf``: ``"bypass"`` (the default) or
-    ``"consul"``; anything else raises InvalidSetting naming the setting."""
-    value = conf.get("consul_lock_eager")
-    if value is None:
-        return DEFAULT_EAGER
-    for mode in EAGER_MODES:
-        if value == mode:
-            return mode
-    raise InvalidSetting("consul_lock_eager", value, "expected 'bypass' (eager and direct calls run unlocked) or 'consul'")
+    """``consul_lock_eager`` from a Celery app's ``conf`` (:data:`TASK_SETTINGS`); a value
+    other than ``"bypass"`` or ``"consul"`` raises InvalidSetting naming the setting."""
+    mode: EagerMode = read_celery(conf, TASK_SETTINGS)["eager"]
+    return mode
 
 
 #: A request without headers: the task's own options, with no per-call override.

@@ -322,8 +322,9 @@ def _declared_settings():
     from celery_consul_lock.availability import AVAILABILITY_SETTINGS
     from celery_consul_lock.election import BEAT_SETTINGS
     from celery_consul_lock.settings import CONSUL_SETTINGS
+    from celery_consul_lock.task import TASK_SETTINGS
 
-    return (*CONSUL_SETTINGS, *AVAILABILITY_SETTINGS, *BEAT_SETTINGS)
+    return (*CONSUL_SETTINGS, *TASK_SETTINGS, *AVAILABILITY_SETTINGS, *BEAT_SETTINGS)
 
 
 def test_the_readme_configuration_table_is_the_one_the_declarations_give():
@@ -343,6 +344,7 @@ def test_every_declared_setting_is_read_from_celery_and_names_itself_when_refuse
     refuses is refused naming exactly that setting and the value as given."""
     from celery_consul_lock.availability import AvailabilityConfig
     from celery_consul_lock.beat import BeatConfig
+    from celery_consul_lock.task import eager_mode
 
     def build(conf):
         app = Celery("proj", set_as_current=False)
@@ -350,6 +352,7 @@ def test_every_declared_setting_is_read_from_celery_and_names_itself_when_refuse
         ConsulSettings.from_celery(app.conf)
         AvailabilityConfig.from_celery(app.conf)
         BeatConfig.from_app(app)
+        eager_mode(app.conf)
 
     build({})
     names = [s.celery_name for s in _declared_settings()]
