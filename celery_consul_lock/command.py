@@ -32,8 +32,8 @@ from typing import Any, NoReturn
 import click
 from celery.bin.base import CeleryCommand
 
-from .beat import BeatConfig
 from .consul import ConsulClient, KVEntry, kv_set
+from .election import BeatConfig
 from .errors import ConsulLockError, InvalidSetting
 from .lock import LockHolder
 from .settings import ConsulSettings
