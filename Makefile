@@ -5,6 +5,9 @@ VENV := .venv
 VENV_PYCONSUL := .venv-py-consul
 SERVERS := .servers/env
 PYTEST_ARGS ?=
+# Two test processes, each taking whole files (a file's topology and fixed loopback
+# addresses stay in one process); PARALLEL= runs the suite in one process.
+PARALLEL ?= -n 2 --dist loadfile
 
 .PHONY: demo test test-python-consul2 test-py-consul test-matrix lint bench servers venv clean
 
@@ -18,22 +21,23 @@ test: lint test-python-consul2 test-py-consul
 
 # The whole suite, with python-consul2 (the declared dependency).
 test-python-consul2: $(VENV)/.installed $(SERVERS)
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest $(PARALLEL) $(PYTEST_ARGS)
 
 # The adapter and lock tests again with the maintained fork py-consul instead.
 test-py-consul: $(VENV_PYCONSUL)/.installed $(SERVERS)
-	$(VENV_PYCONSUL)/bin/python -m pytest -m client $(PYTEST_ARGS)
+	$(VENV_PYCONSUL)/bin/python -m pytest -m client $(PARALLEL) $(PYTEST_ARGS)
 
 # The task and beat tests against the oldest and newest Celery / django-celery-beat we claim,
 # with both Consul clients, one virtualenv per cell (scripts/matrix.sh). Not part of `make test`.
 test-matrix: $(SERVERS)
 	bash scripts/matrix.sh $(PYTHON) $(PYTEST_ARGS)
 
-# ruff, then the release check: build the sdist and wheel into dist/ as an upload would,
+# ruff, mypy, then the release check: build the sdist and wheel into dist/ as an upload would,
 # `twine check` them (metadata, the description renders) and check what they carry.
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check celery_consul_lock tests bench example_project scripts
 	$(VENV)/bin/ruff format --check celery_consul_lock
+	$(VENV)/bin/mypy
 	rm -rf dist
 	$(VENV)/bin/python -m build -q --outdir dist . >/dev/null
 	$(VENV)/bin/twine check --strict dist/*
