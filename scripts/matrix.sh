@@ -9,8 +9,8 @@
 # floors of pyproject.toml (celery>=5.3, django-celery-beat>=2.5), with the kombu and redis-py
 # pip resolves for them today, as a user gets them; "newest" upgrades everything on every run.
 # Celery 5.3.0's AsyncResult.__del__ reconnects to the result backend when a result is
-# garbage-collected, after the test's Redis has stopped, and raises there (fixed in later
-# Celery); pytest reports that as an unraisable-exception warning, which the oldest cells
+# garbage-collected, after the test's Redis has stopped, and raises there (not seen with
+# 5.7.0); pytest reports that as an unraisable-exception warning, which the oldest cells
 # ignore (no test's assertion is affected).
 set -uo pipefail
 set -f  # the pins hold brackets (celery[redis]): no globbing
