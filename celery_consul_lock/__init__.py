@@ -17,10 +17,13 @@ from .errors import (
     LockLost,
     LockTimeout,
     NotConsul,
+    SemaphoreConflict,
+    SemaphoreLimitConflict,
     SessionGone,
 )
 from .lock import ConsulLock, LockHolder
 from .protocol import TICK_HEADER, Tick
+from .semaphore import ConsulSemaphore, SemaphoreState
 from .session import close_sessions
 from .settings import ConsulSettings
 from .task import ConsulLockedTask, LockLostAbort, LockOptions, is_skipped
@@ -37,6 +40,7 @@ __all__ = [
     "ConsulLock",
     "ConsulLockError",
     "ConsulLockedTask",
+    "ConsulSemaphore",
     "ConsulSettings",
     "ConsulUnavailable",
     "InternalsChanged",
@@ -50,6 +54,9 @@ __all__ = [
     "LockTimeout",
     "LockedFlaskTask",
     "NotConsul",
+    "SemaphoreConflict",
+    "SemaphoreLimitConflict",
+    "SemaphoreState",
     "SessionGone",
     "Tick",
     "__version__",
