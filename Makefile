@@ -12,7 +12,7 @@ PYTEST_ARGS ?=
 # addresses stay in one process); PARALLEL= runs the suite in one process.
 PARALLEL ?= -n 2 --dist loadfile
 
-.PHONY: demo demo-cron test test-python-consul2 test-py-consul lint bench bench-peers servers venv clean
+.PHONY: demo demo-cron test test-python-consul2 test-py-consul test-matrix lint bench bench-peers servers venv clean
 
 # make demo EXAMPLE=flask (default: django); DEMO_ARGS="--seconds 30" and the like.
 EXAMPLE ?= django
@@ -34,10 +34,21 @@ test-python-consul2: $(VENV)/.installed $(SERVERS)
 test-py-consul: $(VENV_PYCONSUL)/.installed $(SERVERS)
 	$(VENV_PYCONSUL)/bin/python -m pytest -m client $(PARALLEL) $(PYTEST_ARGS)
 
+# The task and beat tests against the oldest and newest Celery / django-celery-beat we claim,
+# with both Consul clients, one virtualenv per cell (scripts/matrix.sh). Not part of `make test`.
+test-matrix: $(SERVERS)
+	bash scripts/matrix.sh $(PYTHON) $(PYTEST_ARGS)
+
+# ruff, mypy, then the release check: build the sdist and wheel into dist/ as an upload would,
+# `twine check` them (metadata, the description renders) and check what they carry.
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check celery_consul_lock tests bench example_project
+	$(VENV)/bin/ruff check celery_consul_lock tests bench example_project scripts
 	$(VENV)/bin/ruff format --check celery_consul_lock
 	$(VENV)/bin/mypy
+	rm -rf dist
+	$(VENV)/bin/python -m build -q --outdir dist . >/dev/null
+	$(VENV)/bin/twine check --strict dist/*
+	$(VENV)/bin/python scripts/check_dist.py dist
 
 bench: $(VENV)/.installed $(SERVERS)
 	$(VENV)/bin/python bench/lock_cost.py
@@ -67,4 +78,4 @@ $(VENV_PYCONSUL)/.installed: pyproject.toml scripts/venv.sh
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(VENV_PYCONSUL) $(VENV_BENCH) .servers .demo
+	rm -rf $(VENV) $(VENV_PYCONSUL) $(VENV_BENCH) .venv-matrix-* .servers .demo dist

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+from .contrib.flask import LockedFlaskTask
 from .errors import (
     ACLDenied,
     ConsulLockError,
     ConsulUnavailable,
+    InternalsChanged,
     InvalidSetting,
     LockConflict,
     LockHeld,
@@ -23,6 +28,12 @@ from .session import close_sessions
 from .settings import ConsulSettings
 from .task import ConsulLockedTask, LockLostAbort, LockOptions, is_skipped
 
+try:
+    #: The installed distribution's version (``pyproject.toml`` is its one source).
+    __version__: str = _version("celery-consul-lock")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+
 __all__ = [
     "TICK_HEADER",
     "ACLDenied",
@@ -32,6 +43,7 @@ __all__ = [
     "ConsulSemaphore",
     "ConsulSettings",
     "ConsulUnavailable",
+    "InternalsChanged",
     "InvalidSetting",
     "LockConflict",
     "LockHeld",
@@ -40,12 +52,14 @@ __all__ = [
     "LockLostAbort",
     "LockOptions",
     "LockTimeout",
+    "LockedFlaskTask",
     "NotConsul",
     "SemaphoreConflict",
     "SemaphoreLimitConflict",
     "SemaphoreState",
     "SessionGone",
     "Tick",
+    "__version__",
     "close_sessions",
     "is_skipped",
 ]

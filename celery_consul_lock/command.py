@@ -38,7 +38,7 @@ from .errors import ConsulLockError, InvalidSetting
 from .lock import LockHolder
 from .semaphore import SEMAPHORE_KEY, SemaphoreState
 from .settings import ConsulSettings
-from .task import ConsulLockedTask
+from .task import ConsulLockedTask, eager_mode
 from .ticks import MARKS_PREFIX, key_part
 
 __all__ = ["collect_status", "consul_lock", "preflight"]
@@ -278,6 +278,7 @@ def preflight(app: Any, *, beat: bool = True, progress: Callable[[str], None] = 
     message names the setting, the address or the missing permission) at the first failure.
     Leaves nothing behind when it returns or raises."""
     settings = ConsulSettings.from_celery(app.conf)
+    eager_mode(app.conf)
     beat_config = BeatConfig.from_app(app) if beat else None
     app.loader.import_default_modules()  # the task modules (Django: autodiscovery), as a worker does
     locked = sorted(name for name, task in app.tasks.items() if isinstance(task, ConsulLockedTask))
