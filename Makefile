@@ -2,7 +2,6 @@
 # a virtualenv with the package installed editable, and the consul / redis-server binaries.
 PYTHON ?= python3
 VENV := .venv
-VENV_PYCONSUL := .venv-py-consul
 # The benchmark environment of bench/peers.py: the package, the peers it is compared with and
 # matplotlib (never dependencies of the package).
 VENV_BENCH := .venv-bench
@@ -12,7 +11,7 @@ PYTEST_ARGS ?=
 # addresses stay in one process); PARALLEL= runs the suite in one process.
 PARALLEL ?= -n 2 --dist loadfile
 
-.PHONY: demo demo-cron test test-python-consul2 test-py-consul test-matrix lint bench bench-peers servers venv clean
+.PHONY: demo demo-cron test test-suite test-matrix lint bench bench-peers servers venv clean
 
 # make demo EXAMPLE=flask (default: django); DEMO_ARGS="--seconds 30" and the like.
 EXAMPLE ?= django
@@ -24,18 +23,14 @@ demo: $(VENV)/.installed $(SERVERS)
 demo-cron: $(VENV)/.installed $(SERVERS)
 	$(VENV)/bin/python -m example_project.demo_cron $(DEMO_ARGS)
 
-test: lint test-python-consul2 test-py-consul
+test: lint test-suite
 
-# The whole suite, with python-consul2 (the declared dependency).
-test-python-consul2: $(VENV)/.installed $(SERVERS)
+# The whole suite, once.
+test-suite: $(VENV)/.installed $(SERVERS)
 	$(VENV)/bin/python -m pytest $(PARALLEL) $(PYTEST_ARGS)
 
-# The adapter and lock tests again with the maintained fork py-consul instead.
-test-py-consul: $(VENV_PYCONSUL)/.installed $(SERVERS)
-	$(VENV_PYCONSUL)/bin/python -m pytest -m client $(PARALLEL) $(PYTEST_ARGS)
-
 # The task and beat tests against the oldest and newest Celery / django-celery-beat we claim,
-# with both Consul clients, one virtualenv per cell (scripts/matrix.sh). Not part of `make test`.
+# one virtualenv per cell (scripts/matrix.sh). Not part of `make test`.
 test-matrix: $(SERVERS)
 	bash scripts/matrix.sh $(PYTHON) $(PYTEST_ARGS)
 
@@ -66,16 +61,12 @@ $(SERVERS): scripts/provision.sh
 	bash scripts/provision.sh
 
 $(VENV)/.installed: pyproject.toml scripts/venv.sh
-	bash scripts/venv.sh $(PYTHON) $(VENV) python-consul2
+	bash scripts/venv.sh $(PYTHON) $(VENV)
 	touch $@
 
 $(VENV_BENCH)/.installed: pyproject.toml scripts/venv.sh scripts/bench-venv.sh
 	bash scripts/bench-venv.sh $(PYTHON) $(VENV_BENCH)
 	touch $@
 
-$(VENV_PYCONSUL)/.installed: pyproject.toml scripts/venv.sh
-	bash scripts/venv.sh $(PYTHON) $(VENV_PYCONSUL) py-consul
-	touch $@
-
 clean:
-	rm -rf $(VENV) $(VENV_PYCONSUL) $(VENV_BENCH) .venv-matrix-* .servers .demo dist
+	rm -rf $(VENV) $(VENV_BENCH) .venv-matrix-* .servers .demo dist

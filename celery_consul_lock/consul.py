@@ -9,12 +9,11 @@ is one line there. The token travels as a header on the connection (so it is in 
 line or exception text), every request has a timeout, and every error names the agent's
 address or the ACL permission involved. TLS contexts are built in :mod:`.tls`.
 
-The Consul client library (python-consul2, or its maintained fork py-consul: the user's
-choice) is no longer on this road: the two differ exactly where this module has to decide
+There is no Consul client library underneath (the package depends on none): the two that
+exist, python-consul2 and its fork py-consul, differ exactly where this module has to decide
 (which of ``CONSUL_HTTP_TOKEN`` and an explicit token wins, whether a request has a timeout,
-whether a transaction carries the token, ``CONSUL_HTTP_ADDR`` over explicit settings), and
-the requests this package makes are a dozen fixed endpoints. So whichever of the two is
-installed, the package behaves the same.
+whether a transaction carries the token), and the requests this package makes are a dozen
+fixed endpoints.
 """
 
 from __future__ import annotations

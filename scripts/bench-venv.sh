@@ -4,7 +4,7 @@
 # usage: bench-venv.sh PYTHON DIR
 set -euo pipefail
 python="$1" dir="$2"
-bash "$(dirname "$0")/venv.sh" "$python" "$dir" python-consul2
+bash "$(dirname "$0")/venv.sh" "$python" "$dir"
 # One at a time, so that a peer that cannot be installed here is reported (bench/peers.py
 # states it in its output) and does not stop the others.
 for peer in celery-redbeat single-beat celery-once celery-singleton matplotlib; do

@@ -21,8 +21,6 @@ from .servers import start_consul, wait_for
 from .test_command import consul_lock_cmd
 from .workers import worker_env
 
-pytestmark = pytest.mark.client
-
 #: The minimal policy for workers and beats, as the README documents it.
 POLICY = """
 key_prefix "locks/" { policy = "write" }

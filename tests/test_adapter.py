@@ -14,8 +14,6 @@ from celery_consul_lock.consul import LOCK_FLAG, ConsulClient, kv_set
 
 from .servers import free_port
 
-pytestmark = pytest.mark.client
-
 
 @pytest.fixture
 def client(settings: ConsulSettings):

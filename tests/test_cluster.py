@@ -24,7 +24,7 @@ from celery_consul_lock import ConsulLock, ConsulSettings
 
 from .servers import ConsulAgent, ConsulCluster, wait_consul_ready, wait_for
 
-pytestmark = [pytest.mark.cluster, pytest.mark.client]
+pytestmark = pytest.mark.cluster
 
 #: The contender: waits for the lock through its agent, prints JSON events, holds the lock
 #: until a line arrives on stdin, then releases it. A ConsulLockError ends one acquire

@@ -1,8 +1,7 @@
 """`celery -A proj consul-lock status|release|check`, run as a user runs it: the `celery`
 program of the virtualenv (the sub-command comes from the ``celery.commands`` entry point),
 against the dev agent, with real beats, a real worker and a real `consul lock` holder.
-(The ACL cases are in test_acl.py, next to the ACL agent.) The tests marked ``client`` run
-again with py-consul.
+(The ACL cases are in test_acl.py, next to the ACL agent.)
 """
 
 from __future__ import annotations
@@ -89,7 +88,6 @@ def test_status_shows_the_leader_its_standby_held_locks_and_each_entrys_last_tic
 # -- release ----------------------------------------------------------------------------------
 
 
-@pytest.mark.client
 def test_release_shows_the_holder_asks_and_frees_only_by_destroying_its_session(
     consul: ConsulAgent, env: dict[str, str], key: str, tmp_path: Path
 ) -> None:
@@ -113,7 +111,6 @@ def test_release_shows_the_holder_asks_and_frees_only_by_destroying_its_session(
         holder.kill()
 
 
-@pytest.mark.client
 def test_release_lists_the_other_keys_the_session_frees(consul: ConsulAgent, env: dict[str, str], key: str) -> None:
     settings = ConsulSettings(address=consul.address, lock_delay=1)
     first, second = ConsulLock(key, settings=settings), ConsulLock(key.replace("/.lock", "-2/.lock"), settings=settings)
@@ -125,7 +122,6 @@ def test_release_lists_the_other_keys_the_session_frees(consul: ConsulAgent, env
     assert not (_kv(consul, second.key) or {}).get("Session")
 
 
-@pytest.mark.client
 def test_release_of_a_key_nobody_holds_changes_nothing_and_says_so(consul: ConsulAgent, env: dict[str, str], key: str) -> None:
     consul.api(f"/v1/kv/{key}", "PUT", "a plain value")
     before = _kv(consul, key)
@@ -137,7 +133,6 @@ def test_release_of_a_key_nobody_holds_changes_nothing_and_says_so(consul: Consu
 # -- check ------------------------------------------------------------------------------------
 
 
-@pytest.mark.client
 def test_check_passes_on_a_healthy_agent_and_leaves_nothing_behind(consul: ConsulAgent, env: dict[str, str]) -> None:
     sessions_before = {s["ID"] for s in consul.api("/v1/session/list")}
     done = consul_lock_cmd(env, "check")
@@ -151,7 +146,6 @@ def test_check_passes_on_a_healthy_agent_and_leaves_nothing_behind(consul: Consu
     assert not [s for s in consul.api("/v1/agent/services") if SCRATCH in s]
 
 
-@pytest.mark.client
 def test_check_fails_clearly_when_the_agent_is_unreachable() -> None:
     address = f"127.0.0.1:{free_port()}"
     done = consul_lock_cmd(worker_env("redis://127.0.0.1:1/0", address), "check")
@@ -171,7 +165,6 @@ def test_check_and_status_fail_clearly_against_a_server_that_is_not_consul(web_s
         assert done.stdout == "", (args, done.stdout)
 
 
-@pytest.mark.client
 def test_check_fails_clearly_on_an_invalid_setting(consul: ConsulAgent) -> None:
     done = consul_lock_cmd(worker_env("redis://127.0.0.1:1/0", consul.address, TEST_LOCK_DELAY="90"), "check")
     assert done.returncode == 1, done

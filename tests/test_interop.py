@@ -23,8 +23,6 @@ from celery_consul_lock.testing import spawn
 
 from .servers import ConsulAgent, binaries, wait_for
 
-pytestmark = pytest.mark.client
-
 #: The flags the Go client and `consul lock -n N` (N > 1) write on a semaphore's keys.
 SEMAPHORE_FLAG = 0xE0F69A2BAA414DE0
 

@@ -20,8 +20,6 @@ from celery_consul_lock.testing import Proc, spawn
 
 from .servers import ROOT, start_consul, wait_consul_ready, wait_for
 
-pytestmark = pytest.mark.client
-
 
 def session_ids(consul) -> set[str]:
     return {s["ID"] for s in consul.api("/v1/session/list")}

@@ -33,8 +33,6 @@ from celery_consul_lock.testing import spawn
 from .servers import ROOT, binaries, wait_for
 from .test_interop import _kv
 
-pytestmark = pytest.mark.client
-
 
 @pytest.fixture
 def prefix(key: str) -> str:

@@ -115,7 +115,6 @@ def test_the_agent_serves_no_plain_http(agent: TLSConsulAgent):
         pass
 
 
-@pytest.mark.client
 def test_explicit_settings_take_and_release_a_lock_over_https(agent, tls, key, clean_env):
     settings = ConsulSettings(address=agent.address, **tls_settings(tls))
     assert_round_trip(agent, ConsulLock(key, settings=settings), key)
@@ -123,7 +122,6 @@ def test_explicit_settings_take_and_release_a_lock_over_https(agent, tls, key, c
     assert_round_trip(agent, ConsulLock(key, address=agent.address, **tls_settings(tls)), key)
 
 
-@pytest.mark.client
 @pytest.mark.parametrize("form", ["https-address", "consul-http-ssl"])
 def test_consul_environment_variables_alone_configure_tls(agent, tls, key, clean_env, form):
     env = tls_env(agent, tls)
@@ -137,7 +135,6 @@ def test_consul_environment_variables_alone_configure_tls(agent, tls, key, clean
     assert_round_trip(agent, lock, key)
 
 
-@pytest.mark.client
 def test_verify_false_talks_to_the_agent_without_its_ca(agent, tls, key, clean_env):
     env = tls_env(agent, tls)
     del env["CONSUL_CACERT"]
@@ -194,7 +191,6 @@ def test_a_real_worker_runs_a_locked_task_over_https_from_celery_settings(agent,
     assert "Traceback" not in worker.log_text()
 
 
-@pytest.mark.client
 def test_a_wrong_ca_fails_with_a_message_naming_the_address_and_the_setting(agent, tls, other_ca, key, clean_env):
     lock = ConsulLock(key, address=agent.address, **tls_settings(tls, ca_file=str(other_ca.ca)))
     with pytest.raises(ConsulUnavailable) as info:
@@ -208,7 +204,6 @@ def test_a_wrong_ca_fails_with_a_message_naming_the_address_and_the_setting(agen
     assert str(pickle.loads(pickle.dumps(info.value))) == text
 
 
-@pytest.mark.client
 def test_a_blocking_acquire_does_not_wait_through_a_tls_failure(agent, tls, other_ca, key, clean_env):
     # The key is known to this process (a later acquire skips the first read); a TLS error
     # is a configuration problem, so it is raised at once, not retried until the timeout.
@@ -237,7 +232,6 @@ def test_a_wrong_ca_in_a_script_prints_the_message_not_an_ssl_traceback(agent, t
         assert noise not in out.stderr
 
 
-@pytest.mark.client
 def test_without_a_client_certificate_the_error_names_the_settings_to_set(agent, tls, key, clean_env):
     lock = ConsulLock(key, address=agent.address, scheme="https", ca_file=str(tls.ca), lock_delay=2)
     with pytest.raises(ConsulUnavailable) as info:
@@ -247,7 +241,6 @@ def test_without_a_client_certificate_the_error_names_the_settings_to_set(agent,
     assert "consul_lock_client_cert and consul_lock_client_key / CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY" in text
 
 
-@pytest.mark.client
 def test_a_client_certificate_from_another_ca_is_reported_as_refused(agent, tls, other_ca, key, clean_env):
     settings = tls_settings(tls, client_cert=str(other_ca.client_cert), client_key=str(other_ca.client_key))
     with pytest.raises(ConsulUnavailable) as info:
@@ -256,7 +249,6 @@ def test_a_client_certificate_from_another_ca_is_reported_as_refused(agent, tls,
     assert agent.url in text and f"the agent refused the client certificate {str(other_ca.client_cert)!r}" in text
 
 
-@pytest.mark.client
 def test_plain_http_to_the_https_port_says_so(agent, key, clean_env):
     with pytest.raises(ConsulLockError, match="Client sent an HTTP request to an HTTPS server") as info:
         ConsulLock(key, address=agent.address, lock_delay=2).acquire(blocking=False)
@@ -293,7 +285,6 @@ def test_a_swapped_certificate_and_key_are_refused_at_start_up(tls, clean_env):
     )
 
 
-@pytest.mark.client
 def test_a_key_that_is_not_the_certificates_is_refused_at_first_connection(agent, tls, key, clean_env):
     # Both files are PEM, so only loading them together can tell: at the first connection,
     # still as InvalidSetting rather than an ssl traceback.
