@@ -51,7 +51,7 @@ from .protocol import REQUEUE_HEADER, requeue_header, requeues
 from .settings import ConsulSettings, Setting, boolean, read_celery, seconds, whole
 
 if TYPE_CHECKING:
-    from .ticks import Tick
+    from .protocol import Tick
 
 __all__ = ["REQUEUE_HEADER", "AvailabilityConfig", "ConsulAgentWatch", "requeue_or_raise"]
 
@@ -217,7 +217,7 @@ def hand_off(wait: float = HANDOFF_WAIT) -> str:
 # -- the worker: stop consuming while the agent is down ----------------------------------------
 
 
-class ConsulAgentWatch(bootsteps.StartStopStep):
+class ConsulAgentWatch(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
     """Consumer bootstep: stops consuming while the worker's agent is down (see the module doc).
 
     Added to every worker of an app that has ConsulLockedTask tasks (``consul_lock_agent_watch
@@ -414,7 +414,6 @@ class _Watch:
                     sock.sendto(answer, sender)
 
 
-@worker_init.connect(weak=False)
 def _watch_locked_workers(sender: Any = None, **_: Any) -> None:
     """Add the watch to the consumer of every worker whose app has ConsulLockedTask tasks.
     (Sent after the app's task modules are imported, before the consumer is built.)"""
@@ -423,3 +422,6 @@ def _watch_locked_workers(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     if app is not None and any(isinstance(task, ConsulLockedTask) for task in app.tasks.values()):
         app.steps["consumer"].add(ConsulAgentWatch)
+
+
+worker_init.connect(_watch_locked_workers, weak=False)
