@@ -32,6 +32,10 @@ from typing import Any, NoReturn
 import click
 from celery.bin.base import CeleryCommand
 
+# Every `celery` process (a worker too) loads this command plugin at start-up, and with it
+# the beat module, whose celeryd_after_setup handler warns about a `worker -B` whose beat is
+# not leader-elected: the worker may import nothing else of the beat.
+from . import beat as _beat_checks  # noqa: F401
 from .consul import SEMAPHORE_FLAG, ConsulClient, KVEntry, kv_set
 from .election import BeatConfig
 from .errors import ConsulLockError, InvalidSetting
