@@ -2,13 +2,12 @@
 
     celery -A proj beat -S celery_consul_lock.beat:ConsulLeaderScheduler     # or: -S consul
 
-Every instance runs an :class:`~.election.Election` thread that waits (with Consul blocking queries) for
-the leader lock ``<prefix>locks/<beat name>/beat/.lock``. The leader's session is tied to a
-short-TTL health check that the leader keeps passing, so a leader that dies or is cut off is
-replaced within *check TTL + lock-delay + 0.25 s* (default 2 + 1.5 + 0.25 s); one that stops
-normally releases the lock and is replaced at once. The check is passed only while the
-scheduler loop comes back: a leader stuck inside one tick or send for longer than the stall
-timeout steps down, and is replaced within *stall timeout + the crash bound*.
+This module is the scheduler guard: :class:`LeaderElectedMixin` wraps a Celery scheduler so
+that only the elected leader sets up, ticks, sends and syncs. Who leads is decided by the
+election (:mod:`.election`: a leader that dies or is cut off is replaced within *check TTL +
+lock-delay + 0.25 s*, one stuck inside a tick or send within *stall timeout* more); what a
+message carries is the beat-to-worker protocol (:mod:`.protocol`); where
+:class:`ConsulLeaderScheduler` keeps its schedule state is :mod:`.beat_state`.
 
 Guarantees: a standby sends nothing and writes no shared state; the leader checks its lease
 (the lock's self-fencing deadline) right before every send and stops sending, and rejoins as a
@@ -178,12 +177,18 @@ class LeaderElectedMixin:
     def close(self) -> None:
         try:
             if self._setup_pending:  # never led: the wrapped scheduler's storage was never opened
-                Scheduler.close(self)  # type: ignore[arg-type]
+                Scheduler.close(self)
             else:
                 super().close()  # type: ignore[misc]  # sync is guarded above
         finally:
             if self.election is not None:
                 self.election.stop()
+
+    @property
+    def led_generation(self) -> int:
+        """The election generation this scheduler last took over as leader (set up its
+        schedule, loaded its state): 0 until it has led once."""
+        return self._seen_generation
 
     def _leading(self) -> bool:
         return self.election is not None and self.election.is_leader()
@@ -251,7 +256,6 @@ class LeaderElectedMixin:
             signal.signal(signum, handler)
 
 
-@beat_embedded_init.connect(weak=False)
 def _tie_embedded_beat_to_its_worker(sender: Any = None, **_: Any) -> None:
     # Sent in the beat's child process, after Service.start built the scheduler.
     scheduler = getattr(sender, "scheduler", None)
@@ -259,7 +263,9 @@ def _tie_embedded_beat_to_its_worker(sender: Any = None, **_: Any) -> None:
         scheduler.end_with_worker()
 
 
-@celeryd_after_setup.connect(weak=False)
+beat_embedded_init.connect(_tie_embedded_beat_to_its_worker, weak=False)
+
+
 def _check_embedded_beat(sender: Any = None, instance: Any = None, **_: Any) -> None:
     # Sent in the worker's main process once logging is set up, before the beat starts.
     options = getattr(instance, "options", None) or {}
@@ -270,6 +276,9 @@ def _check_embedded_beat(sender: Any = None, instance: Any = None, **_: Any) -> 
         log.warning("%s", problem)
 
 
+celeryd_after_setup.connect(_check_embedded_beat, weak=False)
+
+
 def embedded_beat_problem(app: Any, scheduler: Any, statedb: str | None) -> str | None:
     """Why a ``celery worker -B`` of ``app``, with the scheduler (name or class) and state
     database the worker was given, would run a beat that is not leader-elected where one is
@@ -278,7 +287,7 @@ def embedded_beat_problem(app: Any, scheduler: Any, statedb: str | None) -> str 
     scheduler cannot be imported here (the beat will report that itself)."""
     aliases = dict(load_extension_class_names(SCHEDULER_ALIASES))
     try:
-        cls = symbol_by_name(scheduler, aliases=aliases)
+        cls = symbol_by_name(scheduler, aliases=aliases)  # type: ignore[no-untyped-call]  # kombu's is untyped
     except Exception:
         return None
     if isinstance(cls, type) and issubclass(cls, LeaderElectedMixin):
@@ -324,7 +333,7 @@ instance's file holds its own last-run times, so a new leader goes by its own fi
 ticks may be repeated or skipped at a failover. Prefer ConsulLeaderScheduler."""
 
 
-class ConsulLeaderScheduler(LeaderElectedMixin, Scheduler):
+class ConsulLeaderScheduler(LeaderElectedMixin, Scheduler):  # type: ignore[misc]  # Celery is untyped
     """Leader-elected beat whose schedule state (last run, run count) lives in Consul.
 
     Definitions come from ``beat_schedule``; the state of each entry is kept in Consul (see

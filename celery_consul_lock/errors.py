@@ -21,11 +21,17 @@ __all__ = [
 ]
 
 
+# -- the base ---------------------------------------------------------------------------------
+
+
 class ConsulLockError(Exception):
     """Base class of every error raised by celery-consul-lock."""
 
     def __reduce__(self) -> tuple[type[ConsulLockError], tuple[object, ...]]:
         return (type(self), self.args)
+
+
+# -- configuration ------------------------------------------------------------------------------
 
 
 class InvalidSetting(ConsulLockError, ValueError):
@@ -39,6 +45,9 @@ class InvalidSetting(ConsulLockError, ValueError):
 
     def __str__(self) -> str:
         return f"{self.setting}={self.value!r} is invalid: {self.reason}"
+
+
+# -- reaching Consul (consul.FAILURES maps every failure of a request to one of these) ----------
 
 
 class ConsulUnavailable(ConsulLockError):
@@ -125,6 +134,9 @@ class SessionGone(ConsulLockError):
             "invalidated by a failing check); every lock it held is lost. A new acquire "
             "creates a new session."
         )
+
+
+# -- the lock -----------------------------------------------------------------------------------
 
 
 class LockConflict(ConsulLockError):

@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from celery_consul_lock import ConsulSettings, ConsulUnavailable, SessionGone
+from celery_consul_lock import ConsulLockError, ConsulSettings, ConsulUnavailable, SessionGone
 from celery_consul_lock.consul import LOCK_FLAG, ConsulClient, kv_set
 
 from .servers import free_port
@@ -133,6 +133,16 @@ def test_unreachable_agent_error_names_the_address():
     assert f"http://127.0.0.1:{port}" in text and "connection refused" in text and "CONSUL_HTTP_ADDR" in text
 
 
+def test_a_request_consul_refuses_is_an_error_quoting_its_answer(client, consul):
+    """A status no call expects (here Consul's 500 for a session behaviour it does not
+    know) becomes one ConsulLockError naming the agent, the call and Consul's reason."""
+    with pytest.raises(ConsulLockError) as info:
+        client.session_create("x", ttl=10, lock_delay=1, checks=[], behavior="bogus")
+    text = str(info.value)
+    assert type(info.value) is ConsulLockError and f"Consul at http://{consul.address} answered " in text, text
+    assert "while creating a session" in text and "bogus" in text.lower(), text
+
+
 def test_token_goes_in_a_header_not_the_url(settings, monkeypatch):
     monkeypatch.setenv("CONSUL_HTTP_TOKEN", "env-token-must-not-win")
     c = ConsulClient(settings.replace(token="tok-123"))
@@ -167,7 +177,10 @@ def test_the_quick_reading_of_a_lock_answer_agrees_with_decoding_it(client, key)
     try:
         for exists in (False, True):
             body = _LOCK_TXN % ("get" if exists else "check-not-exists", quoted, quoted, "", LOCK_FLAG, json.dumps(sid))
-            code, answer = client._txn_send(body.encode(), "test", key)
+            code, content = client._request(
+                "PUT", client._txn_target, body.encode(), "test", "key:write", key, read=lambda s, h, c: (s, c)
+            )
+            answer = content.decode()
             assert code == 200, answer
             results = json.loads(answer)["Results"]
             quick = _quick_lock_answer(answer, exists)

@@ -54,6 +54,27 @@ def test_fencing_token_grows_with_each_acquisition(settings, key):
     assert tokens == sorted(tokens) and len(set(tokens)) == 3
 
 
+def test_its_owner_can_declare_the_lock_lost_and_still_release_the_key(settings, key):
+    # A beat stepping down does this: held is false at once, the callbacks run, and the key
+    # stays ours in Consul until the release frees it without a lock-delay.
+    reasons = []
+    lock = ConsulLock(key, settings=settings, on_lost=lambda _lock, why: reasons.append(why))
+    assert lock.acquire() and lock.held
+    token, sid = lock.fencing_token, lock.session_id
+    lock.declare_lost("stepping down")
+    assert not lock.held and lock.lost.is_set() and reasons == ["stepping down"]
+    with pytest.raises(LockLost, match="stepping down"):
+        lock.check()
+    lock.declare_lost("again")  # already lost: nothing more happens
+    assert reasons == ["stepping down"] and lock.lost_reason == "stepping down"
+    assert ConsulLock.holder(key, settings=settings).session == sid
+    assert lock.release()
+    assert ConsulLock.holder(key, settings=settings) is None
+    assert lock.session_id is None and lock.fencing_token == token  # the last acquisition's
+    lock.declare_lost("after release")  # not held: nothing happens
+    assert reasons == ["stepping down"]
+
+
 def test_non_blocking_try_reports_the_holder_at_once(settings, key, tmp_path):
     holder = start_holder(settings, key, tmp_path)
     try:

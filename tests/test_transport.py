@@ -24,13 +24,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from celery_consul_lock import ConsulSettings, ConsulUnavailable
-from celery_consul_lock.consul import ConsulClient
+from celery_consul_lock.consul import FAILURES, ConsulClient
 from celery_consul_lock.transport import MAX_HEADER_BYTES, Connection, NotHTTP, _ClosedEarly, read_response
 
-from .servers import ConsulAgent
+from .servers import ConsulAgent, start_consul, wait_consul_ready
 
 #: What the parser may raise on bytes it cannot take: nothing else.
 PARSER_ERRORS = (NotHTTP, ConnectionError, _ClosedEarly)
+
+#: In a ScriptedServer's script: read the request, answer nothing.
+HANG = b"<hang>"
 
 OK_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 4\r\n\r\ntrue"
 
@@ -40,8 +43,9 @@ OK_ANSWER = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Lengt
 
 class ScriptedServer:
     """Accepts connections one after another on a free loopback port. ``script[i]`` says
-    what connection i does with its requests, in order: bytes to send as the answer, or
-    None to close the connection right after reading the request. When a connection's
+    what connection i does with its requests, in order: bytes to send as the answer, None
+    to close the connection right after reading the request, or HANG to answer nothing
+    until the server is closed (a hung agent). When a connection's
     script runs out it is closed (an agent dropping an idle connection). Records every
     request it read, per connection."""
 
@@ -51,6 +55,7 @@ class ScriptedServer:
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.listener.settimeout(10)
         self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        self.closing = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -70,9 +75,13 @@ class ScriptedServer:
                     seen.append(request)
                     if answer is None:
                         break
+                    if answer is HANG:
+                        self.closing.wait(30)
+                        break
                     conn.sendall(answer)
 
     def close(self) -> None:
+        self.closing.set()
         with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)  # wakes a pending accept()
         self.listener.close()
@@ -153,6 +162,25 @@ def test_a_connection_the_agent_closed_while_idle_is_replaced_and_the_request_se
     assert server.requests[1][0].endswith(b"\r\n\r\n2")
 
 
+def test_the_connection_a_restarted_agent_closed_is_replaced_by_the_next_request(tmp_path):
+    """A real agent closes its connections when it stops: the client's idle keep-alive
+    connection is dead, and the next request goes out on a new one, to the new agent."""
+    agent = start_consul(tmp_path)
+    try:
+        wait_consul_ready(agent)
+        client = ConsulClient(ConsulSettings(address=agent.address, timeout=5))
+        try:
+            assert client.status_leader()
+            agent.proc.stop()
+            agent.proc.restart()
+            wait_consul_ready(agent)
+            assert client.status_leader()  # on the same client, whose connection the old agent closed
+        finally:
+            client.close()
+    finally:
+        agent.stop()
+
+
 def test_a_new_connection_closed_without_an_answer_is_not_sent_again(scripted):
     server = scripted([[None], [OK_ANSWER]])
     conn = _connection(server)
@@ -225,6 +253,27 @@ def test_framing_that_is_not_http_is_not_consul(scripted, answer: bytes):
     finally:
         client.close()
     assert f"the server at http://{server.address} is not a Consul agent" in str(info.value), str(info.value)
+
+
+def test_an_agent_that_never_answers_is_unavailable_after_the_timeout(scripted):
+    server = scripted([[HANG]])
+    client = ConsulClient(ConsulSettings(address=server.address, timeout=0.5))
+    try:
+        with pytest.raises(ConsulUnavailable) as info:
+            client.status_leader()
+    finally:
+        client.close()
+    assert info.value.transient and "no answer within the timeout" in str(info.value)
+    assert f"http://{server.address}" in str(info.value)
+
+
+def test_no_row_of_the_failure_table_is_shadowed_by_an_earlier_one():
+    """FAILURES is read first match wins: a row without a condition must come after every
+    row for a subclass of what it matches, or that row could never apply."""
+    for i, (kind, when, _) in enumerate(FAILURES):
+        if when is None:
+            later = [k for k, _, _ in FAILURES[i + 1 :] if issubclass(k, kind)]
+            assert not later, f"row {i} ({kind.__name__}) hides the rows for {later}"
 
 
 # -- the parser, property-based ----------------------------------------------------------------
