@@ -12,10 +12,13 @@ from .errors import (
     LockLost,
     LockTimeout,
     NotConsul,
+    SemaphoreConflict,
+    SemaphoreLimitConflict,
     SessionGone,
 )
 from .lock import ConsulLock, LockHolder
 from .protocol import TICK_HEADER, Tick
+from .semaphore import ConsulSemaphore, SemaphoreState
 from .session import close_sessions
 from .settings import ConsulSettings
 from .task import ConsulLockedTask, LockLostAbort, LockOptions, is_skipped
@@ -26,6 +29,7 @@ __all__ = [
     "ConsulLock",
     "ConsulLockError",
     "ConsulLockedTask",
+    "ConsulSemaphore",
     "ConsulSettings",
     "ConsulUnavailable",
     "InvalidSetting",
@@ -37,6 +41,9 @@ __all__ = [
     "LockOptions",
     "LockTimeout",
     "NotConsul",
+    "SemaphoreConflict",
+    "SemaphoreLimitConflict",
+    "SemaphoreState",
     "SessionGone",
     "Tick",
     "close_sessions",
