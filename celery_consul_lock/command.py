@@ -32,6 +32,10 @@ from typing import Any, NoReturn
 import click
 from celery.bin.base import CeleryCommand
 
+# Imported for its signal handlers: Celery loads this module (the `celery.commands` entry point)
+# in every `celery worker`, and beat connects the worker's check of an embedded `-B` beat
+# (celeryd_after_setup), which must run even where no module of the app imports beat.
+from . import beat as _embedded_beat_check  # noqa: F401
 from .consul import SEMAPHORE_FLAG, ConsulClient, KVEntry, kv_set
 from .election import BeatConfig
 from .errors import ConsulLockError, InvalidSetting
