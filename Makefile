@@ -3,13 +3,16 @@
 PYTHON ?= python3
 VENV := .venv
 VENV_PYCONSUL := .venv-py-consul
+# The benchmark environment of bench/peers.py: the package, the peers it is compared with and
+# matplotlib (never dependencies of the package).
+VENV_BENCH := .venv-bench
 SERVERS := .servers/env
 PYTEST_ARGS ?=
 # Two test processes, each taking whole files (a file's topology and fixed loopback
 # addresses stay in one process); PARALLEL= runs the suite in one process.
 PARALLEL ?= -n 2 --dist loadfile
 
-.PHONY: demo demo-cron test test-python-consul2 test-py-consul lint bench servers venv clean
+.PHONY: demo demo-cron test test-python-consul2 test-py-consul lint bench bench-peers servers venv clean
 
 # make demo EXAMPLE=flask (default: django); DEMO_ARGS="--seconds 30" and the like.
 EXAMPLE ?= django
@@ -39,6 +42,12 @@ lint: $(VENV)/.installed
 bench: $(VENV)/.installed $(SERVERS)
 	$(VENV)/bin/python bench/lock_cost.py
 
+# Side by side with redbeat, single-beat, celery-once, celery-singleton and the curl script
+# (README "Compared with the peers"); PEERS_ARGS="--quick" for the short run (under 8 minutes).
+PEERS_ARGS ?=
+bench-peers: $(VENV_BENCH)/.installed $(SERVERS)
+	$(VENV_BENCH)/bin/python bench/peers.py --json docs/bench/peers.json --plots docs/bench $(PEERS_ARGS)
+
 servers: $(SERVERS)
 venv: $(VENV)/.installed
 
@@ -49,9 +58,13 @@ $(VENV)/.installed: pyproject.toml scripts/venv.sh
 	bash scripts/venv.sh $(PYTHON) $(VENV) python-consul2
 	touch $@
 
+$(VENV_BENCH)/.installed: pyproject.toml scripts/venv.sh scripts/bench-venv.sh
+	bash scripts/bench-venv.sh $(PYTHON) $(VENV_BENCH)
+	touch $@
+
 $(VENV_PYCONSUL)/.installed: pyproject.toml scripts/venv.sh
 	bash scripts/venv.sh $(PYTHON) $(VENV_PYCONSUL) py-consul
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(VENV_PYCONSUL) .servers .demo
+	rm -rf $(VENV) $(VENV_PYCONSUL) $(VENV_BENCH) .servers .demo

@@ -143,7 +143,7 @@ def _held(entry: KVEntry, session: dict[str, Any] | None, now: datetime, prefix:
 def _semaphores(entries: list[KVEntry], sessions: dict[str, Any], now: datetime, prefix: str) -> list[dict[str, Any]]:
     """Every semaphore under the prefix (a ``.lock`` key with the semaphore's flags): its
     limit and its live holders, each as a held lock row of its contender key."""
-    out = []
+    out: list[dict[str, Any]] = []
     for entry in entries:
         if entry.flags != SEMAPHORE_FLAG or not entry.key.endswith(f"/{SEMAPHORE_KEY}"):
             continue

@@ -143,7 +143,7 @@ def _seconds_until(when: Any) -> float:
     if isinstance(when, datetime):
         if when.tzinfo is None:
             when = when.replace(tzinfo=timezone.utc)
-        return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+        return max(0.0, float((when - datetime.now(timezone.utc)).total_seconds()))
     return 0.0
 
 
