@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from .entries import EntryDefinition, RuntimeSchedule, once
 from .errors import (
     ACLDenied,
     ConsulLockError,
     ConsulUnavailable,
+    EntryConflict,
+    EntryNotFound,
+    InvalidEntry,
     InvalidSetting,
     LockConflict,
     LockHeld,
@@ -28,6 +32,10 @@ __all__ = [
     "ConsulLockedTask",
     "ConsulSettings",
     "ConsulUnavailable",
+    "EntryConflict",
+    "EntryDefinition",
+    "EntryNotFound",
+    "InvalidEntry",
     "InvalidSetting",
     "LockConflict",
     "LockHeld",
@@ -37,8 +45,10 @@ __all__ = [
     "LockOptions",
     "LockTimeout",
     "NotConsul",
+    "RuntimeSchedule",
     "SessionGone",
     "Tick",
     "close_sessions",
     "is_skipped",
+    "once",
 ]

@@ -247,6 +247,23 @@ class ConsulClient:
             _, data = self._client.kv.get(prefix, recurse=True, dc=self.settings.datacenter)
             return [_entry(d) for d in _expect(data or [], list, "a key list")]
 
+    def kv_list(
+        self, prefix: str, *, index: int | None = None, wait: float | None = None, consistent: bool = False
+    ) -> tuple[int, list[KVEntry]]:
+        """Every key under ``prefix`` and the X-Consul-Index; with ``index``, a blocking query
+        that returns when something under the prefix changes past it or ``wait`` ends."""
+        timeout = self.timeout + (wait or 300) * (1 + BLOCKING_JITTER) if index else None
+        with self._errors("listing keys", "key:read", prefix, timeout=timeout):
+            idx, data = self._client.kv.get(
+                prefix,
+                recurse=True,
+                index=index or None,
+                wait=_go_duration(wait) if index and wait is not None else None,
+                consistency="consistent" if consistent else None,
+                dc=self.settings.datacenter,
+            )
+            return int(idx or 0), [_entry(d) for d in _expect(data or [], list, "a key list")]
+
     def kv_put(self, key: str, value: bytes, *, cas: int | None = None, flags: int | None = None) -> bool:
         """Write a key; with ``cas``, only if its ModifyIndex is ``cas`` (0: if absent)."""
         with self._errors("writing a key", "key:write", key):
