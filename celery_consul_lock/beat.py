@@ -724,7 +724,8 @@ def tick_of(entry: Any) -> Tick:
     if isinstance(sched, once):
         return Tick.of(entry.name, sched.at)
     if isinstance(sched, solar) and entry.last_run_at is not None:
-        due = datetime.now(timezone.utc) + sched.remaining_estimate(entry.last_run_at)
+        # The event's time: "now" as the schedule sees it, plus what remains until the event.
+        due = sched.maybe_make_aware(sched.now()) + sched.remaining_estimate(entry.last_run_at)
         return Tick.of(entry.name, due.replace(microsecond=0) + timedelta(seconds=round(due.microsecond / 1e6)))
     if isinstance(sched, crontab):
         return crontab_tick(entry.name, datetime.now(timezone.utc))

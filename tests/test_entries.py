@@ -228,3 +228,13 @@ def test_the_watch_wakes_on_every_change_within_a_blocking_query(store):
         assert watch.changed.wait(2), "a pause did not wake the watch"
     finally:
         watch.stop()
+
+
+def test_the_consul_django_alias_names_the_leader_elected_database_scheduler():
+    from celery.utils.imports import load_extension_class_names
+    from kombu.utils.imports import symbol_by_name
+
+    aliases = dict(load_extension_class_names("celery.beat_schedulers"))
+    assert aliases["consul-django"] == "celery_consul_lock.contrib.django_celery_beat:LeaderDatabaseScheduler"
+    assert aliases["consul"] == "celery_consul_lock.beat:ConsulLeaderScheduler"
+    assert symbol_by_name("consul", aliases=aliases).__name__ == "ConsulLeaderScheduler"
