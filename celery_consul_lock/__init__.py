@@ -19,10 +19,10 @@ from .errors import (
     SessionGone,
 )
 from .lock import ConsulLock, LockHolder
+from .protocol import TICK_HEADER, Tick
 from .session import close_sessions
 from .settings import ConsulSettings
 from .task import ConsulLockedTask, LockLostAbort, LockOptions, is_skipped
-from .ticks import TICK_HEADER, Tick
 
 __all__ = [
     "TICK_HEADER",

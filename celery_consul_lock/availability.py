@@ -47,8 +47,8 @@ from celery.signals import worker_init
 
 from . import signals
 from .consul import ConsulClient
-from .errors import ConsulLockError, ConsulUnavailable, InvalidSetting
-from .settings import ConsulSettings, parse_bool, parse_seconds
+from .errors import ConsulLockError, ConsulUnavailable
+from .settings import ConsulSettings, Setting, boolean, read_celery, seconds, whole
 
 if TYPE_CHECKING:
     from .ticks import Tick
@@ -88,9 +88,48 @@ _WATCH_ADDRESS = "\0celery-consul-lock-watch-{pid}"
 _HANDOFF, _PAUSED, _ANSWERS = b"handoff", b"paused", b"answers"
 
 
+#: The settings of :class:`AvailabilityConfig` (see :class:`~celery_consul_lock.settings.Setting`).
+AVAILABILITY_SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "requeue_max",
+        whole(0, "expected a whole number of requeues >= 0 (0: never requeue)"),
+        DEFAULT_REQUEUE_MAX,
+        "requeues of one message whose worker cannot reach Consul, before it fails; `0`: fail at once. Each is one "
+        "publish, and with the agent watch a message meets a worker whose agent is down about once; the bound stops a "
+        "message bouncing for ever without it",
+    ),
+    Setting(
+        "requeue_deadline",
+        seconds(above=0, why="expected seconds > 0"),
+        DEFAULT_REQUEUE_DEADLINE,
+        "no requeue later than this after the tick's due time (or the first requeue): a restarted agent answers in "
+        "seconds, a rebooted node in a minute or two; a run later than 5 min is not the run its user scheduled, and "
+        "fails visibly",
+    ),
+    Setting(
+        "agent_watch",
+        boolean,
+        True,
+        "stop consuming while the worker's agent is down (workers of apps with `ConsulLockedTask` tasks)",
+    ),
+    Setting(
+        "agent_probe_interval",
+        seconds(
+            at_least=PROBE_INTERVAL_MIN,
+            at_most=PROBE_INTERVAL_MAX,
+            why=f"expected seconds between {PROBE_INTERVAL_MIN:g} and {PROBE_INTERVAL_MAX:g}",
+        ),
+        DEFAULT_PROBE_INTERVAL,
+        "how often the watch asks the agent `/v1/status/leader`, 0.1 .. 60 s: one tiny local request, and it bounds "
+        "the time a worker with a dead agent draws work (the probe's own timeout is min(`consul_lock_timeout`, 2 s))",
+    ),
+)
+
+
 @dataclass(frozen=True)
 class AvailabilityConfig:
-    """Settings ``consul_lock_requeue_*`` and ``consul_lock_agent_*``, read once, validated."""
+    """Settings ``consul_lock_requeue_*`` and ``consul_lock_agent_*`` (:data:`AVAILABILITY_SETTINGS`),
+    read once, validated."""
 
     #: Requeues allowed per message; 0 fails at once, as before requeueing existed.
     requeue_max: int = DEFAULT_REQUEUE_MAX
@@ -103,26 +142,7 @@ class AvailabilityConfig:
 
     @classmethod
     def from_celery(cls, conf: Any) -> AvailabilityConfig:
-        def get(name: str, default: Any) -> Any:
-            value = conf.get(f"consul_lock_{name}")
-            return default if value is None else value
-
-        count = get("requeue_max", DEFAULT_REQUEUE_MAX)
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            raise InvalidSetting("consul_lock_requeue_max", count, "expected a whole number of requeues >= 0 (0: never requeue)")
-        deadline = parse_seconds("consul_lock_requeue_deadline", get("requeue_deadline", DEFAULT_REQUEUE_DEADLINE))
-        if deadline <= 0:
-            raise InvalidSetting("consul_lock_requeue_deadline", deadline, "expected seconds > 0")
-        watch = get("agent_watch", True)
-        watch = watch if isinstance(watch, bool) else parse_bool("consul_lock_agent_watch", watch)
-        interval = parse_seconds("consul_lock_agent_probe_interval", get("agent_probe_interval", DEFAULT_PROBE_INTERVAL))
-        if not PROBE_INTERVAL_MIN <= interval <= PROBE_INTERVAL_MAX:
-            raise InvalidSetting(
-                "consul_lock_agent_probe_interval",
-                interval,
-                f"expected seconds between {PROBE_INTERVAL_MIN:g} and {PROBE_INTERVAL_MAX:g}",
-            )
-        return cls(count, deadline, watch, interval)
+        return cls(**read_celery(conf, AVAILABILITY_SETTINGS))
 
 
 # -- the run: requeue -------------------------------------------------------------------

@@ -33,7 +33,7 @@ import click
 from celery.bin.base import CeleryCommand
 
 from .beat import BeatConfig
-from .consul import ConsulClient, KVEntry
+from .consul import ConsulClient, KVEntry, kv_set
 from .entries import NEVER, EntryDefinition, RuntimeSchedule, once, parse_at, parse_crontab, schedule_to_json
 from .errors import ConsulLockError, EntryConflict, EntryNotFound, InvalidEntry, InvalidSetting
 from .lock import LockHolder
@@ -292,13 +292,11 @@ def _try_permissions(
         granted.append(f"key:write on {settings.key_prefix + 'locks/'!r}")
         progress(f"writing {state_key} fenced by the session (key:write)")
         later(lambda: client.kv_delete(state_key))
-        ops = [
-            {"KV": {"Verb": "check-session", "Key": lock_key, "Session": sid}},
-            {"KV": {"Verb": "set", "Key": state_key, "Value": ""}},
-        ]
-        ok, _, errors = client.txn(ops, action="writing a fenced scratch key", resource=state_key)
-        if not ok:
-            raise ConsulLockError(f"Consul at {settings.base_url} refused a fenced write of {state_key}: {errors}")
+        done = client.kv_fenced(
+            lock_key, sid, [kv_set(state_key, b"")], action="writing a fenced scratch key", resource=state_key
+        )
+        if not done.ok:
+            raise ConsulLockError(f"Consul at {settings.base_url} refused a fenced write of {state_key}: {list(done.errors)}")
         granted.append(f"key:write on {settings.key_prefix + 'celery-consul-lock/'!r}")
         progress("listing sessions (session:read, for status)")
         client.session_list()

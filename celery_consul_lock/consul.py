@@ -1,12 +1,20 @@
 """The one door to Consul: every HTTP call this package makes goes through :class:`ConsulClient`.
 
-This is the only module that imports the Consul client library (``consul``, installed by
-python-consul2 or by its maintained fork py-consul; both are supported). It pins down
-what the two libraries do differently: it never lets them read ``CONSUL_HTTP_*`` (the
-settings module already did, with our precedence), sends the token as a header on the
-connection (so it is in no URL, log line or exception text), sets a timeout on every
-request, and turns every failure into a :class:`~celery_consul_lock.errors.ConsulLockError`
-that names the agent's address or the ACL permission involved.
+One road: each method builds its request (path, query, body), sends it with
+:meth:`ConsulClient._request` over the thread's one keep-alive
+:class:`~celery_consul_lock.transport.Connection`, and reads the answer. Every failure on the
+way, from a refused connection to an answer no Consul agent gives, becomes one of our errors
+through one table, :data:`FAILURES` (as httpx maps its transport's exceptions): adding a case
+is one line there. The token travels as a header on the connection (so it is in no URL, log
+line or exception text), every request has a timeout, and every error names the agent's
+address or the ACL permission involved. TLS contexts are built in :mod:`.tls`.
+
+The Consul client library (python-consul2, or its maintained fork py-consul: the user's
+choice) is no longer on this road: the two differ exactly where this module has to decide
+(which of ``CONSUL_HTTP_TOKEN`` and an explicit token wins, whether a request has a timeout,
+whether a transaction carries the token, ``CONSUL_HTTP_ADDR`` over explicit settings), and
+the requests this package makes are a dozen fixed endpoints. So whichever of the two is
+installed, the package behaves the same.
 """
 
 from __future__ import annotations
@@ -19,20 +27,17 @@ import os
 import re
 import ssl
 import threading
-import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import quote
 
-import consul as consul_lib
-
-from . import native as _native
-from .errors import ACLDenied, ConsulLockError, ConsulUnavailable, InvalidSetting, NotConsul, SessionGone
+from .errors import ACLDenied, ConsulLockError, ConsulUnavailable, NotConsul, SessionGone
 from .settings import ConsulSettings
+from .tls import tls_context, tls_failure
 from .transport import Connection, Headers, NotHTTP
 
-__all__ = ["LOCK_FLAG", "ConsulClient", "KVEntry", "LockAttempt", "thread_client"]
+__all__ = ["FAILURES", "LOCK_FLAG", "ConsulClient", "Fenced", "KVEntry", "LockAttempt", "kv_set", "kv_unlock", "thread_client"]
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +48,9 @@ LOCK_FLAG = 0x2DDCCBC058A50C18
 #: kv_lock's transaction: ``get`` (or ``check-not-exists``) then ``lock``, on one key.
 _LOCK_TXN = '[{"KV":{"Verb":"%s","Key":%s}},{"KV":{"Verb":"lock","Key":%s,"Value":"%s","Flags":%d,"Session":%s}}]'
 
-#: How a server says it is between leaders (an election): brief, worth retrying.
 #: Consul's answer to a token it does not know (not one that lacks a permission).
 _ACL_NOT_FOUND = "ACL not found"
+#: How a server says it is between leaders (an election): brief, worth retrying.
 _NO_LEADER = ("No cluster leader", "rpc error", "leadership lost", "connection refused", "EOF")
 
 #: How much of a foreign answer's body an error quotes: enough to recognise it, never a page.
@@ -54,6 +59,13 @@ EXCERPT_CHARS = 80
 #: How much longer than ``wait`` a blocking query may take: Consul adds up to wait/16
 #: of jitter before answering.
 BLOCKING_JITTER = 1 / 16
+#: Consul's limit on the operations of one transaction.
+TXN_MAX_OPS = 64
+#: A blocking query's wait when the caller gives none: Consul's own default (5 min).
+DEFAULT_BLOCKING_WAIT = 300.0
+
+#: Answers that are not failures when nothing else is said: 200 only.
+_OK = (200,)
 
 
 @dataclass(frozen=True)
@@ -102,6 +114,37 @@ class LockAttempt:
     previous: str | None = None
 
 
+@dataclass(frozen=True)
+class Fenced:
+    """The answer to :meth:`ConsulClient.kv_fenced`: written, or why not."""
+
+    #: Every write applied (each transaction is all or nothing).
+    ok: bool
+    #: Not applied because the session no longer holds the lock key (its check failed).
+    lost: bool = False
+    #: The written keys as Consul returns them, in the order of the writes (``ModifyIndex``:
+    #: the index a later ``cas`` needs).
+    results: tuple[dict[str, Any], ...] = ()
+    #: When not ok: Consul's errors (``OpIndex`` counts from the session check, 0).
+    errors: tuple[dict[str, Any], ...] = ()
+
+
+def kv_set(key: str, value: bytes, *, index: int | None = None, flags: int | None = None) -> dict[str, Any]:
+    """A write for :meth:`ConsulClient.kv_fenced`: ``set``, or with ``index`` a ``cas``
+    (written only if the key's ModifyIndex is still ``index``; 0: only if absent)."""
+    op: dict[str, Any] = {"Verb": "set" if index is None else "cas", "Key": key, "Value": base64.b64encode(value).decode()}
+    if index is not None:
+        op["Index"] = index
+    if flags is not None:
+        op["Flags"] = flags
+    return op
+
+
+def kv_unlock(key: str, session: str) -> dict[str, Any]:
+    """A write for :meth:`ConsulClient.kv_fenced`: free ``key`` if ``session`` holds it."""
+    return {"Verb": "unlock", "Key": key, "Session": session}
+
+
 class ConsulClient:
     """A connection to one agent, with our error handling around every call.
 
@@ -114,13 +157,18 @@ class ConsulClient:
         self.settings = settings
         self.address = settings.base_url
         self.timeout = settings.timeout if timeout is None else timeout
-        self._client = _make_client(settings, self.timeout, native)
+        # The token goes in a header of every request, never in a URL.
+        self._headers = {"X-Consul-Token": settings.token} if settings.token else {}
+        context = tls_context(settings, native) if settings.scheme == "https" else None
+        self._conn = Connection(settings.host, settings.port, ssl_context=context, native=native)
+        self._dc = f"dc={quote(settings.datacenter)}" if settings.datacenter else ""
+        self._txn_target = self._target("/v1/txn")
 
     def __repr__(self) -> str:
         return f"<ConsulClient {self.address}>"
 
     def close(self) -> None:
-        self._client.http.close()
+        self._conn.close()
 
     # -- sessions -------------------------------------------------------------------
 
@@ -133,55 +181,71 @@ class ConsulClient:
         checks: Sequence[str],
         behavior: str = "release",
     ) -> str:
-        """Create a session; returns its ID."""
-        with self._errors("creating a session", "session:write", "the agent's node"):
-            return str(
-                self._client.session.create(
-                    name=name,
-                    checks=list(checks),
-                    lock_delay=_seconds(lock_delay),
-                    behavior=behavior,
-                    ttl=_seconds(ttl),
-                    dc=self.settings.datacenter,
-                )
-            )
+        """Create a session; returns its ID. ``ttl`` 0: a session without TTL."""
+        body: dict[str, Any] = {
+            "Name": name,
+            "Checks": list(checks),
+            "LockDelay": f"{_seconds(lock_delay)}s",
+            "Behavior": behavior,
+        }
+        if ttl:
+            body["TTL"] = f"{_seconds(ttl)}s"
+        target = self._target("/v1/session/create")
+        return self._request(  # type: ignore[no-any-return]
+            "PUT", target, json.dumps(body).encode(), "creating a session", "session:write", "the agent's node", read=_read_id
+        )
 
     def session_renew(self, session: str, *, timeout: float | None = None) -> float:
         """Renew a session; returns the TTL the server now uses. Raises SessionGone."""
-        with self._errors("renewing a session", "session:write", "the agent's node", timeout=timeout, session=session):
-            answer = _expect(self._client.session.renew(session, dc=self.settings.datacenter), (dict, type(None)), "a session")
+        target = self._target(f"/v1/session/renew/{quote(session)}")
+        action = "renewing a session"
+        answer = self._request(
+            "PUT", target, b"", action, "session:write", "the agent's node", session=session, timeout=timeout, read=_read_first
+        )
         if answer is None:
             raise SessionGone(session, self.address)
         return _parse_go_duration(answer.get("TTL", "")) or self.settings.ttl
 
     def session_destroy(self, session: str) -> bool:
-        with self._errors("destroying a session", "session:write", "the agent's node"):
-            return bool(self._client.session.destroy(session, dc=self.settings.datacenter))
+        """Destroy a session (its locks are released); True if Consul answered 200."""
+        target = self._target(f"/v1/session/destroy/{quote(session)}")
+        status, _, _ = self._request("PUT", target, b"", "destroying a session", "session:write", "the agent's node", ok=_OK_404)
+        return status == 200
 
     def session_info(self, session: str) -> dict[str, Any] | None:
-        with self._errors("reading a session", "session:read", "the agent's node"):
-            _, info = self._client.session.info(session, dc=self.settings.datacenter)
-            return _expect(info, (dict, type(None)), "a session")
+        """The session's description (ID, Name, Node, TTL, LockDelay, Checks, ...), or None."""
+        target = self._target(f"/v1/session/info/{quote(session)}")
+        return self._request(  # type: ignore[no-any-return]
+            "GET", target, None, "reading a session", "session:read", "the agent's node", ok=_OK_404, read=_read_first
+        )
 
     def session_list(self) -> list[dict[str, Any]]:
         """Every session in the datacenter (ID, Name, Node, TTL, LockDelay, Checks, ...)."""
-        with self._errors("listing sessions", "session:read", "the datacenter's nodes"):
-            _, sessions = self._client.session.list(dc=self.settings.datacenter)
-            return [_expect(s, dict, "a session") for s in _expect(sessions or [], list, "a session list")]
+        target = self._target("/v1/session/list")
+        return self._request(  # type: ignore[no-any-return]
+            "GET", target, None, "listing sessions", "session:read", "the datacenter's nodes", read=_read_sessions
+        )
 
     # -- agent and cluster ------------------------------------------------------------
 
     def agent_self(self) -> dict[str, Any]:
         """The agent's own description: node name, datacenter, Consul version."""
-        with self._errors("reading the agent's configuration", "agent:read", "the agent's node"):
-            info = _expect(self._client.agent.self(), dict, "an agent description")
-            config = _expect(info.get("Config"), dict, "an agent configuration")
+        config = self._request(
+            "GET",
+            "/v1/agent/self",
+            None,
+            "reading the agent's configuration",
+            "agent:read",
+            "the agent's node",
+            read=_read_config,
+        )
         return {"node": config.get("NodeName"), "datacenter": config.get("Datacenter"), "version": config.get("Version")}
 
     def status_leader(self) -> str:
         """The address of the servers' raft leader; empty while they have none."""
-        with self._errors("asking for the cluster leader", "none", "the cluster"):
-            return _expect(self._client.status.leader() or "", str, "a raft leader address")
+        return self._request(  # type: ignore[no-any-return]
+            "GET", "/v1/status/leader", None, "asking for the cluster leader", "none", "the cluster", read=_read_leader
+        )
 
     # -- agent: a TTL health check to tie a session to -----------------------------------
 
@@ -196,25 +260,20 @@ class ConsulClient:
             "Name": name,
             "Check": {"TTL": _go_duration(check_ttl), "DeregisterCriticalServiceAfter": "1m"},
         }
-        with self._errors("registering a health check", "service:write", name):
-            status, text = self._client.http.raw("PUT", "/v1/agent/service/register", json.dumps(body).encode())
-        self._check_status(status, text, "registering a health check", "service:write", name, None)
+        self._request(
+            "PUT", "/v1/agent/service/register", json.dumps(body).encode(), "registering a health check", "service:write", name
+        )
         return f"service:{service_id}"
 
     def agent_check_pass(self, check_id: str) -> None:
-        with self._errors("passing a health check", "service:write", check_id):
-            status, text = self._client.http.raw("PUT", f"/v1/agent/check/pass/{quote(check_id)}", b"")
-        self._check_status(status, text, "passing a health check", "service:write", check_id, None)
+        self._request("PUT", f"/v1/agent/check/pass/{quote(check_id)}", b"", "passing a health check", "service:write", check_id)
 
     def agent_check_fail(self, check_id: str) -> None:
-        with self._errors("failing a health check", "service:write", check_id):
-            status, text = self._client.http.raw("PUT", f"/v1/agent/check/fail/{quote(check_id)}", b"")
-        self._check_status(status, text, "failing a health check", "service:write", check_id, None)
+        self._request("PUT", f"/v1/agent/check/fail/{quote(check_id)}", b"", "failing a health check", "service:write", check_id)
 
     def agent_deregister_service(self, service_id: str) -> None:
-        with self._errors("deregistering a health check", "service:write", service_id):
-            status, text = self._client.http.raw("PUT", f"/v1/agent/service/deregister/{quote(service_id)}", b"")
-        self._check_status(status, text, "deregistering a health check", "service:write", service_id, None)
+        target = f"/v1/agent/service/deregister/{quote(service_id)}"
+        self._request("PUT", target, b"", "deregistering a health check", "service:write", service_id)
 
     # -- KV ---------------------------------------------------------------------------
 
@@ -228,51 +287,38 @@ class ConsulClient:
     ) -> tuple[int, KVEntry | None]:
         """Read a key; with ``index``, a blocking query that returns when the key's index
         passes it or ``wait`` ends. Returns (X-Consul-Index, entry or None)."""
-        timeout = None
-        if index:
-            timeout = self.timeout + (wait or 300) * (1 + BLOCKING_JITTER)
-        with self._errors("reading a key", "key:read", key, timeout=timeout):
-            idx, data = self._client.kv.get(
-                key,
-                index=index or None,
-                wait=_go_duration(wait) if index and wait is not None else None,
-                consistency="consistent" if consistent else None,
-                dc=self.settings.datacenter,
-            )
-            return int(idx or 0), (_entry(data) if data else None)
+        query, timeout = _read_query(self.timeout, index, wait, consistent)
+        target = self._target(_kv_path(key), query)
+        return self._request(  # type: ignore[no-any-return]
+            "GET", target, None, "reading a key", "key:read", key, timeout=timeout, ok=_OK_404, read=_read_entry
+        )
 
     def kv_keys(self, prefix: str) -> list[KVEntry]:
         """Every key under ``prefix``."""
-        with self._errors("listing keys", "key:read", prefix):
-            _, data = self._client.kv.get(prefix, recurse=True, dc=self.settings.datacenter)
-            return [_entry(d) for d in _expect(data or [], list, "a key list")]
+        target = self._target(_kv_path(prefix), "recurse=1")
+        return self._request("GET", target, None, "listing keys", "key:read", prefix, ok=_OK_404, read=_read_entries)  # type: ignore[no-any-return]
 
     def kv_list(
         self, prefix: str, *, index: int | None = None, wait: float | None = None, consistent: bool = False
     ) -> tuple[int, list[KVEntry]]:
         """Every key under ``prefix`` and the X-Consul-Index; with ``index``, a blocking query
         that returns when something under the prefix changes past it or ``wait`` ends."""
-        timeout = self.timeout + (wait or 300) * (1 + BLOCKING_JITTER) if index else None
-        with self._errors("listing keys", "key:read", prefix, timeout=timeout):
-            idx, data = self._client.kv.get(
-                prefix,
-                recurse=True,
-                index=index or None,
-                wait=_go_duration(wait) if index and wait is not None else None,
-                consistency="consistent" if consistent else None,
-                dc=self.settings.datacenter,
-            )
-            return int(idx or 0), [_entry(d) for d in _expect(data or [], list, "a key list")]
+        query, timeout = _read_query(self.timeout, index, wait, consistent)
+        target = self._target(_kv_path(prefix), "&".join(filter(None, ("recurse=1", query))))
+        return self._request(  # type: ignore[no-any-return]
+            "GET", target, None, "listing keys", "key:read", prefix, timeout=timeout, ok=_OK_404, read=_read_indexed_entries
+        )
 
     def kv_put(self, key: str, value: bytes, *, cas: int | None = None, flags: int | None = None) -> bool:
         """Write a key; with ``cas``, only if its ModifyIndex is ``cas`` (0: if absent)."""
-        with self._errors("writing a key", "key:write", key):
-            return bool(self._client.kv.put(key, value, cas=cas, flags=flags, dc=self.settings.datacenter))
+        query = "&".join(f"{name}={v}" for name, v in (("cas", cas), ("flags", flags)) if v is not None)
+        target = self._target(_kv_path(key), query)
+        return self._request("PUT", target, value, "writing a key", "key:write", key, read=_read_bool)  # type: ignore[no-any-return]
 
     def kv_delete(self, key: str, *, cas: int | None = None) -> bool:
         """Delete a key; with ``cas``, only if its ModifyIndex is still ``cas``."""
-        with self._errors("deleting a key", "key:write", key):
-            return bool(self._client.kv.delete(key, cas=cas, dc=self.settings.datacenter))
+        target = self._target(_kv_path(key), "" if cas is None else f"cas={cas}")
+        return self._request("DELETE", target, None, "deleting a key", "key:write", key, read=_read_bool)  # type: ignore[no-any-return]
 
     def kv_lock(self, key: str, session: str, value: bytes, flags: int = LOCK_FLAG, *, exists: bool = True) -> LockAttempt:
         """Acquire ``key`` for ``session`` in one transaction that also returns, atomically,
@@ -317,43 +363,43 @@ class ConsulClient:
     def kv_restore(self, key: str, session: str, previous: KVEntry) -> bool:
         """Undo a lock taken on a key that turned out not to be a lock: free it and put its
         value and flags back, in one transaction, only while our session holds it."""
-        value = base64.b64encode(previous.value or b"").decode()
-        ops = [
-            {"KV": {"Verb": "check-session", "Key": key, "Session": session}},
-            {"KV": {"Verb": "unlock", "Key": key, "Session": session}},
-            {"KV": {"Verb": "set", "Key": key, "Value": value, "Flags": previous.flags}},
-        ]
-        ok, _, _ = self.txn(ops, action="restoring a key that is not a lock", resource=key)
-        return ok
+        writes = [kv_unlock(key, session), kv_set(key, previous.value or b"", flags=previous.flags)]
+        return self.kv_fenced(key, session, writes, action="restoring a key that is not a lock").ok
+
+    def kv_fenced(
+        self, lock_key: str, session: str, writes: Sequence[dict[str, Any]], *, action: str, resource: str | None = None
+    ) -> Fenced:
+        """Apply ``writes`` (KV operations, see :func:`kv_set`, :func:`kv_unlock`) only while
+        ``session`` holds ``lock_key``: each transaction starts with a ``check-session`` on
+        it, so a holder that lost its lock (paused past its TTL, cut off) writes nothing.
+
+        Consul takes at most 64 operations per transaction: more writes go in several, in
+        order, each fenced; it stops at the first refused, after the earlier ones applied.
+        ``action`` and ``resource`` (default ``lock_key``) name the call in errors. Raises
+        ACLDenied, ConsulUnavailable; a refusal is an answer (``ok`` False), not an error.
+        """
+        check = {"KV": {"Verb": "check-session", "Key": lock_key, "Session": session}}
+        written: list[dict[str, Any]] = []
+        for start in range(0, len(writes), TXN_MAX_OPS - 1):
+            ops = [check, *({"KV": w} for w in writes[start : start + TXN_MAX_OPS - 1])]
+            ok, results, errors = self.txn(ops, action=action, resource=resource or lock_key)
+            if not ok:
+                lost = any(e.get("OpIndex") == 0 for e in errors)
+                return Fenced(False, lost=lost, results=tuple(written), errors=tuple(errors))
+            written.extend(r["KV"] for r in results[1:])
+        return Fenced(True, results=tuple(written))
 
     def kv_release(self, key: str, session: str, value: bytes, flags: int = LOCK_FLAG) -> bool:
         """``PUT ?release=``: frees the key only if ``session`` holds it (Consul checks);
         no lock-delay follows. True if we held it."""
-        # The hot path of every lock: sent straight over the connection, without the
-        # library's URL and answer machinery (a tenth of a millisecond per call here).
+        # The hot path of every lock: the target is cached per (key, session).
         target = _release_target(key, session, flags, self.settings.datacenter)
         action = "releasing a lock"
-        with self._errors(action, "key:write", key, session=session):
-            status, body = self._client.http.raw("PUT", target, value)
-        self._check_status(status, body, action, "key:write", key, session)
-        answer = body.strip()
-        if answer not in ("true", "false"):
-            raise NotConsul(self.address, action, f"HTTP 200 with {self._excerpt(body)} instead of true or false")
-        return answer == "true"
-
-    def _check_status(self, status: int, body: str, action: str, permission: str, resource: str, session: str | None) -> None:
-        if status == 200:
-            return
-        if status == 403:
-            raise ACLDenied(self.address, action, permission, resource, token_unknown=_ACL_NOT_FOUND in body)
-        if session is not None and "invalid session" in body.lower():
-            raise SessionGone(session, self.address)
-        if status >= 500 and any(m in body for m in _NO_LEADER):
-            raise _no_leader(self.address, action, body)
-        raise ConsulLockError(f"Consul at {self.address} answered {status} while {action}: {self._excerpt(body)}")
-
-    def _excerpt(self, body: str | bytes) -> str:
-        return _excerpt(body, self.settings.token)
+        _, _, content = self._request("PUT", target, value, action, "key:write", key, session=session)
+        answer = content.strip()
+        if answer not in (b"true", b"false"):
+            raise NotConsul(self.address, action, f"HTTP 200 with {self._excerpt(content)} instead of true or false")
+        return answer == b"true"
 
     def txn(
         self, ops: list[dict[str, Any]], *, action: str = "running a transaction", resource: str = "the keys involved"
@@ -364,13 +410,9 @@ class ConsulClient:
         return self._txn_parse(code, body, action, resource)
 
     def _txn_send(self, payload: bytes, action: str, resource: str) -> tuple[int, str]:
-        """Send a transaction; its answer (200 or 409: rolled back) or an exception."""
-        target = "/v1/txn" + (f"?dc={quote(self.settings.datacenter)}" if self.settings.datacenter else "")
-        with self._errors(action, "key:write", resource):
-            code, body = self._client.http.raw("PUT", target, payload)
-        if code != 409:
-            self._check_status(code, body, action, "key:write", resource, None)
-        return code, body
+        """Send a transaction; its answer (200, or 409: rolled back) or an exception."""
+        code, _, content = self._request("PUT", self._txn_target, payload, action, "key:write", resource, ok=_OK_409)
+        return code, content.decode("utf-8", "replace")
 
     def _txn_parse(
         self, code: int, body: str, action: str, resource: str
@@ -392,127 +434,233 @@ class ConsulClient:
             raise ACLDenied(self.address, action, "key:write", resource)
         return code == 200, results, errors
 
-    # -- errors -----------------------------------------------------------------------
+    # -- the one road -------------------------------------------------------------------
 
-    def _errors(
-        self, action: str, permission: str, resource: str, *, timeout: float | None = None, session: str | None = None
-    ) -> _Errors:
-        """A context that turns transport and library failures into our exceptions (and
-        sets the request timeout for its duration)."""
-        return _Errors(self, action, permission, resource, timeout, session)
+    def _target(self, path: str, query: str = "") -> str:
+        """``path?query``, with this client's datacenter added to the query."""
+        query = f"{query}&{self._dc}" if query and self._dc else query or self._dc
+        return f"{path}?{query}" if query else path
 
+    def _request(
+        self,
+        method: str,
+        target: str,
+        body: bytes | None,
+        action: str,
+        permission: str,
+        resource: str,
+        *,
+        session: str | None = None,
+        timeout: float | None = None,
+        ok: tuple[int, ...] = _OK,
+        read: Callable[[int, Headers, bytes], Any] | None = None,
+    ) -> Any:
+        """Send one request and check its answer; every call of this module comes here.
 
-class _Errors:
-    """See :meth:`ConsulClient._errors`. A class rather than a generator context manager:
-    it wraps every request, and this costs a few microseconds less each time."""
-
-    __slots__ = ("action", "client", "permission", "resource", "saved", "session", "timeout")
-
-    def __init__(
-        self, client: ConsulClient, action: str, permission: str, resource: str, timeout: float | None, session: str | None
-    ) -> None:
-        self.client, self.action, self.permission, self.resource = client, action, permission, resource
-        self.timeout, self.session = timeout, session
-
-    def __enter__(self) -> None:
-        transport = self.client._client.http
-        self.saved = transport.timeout
-        if self.timeout is not None:
-            transport.timeout = self.timeout
-
-    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        self.client._client.http.timeout = self.saved
-        if exc is None:
-            return
-        address, action, session = self.client.address, self.action, self.session
-        if isinstance(exc, _Foreign):
-            raise NotConsul(address, action, str(exc)) from None
-        if isinstance(exc, NotHTTP):
-            raise NotConsul(address, action, f"something that is not HTTP ({self.client._excerpt(exc.args[0])})") from None
-        if isinstance(exc, ssl.SSLError):
-            raise ConsulUnavailable(address, action, _tls_failure(exc, self.client.settings), transient=False) from None
-        if isinstance(exc, TimeoutError):
-            raise ConsulUnavailable(address, action, "no answer within the timeout") from None
-        if isinstance(exc, ConnectionRefusedError):
-            raise ConsulUnavailable(address, action, "connection refused") from None
-        if isinstance(exc, OSError):
-            raise ConsulUnavailable(address, action, f"{type(exc).__name__}: {exc}") from None
-        if isinstance(exc, consul_lib.ACLPermissionDenied):
-            unknown = _ACL_NOT_FOUND in str(exc)
-            raise ACLDenied(address, action, self.permission, self.resource, token_unknown=unknown) from None
-        if isinstance(exc, consul_lib.ConsulException):
-            text = str(exc)
-            if text.startswith("5") and any(m in text for m in _NO_LEADER):
-                raise _no_leader(address, action, text) from None
-            if session is not None and (isinstance(exc, consul_lib.NotFound) or "invalid session" in text.lower()):
-                raise SessionGone(session, address) from None
-            raise ConsulLockError(f"Consul at {address} failed while {action}: {self.client._excerpt(text)}") from None
-
-
-class _KeepAliveHTTP(consul_lib.base.HTTPClient):  # type: ignore[misc]
-    """The client library's transport interface over our lean keep-alive connection
-    (:mod:`.transport`): the library still builds every URL and parses every answer.
-
-    Replaces the libraries' ``requests`` transport, which costs about 1 ms a request
-    here (more than Consul's own work for a KV write) and reads ``HTTP(S)_PROXY`` and
-    ``REQUESTS_CA_BUNDLE`` from the environment behind our settings' back.
-    """
-
-    def __init__(self, settings: ConsulSettings, timeout: float, native: bool = False) -> None:
-        super().__init__(host=settings.host, port=settings.port, scheme=settings.scheme, verify=settings.verify, cert=None)
-        self.timeout: float = timeout
-        self._headers = {"X-Consul-Token": settings.token} if settings.token else {}
-        self._token = settings.token
-        context = _tls_context(settings, native) if settings.scheme == "https" else None
-        self._conn = Connection(settings.host, settings.port, ssl_context=context, native=native)
-
-    def raw(self, method: str, target: str, body: bytes) -> tuple[int, str]:
-        """One request with a ready target (path and query); returns (status, body text)."""
-        status, headers, content = self._conn.request(method, target, body, self._headers, self.timeout)
-        self._check_consul(status, headers, content)
-        return status, content.decode("utf-8", "replace")
-
-    def _request(self, method: str, callback: Any, path: str, params: Any, data: Any, headers: Any) -> Any:
-        target = self.uri(path, params)[len(self.base_uri) :]
-        body = data.encode() if isinstance(data, str) else data
-        all_headers = {**self._headers, **headers} if headers else self._headers
-        status, resp_headers, content = self._conn.request(method, target, body, all_headers, self.timeout)
-        self._check_consul(status, resp_headers, content)
-        values = (status, resp_headers, content.decode("utf-8", "replace"), content)
+        Returns (status, headers, body), or what ``read(status, headers, body)`` makes of
+        them. ``action``, ``permission`` and ``resource`` name the call in its errors
+        ("creating a session", "session:write", "the agent's node"); ``session``, if the
+        call is about one, lets a refusal for an unknown session become SessionGone. A
+        status outside ``ok``, an answer no Consul agent gives, a body ``read`` cannot read
+        and every failure of the connection become our errors through :data:`FAILURES`.
+        """
         try:
-            return callback(_RESPONSE._make(values[: len(_RESPONSE._fields)]))
-        except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-            # The library's parsing of the answer failed: JSON of a shape Consul never sends.
-            what = f"{type(exc).__name__} reading it"
-            raise _Foreign(f"HTTP {status} with {_excerpt(content, self._token)} ({what})") from None
+            status, headers, content = self._conn.request(
+                method, target, body, self._headers, self.timeout if timeout is None else timeout
+            )
+            why = _foreign_answer(status, headers, content)
+            if why is not None:
+                raise _Foreign(f"{why}: {self._excerpt(content)}" if content else why)
+            if status not in ok:
+                raise _Refused(status, content.decode("utf-8", "replace"))
+            if read is None:
+                return status, headers, content
+            try:
+                return read(status, headers, content)
+            except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
+                # JSON of a shape Consul never sends.
+                raise _Foreign(f"HTTP {status} with {self._excerpt(content)} ({type(exc).__name__} reading it)") from None
+        except Exception as exc:
+            error = _failure(exc, Call(self, action, permission, resource, session))
+            if error is None:
+                raise
+            raise error from None
 
-    def _check_consul(self, status: int, headers: Headers, content: bytes) -> None:
-        why = _foreign_answer(status, headers, content)
-        if why is not None:
-            raise _Foreign(f"{why}: {_excerpt(content, self._token)}" if content else why)
-
-    def get(self, callback: Any, path: str, params: Any = None, headers: Any = None, **_: Any) -> Any:
-        return self._request("GET", callback, path, params, None, headers)
-
-    def put(self, callback: Any, path: str, params: Any = None, data: Any = "", headers: Any = None, **_: Any) -> Any:
-        return self._request("PUT", callback, path, params, data, headers)
-
-    def delete(self, callback: Any, path: str, params: Any = None, data: Any = "", headers: Any = None, **_: Any) -> Any:
-        return self._request("DELETE", callback, path, params, data, headers)
-
-    def post(self, callback: Any, path: str, params: Any = None, data: Any = "", headers: Any = None, **_: Any) -> Any:
-        return self._request("POST", callback, path, params, data, headers)
-
-    def close(self) -> None:
-        self._conn.close()
+    def _excerpt(self, body: str | bytes) -> str:
+        return _excerpt(body, self.settings.token)
 
 
-_RESPONSE = consul_lib.base.Response
+# -- failures: one table --------------------------------------------------------------------
+
+
+class Call(NamedTuple):
+    """What a failed request was doing: what its error names."""
+
+    client: ConsulClient
+    action: str
+    permission: str
+    resource: str
+    session: str | None
+
+    @property
+    def address(self) -> str:
+        return self.client.address
+
+    def excerpt(self, body: str | bytes) -> str:
+        return self.client._excerpt(body)
+
+
+class _Refused(Exception):
+    """Consul answered with a status the call does not expect (``status``, ``text``)."""
+
+    def __init__(self, status: int, text: str) -> None:
+        super().__init__(status, text)
+        self.status, self.text = status, text
+
+    @property
+    def acl_unknown(self) -> bool:
+        """Consul does not know the token at all (not: the token lacks a permission)."""
+        return _ACL_NOT_FOUND in self.text
 
 
 class _Foreign(Exception):
-    """An answer that cannot be a Consul agent's (``args[0]`` says how); _Errors turns it
-    into NotConsul with the address and the action."""
+    """An answer that cannot be a Consul agent's (``args[0]`` says how)."""
+
+
+def _election(r: _Refused, c: Call) -> bool:
+    """A server's answer during a raft election: brief, worth retrying."""
+    return r.status >= 500 and any(m in r.text for m in _NO_LEADER)
+
+
+def _unknown_session(r: _Refused, c: Call) -> bool:
+    return c.session is not None and (r.status == 404 or "invalid session" in r.text.lower())
+
+
+def _acl_denied(r: _Refused, c: Call) -> ACLDenied:
+    return ACLDenied(c.address, c.action, c.permission, c.resource, token_unknown=r.acl_unknown)
+
+
+def _refused(r: _Refused, c: Call) -> ConsulLockError:
+    return ConsulLockError(f"Consul at {c.address} answered {r.status} while {c.action}: {c.excerpt(r.text)}")
+
+
+def _unreachable(detail: str) -> Callable[[Exception, Call], ConsulLockError]:
+    return lambda e, c: ConsulUnavailable(c.address, c.action, detail)
+
+
+#: How each failure of a request becomes our error, most specific first: (what was raised,
+#: a condition on it or None, the error). :meth:`ConsulClient._request` raises the first
+#: match's error; a failure no row matches (a bug) propagates as it is.
+FAILURES: tuple[tuple[type[Exception], Callable[[Any, Call], bool] | None, Callable[[Any, Call], ConsulLockError]], ...] = (
+    # -- an answer no Consul agent gives: waiting does not fix an address
+    (_Foreign, None, lambda e, c: NotConsul(c.address, c.action, str(e))),
+    (NotHTTP, None, lambda e, c: NotConsul(c.address, c.action, f"something that is not HTTP ({c.excerpt(e.args[0])})")),
+    # -- the connection (ssl.SSLError and TimeoutError are OSErrors: before OSError)
+    (ssl.SSLError, None, lambda e, c: ConsulUnavailable(c.address, c.action, tls_failure(e, c.client.settings), transient=False)),
+    (TimeoutError, None, _unreachable("no answer within the timeout")),
+    (ConnectionRefusedError, None, _unreachable("connection refused")),
+    (OSError, None, lambda e, c: ConsulUnavailable(c.address, c.action, f"{type(e).__name__}: {e}")),
+    # -- Consul's refusals
+    (_Refused, lambda r, c: r.status == 403, _acl_denied),
+    (_Refused, _unknown_session, lambda r, c: SessionGone(c.session, c.address)),
+    (_Refused, _election, lambda r, c: _no_leader(c.address, c.action, r.text)),
+    (_Refused, None, _refused),
+)
+
+
+def _failure(exc: Exception, call: Call) -> ConsulLockError | None:
+    """The error :data:`FAILURES` makes of ``exc``, or None if no row matches."""
+    for kind, when, error in FAILURES:
+        if isinstance(exc, kind) and (when is None or when(exc, call)):
+            return error(exc, call)
+    return None
+
+
+def _no_leader(address: str, action: str, answer: str) -> ConsulUnavailable:
+    return ConsulUnavailable(address, action, f"Consul has no usable leader right now ({answer.strip()[:120]})")
+
+
+# -- reading answers ------------------------------------------------------------------------
+
+#: Statuses some calls read as an answer: 404 (no such key or session), 409 (a rolled-back
+#: transaction).
+_OK_404 = (200, 404)
+_OK_409 = (200, 409)
+
+
+def _expect(value: Any, kinds: type | tuple[type, ...], what: str) -> Any:
+    """``value`` if it has the JSON shape Consul gives ``what``; else the answer was not Consul's."""
+    if not isinstance(value, kinds):
+        raise _Foreign(f"{what} of an unexpected shape ({type(value).__name__})")
+    return value
+
+
+def _entry(data: Any) -> KVEntry:
+    """A KV entry from an answer, which must be one."""
+    if not isinstance(data, dict) or not isinstance(data.get("Key"), str):
+        raise _Foreign(f"a key entry of an unexpected shape ({type(data).__name__})")
+    return KVEntry.from_api(data)
+
+
+def _read_id(status: int, headers: Headers, content: bytes) -> str:
+    return _expect(_expect(json.loads(content), dict, "a session")["ID"], str, "a session ID")  # type: ignore[no-any-return]
+
+
+def _read_first(status: int, headers: Headers, content: bytes) -> dict[str, Any] | None:
+    """The one session of a session answer (a list of one), or None (404, null, [])."""
+    data = json.loads(content) if status == 200 else None
+    return _expect(_expect(data, list, "a session list")[0], dict, "a session") if data else None
+
+
+def _read_sessions(status: int, headers: Headers, content: bytes) -> list[dict[str, Any]]:
+    return [_expect(s, dict, "a session") for s in _expect(json.loads(content) or [], list, "a session list")]
+
+
+def _read_config(status: int, headers: Headers, content: bytes) -> dict[str, Any]:
+    return _expect(_expect(json.loads(content), dict, "an agent description").get("Config"), dict, "an agent configuration")  # type: ignore[no-any-return]
+
+
+def _read_leader(status: int, headers: Headers, content: bytes) -> str:
+    return _expect(json.loads(content) or "", str, "a raft leader address")  # type: ignore[no-any-return]
+
+
+def _read_bool(status: int, headers: Headers, content: bytes) -> bool:
+    return _expect(json.loads(content), bool, "a true or false")  # type: ignore[no-any-return]
+
+
+def _read_entry(status: int, headers: Headers, content: bytes) -> tuple[int, KVEntry | None]:
+    """(X-Consul-Index, the key's entry or None)."""
+    index = int(headers.get("x-consul-index") or 0)  # type: ignore[call-overload]
+    if status == 404:
+        return index, None
+    data = _expect(json.loads(content), list, "a key list")
+    return index, (_entry(data[0]) if data else None)
+
+
+def _read_indexed_entries(status: int, headers: Headers, content: bytes) -> tuple[int, list[KVEntry]]:
+    """(X-Consul-Index, the entries under the prefix)."""
+    return int(headers.get("x-consul-index") or 0), _read_entries(status, headers, content)  # type: ignore[call-overload]
+
+
+def _read_query(timeout: float, index: int | None, wait: float | None, consistent: bool) -> tuple[str, float | None]:
+    """The query of a (blocking, with ``index``) read and the HTTP timeout it needs."""
+    query, read_timeout = [], None
+    if index:
+        query.append(f"index={index}")
+        if wait is not None:
+            query.append(f"wait={_go_duration(wait)}")
+        read_timeout = timeout + (wait or DEFAULT_BLOCKING_WAIT) * (1 + BLOCKING_JITTER)
+    if consistent:
+        query.append("consistent=1")
+    return "&".join(query), read_timeout
+
+
+def _read_entries(status: int, headers: Headers, content: bytes) -> list[KVEntry]:
+    return [] if status == 404 else [_entry(d) for d in _expect(json.loads(content) or [], list, "a key list")]
+
+
+def _kv_path(key: str) -> str:
+    return "/v1/kv/" + quote(key, safe="/")
 
 
 #: How a Consul answer's JSON body can begin (an object, a list, a string, true, false,
@@ -548,20 +696,6 @@ def _excerpt(body: str | bytes, token: str | None) -> str:
     return repr(text[:EXCERPT_CHARS] + ("..." if len(text) > EXCERPT_CHARS else ""))
 
 
-def _expect(value: Any, kinds: type | tuple[type, ...], what: str) -> Any:
-    """``value`` if it has the JSON shape Consul gives ``what``; else the answer was not Consul's."""
-    if not isinstance(value, kinds):
-        raise _Foreign(f"{what} of an unexpected shape ({type(value).__name__})")
-    return value
-
-
-def _entry(data: Any) -> KVEntry:
-    """A KV entry from an answer, which must be one."""
-    if not isinstance(data, dict) or not isinstance(data.get("Key"), str):
-        raise _Foreign(f"a key entry of an unexpected shape ({type(data).__name__})")
-    return KVEntry.from_api(data)
-
-
 #: The two fields a taken lock needs from the transaction's answer. Keys and sessions are
 #: JSON strings there (a quote inside is escaped) and values base64, so only the entries'
 #: own fields match. (Dev agents indent their answers, servers do not.)
@@ -585,69 +719,6 @@ def _quick_lock_answer(answer: str, exists: bool) -> LockAttempt | None:
     # The lock's own result has "Value": null, so the one string value is the previous one.
     previous = _VALUE.search(answer) if exists else None
     return LockAttempt(True, int(indexes[-1]), previous=previous.group(1) if previous else None)
-
-
-def _no_leader(address: str, action: str, answer: str) -> ConsulUnavailable:
-    """A server's answer during a raft election: brief, worth retrying."""
-    return ConsulUnavailable(address, action, f"Consul has no usable leader right now ({answer.strip()[:120]})")
-
-
-def _tls_context(settings: ConsulSettings, native: bool = False) -> ssl.SSLContext:
-    """The TLS context for an ``https`` agent. The settings checked that each file is PEM;
-    one that still does not load (corrupt, or a key that is not the certificate's) raises
-    InvalidSetting here, at the first connection, instead of an ``ssl`` traceback.
-    ``native``: of the unpatched SSLContext class, whose sockets are real under gevent."""
-    try:
-        if native and _native.green():
-            context = _native.ssl_context_class()(ssl.PROTOCOL_TLS_CLIENT)
-            if settings.ca_file:
-                context.load_verify_locations(cafile=settings.ca_file)
-            else:
-                context.load_default_certs()
-        else:
-            context = ssl.create_default_context(cafile=settings.ca_file)
-    except ssl.SSLError as exc:
-        raise InvalidSetting("ca_file", settings.ca_file, f"cannot be loaded as a CA certificate ({exc.reason})") from None
-    if not settings.verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    if settings.client_cert:
-        try:
-            context.load_cert_chain(settings.client_cert, settings.client_key)
-        except ssl.SSLError as exc:
-            raise InvalidSetting(
-                "client_key",
-                settings.client_key,
-                f"cannot be loaded with client_cert={settings.client_cert!r} ({exc.reason}); "
-                "expected the PEM private key of that certificate",
-            ) from None
-    return context
-
-
-def _tls_failure(exc: ssl.SSLError, settings: ConsulSettings) -> str:
-    """What a TLS error means for the user, and which setting fixes it."""
-    if isinstance(exc, ssl.SSLCertVerificationError):
-        return (
-            f"TLS verification of the agent's certificate failed ({exc.verify_message}); set consul_lock_ca_file / "
-            "CONSUL_CACERT to the CA that signed it"
-        )
-    reason = str(exc.reason or exc)
-    if "ALERT" in reason and ("CERTIFICATE" in reason or "UNKNOWN_CA" in reason):
-        # The agent refused us during the handshake: it requires a client certificate
-        # (verify_incoming) signed by a CA it trusts.
-        if settings.client_cert is None:
-            return (
-                f"the agent requires a client certificate ({reason}); set consul_lock_client_cert and "
-                "consul_lock_client_key / CONSUL_CLIENT_CERT and CONSUL_CLIENT_KEY"
-            )
-        return (
-            f"the agent refused the client certificate {settings.client_cert!r} ({reason}); it must be signed "
-            "by a CA in the agent's ca_file"
-        )
-    return (
-        f"TLS failed ({reason}); check that the agent serves HTTPS there, and consul_lock_ca_file / CONSUL_CACERT, "
-        "consul_lock_client_cert / CONSUL_CLIENT_CERT"
-    )
 
 
 class _ThreadClients(threading.local):
@@ -699,15 +770,3 @@ def _parse_go_duration(text: str) -> float | None:
     units = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
     parts = re.findall(r"([\d.]+)(ns|us|µs|ms|s|m|h)", text or "")
     return sum(float(n) * units[u] for n, u in parts) if parts else None
-
-
-def _make_client(settings: ConsulSettings, timeout: float, native: bool = False) -> Any:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        client = consul_lib.Consul(host=settings.host, port=settings.port, scheme=settings.scheme, dc=settings.datacenter)
-    # Replace the transport the library built (from CONSUL_HTTP_*, over requests) with
-    # ours, built from our settings only.
-    client.http = _KeepAliveHTTP(settings, timeout, native)
-    client.token = None  # sent as a header by the transport, never as a URL parameter
-    client.scheme = settings.scheme
-    return client

@@ -20,8 +20,7 @@ or pass :attr:`fencing_token` along so the resource can refuse a stale holder.
 from __future__ import annotations
 
 import base64
-import heapq
-import itertools
+import functools
 import json
 import logging
 import os
@@ -35,15 +34,17 @@ from typing import Any
 from . import native
 from .consul import LOCK_FLAG, ConsulClient, KVEntry, LockAttempt, thread_client
 from .errors import ConsulLockError, ConsulUnavailable, LockConflict, LockLost, LockTimeout, SessionGone
-from .liveness import holder_alive, identity
+from .holder import LocalKeys, LockHolder, holder_of, read_holder
+from .liveness import identity
 from .session import LockSession, retire_if_unused, shared_session
 from .settings import ConsulSettings
+from .watch import ReleaseFlag, watch_later
 
 __all__ = ["ConsulLock", "LockHolder"]
 
 acquire_log = logging.getLogger("celery_consul_lock.lock.acquire")
 release_log = logging.getLogger("celery_consul_lock.lock.release")
-watch_log = logging.getLogger("celery_consul_lock.lock.watch")
+lost_log = logging.getLogger("celery_consul_lock.lock.watch")
 
 #: A key in lock-delay cannot be taken and tells nobody when it frees; poll it this often
 #: so that once a lock-delay is in effect, we do not hot loop (the Go client waits 5 s,
@@ -51,13 +52,6 @@ watch_log = logging.getLogger("celery_consul_lock.lock.watch")
 LOCK_DELAY_RETRY = 0.25
 #: Longest single blocking query while waiting for a held key; Consul caps waits at 10 min.
 WAIT_MAX = 60.0
-#: A lock held longer than this gets a watcher (see _WatchStarter).
-WATCH_DELAY = 0.5
-#: The watcher's blocking-query wait; the release of the key ends it early.
-WATCH_WAIT = 60.0
-#: After a watcher's read fails, try again after this (the Go client's MonitorRetryTime);
-#: the session's fencing deadline covers longer outages.
-WATCH_RETRY = 1.0
 #: Backoff while Consul is briefly unavailable (a leader election takes about a second).
 RETRY_MIN, RETRY_MAX = 0.1, 2.0
 #: Several failed attempts in a row with a session Consul says is gone means something
@@ -65,201 +59,33 @@ RETRY_MIN, RETRY_MAX = 0.1, 2.0
 SESSION_RETRIES = 3
 
 
-@dataclass(frozen=True)
-class LockHolder:
-    """Who holds a lock key, as far as the key's value and its session tell."""
+@dataclass(slots=True)
+class Holding:
+    """One acquisition of a lock: what acquire sets together and release ends together."""
 
-    key: str
-    session: str
-    host: str | None = None
-    pid: int | None = None
-    name: str | None = None
-    acquired_at: str | None = None
-    #: Whatever else the holder wrote into the value (e.g. a Celery task id).
-    extra: dict[str, Any] = field(default_factory=dict)
-    #: The session's name and node, as Consul reports them (for holders that write no value).
-    session_name: str | None = None
-    node: str | None = None
-    #: The key's ModifyIndex when it was taken: the holder's fencing token.
-    fencing_token: int | None = None
-    #: The holder process's start time and PID namespace (see :mod:`.liveness`).
-    started: int | None = None
-    pidns: str | None = None
+    #: The session that holds the key for us, and its ID.
+    session: LockSession
+    sid: str
+    #: The key's value as our acquire wrote it (release writes it back, with released_at).
+    value: bytes
+    #: The key's ModifyIndex written by the acquire (the fencing token).
+    token: int | None
+    #: The key's value (base64, as Consul returns it) just before the acquire.
+    previous: str | None
+    #: The process that acquired (a forked child never touches Consul for it).
+    pid: int
+    #: Set by release: what the watcher of this holding looks at.
+    released: ReleaseFlag = field(default_factory=ReleaseFlag)
+    #: Under gevent, where a watcher hands a loss back to (see ConsulLock._mark_lost).
+    owner: native.Owner | None = None
 
-    @classmethod
-    def from_entry(cls, entry: KVEntry, session_info: dict[str, Any] | None = None) -> LockHolder:
-        data: dict[str, Any] = {}
-        if entry.value:
-            try:
-                loaded = json.loads(entry.value)
-                data = loaded if isinstance(loaded, dict) else {"value": loaded}
-            except ValueError:
-                data = {"value": entry.value.decode("utf-8", "replace")}
-        known = {k: data.pop(k, None) for k in ("host", "pid", "name", "acquired_at", "started", "pidns")}
-        data.pop("session", None)
-        return cls(
-            key=entry.key,
-            session=entry.session or "",
-            host=known["host"],
-            pid=known["pid"],
-            name=known["name"],
-            acquired_at=known["acquired_at"],
-            extra=data,
-            session_name=(session_info or {}).get("Name"),
-            node=(session_info or {}).get("Node"),
-            fencing_token=entry.modify_index,
-            started=known["started"],
-            pidns=known["pidns"],
-        )
-
-    def alive(self) -> bool | None:
-        """Whether the holder's process still runs: True or False when it runs on this host
-        (see :mod:`.liveness`), None when this host cannot tell."""
-        return holder_alive(self.host, self.pid, self.started, self.pidns)
-
-    def __str__(self) -> str:
-        parts = []
-        if self.name:
-            parts.append(f"{self.name!r}")
-        if self.host or self.pid:
-            parts.append(f"on {self.host or '?'} pid {self.pid or '?'}")
-        parts.extend(f"{k}={v}" for k, v in sorted(self.extra.items()))
-        if not (self.host or self.name) and self.session_name:
-            parts.append(f"session {self.session_name!r} on node {self.node or '?'}")
-        parts.append(f"(session {self.session[:8]})")
-        return " ".join(parts)
+    @property
+    def current(self) -> bool:
+        """True until released."""
+        return not self.released.released
 
 
-class _LocalKeys:
-    """Keys held in this process: Consul answers true when the same session acquires a
-    key twice, so two locks sharing a session must be kept apart here."""
-
-    def __init__(self) -> None:
-        self._reset()
-        os.register_at_fork(after_in_child=self._reset)
-
-    def _reset(self) -> None:
-        self._cond = threading.Condition(threading.Lock())
-        self._held: dict[tuple[str, str | None, str], ConsulLock] = {}
-
-    def claim(self, ident: tuple[str, str | None, str], owner: ConsulLock, deadline: float | None) -> ConsulLock | None:
-        """Claim ``ident`` for ``owner`` by ``deadline``; returns None, or the other owner."""
-        with self._cond:
-            while ident in self._held:
-                left = None if deadline is None else deadline - time.monotonic()
-                if left is not None and left <= 0:
-                    return self._held[ident]
-                self._cond.wait(left)
-            self._held[ident] = owner
-            return None
-
-    def free(self, ident: tuple[str, str | None, str], owner: ConsulLock) -> None:
-        with self._cond:
-            if self._held.get(ident) is owner:
-                del self._held[ident]
-                self._cond.notify_all()
-
-
-class _WatchStarter:
-    """Starts a lock's watcher once the lock has been held for WATCH_DELAY.
-
-    Most locks guard short work and are released sooner; watching those too would cost a
-    thread, a connection and a blocking query each, doubling the price of a lock. Until
-    its watcher starts, a lock's loss is still caught by its session (renewals and the
-    fencing deadline), only a deleted or stolen key goes unseen for that long.
-
-    The starter and the watchers are real OS threads (see :mod:`.native`), also under
-    gevent: a task body that does not yield does not keep a loss from being seen.
-    """
-
-    def __init__(self) -> None:
-        self._reset()
-        os.register_at_fork(after_in_child=self._reset)
-
-    def _reset(self) -> None:
-        self._mutex = native.lock()
-        self._wake = native.Event()
-        self._due: list[tuple[float, int, Callable[..., None], tuple[Any, ...], _Hold]] = []
-        self._seq = itertools.count()
-        self._running = False
-
-    def schedule(self, at: float, target: Callable[..., None], args: tuple[Any, ...], released: _Hold) -> None:
-        with self._mutex:
-            was_empty = not self._due
-            heapq.heappush(self._due, (at, next(self._seq), target, args, released))
-            start, self._running = not self._running, True
-            if was_empty:  # later items never come due before the head: no need to wake
-                self._wake.set()
-        if start:
-            native.start_thread(self._run, (), "consul-lock-watch-starter")
-
-    def _run(self) -> None:
-        try:
-            self._loop()
-        except BaseException:  # never die silently: say so, and let the next schedule() restart us
-            watch_log.exception("the watch starter thread crashed")
-            with self._mutex:
-                self._running = False
-            raise
-
-    def _loop(self) -> None:
-        while True:
-            while True:
-                with self._mutex:
-                    head = self._due[0][0] if self._due else None
-                    if head is not None and head <= time.monotonic():
-                        break
-                    self._wake.clear()  # under the mutex: a schedule() after this sets it again
-                self._wake.wait(None if head is None else min(WATCH_WAIT, head - time.monotonic()))
-            with self._mutex:
-                # Take everything due within a batch window: one wake-up per window, not
-                # one per acquisition, under a high acquire rate.
-                horizon = time.monotonic() + WATCH_DELAY / 2
-                due = []
-                while self._due and self._due[0][0] <= horizon:
-                    due.append(heapq.heappop(self._due))
-            for _, _, target, args, released in due:
-                if not released.is_set():
-                    native.start_thread(target, args, "consul-lock-watch")
-            native.sleep(WATCH_DELAY / 2)
-
-
-class _Hold:
-    """Says when one holding of a lock (one acquire) has been released: what the watch
-    starter and the watcher of that holding look at. An Event's interface, but the Event
-    itself is made only if a watcher has to wait on it (after a failed read), not on every
-    acquire (an Event costs as much as the rest of an acquire's bookkeeping). The watcher
-    is a real OS thread: its Event is a real one (:class:`native.Event`)."""
-
-    __slots__ = ("_event", "released")
-
-    def __init__(self) -> None:
-        self.released = False
-        self._event: native.Event | None = None
-
-    def set(self) -> None:
-        self.released = True
-        event = self._event
-        if event is not None:
-            event.set()
-
-    def is_set(self) -> bool:
-        return self.released
-
-    def wait(self, timeout: float) -> bool:
-        """Called by the holding's one watcher thread only (so one Event at most)."""
-        event = self._event
-        if event is None:
-            event = self._event = native.Event()
-        # set() flags first, then looks for the Event: it either sees this Event, or has
-        # flagged before the check below.
-        if self.released:
-            return True
-        return event.wait(timeout)
-
-
-_LOCAL = _LocalKeys()
-_WATCHES = _WatchStarter()
+_LOCAL: LocalKeys[ConsulLock] = LocalKeys()
 #: Keys this process has seen as locks (flags 0 or LOCK_FLAG).
 _LOCK_KEYS: set[tuple[str, str | None, str]] = set()
 
@@ -308,27 +134,19 @@ class ConsulLock:
         self.lost = threading.Event()
         #: Why the lock was lost, once :attr:`lost` is set.
         self.lost_reason: str | None = None
-        self._token: int | None = None
         #: Who held the key when our last acquire gave up (None if nobody: lock-delay).
         self.last_holder: LockHolder | None = None
         self._callbacks: list[Callable[[ConsulLock, str], None]] = [on_lost] if on_lost else []
         self._ident = (settings.base_url, settings.datacenter, self.key)
-        #: Guards the holding's state; a real lock (the watcher is a real thread), held for
-        #: a few statements only.
+        #: Guards the holding; a real lock (the watcher is a real thread), held for a few
+        #: statements only.
         self._mutex = native.lock()
-        #: Under gevent, where a watcher hands a loss back to (see _mark_lost).
-        self._owner: native.Owner | None = None
-        self._session: LockSession | None = None
-        self._sid: str | None = None
-        self._held_value = b""
+        #: The latest acquisition (kept after its release for fencing_token and previous).
+        self._holding: Holding | None = None
         self._value_tail: tuple[int, bytes] = (0, b"}")
-        self._released = _Hold()
-        #: The process that acquired (a forked child never touches Consul for it).
-        self._pid = 0
-        self._previous_raw: str | None = None
 
     def __repr__(self) -> str:
-        state = "held" if self._sid else "free"
+        state = "held" if self._current() else "free"
         if self.lost.is_set():
             state = "lost"
         return f"<ConsulLock {self.key!r} {state} at {self.settings.base_url}>"
@@ -349,7 +167,7 @@ class ConsulLock:
             deadline: float | None = time.monotonic()
         else:
             deadline = None if timeout is None else time.monotonic() + timeout
-        if self._sid is not None:
+        if self._current() is not None:
             raise ConsulLockError(f"{self!r} is already held by this object; release it first (it is not reentrant)")
         other = _LOCAL.claim(self._ident, self, deadline)
         if other is not None:
@@ -381,20 +199,20 @@ class ConsulLock:
         key is free at once, and the next acquirer sees an unfinished holder, as if it died.
         """
         with self._mutex:
-            sid, session, value = self._sid, self._session, self._held_value
-            if sid is None or session is None:
+            holding = self._holding
+            if holding is None or not holding.current:
                 return False
-            self._sid = None
-            self._released.set()
-        if self._pid != os.getpid():
-            release_log.debug("%s was acquired by pid %s: a forked child leaves it to its parent", self.key, self._pid)
+            holding.released.set()
+        session, value = holding.session, holding.value
+        if holding.pid != os.getpid():
+            release_log.debug("%s was acquired by pid %s: a forked child leaves it to its parent", self.key, holding.pid)
             return False
         if finished:
             value = b'{"released_at":"%s",%s' % (_utc_now_ms(), value[1:])
         client = thread_client(self.settings)
         ok = False
         try:
-            ok = self._release_in_consul(client, session, sid, value)
+            ok = self._release_in_consul(client, holding, value)
         finally:
             session.unhold(self)
             _LOCAL.free(self._ident, self)
@@ -404,16 +222,17 @@ class ConsulLock:
                 retire_if_unused(session)
         return ok
 
-    def _release_in_consul(self, client: ConsulClient, session: LockSession, sid: str, value: bytes) -> bool:
+    def _release_in_consul(self, client: ConsulClient, holding: Holding, value: bytes) -> bool:
         """``?release=``, retried through a brief outage (a Consul leader election) for as
         long as the session's fencing deadline allows. If it still fails, the session is
         given up: it stops being renewed (a session that kept renewing would keep the key
         held forever), and once Consul answers again the key is released and the session
         destroyed in the background; if it never does, the TTL frees the key."""
+        session = holding.session
         backoff = RETRY_MIN
         while True:
             try:
-                ok = client.kv_release(self.key, sid, value)
+                ok = client.kv_release(self.key, holding.sid, value)
             except ConsulLockError as exc:
                 if time.monotonic() + backoff < session.deadline and session.lost_reason is None:
                     release_log.info("releasing %s failed (%s); retrying in %.2f s", self.key, exc, backoff)
@@ -430,7 +249,7 @@ class ConsulLock:
                 session.lose(f"releasing {self.key} failed: {exc}")
                 return False
             if ok:
-                release_log.debug("released %s (token %s)", self.key, self._token)
+                release_log.debug("released %s (token %s)", self.key, holding.token)
             else:
                 release_log.warning("%s was no longer held by our session when released (lost: %s)", self.key, self.lost_reason)
             return ok
@@ -438,7 +257,8 @@ class ConsulLock:
     @property
     def session_id(self) -> str | None:
         """The Consul session holding the key for us; None when not held."""
-        return self._sid
+        holding = self._current()
+        return holding.sid if holding is not None else None
 
     @property
     def previous(self) -> dict[str, Any] | None:
@@ -446,7 +266,7 @@ class ConsulLock:
         None if the key did not exist or its value is not a JSON object. A value with
         ``released_at`` was released by a holder that finished (:meth:`release`), one
         without it was freed by its session's end (or written by another client)."""
-        raw = self._previous_raw
+        raw = self._holding.previous if self._holding is not None else None
         if not raw:
             return None
         try:
@@ -459,31 +279,43 @@ class ConsulLock:
     def fencing_token(self) -> int | None:
         """The key's ModifyIndex written by our acquire, read atomically with it: every
         later holder's is larger, so a resource that remembers the largest token it saw can
-        refuse a deposed holder. None before the first acquire."""
-        return self._token
+        refuse a deposed holder. None before the first acquire (after a release: the last
+        acquire's)."""
+        holding = self._holding
+        return holding.token if holding is not None else None
 
     @property
     def held(self) -> bool:
         """True while we hold the lock, have not seen it lost, and are inside the session's
         self-fencing deadline. Check it right before a side effect."""
-        session = self._session
+        holding = self._current()
         return (
-            self._sid is not None
+            holding is not None
             and self.lost_reason is None
-            and session is not None
-            and session.alive()
-            and self._pid == os.getpid()  # a forked child's copy is not a holding
+            and holding.session.alive()
+            and holding.pid == os.getpid()  # a forked child's copy is not a holding
         )
 
     def check(self) -> None:
         """Raise :class:`LockLost` unless :attr:`held`."""
         if not self.held:
-            reason = self.lost_reason or ("not acquired" if self._sid is None else "the session's fencing deadline passed")
+            reason = self.lost_reason or ("not acquired" if self._current() is None else "the session's fencing deadline passed")
             raise LockLost(self.key, reason)
 
     def on_lost(self, callback: Callable[[ConsulLock, str], None]) -> None:
         """Call ``callback(lock, reason)`` when the lock is lost while held."""
         self._callbacks.append(callback)
+
+    def declare_lost(self, reason: str) -> None:
+        """Declare the current holding lost (by its owner, e.g. a beat stepping down): from
+        now on :attr:`held` is false, then :attr:`lost` is set and the ``on_lost`` callbacks
+        run. The key stays held in Consul until :meth:`release`. Nothing happens when the
+        lock is not held or already lost."""
+        self._mark_lost(reason)
+
+    def session_lost(self, reason: str) -> None:
+        """Called by the lock's session when it is lost: the holding is lost with it."""
+        self._mark_lost(f"session lost: {reason}")
 
     def close(self) -> None:
         """Release the lock if held (a private session is destroyed with it)."""
@@ -501,7 +333,7 @@ class ConsulLock:
     def holder(cls, key: str, *, settings: ConsulSettings | None = None, **setting_values: Any) -> LockHolder | None:
         """Who holds ``key`` now (a consistent read), or None if nobody does."""
         settings = settings or ConsulSettings.resolve(setting_values)
-        return _read_holder(thread_client(settings), settings.full_key(key))
+        return read_holder(thread_client(settings), settings.full_key(key))
 
     # -- acquiring ----------------------------------------------------------------------
 
@@ -572,8 +404,7 @@ class ConsulLock:
             restored = client.kv_restore(self.key, sid, previous)
             acquire_log.error("%s has flags %#x: not a lock; restored it: %s", self.key, previous.flags, restored)
             raise LockConflict(self.key, previous.flags)
-        self._previous_raw = attempt.previous
-        self._acquired(session, sid, value, attempt.modify_index)
+        self._acquired(Holding(session, sid, value, attempt.modify_index, attempt.previous, os.getpid()))
 
     def _wait_for_change(self, client: ConsulClient, session: LockSession, deadline: float | None) -> bool:
         """After a refused acquire: False when the time is up (holder recorded), else wait
@@ -607,7 +438,7 @@ class ConsulLock:
 
     def _gave_up(self, client: ConsulClient, entry: KVEntry | None, session: LockSession) -> None:
         if entry is not None and entry.session:
-            self.last_holder = _holder_of(client, entry)
+            self.last_holder = holder_of(client, entry)
             acquire_log.debug("%s is held by %s", self.key, self.last_holder)
         else:
             self.last_holder = None
@@ -627,57 +458,58 @@ class ConsulLock:
             self._value_tail = (pid, json.dumps(fixed, separators=(",", ":"), default=str)[1:].encode())
         return b'{"acquired_at":"%s","session":"%s",%s' % (_utc_now_ms(), sid.encode(), self._value_tail[1])
 
-    def _acquired(self, session: LockSession, sid: str, value: bytes, token: int | None) -> None:
+    def _acquired(self, holding: Holding) -> None:
+        holding.owner = native.owner()
+        session = holding.session
         with self._mutex:
-            self._session, self._sid, self._held_value = session, sid, value
-            self._token = token
-            self._pid = os.getpid()
+            self._holding = holding
             self.lost_reason = None
             self.lost.clear()
             self.last_holder = None
-            self._released = released = _Hold()
-            self._owner = native.owner()
         session.hold(self)
         if session.lost_reason is not None:  # lost between ensure() and hold()
-            self._session_lost(session.lost_reason)
-        _WATCHES.schedule(time.monotonic() + WATCH_DELAY, self._watch, (sid, released), released)
-        acquire_log.debug("acquired %s (session %s)", self.key, sid)
+            self.session_lost(session.lost_reason)
+        watch_later(self.settings, self.key, holding.sid, holding.released, functools.partial(self._mark_lost, holding=holding))
+        acquire_log.debug("acquired %s (session %s)", self.key, holding.sid)
+
+    def _current(self) -> Holding | None:
+        """The holding not yet released, or None."""
+        holding = self._holding
+        return holding if holding is not None and holding.current else None
 
     def _as_holder(self) -> LockHolder:
         return LockHolder(
             key=self.key,
-            session=self._sid or "",
+            session=self.session_id or "",
             host=socket.gethostname(),
             pid=os.getpid(),
             name=self.name,
             extra=dict(self.value),
-            fencing_token=self._token,
+            fencing_token=self.fencing_token,
             **identity(),  # started, pidns: what tells this process from a later one
         )
 
     # -- losing -------------------------------------------------------------------------
 
-    def _session_lost(self, reason: str) -> None:
-        self._mark_lost(f"session lost: {reason}")
-
-    def _mark_lost(self, reason: str, released: _Hold | None = None) -> None:
-        """The holding is lost: ``held`` is false from now on (``lost_reason`` is set). Then
-        :attr:`lost` is set and the callbacks run: here, or under gevent, when called from
-        a watcher (a real thread), in a greenlet of the hub that acquired the lock."""
+    def _mark_lost(self, reason: str, holding: Holding | None = None) -> None:
+        """The current holding (or ``holding``, if it is still the current one) is lost:
+        ``held`` is false from now on (``lost_reason`` is set). Then :attr:`lost` is set and
+        the callbacks run: here, or under gevent, when called from a watcher (a real
+        thread), in a greenlet of the hub that acquired the lock."""
         with self._mutex:
-            if self._sid is None or self.lost_reason is not None or (released is not None and released.is_set()):
+            current = self._current()
+            if current is None or self.lost_reason is not None or (holding is not None and holding is not current):
                 return
             self.lost_reason = reason
-            hold, owner = self._released, self._owner
-        watch_log.warning("lock %s lost: %s", self.key, reason)
-        if owner is None:
-            self._tell_lost(hold, reason)
+        lost_log.warning("lock %s lost: %s", self.key, reason)
+        if current.owner is None:
+            self._tell_lost(current, reason)
         else:
-            owner.call(self._tell_lost, hold, reason)
+            current.owner.call(self._tell_lost, current, reason)
 
-    def _tell_lost(self, hold: _Hold, reason: str) -> None:
+    def _tell_lost(self, holding: Holding, reason: str) -> None:
         with self._mutex:
-            if self._released is not hold:  # acquired again since: that holding is not lost
+            if self._holding is not holding:  # acquired again since: that holding is not lost
                 return
             callbacks = list(self._callbacks)
         self.lost.set()
@@ -685,58 +517,7 @@ class ConsulLock:
             try:
                 callback(self, reason)
             except Exception:
-                watch_log.exception("on_lost callback %r for %s failed", callback, self.key)
-
-    def _watch(self, sid: str, released: _Hold) -> None:
-        """Consistent blocking reads of the key until it is released, deleted or taken."""
-        client = ConsulClient(self.settings, native=True)
-        index = 0  # the first read answers at once, with the key's current index
-        try:
-            while not released.is_set():
-                try:
-                    new_index, entry = client.kv_get(self.key, index=index, wait=WATCH_WAIT, consistent=True)
-                except ConsulLockError as exc:
-                    if released.wait(WATCH_RETRY):
-                        return
-                    watch_log.debug("watching %s failed, retrying: %s", self.key, exc)
-                    continue
-                if released.is_set():
-                    return
-                if entry is None:
-                    self._mark_lost("the key was deleted", released)
-                    return
-                if entry.session != sid:
-                    if entry.session:
-                        self._mark_lost(f"the key is now held by session {entry.session}", released)
-                    else:
-                        self._mark_lost("the key was freed behind our back (our session destroyed or invalidated?)", released)
-                    return
-                index = new_index if new_index >= index else 1
-                index = max(index, 1)
-        except Exception:
-            watch_log.exception("watcher of %s crashed", self.key)
-        finally:
-            client.close()
-
-
-def _read_holder(client: ConsulClient, key: str) -> LockHolder | None:
-    _, entry = client.kv_get(key, consistent=True)
-    if entry is None or not entry.session:
-        return None
-    return _holder_of(client, entry)
-
-
-def _holder_of(client: ConsulClient, entry: KVEntry) -> LockHolder:
-    """The holder of a held key; asks Consul for the session's name and node only when the
-    key's value does not say who holds it (``consul lock``, curl scripts)."""
-    holder = LockHolder.from_entry(entry)
-    if holder.host or holder.name:
-        return holder
-    try:
-        info = client.session_info(entry.session or "")
-    except ConsulLockError:
-        return holder
-    return LockHolder.from_entry(entry, info)
+                lost_log.exception("on_lost callback %r for %s failed", callback, self.key)
 
 
 _SECOND: tuple[int, bytes] = (0, b"")

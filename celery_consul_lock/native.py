@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import _thread
 import logging
+import os
 import socket
 import ssl
 import sys
@@ -27,9 +28,41 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["Event", "Owner", "create_connection", "green", "lock", "owner", "sleep", "ssl_context_class", "start_thread"]
+__all__ = [
+    "Event",
+    "Owner",
+    "at_fork",
+    "create_connection",
+    "green",
+    "lock",
+    "owner",
+    "sleep",
+    "ssl_context_class",
+    "start_thread",
+]
 
 log = logging.getLogger("celery_consul_lock.native")
+
+#: What a forked child must reset (see at_fork), in registration order.
+_FORK_RESETS: list[Callable[[], None]] = []
+
+
+def at_fork(reset: Callable[[], None]) -> None:
+    """Run ``reset()`` in every child forked from now on, before any of our code runs there:
+    for process-wide state (threads, locks, sessions, connections) that a child must not
+    share with its parent. A failing reset is logged; the others still run."""
+    _FORK_RESETS.append(reset)
+
+
+def _reset_after_fork() -> None:
+    for reset in list(_FORK_RESETS):
+        try:
+            reset()
+        except Exception:
+            log.exception("resetting %r in a forked child failed", reset)
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def green() -> bool:

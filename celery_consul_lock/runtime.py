@@ -10,7 +10,6 @@ Only :class:`~celery_consul_lock.beat.ConsulLeaderScheduler` uses it, through a 
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Callable
 from datetime import datetime
@@ -19,7 +18,7 @@ from typing import Any
 from .consul import thread_client
 from .entries import NEVER, EntryDefinition, RunRequest, RuntimeSchedule, ScheduleSnapshot, ScheduleWatch, once
 from .errors import ConsulLockError
-from .ticks import Tick, key_part
+from .ticks import Tick
 
 __all__ = ["RuntimeEntries"]
 
@@ -186,12 +185,13 @@ class RuntimeEntries:
     def done(self, request: RunRequest, fence: tuple[str, str] | None) -> None:
         """Delete a handled run-now request (fenced by the leader's session when ``fence`` =
         (lock key, session) is given)."""
-        ops: list[dict[str, Any]] = []
-        if fence is not None:
-            ops.append({"KV": {"Verb": "check-session", "Key": fence[0], "Session": fence[1]}})
-        ops.append({"KV": {"Verb": "delete-cas", "Key": request.key, "Index": request.index}})
+        client = thread_client(self.store.settings)
         try:
-            thread_client(self.store.settings).txn(ops, action="deleting a run-now request", resource=request.key)
+            if fence is None:
+                client.kv_delete(request.key, cas=request.index)
+            else:
+                delete = {"Verb": "delete-cas", "Key": request.key, "Index": request.index}
+                client.kv_fenced(fence[0], fence[1], [delete], action="deleting a run-now request", resource=request.key)
         except ConsulLockError as exc:
             log.error("runtime schedule: could not delete the run-now request %s: %s", request.key, exc)
         if self.snapshot is not None:
@@ -214,12 +214,3 @@ class RuntimeEntries:
 
     def stop(self) -> None:
         self.watch.stop()
-
-
-def read_state(settings: Any, state_prefix: str, name: str) -> dict[str, Any] | None:
-    """An entry's stored scheduler state (see ConsulLeaderScheduler), or None."""
-    _, kv = thread_client(settings).kv_get(state_prefix + key_part(name), consistent=True)
-    if kv is None or not kv.value:
-        return None
-    data = json.loads(kv.value)
-    return data if isinstance(data, dict) else None

@@ -35,7 +35,7 @@ from .consul import ConsulClient
 from .errors import ConsulLockError, ConsulUnavailable, SessionGone
 from .settings import ConsulSettings
 
-__all__ = ["LockSession", "SessionPool", "close_sessions", "shared_session"]
+__all__ = ["LockSession", "SessionPool", "close_sessions", "fence_margin", "renewal_interval", "shared_session"]
 
 log = logging.getLogger("celery_consul_lock.session")
 renew_log = logging.getLogger("celery_consul_lock.session.renew")
@@ -52,10 +52,22 @@ FENCE_MARGIN_MIN = 0.5
 LEFTOVER_RETRY_MIN, LEFTOVER_RETRY_MAX = 0.2, 2.0
 
 
+def fence_margin(window: float) -> float:
+    """The part of a fencing window (seconds) kept back for clock-rate differences and
+    scheduling: the self-fencing deadline is the last contact + window - this."""
+    return max(FENCE_MARGIN_MIN, window * FENCE_MARGIN_RATIO)
+
+
+def renewal_interval(window: float) -> float:
+    """Seconds between renewals of a session whose fencing window is ``window`` seconds:
+    RENEWALS_PER_WINDOW renewals fit before the self-fencing deadline."""
+    return (window - fence_margin(window)) / RENEWALS_PER_WINDOW
+
+
 class SessionUser(Protocol):
     """What a session tells its locks."""
 
-    def _session_lost(self, reason: str) -> None: ...
+    def session_lost(self, reason: str) -> None: ...
 
 
 class LockSession:
@@ -76,8 +88,8 @@ class LockSession:
         self.pid = os.getpid()
         self.lost_reason: str | None = None
         self.window = settings.fence_window
-        self.margin = max(FENCE_MARGIN_MIN, self.window * FENCE_MARGIN_RATIO)
-        self.interval = (self.window - self.margin) / RENEWALS_PER_WINDOW
+        self.margin = fence_margin(self.window)
+        self.interval = renewal_interval(self.window)
         self._last_contact = 0.0
         #: Guards the users and the session's creation (held across I/O: a greenlet's lock
         #: under gevent).
@@ -163,7 +175,7 @@ class LockSession:
         with self._mutex:
             users = list(self._users)
         for user in users:
-            user._session_lost(reason)
+            user.session_lost(reason)
 
     def retire(self, reason: str) -> None:
         """Mark the session as ended by its owner, quietly: no more renewals, and no

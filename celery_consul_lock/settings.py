@@ -1,4 +1,15 @@
-"""Settings: read once, validated once, into one frozen :class:`ConsulSettings`.
+"""Settings: each declared once, read once, validated once, into one frozen :class:`ConsulSettings`.
+
+Every setting is one :class:`Setting` row: its name (the Celery setting is
+``consul_lock_<name>``), Consul's environment variable that fills it (if any), the parser
+that checks and converts a value, its default (a named constant below, with the reason for
+its value) and one line of documentation. Everything else derives from the rows: reading
+``app.conf`` (:func:`read_celery`), the environment, the errors (:class:`InvalidSetting`
+naming the setting as the user wrote it and the value), and the README's configuration
+table (:func:`configuration_table`; ``tests/test_settings.py`` checks the README against it and prints
+the table to paste when they differ). The rows of :class:`ConsulSettings` are
+:data:`CONSUL_SETTINGS`; the worker's (``availability.AVAILABILITY_SETTINGS``) and the beat's
+(``election.BEAT_SETTINGS``) are declared with the objects they configure.
 
 Where each value comes from, first match wins:
 
@@ -11,7 +22,7 @@ Where each value comes from, first match wins:
 3. the defaults below.
 
 An explicit token therefore wins over ``CONSUL_HTTP_TOKEN`` (the Consul client libraries do
-the opposite; the adapter never lets them read the environment). Bad values raise
+the opposite; this package never lets them read the environment). Bad values raise
 :class:`~celery_consul_lock.errors.InvalidSetting` naming the setting and the value,
 never the token.
 """
@@ -21,13 +32,22 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 from .errors import InvalidSetting
 
-__all__ = ["ConsulSettings", "parse_seconds", "validate_key"]
+__all__ = [
+    "CONSUL_SETTINGS",
+    "ConsulSettings",
+    "Setting",
+    "configuration_table",
+    "parse_bool",
+    "parse_seconds",
+    "read_celery",
+    "validate_key",
+]
 
 #: Consul's own default agent address.
 DEFAULT_ADDRESS = "127.0.0.1:8500"
@@ -53,14 +73,6 @@ TTL_MIN, TTL_MAX = 10.0, 86400.0
 LOCK_DELAY_MAX = 60.0
 FAIL_POLICIES = ("closed", "open")
 
-#: The TLS files, the PEM block each must contain (Python's ssl loads PEM only), and what
-#: it is: checked at start-up, so that a swapped certificate and key is refused there.
-_TLS_FILES = (
-    ("ca_file", "CERTIFICATE-----", "a PEM CA certificate"),
-    ("client_cert", "CERTIFICATE-----", "a PEM certificate"),
-    ("client_key", "PRIVATE KEY-----", "a PEM private key"),
-)
-
 _ADDRESS = re.compile(r"^(?:(?P<scheme>https?)://)?(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})/?$")
 _BAD_KEY_CHARS = re.compile(r"[\x00-\x20\x7f?#%]")
 
@@ -80,40 +92,331 @@ def validate_key(key: object, setting: str = "key") -> str:
     return key
 
 
+# -- parsers: each takes a value as given (a Celery setting, a keyword, an environment
+# variable's text) and returns it converted, or raises Invalid with the reason ------------------
+
+
+class Invalid(ValueError):
+    """A parser's refusal; ``args[0]`` is the reason. The reader adds the setting and value."""
+
+
+Parser = Callable[[Any], Any]
+
+
+class seconds:
+    """Seconds: a number, or text such as ``15``, ``"15s"``, ``"500ms"``, ``"1m"``; refused
+    below ``at_least``, at or below ``above``, or above ``at_most`` (``why`` says why)."""
+
+    unit = "s"
+
+    def __init__(
+        self, *, at_least: float | None = None, above: float | None = None, at_most: float | None = None, why: str = ""
+    ) -> None:
+        self.at_least, self.above, self.at_most, self.why = at_least, above, at_most, why
+
+    def __call__(self, value: Any) -> float:
+        number = _seconds(value)
+        if (
+            (self.at_least is not None and number < self.at_least)
+            or (self.above is not None and number <= self.above)
+            or (self.at_most is not None and number > self.at_most)
+        ):
+            raise Invalid(self.why)
+        return number
+
+
+def boolean(value: Any) -> bool:
+    """True or False, or text: ``1``/``true``/``yes``/``on``, ``0``/``false``/``no``/``off``."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise Invalid("expected true or false")
+
+
+def text(value: Any) -> str:
+    """A string."""
+    if not isinstance(value, str):
+        raise Invalid("must be a string")
+    return value
+
+
+def one_of(*choices: str) -> Parser:
+    """One of ``choices``."""
+    expected = " or ".join(repr(c) for c in choices) if len(choices) == 2 else f"one of {', '.join(choices)}"
+
+    def parse(value: Any) -> str:
+        if value not in choices:
+            raise Invalid(f"expected {expected}")
+        return str(value)
+
+    return parse
+
+
+def whole(minimum: int, why: str) -> Parser:
+    """A whole number (not a bool) of at least ``minimum``."""
+
+    def parse(value: Any) -> int:
+        if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            raise Invalid(why)
+        return value
+
+    return parse
+
+
+def check_ids(value: Any) -> tuple[str, ...]:
+    """Consul check IDs: a list, or text separated by commas; empty for a TTL-only session."""
+    if isinstance(value, str):
+        value = [c.strip() for c in value.split(",") if c.strip()]
+    if not isinstance(value, list | tuple) or not all(isinstance(c, str) and c for c in value):
+        raise Invalid("must be a list of Consul check IDs, e.g. ['serfHealth']")
+    return tuple(value)
+
+
+def address(value: Any) -> str:
+    """``host:port`` (a ``http(s)://`` in front is the scheme's, see :meth:`ConsulSettings.resolve`)."""
+    m = _ADDRESS.match(value) if isinstance(value, str) else None
+    if not m or not 0 < int(m["port"]) < 65536:
+        raise Invalid("expected host:port or http(s)://host:port, e.g. 127.0.0.1:8500")
+    return f"{m['host']}:{m['port']}"
+
+
+def key_prefix(value: Any) -> str:
+    """Text put in front of every key; with a key after it, a key Consul accepts."""
+    value = text(value)
+    if value:
+        try:
+            validate_key(value + "x")
+        except InvalidSetting as exc:
+            raise Invalid(exc.reason) from None
+    return value
+
+
+def pem(marker: str, what: str) -> Parser:
+    """The path of a PEM file containing a ``-----BEGIN ...{marker}`` block: checked at
+    start-up (Python's ssl loads PEM only), so that a swapped certificate and key is
+    refused there."""
+
+    def parse(value: Any) -> str:
+        path = text(value)
+        if not os.path.isfile(path):
+            raise Invalid("no such file")
+        try:
+            with open(path, "rb") as f:
+                content = f.read()
+        except OSError as exc:
+            raise Invalid(f"cannot be read: {exc.strerror}") from None
+        if marker.encode() not in content:
+            raise Invalid(f"not {what} (no '-----BEGIN ...{marker}' line)")
+        return path
+
+    return parse
+
+
+def _seconds(value: Any) -> float:
+    if isinstance(value, bool):
+        raise Invalid("expected a number of seconds")
+    if isinstance(value, int | float):
+        if not math.isfinite(value):
+            raise Invalid("expected a finite number of seconds")
+        return float(value)
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", str(value))
+    if not m:
+        raise Invalid("expected seconds, e.g. 15 or '15s', '500ms', '1m'")
+    return float(m[1]) * {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600}[m[2]]
+
+
+def parse_seconds(setting: str, value: object) -> float:
+    """A duration setting in seconds: a number, or text such as ``15``, ``"15s"``, ``"500ms"``,
+    ``"1m"``; anything else (and NaN or infinity) raises InvalidSetting naming ``setting``."""
+    return _parsed(setting, value, _seconds)  # type: ignore[no-any-return]
+
+
+def parse_bool(setting: str, value: object) -> bool:
+    """A true/false setting (see :func:`boolean`); else InvalidSetting naming ``setting``."""
+    return _parsed(setting, value, boolean)  # type: ignore[no-any-return]
+
+
+def _parsed(setting: str, value: object, parse: Parser, secret: bool = False) -> Any:
+    try:
+        return parse(value)
+    except Invalid as exc:
+        raise InvalidSetting(setting, "<redacted>" if secret else value, exc.args[0]) from None
+
+
+# -- declarations ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One setting, declared once."""
+
+    #: The name: the Celery setting is ``consul_lock_<name>``, the keyword argument ``<name>``.
+    name: str
+    #: Checks and converts a value as given; raises Invalid with the reason.
+    parse: Parser
+    #: The value when nothing gives one (None: unset, the field's meaning says what then).
+    default: Any
+    #: One line for the README's table.
+    doc: str
+    #: Consul's environment variable that fills it when no setting does.
+    env: str | None = None
+    #: How the README shows the default, when not the value itself ("system CAs").
+    shown_default: str | None = None
+    #: How the README shows the environment fallback, when not just ``env``.
+    shown_env: str | None = None
+    #: Never shown in errors (the token).
+    secret: bool = False
+
+    @property
+    def celery_name(self) -> str:
+        return f"consul_lock_{self.name}"
+
+    def parsed(self, value: Any, setting: str | None = None) -> Any:
+        """``value`` converted, or InvalidSetting naming ``setting`` (default: the field name)."""
+        return _parsed(setting or self.name, value, self.parse, self.secret)
+
+
+_TTL_RANGE = "Consul accepts a session TTL between 10 s and 86400 s (24 h)"
+
+#: The settings of :class:`ConsulSettings`, in the order of its fields.
+CONSUL_SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "address",
+        address,
+        DEFAULT_ADDRESS,
+        "agent's HTTP address, `host:port`",
+        env="CONSUL_HTTP_ADDR",
+        shown_env="`CONSUL_HTTP_ADDR` (with or without `http(s)://`)",
+    ),
+    Setting(
+        "scheme",
+        one_of("http", "https"),
+        "http",
+        "`http` or `https`",
+        shown_env="scheme of `CONSUL_HTTP_ADDR`, `CONSUL_HTTP_SSL=true`",
+    ),
+    Setting(
+        "token",
+        text,
+        None,
+        "ACL token; sent as a header, never logged or shown in a repr",
+        env="CONSUL_HTTP_TOKEN",
+        shown_default="none",
+        secret=True,
+    ),
+    Setting("verify", boolean, True, "verify the agent's certificate", env="CONSUL_HTTP_SSL_VERIFY"),
+    Setting(
+        "ca_file",
+        pem("CERTIFICATE-----", "a PEM CA certificate"),
+        None,
+        "CA bundle for the agent's certificate",
+        env="CONSUL_CACERT",
+        shown_default="system CAs",
+    ),
+    Setting(
+        "client_cert",
+        pem("CERTIFICATE-----", "a PEM certificate"),
+        None,
+        "client certificate for `verify_incoming` agents (with `client_key`)",
+        env="CONSUL_CLIENT_CERT",
+        shown_default="none",
+    ),
+    Setting(
+        "client_key",
+        pem("PRIVATE KEY-----", "a PEM private key"),
+        None,
+        "the client certificate's private key",
+        env="CONSUL_CLIENT_KEY",
+        shown_default="none",
+    ),
+    Setting("datacenter", text, None, "datacenter", shown_default="the agent's"),
+    Setting("key_prefix", key_prefix, "", "put before every key, e.g. `myapp/`"),
+    Setting(
+        "ttl",
+        seconds(at_least=TTL_MIN, at_most=TTL_MAX, why=_TTL_RANGE),
+        DEFAULT_TTL,
+        'session TTL, 10 s .. 24 h (`15`, `"15s"`, `"1m"`)',
+    ),
+    Setting(
+        "lock_delay",
+        seconds(at_least=0, at_most=LOCK_DELAY_MAX, why="Consul accepts a lock-delay between 0 and 60 s"),
+        DEFAULT_LOCK_DELAY,
+        "session lock-delay, 0 .. 60 s",
+    ),
+    Setting("fail_policy", one_of(*FAIL_POLICIES), DEFAULT_FAIL_POLICY, "`closed` or `open` (tasks)"),
+    Setting(
+        "session_checks",
+        check_ids,
+        DEFAULT_SESSION_CHECKS,
+        "checks the session is tied to; `[]` for TTL-only",
+        shown_default='`["serfHealth"]`',
+    ),
+    Setting(
+        "timeout",
+        seconds(above=0, at_most=TIMEOUT_MAX, why=f"expected seconds, more than 0 and at most {TIMEOUT_MAX:g}"),
+        DEFAULT_TIMEOUT,
+        "HTTP timeout of each request (renewals are cut shorter to the fencing deadline)",
+    ),
+)
+_BY_NAME = {s.name: s for s in CONSUL_SETTINGS}
+
+
+def read_celery(conf: Any, declared: Iterable[Setting]) -> dict[str, Any]:
+    """The ``declared`` settings from a Celery app's ``conf`` (``consul_lock_<name>``),
+    parsed, the default where unset; InvalidSetting names ``consul_lock_<name>``."""
+    values = {}
+    for setting in declared:
+        value = conf.get(setting.celery_name)
+        values[setting.name] = setting.default if value is None else setting.parsed(value, setting.celery_name)
+    return values
+
+
+def configuration_table(declared: Iterable[Setting]) -> str:
+    """The README's table of ``declared`` (markdown, one row per setting)."""
+    rows = ["| setting | environment fallback | default | |", "|---|---|---|---|"]
+    for s in declared:
+        env = s.shown_env or (f"`{s.env}`" if s.env else "")
+        cells = (f"`{s.celery_name}`", env, s.shown_default or _shown(s.default, s.parse), s.doc)
+        rows.append("| " + " | ".join(cells).replace("|  |", "| |") + " |")
+    return "\n".join(rows) + "\n"
+
+
+def _shown(default: Any, parse: Parser) -> str:
+    if isinstance(default, bool):
+        return f"`{str(default).lower()}`"
+    if isinstance(default, float) and isinstance(parse, seconds):
+        return f"`{default:g}` s"
+    if isinstance(default, str) and not default:
+        return '`""`'
+    return f"`{default:g}`" if isinstance(default, float) else f"`{default}`"
+
+
 @dataclass(frozen=True)
 class ConsulSettings:
-    """Everything needed to talk to Consul and to shape sessions, validated.
+    """Everything needed to talk to Consul and to shape sessions, validated: one field per
+    row of :data:`CONSUL_SETTINGS`, which says what each means, accepts and defaults to.
 
     Build one with :meth:`from_celery` (from ``app.conf``) or :meth:`resolve` (keyword
     arguments, then the environment). The token is kept out of ``repr``.
     """
 
-    #: ``host:port`` of the Consul agent's HTTP API.
     address: str = DEFAULT_ADDRESS
-    #: ``http`` or ``https``.
     scheme: str = "http"
-    #: ACL token, or None for the agent's default token.
     token: str | None = field(default=None, repr=False)
-    #: Verify the agent's TLS certificate.
     verify: bool = True
-    #: CA bundle used to verify the agent's certificate.
     ca_file: str | None = None
-    #: Client certificate and key, for agents with ``verify_incoming``.
     client_cert: str | None = None
     client_key: str | None = None
-    #: Datacenter to use; None for the agent's own.
     datacenter: str | None = None
-    #: Prefix put in front of every lock key, e.g. ``"myapp/"``.
     key_prefix: str = ""
-    #: Session TTL in seconds (Consul: 10 s .. 24 h).
     ttl: float = DEFAULT_TTL
-    #: Session lock-delay in seconds (Consul: 0 .. 60 s).
     lock_delay: float = DEFAULT_LOCK_DELAY
-    #: What guarded work does when Consul cannot be reached: ``closed`` or ``open``.
     fail_policy: str = DEFAULT_FAIL_POLICY
-    #: Health checks the session is tied to; empty for a TTL-only session.
     session_checks: tuple[str, ...] = DEFAULT_SESSION_CHECKS
-    #: HTTP timeout in seconds for every non-blocking request.
     timeout: float = DEFAULT_TIMEOUT
 
     def __hash__(self) -> int:
@@ -138,11 +441,7 @@ class ConsulSettings:
     @classmethod
     def from_celery(cls, conf: Any, **overrides: Any) -> ConsulSettings:
         """Read ``consul_lock_*`` from a Celery app's ``conf``, then the environment."""
-        given = {}
-        for f in fields(cls):
-            value = conf.get(f"consul_lock_{f.name}")
-            if value is not None:
-                given[f.name] = value
+        given = {s.name: conf.get(s.celery_name) for s in CONSUL_SETTINGS}
         given.update({k: v for k, v in overrides.items() if v is not None})
         return cls.resolve(given, names="consul_lock_{}")
 
@@ -156,85 +455,36 @@ class ConsulSettings:
     ) -> ConsulSettings:
         """Combine explicit values, Consul's environment variables and the defaults.
 
-        ``names`` formats a field name into the setting name used in error messages.
+        ``names`` formats a field name into the setting name used in error messages; a
+        value from the environment is named by its variable.
         """
         given = {k: v for k, v in (given or {}).items() if v is not None}
         env = os.environ if env is None else env
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(given) - known)
+        unknown = sorted(set(given) - set(_BY_NAME))
         if unknown:
             raise InvalidSetting(
-                names.format(unknown[0]), given[unknown[0]], f"unknown setting; known: {', '.join(sorted(known))}"
+                names.format(unknown[0]), given[unknown[0]], f"unknown setting; known: {', '.join(sorted(_BY_NAME))}"
             )
         values: dict[str, Any] = {}
         sources: dict[str, str] = {}
-
-        def take(name: str, env_var: str | None = None) -> Any:
-            if name in given:
-                sources[name] = names.format(name)
-                return given[name]
-            if env_var and env.get(env_var, "") != "":
-                sources[name] = env_var
-                return env[env_var]
-            return None
-
-        address = take("address", "CONSUL_HTTP_ADDR")
-        scheme = take("scheme")
-        if address is not None:
-            host, port, addr_scheme = _parse_address(sources["address"], address)
-            values["address"] = f"{host}:{port}"
-            if scheme is None and addr_scheme:
-                scheme = addr_scheme
-        if scheme is None and env.get("CONSUL_HTTP_SSL"):
-            scheme = "https" if _parse_bool("CONSUL_HTTP_SSL", env["CONSUL_HTTP_SSL"]) else None
-        if scheme is not None:
-            values["scheme"] = scheme
-        for name, env_var in (
-            ("token", "CONSUL_HTTP_TOKEN"),
-            ("ca_file", "CONSUL_CACERT"),
-            ("client_cert", "CONSUL_CLIENT_CERT"),
-            ("client_key", "CONSUL_CLIENT_KEY"),
-            ("verify", "CONSUL_HTTP_SSL_VERIFY"),
-        ):
-            value = take(name, env_var)
-            if value is not None:
-                values[name] = value
-        for name in ("datacenter", "key_prefix", "ttl", "lock_delay", "fail_policy", "session_checks", "timeout"):
-            value = take(name)
-            if value is not None:
-                values[name] = value
-        return cls._coerced(values, sources)
-
-    @classmethod
-    def _coerced(cls, values: dict[str, Any], sources: dict[str, str]) -> ConsulSettings:
-        def src(name: str) -> str:
-            return sources.get(name, name)
-
-        out: dict[str, Any] = {}
-        for name, value in values.items():
-            if name in ("ttl", "lock_delay", "timeout"):
-                out[name] = parse_seconds(src(name), value)
-            elif name == "verify":
-                out[name] = value if isinstance(value, bool) else _parse_bool(src(name), value)
-            elif name == "session_checks":
-                if isinstance(value, str):
-                    value = [c.strip() for c in value.split(",") if c.strip()]
-                if not isinstance(value, list | tuple) or not all(isinstance(c, str) and c for c in value):
-                    raise InvalidSetting(src(name), value, "must be a list of Consul check IDs, e.g. ['serfHealth']")
-                out[name] = tuple(value)
-            elif name == "token":
-                if not isinstance(value, str):
-                    raise InvalidSetting(src(name), "<redacted>", "the token must be a string")
-                out[name] = value
-            else:
-                if not isinstance(value, str):
-                    raise InvalidSetting(src(name), value, "must be a string")
-                out[name] = value
+        for s in CONSUL_SETTINGS:
+            if s.name in given:
+                values[s.name], sources[s.name] = given[s.name], names.format(s.name)
+            elif s.env and env.get(s.env, "") != "":
+                values[s.name], sources[s.name] = env[s.env], s.env
+        # The scheme may also come from the address (https://...) or CONSUL_HTTP_SSL.
+        if "address" in values:
+            m = _ADDRESS.match(values["address"]) if isinstance(values["address"], str) else None
+            if m and m["scheme"] and "scheme" not in values:
+                values["scheme"], sources["scheme"] = m["scheme"], sources["address"]
+        if "scheme" not in values and env.get("CONSUL_HTTP_SSL") and parse_bool("CONSUL_HTTP_SSL", env["CONSUL_HTTP_SSL"]):
+            values["scheme"], sources["scheme"] = "https", "CONSUL_HTTP_SSL"
         try:
-            return cls(**out)
+            return cls(**values)
         except InvalidSetting as exc:
-            # Re-name the setting after where its value came from.
-            raise InvalidSetting(src(exc.setting), values.get(exc.setting, exc.value), exc.reason) from None
+            # Re-name the setting after where its value came from, with the value as given.
+            value = "<redacted>" if _BY_NAME[exc.setting].secret else values.get(exc.setting, exc.value)
+            raise InvalidSetting(sources.get(exc.setting, exc.setting), value, exc.reason) from None
 
     def replace(self, **changes: Any) -> ConsulSettings:
         """A copy with some fields changed, validated again."""
@@ -270,14 +520,11 @@ class ConsulSettings:
     # -- validation -------------------------------------------------------------------
 
     def _validate(self) -> None:
-        if not _ADDRESS.match(self.address) or not 0 < int(self.address.rsplit(":", 1)[1]) < 65536:
-            raise InvalidSetting("address", self.address, "expected host:port, e.g. 127.0.0.1:8500")
-        if self.scheme not in ("http", "https"):
-            raise InvalidSetting("scheme", self.scheme, "expected 'http' or 'https'")
-        if not TTL_MIN <= self.ttl <= TTL_MAX:
-            raise InvalidSetting("ttl", self.ttl, "Consul accepts a session TTL between 10 s and 86400 s (24 h)")
-        if not 0 <= self.lock_delay <= LOCK_DELAY_MAX:
-            raise InvalidSetting("lock_delay", self.lock_delay, "Consul accepts a lock-delay between 0 and 60 s")
+        # Each field by its row (None: unset), then what holds between fields.
+        for s in CONSUL_SETTINGS:
+            value = getattr(self, s.name)
+            if value is not None:
+                object.__setattr__(self, s.name, s.parsed(value))
         if self.session_checks and self.lock_delay == 0:
             raise InvalidSetting(
                 "lock_delay",
@@ -286,66 +533,7 @@ class ConsulSettings:
                 "next holder at once, before this one can notice; use a lock-delay > 0 or "
                 "session_checks=[] (TTL-only sessions)",
             )
-        if self.fail_policy not in FAIL_POLICIES:
-            raise InvalidSetting("fail_policy", self.fail_policy, "expected 'closed' or 'open'")
-        if not 0 < self.timeout <= TIMEOUT_MAX:
-            raise InvalidSetting("timeout", self.timeout, f"expected seconds, more than 0 and at most {TIMEOUT_MAX:g}")
-        if self.key_prefix:
-            validate_key(self.key_prefix + "x", "key_prefix")
-        for name, marker, what in _TLS_FILES:
-            path = getattr(self, name)
-            if path is not None:
-                _check_pem(name, path, marker, what)
         if (self.client_cert is None) != (self.client_key is None):
             raise InvalidSetting(
                 "client_cert" if self.client_key else "client_key", None, "client_cert and client_key must be given together"
             )
-
-
-def _check_pem(setting: str, path: str, marker: str, what: str) -> None:
-    if not os.path.isfile(path):
-        raise InvalidSetting(setting, path, "no such file")
-    try:
-        with open(path, "rb") as f:
-            text = f.read()
-    except OSError as exc:
-        raise InvalidSetting(setting, path, f"cannot be read: {exc.strerror}") from None
-    if marker.encode() not in text:
-        raise InvalidSetting(setting, path, f"not {what} (no '-----BEGIN ...{marker}' line)")
-
-
-def _parse_address(setting: str, value: object) -> tuple[str, str, str | None]:
-    m = _ADDRESS.match(value) if isinstance(value, str) else None
-    if not m or not 0 < int(m["port"]) < 65536:
-        raise InvalidSetting(setting, value, "expected host:port or http(s)://host:port, e.g. 127.0.0.1:8500")
-    return m["host"], m["port"], m["scheme"]
-
-
-def _parse_bool(setting: str, value: object) -> bool:
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise InvalidSetting(setting, value, "expected true or false")
-
-
-def parse_seconds(setting: str, value: object) -> float:
-    """A duration setting in seconds: a number, or text such as ``15``, ``"15s"``, ``"500ms"``,
-    ``"1m"``; anything else (and NaN or infinity) raises InvalidSetting naming ``setting``."""
-    if isinstance(value, bool):
-        raise InvalidSetting(setting, value, "expected a number of seconds")
-    if isinstance(value, int | float):
-        if not math.isfinite(value):
-            raise InvalidSetting(setting, value, "expected a finite number of seconds")
-        return float(value)
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*", str(value))
-    if not m:
-        raise InvalidSetting(setting, value, "expected seconds, e.g. 15 or '15s', '500ms', '1m'")
-    scale = {"ms": 0.001, "s": 1, None: 1, "m": 60, "h": 3600}[m[2]]
-    return float(m[1]) * scale
-
-
-#: The parsers, public for the modules that read settings of their own from ``app.conf``
-#: (the worker's agent watch and requeue bounds, in :mod:`.availability`).
-parse_bool = _parse_bool

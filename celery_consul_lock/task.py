@@ -28,7 +28,6 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
-from datetime import datetime, timezone
 from typing import Any, Literal, NoReturn
 
 from celery import Task
@@ -40,20 +39,24 @@ from .availability import REQUEUE_HEADER, AvailabilityConfig, requeue_or_raise
 from .consul import thread_client
 from .errors import ConsulUnavailable, InvalidSetting, LockHeld, LockLost
 from .lock import ConsulLock, LockHolder
+from .protocol import (
+    LEADER_HEADER,
+    LOCK_OPTIONS_HEADER,
+    Tick,
+    header_value,
+    options_override,
+    retry_headers,
+    stale_leader,
+    tick_of_request,
+)
 from .session import close_sessions
 from .settings import FAIL_POLICIES, ConsulSettings, validate_key
-from .ticks import TICK_HEADER, Mark, Tick, change_mark, read_mark
-
-#: Header set by the leader-elected beat (see celery_consul_lock.beat).
-LEADER_HEADER = "consul_lock_leader"
+from .ticks import Mark, change_mark, read_mark
 
 __all__ = ["LOCK_OPTIONS_HEADER", "SKIPPED", "ConsulLockedTask", "LockOptions", "is_skipped"]
 
 log = logging.getLogger("celery_consul_lock.task")
 
-#: Message header with per-call overrides of the lock options, e.g.
-#: ``task.apply_async(args, headers={"consul_lock": {"on_held": "wait"}})``.
-LOCK_OPTIONS_HEADER = "consul_lock"
 #: The value a skipped run returns: ``{"consul_lock": "skipped", ...}`` (see is_skipped).
 SKIPPED = "skipped"
 ON_HELD = ("skip", "wait", "retry")
@@ -94,9 +97,15 @@ class LockOptions:
     #: Raise LockLost inside the running body as soon as the lock is lost.
     abort_on_lock_lost: bool = False
 
+    @staticmethod
+    def attribute(option: str) -> str:
+        """The task attribute giving ``option``'s default: ``lock_<option>``, or the name
+        itself when it already says lock (``lock_delay``, ``abort_on_lock_lost``)."""
+        return option if "lock" in option else f"lock_{option}"
+
     def validated(self, task: str) -> LockOptions:
         def bad(name: str, value: object, why: str) -> InvalidSetting:
-            return InvalidSetting(f"{task}.lock_{name}", value, why)
+            return InvalidSetting(f"{task}.{LockOptions.attribute(name)}", value, why)
 
         if self.on_held not in ON_HELD:
             raise bad("on_held", self.on_held, f"expected one of {', '.join(ON_HELD)}")
@@ -114,20 +123,11 @@ class LockOptions:
 class ConsulLockedTask(Task):  # type: ignore[misc]
     """A task whose runs are serialised cluster-wide by a Consul lock (see the module doc).
 
-    Options, as task attributes or ``@app.task(lock_on_held="wait", ...)`` arguments, or per
-    call in the ``consul_lock`` message header: ``lock_key``, ``lock_on_held``,
-    ``lock_wait_timeout``, ``lock_retry_countdown``, ``lock_ttl``, ``lock_delay``,
-    ``lock_fail_policy``, ``abort_on_lock_lost``.
+    Options: the fields of :class:`LockOptions`, as task attributes named by
+    :func:`LockOptions.attribute` (``lock_key``, ``lock_on_held``, ..., ``abort_on_lock_lost``;
+    their defaults are the fields' defaults) or ``@app.task(lock_on_held="wait", ...)``
+    arguments, or per call in the ``consul_lock`` message header (by field name).
     """
-
-    lock_key: str | Callable[..., str] | None = None
-    lock_on_held: str = "skip"
-    lock_wait_timeout: float = DEFAULT_WAIT_TIMEOUT
-    lock_retry_countdown: float = DEFAULT_RETRY_COUNTDOWN
-    lock_ttl: float | None = None
-    lock_delay: float | None = None
-    lock_fail_policy: str | None = None
-    abort_on_lock_lost: bool = False
 
     _consul_settings: ConsulSettings | None = None
     _lock_options: LockOptions | None = None
@@ -158,22 +158,14 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         """This call's options (``request``'s, default the current one): the task's, with
         the ``consul_lock`` header's on top."""
         if self._lock_options is None:
-            key = self.lock_key
+            given = {f.name: getattr(self, LockOptions.attribute(f.name)) for f in fields(LockOptions)}
+            key = given["key"]
             if inspect.ismethod(key) and key.__self__ is self:
                 # A function given as @app.task(lock_key=f) is a class attribute, so Python
                 # binds it: call it as documented, f(task, args, kwargs).
-                key = key.__func__
-            self._lock_options = LockOptions(
-                key=key,
-                on_held=self.lock_on_held,
-                wait_timeout=self.lock_wait_timeout,
-                retry_countdown=self.lock_retry_countdown,
-                ttl=self.lock_ttl,
-                lock_delay=self.lock_delay,
-                fail_policy=self.lock_fail_policy,
-                abort_on_lock_lost=self.abort_on_lock_lost,
-            ).validated(self.name)
-        override = _request_value(self.request if request is None else request, LOCK_OPTIONS_HEADER)
+                given["key"] = key.__func__
+            self._lock_options = LockOptions(**given).validated(self.name)
+        override = options_override(self.request if request is None else request)
         if not override:
             return self._lock_options
         if not isinstance(override, Mapping):
@@ -229,10 +221,10 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         options = self.lock_options(request)
         settings = self.lock_settings(options)
         key = self.lock_key_for(args, kwargs, options)
-        tick = _tick(request)
+        tick = tick_of_request(request)
         task_id = request.id
         attempt = _attempt(request)
-        stale = _stale_leader(_request_value(request, LEADER_HEADER))
+        stale = stale_leader(header_value(request, LEADER_HEADER))
         if stale:
             return self._skip(key, "stale-leader", None, tick, task_id, why=stale)
         value: dict[str, Any] = {"task_id": task_id}
@@ -389,10 +381,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
                 holder or "nobody (lock-delay)",
                 options.retry_countdown,
             )
-            headers = {TICK_HEADER: str(tick)} if tick else {}
-            override = _request_value(self.request, LOCK_OPTIONS_HEADER)
-            if override:
-                headers[LOCK_OPTIONS_HEADER] = override
+            headers = retry_headers(tick, options_override(self.request))
             raise self.retry(
                 countdown=options.retry_countdown, exc=LockHeld(lock.key, str(holder) if holder else None), headers=headers
             )
@@ -462,6 +451,12 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             log.debug("tick %s recorded as completed", tick)
         else:
             log.error("tick %s ran but could not be recorded: the lock %s was lost meanwhile (it stays open)", tick, lock.key)
+
+
+# The task attributes of the options, with the options' defaults: lock_key, lock_on_held, ...
+for _option in fields(LockOptions):
+    setattr(ConsulLockedTask, LockOptions.attribute(_option.name), _option.default)
+del _option
 
 
 class LockLostAbort(LockLost):
@@ -584,55 +579,6 @@ def _signature(func: Callable[..., Any]) -> inspect.Signature:
     return inspect.signature(func)
 
 
-#: Leaderships of each beat scheduler this process has seen messages from: name ->
-#: {fencing token: when that leader was elected (epoch s, its clock)}; the newest few.
-_LEADERS: dict[str, dict[int, float]] = {}
-_LEADERS_MUTEX = threading.Lock()
-#: Leaderships remembered per scheduler.
-LEADERS_KEPT = 16
-
-
-def _stale_leader(header: Any) -> str | None:
-    """Why a message from a beat leader must be dropped, or None.
-
-    The rule: a message is refused only if its leader had been deposed when it sent it,
-    i.e. it was sent (``sent_at``, the sender's clock) at or after the election of a newer
-    leader (``elected_at`` of a message with a larger token, that leader's clock). It is
-    judged by when it was *sent*, not by when it arrives, so a retry of a tick (Celery
-    copies the header into it), a countdown or ETA message, a backlog on a slow queue or an
-    ``acks_late`` redelivery sent by the previous leader while it led still runs. A leader
-    checks its lease before each send and an election waits out the old lease, so a legal
-    send precedes the next election by at least c + d - (W_b - m_b) (2.5 s by default):
-    beat hosts' clocks must agree better than that. Messages without ``sent_at`` (from
-    version 0.1) are not judged."""
-    if not isinstance(header, Mapping):
-        return None
-    name, token = header.get("scheduler"), header.get("token")
-    if not isinstance(name, str) or not isinstance(token, int):
-        return None
-    sent_at, elected_at = header.get("sent_at"), header.get("elected_at")
-    with _LEADERS_MUTEX:
-        seen = _LEADERS.setdefault(name, {})
-        if isinstance(elected_at, int | float) and token not in seen:
-            seen[token] = float(elected_at)
-            for old in sorted(seen)[:-LEADERS_KEPT]:
-                del seen[old]
-        if not isinstance(sent_at, int | float):
-            return None
-        newer = [(other, since) for other, since in seen.items() if other > token and since <= sent_at]
-    if not newer:
-        return None
-    other, since = min(newer)
-    return (
-        f"sent by a deposed leader of {name} (token {token}) at {_iso(sent_at)}, after the leader with "
-        f"token {other} was elected at {_iso(since)}"
-    )
-
-
-def _iso(epoch: float) -> str:
-    return datetime.fromtimestamp(epoch, timezone.utc).isoformat(timespec="milliseconds")
-
-
 def _delivery_finished(previous: Mapping[str, Any] | None, task_id: str | None, attempt: Attempt) -> bool:
     """True if the key's value before our acquire shows that a run of this same message
     (this attempt, or a later one) finished and released the key: we are a copy that
@@ -648,7 +594,7 @@ def _delivery_finished(previous: Mapping[str, Any] | None, task_id: str | None, 
 
 def _attempt(request: Any) -> Attempt:
     """Which attempt of its message a run is: (Celery's retries, our requeues)."""
-    requeue = _request_value(request, REQUEUE_HEADER)
+    requeue = header_value(request, REQUEUE_HEADER)
     count = requeue.get("count", 0) if isinstance(requeue, Mapping) else 0
     return _attempt_of({"retries": getattr(request, "retries", 0), "requeues": count})
 
@@ -657,19 +603,6 @@ def _attempt_of(data: Mapping[str, Any]) -> Attempt:
     """The attempt a lock value (or the like) names; absent counts are 0."""
     retries, requeues = data.get("retries") or 0, data.get("requeues") or 0
     return (retries if isinstance(retries, int) else 0, requeues if isinstance(requeues, int) else 0)
-
-
-def _request_value(request: Any, name: str) -> Any:
-    value = getattr(request, name, None)
-    if value is None:
-        headers = getattr(request, "headers", None) or {}
-        value = headers.get(name)
-    return value
-
-
-def _tick(request: Any) -> Tick | None:
-    value = _request_value(request, TICK_HEADER)
-    return Tick.parse(value) if value else None
 
 
 @worker_process_shutdown.connect(weak=False)

@@ -1,10 +1,6 @@
-"""Tick ids: which scheduled run of a periodic entry a message is, and the per-entry
-high-water mark in Consul that makes each tick run at most once to completion.
-
-A tick id travels in the message header :data:`TICK_HEADER` as
-``"<entry name>@<due time, ISO 8601 UTC>"``, e.g. ``"nightly-backup@2026-11-26T03:00:00Z"``
-(milliseconds are kept when present: ``"heartbeat@2026-11-26T10:14:22.830Z"``).
-Any scheduler can set it; :class:`~celery_consul_lock.ConsulLockedTask` reads it.
+"""Tick marks: the per-entry high-water mark in Consul that makes each tick (one scheduled
+run of a periodic entry, identified by its tick id: :class:`~.protocol.Tick`, carried in the
+message header :data:`~.protocol.TICK_HEADER`) run at most once to completion.
 
 The mark lives at ``<key_prefix>celery-consul-lock/ticks/<entry>`` as JSON
 ``{"due": ..., "epoch": ..., "task_id": ..., "open": {"<due>": <started at>, ...}}``:
@@ -19,26 +15,23 @@ lock cannot change the mark.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
 from typing import Any
 
-from .consul import ConsulClient
+from .consul import ConsulClient, kv_set
 from .errors import ConsulLockError
+from .protocol import Tick, crontab_tick, interval_tick  # noqa: F401  (import path kept: ticks.crontab_tick)
 from .settings import ConsulSettings, validate_key
 
-__all__ = ["TICK_HEADER", "Mark", "Tick", "change_mark", "crontab_tick", "interval_tick", "read_mark"]
+__all__ = ["Mark", "change_mark", "key_part", "mark_key", "read_mark"]
 
 log = logging.getLogger("celery_consul_lock.ticks")
 
-#: Message header carrying the tick id (Celery exposes it as ``task.request.consul_lock_tick``).
-TICK_HEADER = "consul_lock_tick"
 #: Where the marks live, under the key prefix.
 MARKS_PREFIX = "celery-consul-lock/ticks/"
 
@@ -57,57 +50,6 @@ OPEN_TICKS_MAX = 1000
 MARK_CAS_TRIES = 10
 
 _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
-
-
-@dataclass(frozen=True, order=True)
-class Tick:
-    """One scheduled run: the entry's name and the time it was due (UTC, to the millisecond)."""
-
-    due: datetime
-    entry: str
-
-    @classmethod
-    def of(cls, entry: str, due: datetime) -> Tick:
-        if due.tzinfo is None:
-            due = due.replace(tzinfo=timezone.utc)
-        due = due.astimezone(timezone.utc)
-        return cls(due.replace(microsecond=due.microsecond // 1000 * 1000), entry)
-
-    @classmethod
-    def parse(cls, text: str) -> Tick:
-        """Read a header value; raises ValueError with the value on a malformed one."""
-        entry, sep, when = str(text).rpartition("@")
-        if not sep or not entry:
-            raise ValueError(f"malformed {TICK_HEADER} {text!r}: expected '<entry>@<ISO 8601 due time>'")
-        try:
-            due = datetime.fromisoformat(when.replace("Z", "+00:00"))
-        except ValueError:
-            raise ValueError(f"malformed {TICK_HEADER} {text!r}: {when!r} is not an ISO 8601 time") from None
-        return cls.of(entry, due)
-
-    @property
-    def epoch(self) -> float:
-        return self.due.timestamp()
-
-    def __str__(self) -> str:
-        millis = f".{self.due.microsecond // 1000:03d}" if self.due.microsecond else ""
-        return f"{self.entry}@{self.due.strftime('%Y-%m-%dT%H:%M:%S')}{millis}Z"
-
-
-def crontab_tick(entry: str, now: datetime) -> Tick:
-    """The tick of a crontab entry firing at ``now``: the minute it is due in.
-
-    Crontab slots fall on whole minutes, so every beat that fires the same slot — even
-    independent beats with their own state — computes the same tick, as long as each
-    fires within the slot's minute.
-    """
-    return Tick.of(entry, now.replace(second=0, microsecond=0))
-
-
-def interval_tick(entry: str, last_run_at: datetime, run_every: timedelta) -> Tick:
-    """The tick of an interval entry: its previous run plus the interval (the due time a
-    scheduler computed from its own state; independent beats disagree on it)."""
-    return Tick.of(entry, last_run_at + run_every)
 
 
 @dataclass(frozen=True)
@@ -231,16 +173,12 @@ def change_mark(
         data = change(mark)
         if data is None:
             return mark
-        value = base64.b64encode(json.dumps(data).encode()).decode()
-        ops = [
-            {"KV": {"Verb": "check-session", "Key": lock_key, "Session": session}},
-            {"KV": {"Verb": "cas", "Key": key, "Value": value, "Index": mark.modify_index}},
-        ]
-        ok, results, errors = client.txn(ops, action="updating a tick mark", resource=key)
-        if ok:
+        write = kv_set(key, json.dumps(data).encode(), index=mark.modify_index)
+        done = client.kv_fenced(lock_key, session, [write], action="updating a tick mark", resource=key)
+        if done.ok:
             epoch = data.get("epoch")
-            return Mark(float(epoch) if epoch is not None else None, int(results[-1]["KV"]["ModifyIndex"]), data)
-        if any(e.get("OpIndex") == 0 for e in errors):
+            return Mark(float(epoch) if epoch is not None else None, int(done.results[-1]["ModifyIndex"]), data)
+        if done.lost:
             return None
         mark = read_mark(client, settings, entry)
     raise ConsulLockError(f"tick mark {key!r} kept moving under {MARK_CAS_TRIES} updates in a row; giving up")

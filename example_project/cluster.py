@@ -32,7 +32,8 @@ from pathlib import Path
 import redis
 from celery import Celery
 
-from celery_consul_lock.beat import DEFAULT_BEAT_LOCK_DELAY, DEFAULT_CHECK_TTL, STANDBY_POLL
+from celery_consul_lock.beat import STANDBY_POLL
+from celery_consul_lock.election import DEFAULT_BEAT_LOCK_DELAY, DEFAULT_CHECK_TTL
 from celery_consul_lock.lock import LOCK_DELAY_RETRY
 from tests.servers import ROOT, Proc, http_json, wait_for
 from tests.workers import Worker, start_worker, worker_env

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from celery_consul_lock import ConsulSettings, ConsulUnavailable, SessionGone
-from celery_consul_lock.consul import LOCK_FLAG, ConsulClient
+from celery_consul_lock.consul import LOCK_FLAG, ConsulClient, kv_set
 
 from .servers import free_port
 
@@ -92,23 +92,36 @@ def test_fenced_write_with_check_session(client, key):
     mark = key.replace(".lock", "mark")
     try:
         assert client.kv_lock(key, sid, b"", exists=False).acquired
-        ok, _, _ = client.txn(
-            [
-                {"KV": {"Verb": "check-session", "Key": key, "Session": sid}},
-                {"KV": {"Verb": "cas", "Key": mark, "Value": "MQ==", "Index": 0}},
-            ]
-        )
-        assert ok and client.kv_get(mark)[1].value == b"1"
-        ok, _, errors = client.txn(
-            [
-                {"KV": {"Verb": "check-session", "Key": key, "Session": other}},
-                {"KV": {"Verb": "set", "Key": mark, "Value": "Mg=="}},
-            ]
-        )
-        assert not ok and "failed session check" in errors[0]["What"] and client.kv_get(mark)[1].value == b"1"
+        # The holder's write: applied, with the key's new index to check-and-set on next.
+        done = client.kv_fenced(key, sid, [kv_set(mark, b"1", index=0)], action="test")
+        _, entry = client.kv_get(mark)
+        assert done.ok and not done.lost and entry.value == b"1" and done.results[0]["ModifyIndex"] == entry.modify_index
+        # Another session's write: refused by the session check, nothing written.
+        done = client.kv_fenced(key, other, [kv_set(mark, b"2")], action="test")
+        assert not done.ok and done.lost and "failed session check" in done.errors[0]["What"]
+        assert client.kv_get(mark)[1].value == b"1"
+        # The holder's stale check-and-set: refused, but not for a lost lock.
+        done = client.kv_fenced(key, sid, [kv_set(mark, b"3", index=entry.modify_index - 1)], action="test")
+        assert not done.ok and not done.lost and client.kv_get(mark)[1].value == b"1"
     finally:
         client.session_destroy(sid)
         client.session_destroy(other)
+
+
+def test_a_fenced_write_of_more_keys_than_one_transaction_takes_goes_in_several(client, key):
+    """Consul takes 64 operations per transaction: 150 writes go in three, each fenced."""
+    sid = client.session_create("f", ttl=10, lock_delay=0, checks=[])
+    prefix = key.replace(".lock", "many/")
+    try:
+        assert client.kv_lock(key, sid, b"", exists=False).acquired
+        writes = [kv_set(f"{prefix}{i:03d}", str(i).encode()) for i in range(150)]
+        done = client.kv_fenced(key, sid, writes, action="test")
+        assert done.ok and [r["Key"] for r in done.results] == [f"{prefix}{i:03d}" for i in range(150)]
+        assert [e.value for e in client.kv_keys(prefix)] == [str(i).encode() for i in range(150)]
+        client.kv_release(key, sid, b"")
+        assert client.kv_fenced(key, sid, writes, action="test").lost
+    finally:
+        client.session_destroy(sid)
 
 
 def test_unreachable_agent_error_names_the_address():
@@ -123,7 +136,7 @@ def test_unreachable_agent_error_names_the_address():
 def test_token_goes_in_a_header_not_the_url(settings, monkeypatch):
     monkeypatch.setenv("CONSUL_HTTP_TOKEN", "env-token-must-not-win")
     c = ConsulClient(settings.replace(token="tok-123"))
-    assert c._client.http._headers == {"X-Consul-Token": "tok-123"} and c._client.token is None
+    assert c._headers == {"X-Consul-Token": "tok-123"}
     assert "tok-123" not in repr(c)
 
 

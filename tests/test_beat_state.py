@@ -45,7 +45,7 @@ def lead(scheduler: ConsulLeaderScheduler) -> None:
 
 
 def stored(consul, scheduler: ConsulLeaderScheduler) -> dict:
-    _, entry = ConsulClient(scheduler.beat_config.settings).kv_get(scheduler._state_key("job"))
+    _, entry = ConsulClient(scheduler.beat_config.settings).kv_get(scheduler.state.key("job"))
     return json.loads(entry.value)
 
 

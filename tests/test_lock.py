@@ -242,7 +242,7 @@ def test_forked_child_uses_its_own_session(settings, key):
         try:
             child = ConsulLock(key, settings=settings)
             ok = child.acquire(timeout=10)
-            os.write(w, json.dumps([ok, child._sid]).encode())
+            os.write(w, json.dumps([ok, child.session_id]).encode())
             child.release()
             close_sessions()
         finally:

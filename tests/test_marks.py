@@ -7,7 +7,8 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from celery_consul_lock.task import _delivery_finished, _stale_leader
+from celery_consul_lock.protocol import stale_leader
+from celery_consul_lock.task import _delivery_finished
 from celery_consul_lock.ticks import DONE_TICKS_KEPT, OPEN_TICK_RETENTION, OPEN_TICKS_MAX, Mark, Tick
 
 DUE = datetime(2026, 11, 26, 3, 0, tzinfo=timezone.utc)
@@ -79,19 +80,19 @@ def _header(token: int, sent_at: float | None, elected_at: float, name: str = "s
 
 @pytest.fixture(autouse=True)
 def _forget_leaders(monkeypatch):
-    from celery_consul_lock import task
+    from celery_consul_lock import protocol
 
-    monkeypatch.setattr(task, "_LEADERS", {})
+    monkeypatch.setattr(protocol, "_LEADERS", {})
 
 
 def test_a_message_is_stale_only_if_sent_after_a_newer_leader_was_elected():
-    assert _stale_leader(_header(10, 105.0, 100.0)) is None
-    assert _stale_leader(_header(20, 205.0, 200.0)) is None  # a newer leader, elected at 200
-    assert _stale_leader(_header(10, 150.0, 100.0)) is None  # sent while it led: a late retry
-    why = _stale_leader(_header(10, 201.0, 100.0))
+    assert stale_leader(_header(10, 105.0, 100.0)) is None
+    assert stale_leader(_header(20, 205.0, 200.0)) is None  # a newer leader, elected at 200
+    assert stale_leader(_header(10, 150.0, 100.0)) is None  # sent while it led: a late retry
+    why = stale_leader(_header(10, 201.0, 100.0))
     assert why and "token 20" in why  # sent after the newer leader was elected
-    assert _stale_leader(_header(10, 201.0, 100.0, name="other")) is None  # per scheduler
-    assert _stale_leader(_header(10, None, 100.0)) is None  # a sender without send times
+    assert stale_leader(_header(10, 201.0, 100.0, name="other")) is None  # per scheduler
+    assert stale_leader(_header(10, None, 100.0)) is None  # a sender without send times
 
 
 @pytest.mark.parametrize(

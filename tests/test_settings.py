@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+from pathlib import Path
 
 import pytest
 from celery import Celery
@@ -290,10 +291,10 @@ def test_beat_stall_timeout_accepts_the_floor_and_durations():
         ({"consul_lock_requeue_max": -1}, "consul_lock_requeue_max=-1 is invalid: expected a whole number of requeues >= 0"),
         ({"consul_lock_requeue_max": True}, "consul_lock_requeue_max=True is invalid"),
         ({"consul_lock_requeue_max": 2.5}, "consul_lock_requeue_max=2.5 is invalid"),
-        ({"consul_lock_requeue_deadline": 0}, "consul_lock_requeue_deadline=0.0 is invalid: expected seconds > 0"),
+        ({"consul_lock_requeue_deadline": 0}, "consul_lock_requeue_deadline=0 is invalid: expected seconds > 0"),
         ({"consul_lock_requeue_deadline": "soon"}, "consul_lock_requeue_deadline='soon' is invalid"),
-        ({"consul_lock_agent_probe_interval": 0}, "consul_lock_agent_probe_interval=0.0 is invalid: expected seconds between"),
-        ({"consul_lock_agent_probe_interval": "2m"}, "consul_lock_agent_probe_interval=120.0 is invalid"),
+        ({"consul_lock_agent_probe_interval": 0}, "consul_lock_agent_probe_interval=0 is invalid: expected seconds between"),
+        ({"consul_lock_agent_probe_interval": "2m"}, "consul_lock_agent_probe_interval='2m' is invalid"),
         ({"consul_lock_agent_watch": "maybe"}, "consul_lock_agent_watch='maybe' is invalid: expected true or false"),
     ],
 )
@@ -315,3 +316,77 @@ def test_requeue_and_agent_watch_defaults_and_durations():
     app.conf.update(consul_lock_requeue_max=0, consul_lock_requeue_deadline="2m", consul_lock_agent_watch="false")
     app.conf.consul_lock_agent_probe_interval = "500ms"
     assert AvailabilityConfig.from_celery(app.conf) == AvailabilityConfig(0, 120.0, False, 0.5)
+
+
+def _declared_settings():
+    from celery_consul_lock.availability import AVAILABILITY_SETTINGS
+    from celery_consul_lock.election import BEAT_SETTINGS
+    from celery_consul_lock.settings import CONSUL_SETTINGS
+
+    return (*CONSUL_SETTINGS, *AVAILABILITY_SETTINGS, *BEAT_SETTINGS)
+
+
+def test_the_readme_configuration_table_is_the_one_the_declarations_give():
+    """Each setting is declared once (settings.Setting); the README's table is generated from
+    the declarations, so a setting added, renamed or re-defaulted there must show here."""
+    from celery_consul_lock.settings import configuration_table
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("| setting | environment fallback | default | |")
+    documented = readme[start : readme.index("\n\n", start) + 1]
+    expected = configuration_table(_declared_settings())
+    assert documented == expected, f"README's configuration table is out of date; replace it with:\n{expected}"
+
+
+def test_every_declared_setting_is_read_from_celery_and_names_itself_when_refused():
+    """Each declaration's Celery setting reaches its config object, and a value its parser
+    refuses is refused naming exactly that setting and the value as given."""
+    from celery_consul_lock.availability import AvailabilityConfig
+    from celery_consul_lock.beat import BeatConfig
+
+    def build(conf):
+        app = Celery("proj", set_as_current=False)
+        app.conf.update(conf)
+        ConsulSettings.from_celery(app.conf)
+        AvailabilityConfig.from_celery(app.conf)
+        BeatConfig.from_app(app)
+
+    build({})
+    names = [s.celery_name for s in _declared_settings()]
+    assert len(names) == len(set(names))
+    for name in names:
+        with pytest.raises(InvalidSetting) as info:
+            build({name: object()})  # no parser accepts an arbitrary object
+        assert str(info.value).startswith(f"{name}=") or name == "consul_lock_token", str(info.value)
+        if name == "consul_lock_token":
+            assert str(info.value).startswith("consul_lock_token='<redacted>'"), str(info.value)
+
+
+def test_consul_settings_has_one_field_per_declaration_with_its_default():
+    from dataclasses import fields
+
+    from celery_consul_lock.settings import CONSUL_SETTINGS
+
+    assert [(f.name, f.default) for f in fields(ConsulSettings)] == [(s.name, s.default) for s in CONSUL_SETTINGS]
+
+
+def test_the_task_lock_options_are_declared_once_and_each_reaches_the_run():
+    """LockOptions is the one list: each field is a task attribute with the field's default,
+    and a value given as @app.task(...) argument arrives in the options a run uses."""
+    from dataclasses import fields
+
+    from celery_consul_lock import ConsulLockedTask
+    from celery_consul_lock.task import LockOptions
+
+    given = {"key": "locks/x/.lock", "on_held": "wait", "wait_timeout": 3.0, "retry_countdown": 4.0, "ttl": 20.0}
+    given.update({"lock_delay": 2.0, "fail_policy": "open", "abort_on_lock_lost": True})
+    assert sorted(given) == sorted(f.name for f in fields(LockOptions))
+    for f in fields(LockOptions):
+        assert getattr(ConsulLockedTask, LockOptions.attribute(f.name)) == f.default
+    app = Celery("t", set_as_current=False)
+
+    @app.task(bind=True, base=ConsulLockedTask, name="t.all", **{LockOptions.attribute(k): v for k, v in given.items()})
+    def every_option(self) -> None:
+        pass
+
+    assert every_option.check_lock_options() == LockOptions(**given)
