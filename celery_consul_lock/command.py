@@ -26,7 +26,7 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, NoReturn
 
 import click
@@ -451,7 +451,9 @@ def _schedule_row(
         since = last or (NEVER if isinstance(sched, once) else now)
         entry = ScheduleEntry(name=name, task=task, schedule=sched, last_run_at=since, app=app)
         with suppress(Exception):  # a schedule of another kind may not estimate: shown as unknown
-            next_due = max(now, now + entry.schedule.remaining_estimate(since)).isoformat(timespec="seconds")
+            # Rounded to the second: the estimate is taken a little after ``now``.
+            due = max(now, now + entry.schedule.remaining_estimate(since) + timedelta(milliseconds=500))
+            next_due = due.isoformat(timespec="seconds")
     return {
         "name": name,
         "task": task,
