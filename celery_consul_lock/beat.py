@@ -387,6 +387,7 @@ class ConsulLeaderScheduler(LeaderElectedMixin, Scheduler):
                 if put_back and getattr(entry, "consul_lock_tick", None) is None and entry.name in self.schedule:
                     self.schedule[entry.name] = entry  # not sent: due again once sending resumes
                     self._heap = None
+                    self._send_failed = True  # tried again in SEND_RETRY, not in a hot loop
                 return None
         return super().apply_async(entry, producer=producer, advance=advance, **kwargs)
 

@@ -42,7 +42,9 @@ from celery.schedules import BaseSchedule, crontab, solar
 from celery.schedules import schedule as interval_schedule
 
 from .consul import ConsulClient, KVEntry, thread_client
+from .election import BeatConfig
 from .errors import ConsulLockError, EntryConflict, EntryNotFound, InvalidEntry
+from .protocol import Tick
 from .settings import ConsulSettings, validate_key
 from .ticks import key_part
 
@@ -322,8 +324,6 @@ class RuntimeSchedule:
 
     @classmethod
     def from_app(cls, app: Any) -> RuntimeSchedule:
-        from .beat import BeatConfig  # the beat imports this module
-
         config = BeatConfig.from_app(app)
         return cls(config.settings, config.name, app)
 
@@ -465,8 +465,6 @@ class RuntimeSchedule:
         now = now.replace(microsecond=now.microsecond // 1000 * 1000)
         key = f"{self.prefix}run/{key_part(name)}.{uuid.uuid4().hex[:12]}"
         self._client().kv_put(key, json.dumps({"name": name, "requested_at": now.isoformat()}).encode(), cas=0)
-        from .ticks import Tick
-
         return str(Tick.of(name, now))
 
     def pause(self, by: str = "") -> None:

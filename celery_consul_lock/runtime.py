@@ -129,14 +129,7 @@ class RuntimeEntries:
         return changed
 
     def _new_entry(self, entry: EntryDefinition) -> Any:
-        made = self.make_entry(
-            name=entry.name,
-            task=entry.task,
-            schedule=entry.schedule,
-            args=entry.args,
-            kwargs=entry.kwargs,
-            options=entry.options,
-        )
+        made = self._copy(entry)
         state = self.state_of(entry.name)
         if state is not None and state.get("definition") == self.definition_hash(made) and state.get("last_run_at"):
             made.last_run_at = datetime.fromisoformat(state["last_run_at"])
@@ -144,6 +137,11 @@ class RuntimeEntries:
         elif isinstance(entry.schedule, once):
             made.last_run_at = NEVER
         return made
+
+    def _copy(self, source: Any) -> Any:
+        """A scheduler entry with the definition of ``source`` (an EntryDefinition or an entry)."""
+        fields = ("name", "task", "schedule", "args", "kwargs", "options")
+        return self.make_entry(**{f: getattr(source, f) for f in fields})
 
     # -- sending ------------------------------------------------------------------------------
 
@@ -170,14 +168,7 @@ class RuntimeEntries:
                 log.warning("runtime schedule: run-now of %s, which no longer exists; dropped", request.name)
                 self.done(request, None)
                 continue
-            copy = self.make_entry(
-                name=source.name,
-                task=source.task,
-                schedule=source.schedule,
-                args=source.args,
-                kwargs=source.kwargs,
-                options=source.options,
-            )
+            copy = self._copy(source)
             copy.consul_lock_tick = Tick.of(request.name, request.requested_at)
             out.append((request, copy))
         return out

@@ -44,22 +44,29 @@ def fire_times(app: Celery, spec: dict, start: datetime, days: float) -> list[da
     return fired
 
 
-def test_a_0230_daily_crontab_runs_once_at_0330_on_the_spring_forward_night(app):
-    # 2026-03-29 02:00 CET -> 03:00 CEST in Berlin: 02:30 does not exist that night.
-    fired = fire_times(app, {"minute": 30, "hour": 2}, datetime(2026, 3, 27, 11, tzinfo=UTC), 3)
-    local = [f.astimezone(BERLIN).strftime("%m-%d %H:%M %Z") for f in fired]
-    assert local == ["03-28 02:30 CET", "03-29 03:30 CEST", "03-30 02:30 CEST"]
-    ticks = [str(crontab_tick("nightly", f)) for f in fired]
-    assert ticks == ["nightly@2026-03-28T01:30:00Z", "nightly@2026-03-29T01:30:00Z", "nightly@2026-03-30T00:30:00Z"]
-
-
-def test_a_0230_daily_crontab_runs_once_on_the_fall_back_night_at_the_first_0230(app):
-    # 2026-10-25 03:00 CEST -> 02:00 CET: 02:30 comes twice (00:30 and 01:30 UTC); one run.
-    fired = fire_times(app, {"minute": 30, "hour": 2}, datetime(2026, 10, 23, 10, tzinfo=UTC), 3)
-    local = [f.astimezone(BERLIN).strftime("%m-%d %H:%M %Z") for f in fired]
-    assert local == ["10-24 02:30 CEST", "10-25 02:30 CEST", "10-26 02:30 CET"]
-    ticks = [str(crontab_tick("nightly", f)) for f in fired]
-    assert ticks == ["nightly@2026-10-24T00:30:00Z", "nightly@2026-10-25T00:30:00Z", "nightly@2026-10-26T01:30:00Z"]
+@pytest.mark.parametrize(
+    "start, local, ticks",
+    [
+        pytest.param(
+            # 2026-03-29 02:00 CET -> 03:00 CEST in Berlin: 02:30 does not exist that night.
+            datetime(2026, 3, 27, 11, tzinfo=UTC),
+            ["03-28 02:30 CET", "03-29 03:30 CEST", "03-30 02:30 CEST"],
+            ["2026-03-28T01:30:00Z", "2026-03-29T01:30:00Z", "2026-03-30T00:30:00Z"],
+            id="spring-forward: once, at 03:30 CEST",
+        ),
+        pytest.param(
+            # 2026-10-25 03:00 CEST -> 02:00 CET: 02:30 comes twice (00:30 and 01:30 UTC).
+            datetime(2026, 10, 23, 10, tzinfo=UTC),
+            ["10-24 02:30 CEST", "10-25 02:30 CEST", "10-26 02:30 CET"],
+            ["2026-10-24T00:30:00Z", "2026-10-25T00:30:00Z", "2026-10-26T01:30:00Z"],
+            id="fall-back: once, at the first 02:30",
+        ),
+    ],
+)
+def test_a_0230_daily_crontab_in_berlin_runs_once_on_each_transition_night(app, start, local, ticks):
+    fired = fire_times(app, {"minute": 30, "hour": 2}, start, 3)
+    assert [f.astimezone(BERLIN).strftime("%m-%d %H:%M %Z") for f in fired] == local
+    assert [str(crontab_tick("nightly", f)) for f in fired] == [f"nightly@{t}" for t in ticks]
 
 
 def test_an_hourly_crontab_runs_every_real_hour_in_spring_and_skips_the_repeated_hour_in_fall(app):
