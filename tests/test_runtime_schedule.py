@@ -245,8 +245,12 @@ def test_every_bad_input_exits_2_naming_field_and_value_and_writes_nothing(topo,
 
 def test_the_leader_sigkilled_with_runtime_entries_is_replaced_and_they_keep_running(topo, store, r):
     store.save(EntryDefinition("rt-failover", ECHO, 1, args=("f",)))
+    store.save(EntryDefinition("rt-once-before", ECHO, once(datetime.now(timezone.utc))))
     xs = wait_runs(topo, r, "rt-failover", 2, 10)
+    wait_runs(topo, r, "rt-once-before", 1, 10)
+    wait_for(lambda: not store.get("rt-once-before").enabled, 5, "the one-off entry to disable itself")
     leader = topo.by_instance(xs[-1]["instance"])
+    store.save(EntryDefinition("rt-once-after", ECHO, once(datetime.now(timezone.utc) + timedelta(seconds=8))))
     leader.signal(signal.SIGKILL)
     leader.name = "killed"
     killed = time.time()
@@ -259,4 +263,12 @@ def test_the_leader_sigkilled_with_runtime_entries_is_replaced_and_they_keep_run
     # The state moved with the leadership: the new leader's run count goes on from the old one's.
     _, kv = ConsulClient(store.settings).kv_get(f"celery-consul-lock/beat/{topo.beat_name}/entries/rt-failover")
     assert json.loads(kv.value)["total_run_count"] >= len(after) - 1 > len(new), kv.value
-    store.remove("rt-failover")
+    # One-off entries across the failover: the one the old leader ran is not run again; the one
+    # due after it runs once, on the new leader, and disables itself there.
+    (late,) = wait_runs(topo, r, "rt-once-after", 1, 20)
+    assert late["instance"] != leader.instance
+    wait_for(lambda: not store.get("rt-once-after").enabled, 5, "the one-off entry to disable itself")
+    time.sleep(1.5)
+    assert len(runs(r, "rt-once-before")) == 1 and len(runs(r, "rt-once-after")) == 1
+    for name in ("rt-failover", "rt-once-before", "rt-once-after"):
+        store.remove(name)
