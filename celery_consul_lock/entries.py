@@ -340,14 +340,15 @@ class RuntimeSchedule:
     def config_names(self) -> frozenset[str]:
         return frozenset((self.app.conf.beat_schedule or {}) if self.app is not None else ())
 
-    def _client(self) -> ConsulClient:
+    def client(self) -> ConsulClient:
+        """This thread's connection to the agent."""
         return thread_client(self.settings)
 
     # -- reading ------------------------------------------------------------------------------
 
     def snapshot(self, *, index: int | None = None, wait: float | None = None, consistent: bool = False) -> ScheduleSnapshot:
         """Everything under the folder in one read (with ``index``, a blocking query)."""
-        idx, kvs = self._client().kv_list(self.prefix, index=index, wait=wait, consistent=consistent)
+        idx, kvs = self.client().kv_list(self.prefix, index=index, wait=wait, consistent=consistent)
         return self._parse(idx, kvs)
 
     def _parse(self, idx: int, kvs: list[KVEntry]) -> ScheduleSnapshot:
@@ -372,7 +373,7 @@ class RuntimeSchedule:
 
     def get(self, name: str) -> EntryDefinition:
         """The stored entry ``name`` (with its index, for :meth:`save`); EntryNotFound if none."""
-        _, kv = self._client().kv_get(self.entry_key(name), consistent=True)
+        _, kv = self.client().kv_get(self.entry_key(name), consistent=True)
         if kv is None:
             raise EntryNotFound(self.beat_name, name)
         return EntryDefinition.from_json(json.loads(kv.value or b"{}"), kv.modify_index, self.app)
@@ -394,16 +395,16 @@ class RuntimeSchedule:
         if cas is None:
             cas = 0
             if replace_existing:
-                _, kv = self._client().kv_get(key, consistent=True)
+                _, kv = self.client().kv_get(key, consistent=True)
                 cas = kv.modify_index if kv is not None else 0
         return self._write(key, entry, cas)
 
     def _write(self, key: str, entry: EntryDefinition, cas: int) -> EntryDefinition:
         body = json.dumps(entry.to_json()).encode()
-        if not self._client().kv_put(key, body, cas=cas):
+        if not self.client().kv_put(key, body, cas=cas):
             what = "already exists" if cas == 0 else "was changed by someone else since it was read"
             raise EntryConflict(self.beat_name, entry.name, f"{what}; read it again and retry")
-        _, kv = self._client().kv_get(key, consistent=True)
+        _, kv = self.client().kv_get(key, consistent=True)
         return replace(entry, index=kv.modify_index if kv is not None else None)
 
     def enable(self, name: str) -> None:
@@ -416,26 +417,22 @@ class RuntimeSchedule:
         self._set_enabled(name, False)
 
     def _set_enabled(self, name: str, enabled: bool) -> None:
-        key = self.entry_key(name)
+        key, client = self.entry_key(name), self.client()
         for _ in range(CAS_TRIES):
-            _, kv = self._client().kv_get(key, consistent=True)
+            _, kv = client.kv_get(key, consistent=True)
+            index = kv.modify_index if kv is not None else 0
             if name in self.config_names:
-                if kv is None and enabled:
-                    return
-                if enabled:
-                    if self._client().kv_delete(key, cas=kv.modify_index):  # type: ignore[union-attr]
+                if enabled:  # the override goes away
+                    if kv is None or client.kv_delete(key, cas=index):
                         return
                     continue
-                override = EntryDefinition(name, "", None, enabled=False, source="config")
-                if self._client().kv_put(key, json.dumps(override.to_json()).encode(), cas=kv.modify_index if kv else 0):
-                    return
-                continue
-            if kv is None:
+                entry = EntryDefinition(name, "", None, enabled=False, source="config")
+            elif kv is None:
                 raise EntryNotFound(self.beat_name, name)
-            entry = EntryDefinition.from_json(json.loads(kv.value or b"{}"), kv.modify_index, self.app)
-            if entry.enabled == enabled or self._client().kv_put(
-                key, json.dumps(replace(entry, enabled=enabled).to_json()).encode(), cas=kv.modify_index
-            ):
+            else:
+                stored = EntryDefinition.from_json(json.loads(kv.value or b"{}"), index, self.app)
+                entry = replace(stored, enabled=enabled)
+            if client.kv_put(key, json.dumps(entry.to_json()).encode(), cas=index):
                 return
         raise EntryConflict(self.beat_name, name, f"changed under {CAS_TRIES} attempts in a row; try again")
 
@@ -447,10 +444,10 @@ class RuntimeSchedule:
                 self.beat_name, name, "is defined in beat_schedule (a config entry); it can be disabled at runtime, not removed"
             )
         key = self.entry_key(name)
-        _, kv = self._client().kv_get(key, consistent=True)
+        _, kv = self.client().kv_get(key, consistent=True)
         if kv is None or (kv.value and json.loads(kv.value).get("source") == "config"):
             raise EntryNotFound(self.beat_name, name)
-        if not self._client().kv_delete(key, cas=kv.modify_index if index is None else index):
+        if not self.client().kv_delete(key, cas=kv.modify_index if index is None else index):
             raise EntryConflict(self.beat_name, name, "was changed by someone else since it was read; read it again and retry")
 
     def run_now(self, name: str) -> str:
@@ -464,21 +461,21 @@ class RuntimeSchedule:
         now = datetime.now(timezone.utc)
         now = now.replace(microsecond=now.microsecond // 1000 * 1000)
         key = f"{self.prefix}run/{key_part(name)}.{uuid.uuid4().hex[:12]}"
-        self._client().kv_put(key, json.dumps({"name": name, "requested_at": now.isoformat()}).encode(), cas=0)
+        self.client().kv_put(key, json.dumps({"name": name, "requested_at": now.isoformat()}).encode(), cas=0)
         return str(Tick.of(name, now))
 
     def pause(self, by: str = "") -> None:
         """Stop all sending by the beats of this name (kept in Consul: survives a failover)."""
         record = {"paused_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "by": by}
-        self._client().kv_put(self.paused_key, json.dumps(record).encode())
+        self.client().kv_put(self.paused_key, json.dumps(record).encode())
 
     def resume(self) -> None:
         """Start sending again; ticks missed while paused follow ``consul_lock_beat_missed``."""
-        self._client().kv_delete(self.paused_key)
+        self.client().kv_delete(self.paused_key)
 
     def paused(self) -> dict[str, Any] | None:
         """The pause record (``paused_at``, ``by``) while paused, else None."""
-        _, kv = self._client().kv_get(self.paused_key, consistent=True)
+        _, kv = self.client().kv_get(self.paused_key, consistent=True)
         return json.loads(kv.value or b"{}") if kv is not None else None
 
     # -- validation ---------------------------------------------------------------------------
@@ -551,7 +548,7 @@ class ScheduleWatch:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                idx, _ = self.store._client().kv_list(self.store.prefix, index=index or None, wait=WATCH_WAIT)
+                idx, _ = self.store.client().kv_list(self.store.prefix, index=index or None, wait=WATCH_WAIT)
             except ConsulLockError as exc:
                 if not failing:
                     log.warning("runtime schedule: cannot watch %s: %s; retrying", self.store.prefix, exc)
