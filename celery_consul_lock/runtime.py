@@ -75,7 +75,11 @@ class RuntimeEntries:
             return False
         self.watch.changed.clear()
         was_paused = self.paused
-        self.snapshot = self.store.snapshot(consistent=True)
+        try:
+            self.snapshot = self.store.snapshot(consistent=True)
+        except ConsulLockError:
+            self.watch.changed.set()  # not taken up: try again at the next tick
+            raise
         changed = self._apply(self.snapshot)
         if was_paused and not self.paused:
             log.info("runtime schedule: resumed; sending again")
