@@ -59,6 +59,8 @@ class RuntimeEntries:
         self.snapshot: ScheduleSnapshot | None = None
         self._shadowed: set[str] = set()
         self._started = False
+        #: A change was signalled but could not be read.
+        self._stale = False
 
     @property
     def paused(self) -> bool:
@@ -71,15 +73,16 @@ class RuntimeEntries:
             self.config_names = frozenset(self.schedule) - set(self.applied)
             self.watch.start()
             self._started = True
-        if not force and not self.watch.changed.is_set():
+        if not force and not self.watch.changed.is_set() and not self._stale:
             return False
         self.watch.changed.clear()
         was_paused = self.paused
         try:
             self.snapshot = self.store.snapshot(consistent=True)
         except ConsulLockError:
-            self.watch.changed.set()  # not taken up: try again at the next tick
+            self._stale = True  # not taken up: read again at the next tick (not woken at once)
             raise
+        self._stale = False
         changed = self._apply(self.snapshot)
         if was_paused and not self.paused:
             log.info("runtime schedule: resumed; sending again")
