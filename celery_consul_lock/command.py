@@ -32,8 +32,8 @@ from typing import Any, NoReturn
 import click
 from celery.bin.base import CeleryCommand
 
-from .beat import BeatConfig
 from .consul import ConsulClient, KVEntry, kv_set
+from .election import BeatConfig
 from .entries import NEVER, EntryDefinition, RuntimeSchedule, once, parse_at, parse_crontab, schedule_to_json
 from .errors import ConsulLockError, EntryConflict, EntryNotFound, InvalidEntry, InvalidSetting
 from .lock import LockHolder

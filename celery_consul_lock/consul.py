@@ -23,7 +23,6 @@ import base64
 import functools
 import json
 import logging
-import os
 import re
 import ssl
 import threading
@@ -32,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 from urllib.parse import quote
 
+from . import native
 from .errors import ACLDenied, ConsulLockError, ConsulUnavailable, NotConsul, SessionGone
 from .settings import ConsulSettings
 from .tls import tls_context, tls_failure
@@ -737,7 +737,7 @@ def _forget_thread_clients() -> None:
     _THREAD_CLIENTS = _ThreadClients()
 
 
-os.register_at_fork(after_in_child=_forget_thread_clients)
+native.at_fork(_forget_thread_clients)
 
 
 def thread_client(settings: ConsulSettings) -> ConsulClient:

@@ -41,6 +41,7 @@ from celery.exceptions import ImproperlyConfigured
 from celery.schedules import BaseSchedule, crontab, solar
 from celery.schedules import schedule as interval_schedule
 
+from .backoff import Backoff
 from .consul import ConsulClient, KVEntry, thread_client
 from .election import BeatConfig
 from .errors import ConsulLockError, EntryConflict, EntryNotFound, InvalidEntry
@@ -544,25 +545,23 @@ class ScheduleWatch:
         self._stop.set()
 
     def _run(self) -> None:
-        index, backoff, failing = 0, WATCH_BACKOFF_MIN, False
+        index, backoff, failing = 0, Backoff(WATCH_BACKOFF_MIN, WATCH_BACKOFF_MAX), False
         while not self._stop.is_set():
             started = time.monotonic()
             try:
                 idx, _ = self.store.client().kv_list(self.store.prefix, index=index or None, wait=WATCH_WAIT)
-            except ConsulLockError as exc:
-                if not failing:
+            except Exception as exc:  # never die silently: log once per outage, retry with backoff
+                if not isinstance(exc, ConsulLockError):
+                    log.exception("runtime schedule: watch error; retrying")
+                elif not failing:
                     log.warning("runtime schedule: cannot watch %s: %s; retrying", self.store.prefix, exc)
                 failing = True
-                self._stop.wait(backoff)
-                backoff = min(WATCH_BACKOFF_MAX, backoff * 2)
-                continue
-            except Exception:  # never die silently
-                log.exception("runtime schedule watch error; retrying")
-                self._stop.wait(backoff)
+                self._stop.wait(backoff.next())
                 continue
             if failing:
                 log.info("runtime schedule: watching %s again", self.store.prefix)
-            failing, backoff = False, WATCH_BACKOFF_MIN
+            failing = False
+            backoff.reset()
             if idx != index:
                 self.changed.set()
             index = idx if idx >= index and idx > 0 else 0  # an index that went back: start over

@@ -19,7 +19,7 @@ from .native import at_fork
 __all__ = ["LocalKeys", "LockHolder", "holder_of", "read_holder"]
 
 #: A lock key as one process tells them apart: (Consul's address, datacenter, key).
-KeyIdent = tuple[str, "str | None", str]
+KeyIdent = tuple[str, str | None, str]
 _Owner = TypeVar("_Owner")
 
 

@@ -32,9 +32,10 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from . import native
+from .backoff import Backoff
 from .consul import LOCK_FLAG, ConsulClient, KVEntry, LockAttempt, thread_client
 from .errors import ConsulLockError, ConsulUnavailable, LockConflict, LockLost, LockTimeout, SessionGone
-from .holder import LocalKeys, LockHolder, holder_of, read_holder
+from .holder import KeyIdent, LocalKeys, LockHolder, holder_of, read_holder
 from .liveness import identity
 from .session import LockSession, retire_if_unused, shared_session
 from .settings import ConsulSettings
@@ -87,7 +88,7 @@ class Holding:
 
 _LOCAL: LocalKeys[ConsulLock] = LocalKeys()
 #: Keys this process has seen as locks (flags 0 or LOCK_FLAG).
-_LOCK_KEYS: set[tuple[str, str | None, str]] = set()
+_LOCK_KEYS: set[KeyIdent] = set()
 
 
 class ConsulLock:
@@ -229,15 +230,15 @@ class ConsulLock:
         held forever), and once Consul answers again the key is released and the session
         destroyed in the background; if it never does, the TTL frees the key."""
         session = holding.session
-        backoff = RETRY_MIN
+        backoff = Backoff(RETRY_MIN, RETRY_MAX)
         while True:
             try:
                 ok = client.kv_release(self.key, holding.sid, value)
             except ConsulLockError as exc:
-                if time.monotonic() + backoff < session.deadline and session.lost_reason is None:
-                    release_log.info("releasing %s failed (%s); retrying in %.2f s", self.key, exc, backoff)
-                    time.sleep(backoff)
-                    backoff = min(RETRY_MAX, backoff * 2)
+                if time.monotonic() + backoff.peek() < session.deadline and session.lost_reason is None:
+                    delay = backoff.next()
+                    release_log.info("releasing %s failed (%s); retrying in %.2f s", self.key, exc, delay)
+                    time.sleep(delay)
                     continue
                 release_log.warning(
                     "could not release %s; giving its session up (it stops being renewed, and is released and "
@@ -349,7 +350,7 @@ class ConsulLock:
         checked = exists
         session = self._new_session()
         session_failures = 0
-        backoff = RETRY_MIN
+        backoff = Backoff(RETRY_MIN, RETRY_MAX)
         while True:
             try:
                 session = self._usable_session(session)
@@ -376,16 +377,16 @@ class ConsulLock:
                     continue
                 if not self._wait_for_change(client, session, deadline):
                     return False
-                backoff = RETRY_MIN
+                backoff.reset()
             except ConsulUnavailable as exc:
                 # Brief during a Consul leader election: retry while the caller waits
                 # (not through a TLS failure: waiting does not fix a configuration).
                 left = None if deadline is None else deadline - time.monotonic()
                 if not exc.transient or (left is not None and left <= 0):
                     raise
-                acquire_log.info("acquiring %s: %s; retrying in %.2f s", self.key, exc.detail, backoff)
-                time.sleep(backoff if left is None else min(backoff, left))
-                backoff = min(RETRY_MAX, backoff * 2)
+                delay = backoff.next()
+                acquire_log.info("acquiring %s: %s; retrying in %.2f s", self.key, exc.detail, delay)
+                time.sleep(delay if left is None else min(delay, left))
 
     def _usable_session(self, session: LockSession) -> LockSession:
         if session.id is not None and not session.alive():

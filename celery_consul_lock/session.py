@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from . import native
+from .backoff import Backoff
 from .consul import ConsulClient
 from .errors import ConsulLockError, ConsulUnavailable, SessionGone
 from .settings import ConsulSettings
@@ -217,7 +218,7 @@ class LockSession:
         try:
             leftover.end(client)
         except ConsulLockError as exc:
-            if not _passing(exc):
+            if not _transient(exc):
                 log.warning("could not destroy session %s (its TTL will end it): %s", sid, exc)
                 return
             log.warning("could not destroy session %s yet; trying again in the background: %s", sid, exc)
@@ -290,7 +291,7 @@ class _Leftovers:
 
     def __init__(self) -> None:
         self._reset()
-        os.register_at_fork(after_in_child=self._reset)
+        native.at_fork(self._reset)
 
     def _reset(self) -> None:
         self._cond = threading.Condition(threading.Lock())
@@ -307,7 +308,7 @@ class _Leftovers:
 
     def _run(self) -> None:
         clients: dict[ConsulSettings, ConsulClient] = {}
-        backoff = LEFTOVER_RETRY_MIN
+        backoff = Backoff(LEFTOVER_RETRY_MIN, LEFTOVER_RETRY_MAX)
         try:
             while True:
                 with self._cond:
@@ -322,9 +323,10 @@ class _Leftovers:
                             self._pending.remove(leftover)
                 with self._cond:
                     waiting = bool(self._pending)
-                backoff = min(LEFTOVER_RETRY_MAX, backoff * 2) if waiting else LEFTOVER_RETRY_MIN
                 if waiting:
-                    time.sleep(backoff)
+                    time.sleep(backoff.next())
+                else:
+                    backoff.reset()
         except BaseException:  # never die silently: say so, and let the next add() restart us
             log.exception("the leftover sessions thread crashed")
             with self._cond:
@@ -341,7 +343,7 @@ class _Leftovers:
         try:
             leftover.end(client)
         except ConsulLockError as exc:
-            if _passing(exc):
+            if _transient(exc):
                 log.debug("session %s: Consul still unavailable: %s", leftover.sid, exc)
                 return False
             log.warning("could not destroy session %s (its TTL will end it): %s", leftover.sid, exc)
@@ -350,7 +352,7 @@ class _Leftovers:
         return True
 
 
-def _passing(exc: ConsulLockError) -> bool:
+def _transient(exc: ConsulLockError) -> bool:
     """True for an error that waiting can fix: Consul unreachable or between leaders (not
     a TLS or ACL refusal, which needs a configuration change)."""
     return isinstance(exc, ConsulUnavailable) and exc.transient
@@ -368,8 +370,7 @@ class SessionPool:
 
     def __init__(self) -> None:
         self._reset()
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._reset)
+        native.at_fork(self._reset)
         atexit.register(self.close_all)
 
     def _reset(self) -> None:
@@ -379,7 +380,7 @@ class SessionPool:
 
     def get(self, settings: ConsulSettings) -> LockSession:
         """The current shared session for ``settings``; a fresh one if the last was lost."""
-        if self._pid != os.getpid():  # forked without register_at_fork
+        if self._pid != os.getpid():  # forked without the at_fork reset (os.fork not used)
             self._reset()
         with self._mutex:
             session = self._sessions.get(settings)

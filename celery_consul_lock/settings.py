@@ -34,7 +34,7 @@ import os
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Literal, get_args
 
 from .errors import InvalidSetting
 
@@ -58,7 +58,7 @@ DEFAULT_TTL = 15.0
 #: stop (self-fence) before the next one starts.
 DEFAULT_LOCK_DELAY = 15.0
 #: Fail closed by default: without Consul, guarded work does not run.
-DEFAULT_FAIL_POLICY = "closed"
+DEFAULT_FAIL_POLICY: Literal["closed", "open"] = "closed"
 #: Tie sessions to the agent's node health, as Consul does by default: a dead node frees
 #: its locks within seconds instead of waiting for the TTL.
 DEFAULT_SESSION_CHECKS: tuple[str, ...] = ("serfHealth",)
@@ -71,7 +71,10 @@ TIMEOUT_MAX = 60.0
 TTL_MIN, TTL_MAX = 10.0, 86400.0
 #: Consul's bound on lock-delay.
 LOCK_DELAY_MAX = 60.0
-FAIL_POLICIES = ("closed", "open")
+#: What a locked task does when Consul cannot be asked: fail closed (requeue, then fail) or
+#: run without its lock.
+FailPolicy = Literal["closed", "open"]
+FAIL_POLICIES: tuple[FailPolicy, ...] = get_args(FailPolicy)
 
 _ADDRESS = re.compile(r"^(?:(?P<scheme>https?)://)?(?P<host>\[[0-9a-fA-F:.]+\]|[A-Za-z0-9_.-]+):(?P<port>\d{1,5})/?$")
 _BAD_KEY_CHARS = re.compile(r"[\x00-\x20\x7f?#%]")
@@ -415,7 +418,7 @@ class ConsulSettings:
     key_prefix: str = ""
     ttl: float = DEFAULT_TTL
     lock_delay: float = DEFAULT_LOCK_DELAY
-    fail_policy: str = DEFAULT_FAIL_POLICY
+    fail_policy: FailPolicy = DEFAULT_FAIL_POLICY
     session_checks: tuple[str, ...] = DEFAULT_SESSION_CHECKS
     timeout: float = DEFAULT_TIMEOUT
 

@@ -28,7 +28,7 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
-from typing import Any, Literal, NoReturn
+from typing import Any, Literal, NoReturn, get_args
 
 from celery import Task
 from celery.exceptions import Ignore, Reject
@@ -50,7 +50,7 @@ from .protocol import (
     tick_of_request,
 )
 from .session import close_sessions
-from .settings import FAIL_POLICIES, ConsulSettings, validate_key
+from .settings import FAIL_POLICIES, ConsulSettings, FailPolicy, validate_key
 from .ticks import Mark, change_mark, read_mark
 
 __all__ = ["LOCK_OPTIONS_HEADER", "SKIPPED", "ConsulLockedTask", "LockOptions", "is_skipped"]
@@ -59,7 +59,14 @@ log = logging.getLogger("celery_consul_lock.task")
 
 #: The value a skipped run returns: ``{"consul_lock": "skipped", ...}`` (see is_skipped).
 SKIPPED = "skipped"
-ON_HELD = ("skip", "wait", "retry")
+#: What a run does when its lock is held elsewhere: skip, wait (then skip) or retry.
+OnHeld = Literal["skip", "wait", "retry"]
+ON_HELD: tuple[OnHeld, ...] = get_args(OnHeld)
+#: Why a run did not run its body (the ``reason`` of its result and of task_lock_skipped):
+#: the key held by another run; free but inside its lock-delay; sent by a deposed beat
+#: leader; its tick already ran to completion; a duplicate delivery of a message whose run
+#: is alive or finished.
+SkipReason = Literal["held", "lock-delay", "stale-leader", "duplicate-tick", "duplicate-delivery"]
 #: How a run's acquire ended: the lock taken, held by another run, or held by a live run
 #: of this same message (this copy is a duplicate delivery).
 Acquired = Literal["acquired", "held", "duplicate"]
@@ -85,7 +92,7 @@ class LockOptions:
     #: Key template (``str.format`` with the task's arguments), or callable(task, args, kwargs).
     key: str | Callable[..., str] | None = None
     #: What to do when the lock is held elsewhere: skip, wait (then skip) or retry.
-    on_held: str = "skip"
+    on_held: OnHeld = "skip"
     #: How long ``wait`` waits.
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT
     #: Countdown of ``retry``.
@@ -93,7 +100,7 @@ class LockOptions:
     #: Session TTL / lock-delay / fail policy for this task (None: the app's settings).
     ttl: float | None = None
     lock_delay: float | None = None
-    fail_policy: str | None = None
+    fail_policy: FailPolicy | None = None
     #: Raise LockLost inside the running body as soon as the lock is lost.
     abort_on_lock_lost: bool = False
 
@@ -385,11 +392,10 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             raise self.retry(
                 countdown=options.retry_countdown, exc=LockHeld(lock.key, str(holder) if holder else None), headers=headers
             )
-        reason = "held" if holder else "lock-delay"
-        return self._skip(lock.key, reason, holder, tick, task_id)
+        return self._skip(lock.key, "held" if holder else "lock-delay", holder, tick, task_id)
 
     def _skip(
-        self, key: str, reason: str, holder: LockHolder | None, tick: Tick | None, task_id: str | None, why: str = ""
+        self, key: str, reason: SkipReason, holder: LockHolder | None, tick: Tick | None, task_id: str | None, why: str = ""
     ) -> dict[str, Any]:
         """Log, signal and return the visible outcome of a run that did not run its body."""
         if reason == "stale-leader":
