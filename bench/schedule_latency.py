@@ -1,12 +1,13 @@
 """How soon a runtime schedule entry first runs: from the write returning to the first run.
 
-Run: ``python bench/schedule_latency.py [--rounds N] [--baseline-rounds N] [--json PATH]``
+Run: ``python bench/schedule_latency.py [--rounds N] [--baseline-rounds N] [--via api|cli] [--json PATH]``
 
 Starts a Consul dev agent, a Redis and one ``celery worker`` of ``tests.proj.app`` in a
 temporary directory, and two ``celery beat -S consul`` of it (a config entry ``heartbeat``
 due every second keeps them busy). Per round it adds a runtime entry ``lat-<i>`` (task
-``proj.echo``, every 1 s) with ``RuntimeSchedule.save`` (the write ``celery consul-lock
-schedule add`` makes) and measures, from the moment the save returns:
+``proj.echo``, every 1 s) with ``RuntimeSchedule.save`` (``--via api``, the write ``celery
+consul-lock schedule add`` makes) or by running ``celery consul-lock schedule add``
+(``--via cli``), and measures, from the moment the save (or the command) returns:
 
 sent   until the leader sent its first message (the message's ``sent_at``);
 ran    until the worker started running it (the task's own record).
@@ -56,11 +57,20 @@ def records(r: redis.Redis, kind: str) -> list[dict]:
     return [x for x in (json.loads(v) for v in r.lrange("runs", 0, -1)) if x["kind"] == kind]
 
 
-def ours(h: Harness, r: redis.Redis, store: RuntimeSchedule, rounds: int) -> dict[str, list[float]]:
+def add_by_command(h: Harness, address: str, name: str) -> None:
+    args = [sys.executable, "-m", "celery", "-A", "tests.proj.app", "consul-lock", "schedule", "add", name]
+    args += ["--task", "proj.echo", "--every", "1"]
+    subprocess.run(args, env=h.env(address), cwd=ROOT, check=True, capture_output=True)
+
+
+def ours(h: Harness, r: redis.Redis, store: RuntimeSchedule, rounds: int, via: str, address: str) -> dict[str, list[float]]:
     sent, ran = [], []
     for i in range(rounds):
         name = f"lat-{i}"
-        store.save(EntryDefinition(name, "proj.echo", 1.0))
+        if via == "cli":
+            add_by_command(h, address, name)
+        else:
+            store.save(EntryDefinition(name, "proj.echo", 1.0))
         saved = time.time()
 
         def first(name: str = name) -> dict | None:
@@ -103,6 +113,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=20)
     parser.add_argument("--baseline-rounds", type=int, default=10)
+    parser.add_argument("--via", choices=("api", "cli"), default="api")
     parser.add_argument("--json", type=Path)
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="schedule-latency-") as tmp:
@@ -121,8 +132,8 @@ def main() -> int:
             h.wait_joined()
             h.wait_ticks(lambda xs: True, 30, "the first heartbeat")
             store = RuntimeSchedule(ConsulSettings(address=agent.address), h.beat_name, proj.app)
-            print(f"runtime schedule: {opts.rounds} rounds", flush=True)
-            mine = ours(h, r, store, opts.rounds)
+            print(f"runtime schedule ({opts.via}): {opts.rounds} rounds", flush=True)
+            mine = ours(h, r, store, opts.rounds, opts.via, agent.address)
             for beat in h.beats:
                 beat.stop()
             print(f"baseline (restart a plain celery beat): {opts.baseline_rounds} rounds", flush=True)
@@ -135,6 +146,7 @@ def main() -> int:
             agent.stop()
     result = {
         "agent": info,
+        "via": opts.via,
         "ours_sent": summary(mine["sent"]),
         "ours_ran": summary(mine["ran"]),
         "baseline_ran": summary(base["ran"]),
