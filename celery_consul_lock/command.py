@@ -575,21 +575,22 @@ def add(ctx: click.Context, name: str, task: str, every: str | None, cron: str |
     click.echo(f"saved {name} (index {saved.index})")
 
 
-def _entry_command(verb: str, help_text: str) -> None:
+def _entry_command(verb: str, method: str, help_text: str) -> None:
+    """``schedule VERB NAME``: calls ``RuntimeSchedule.<method>(NAME)``."""
+
     @schedule.command(name=verb, cls=CeleryCommand, help=help_text)
     @click.argument("name")
     @click.pass_context
     def command(ctx: click.Context, name: str) -> None:
         with _schedule_errors():
-            store = RuntimeSchedule.from_app(ctx.obj.app)
-            result = getattr(store, verb.replace("run", "run_now"))(name)
+            result = getattr(RuntimeSchedule.from_app(ctx.obj.app), method)(name)
         click.echo(f"{verb}: {name}" + (f" (tick {result})" if isinstance(result, str) else ""))
 
 
-_entry_command("remove", "Delete the runtime entry NAME (config entries can only be disabled).")
-_entry_command("enable", "Enable NAME (a runtime entry, or a config entry disabled at runtime).")
-_entry_command("disable", "Disable NAME: no beat sends it until enabled; its timing is kept.")
-_entry_command("run", "Ask the leader for one extra run of NAME now, with its own tick id.")
+_entry_command("remove", "remove", "Delete the runtime entry NAME (config entries can only be disabled).")
+_entry_command("enable", "enable", "Enable NAME (a runtime entry, or a config entry disabled at runtime).")
+_entry_command("disable", "disable", "Disable NAME: no beat sends it until enabled; its timing is kept.")
+_entry_command("run", "run_now", "Ask the leader for one extra run of NAME now, with its own tick id.")
 
 
 @schedule.command(name="list", cls=CeleryCommand)
