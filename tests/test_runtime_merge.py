@@ -84,3 +84,16 @@ def test_a_leader_that_cannot_read_the_runtime_schedule_does_not_spin(scheduler)
         ticks += 1
     assert ticks <= 5, f"{ticks} ticks in 2 s: the loop spins while the read fails"
     assert runtime._stale
+
+
+def test_a_beat_elected_while_paused_sends_nothing_until_resumed(make_scheduler):
+    first = make_scheduler(every=0.2)
+    store_of(first).pause(by="test")
+    lead(first)
+    first.max_interval = 0.2
+    deadline = time.monotonic() + 1.5
+    while time.monotonic() < deadline:
+        first.tick()
+    assert first.runtime.paused and first.schedule["job"].total_run_count == 0
+    store_of(first).resume()
+    tick_until(first, "a send after resume", lambda: first.schedule["job"].total_run_count >= 1)
