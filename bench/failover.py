@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import json
 import os
 import random
@@ -60,11 +59,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import redis  # noqa: E402
-from common import write_json  # noqa: E402
+from common import start_server_agent, write_json  # noqa: E402
 
 from celery_consul_lock.beat import BeatConfig  # noqa: E402
+from celery_consul_lock.testing import Proc, start_beat  # noqa: E402
+from tests.beats import instance_pid  # noqa: E402
 from tests.proj.app import app  # noqa: E402
-from tests.servers import ConsulAgent, start_consul, start_redis, wait_consul_ready, wait_for  # noqa: E402
+from tests.servers import ConsulAgent, start_redis, wait_for  # noqa: E402
 from tests.workers import Worker, start_worker, worker_env  # noqa: E402
 
 #: Median takeover after a graceful stop (the leader releases the lock) ...
@@ -93,28 +94,19 @@ def log_time(stamp: str) -> float:
 
 
 @dataclass
-class Beat:
-    """One ``celery beat`` process we started (its own session and process group)."""
+class Beat(Proc):
+    """One ``celery beat`` process we started (the shared harness's Proc), numbered ``n``."""
 
-    n: int
-    popen: subprocess.Popen
-    log: Path
-    started: float
+    n: int = 0
+    started: float = 0.0
     stopped: float | None = None
     instance: str | None = None
     session_seen: float | None = None  # when Consul first listed its election session
 
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def text(self) -> str:
-        return self.log.read_text(errors="replace") if self.log.exists() else ""
-
     def events(self) -> list[tuple[float, str]]:
         """(log time, state) of every election state change this beat logged."""
         out = []
-        for m in LINE.finditer(self.text()):
+        for m in LINE.finditer(self.log_text()):
             msg = m["msg"]
             if self.instance is None and (j := JOINING.search(msg)):
                 self.instance = j["instance"]
@@ -126,14 +118,6 @@ class Beat:
     def state(self) -> str | None:
         events = self.events()
         return events[-1][1] if events else None
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def kill_group(self) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, signal.SIGKILL)
-        self.popen.wait(10)
 
 
 @dataclass
@@ -172,14 +156,8 @@ class Fleet:
 
     def start(self) -> Beat:
         n = len(self.beats)
-        log = self.tmp / f"beat{n}.log"
-        args = [
-            sys.executable, "-m", "celery", "-A", "tests.proj.app", "beat", "-S", "consul", "-l", "INFO",
-            "--pidfile=", "-s", str(self.tmp / f"sched{n}"),
-        ]  # fmt: skip
-        with log.open("wb") as out:
-            popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=ROOT, start_new_session=True)
-        beat = Beat(n, popen, log, time.time())
+        beat = start_beat(f"beat{n}", self.tmp, self.env, app_path="tests.proj.app", cwd=ROOT, kind=Beat)
+        beat.n, beat.started = n, time.time()
         self.beats.append(beat)
         return beat
 
@@ -190,15 +168,11 @@ class Fleet:
         return next((b for b in self.running() if b.pid == pid), None)
 
     def stop_all(self) -> None:
-        for beat in self.beats:
+        for beat in self.beats:  # all at once, then each by its pid
             if beat.alive():
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(beat.pid, signal.SIGTERM)
-        deadline = time.monotonic() + 10
+                beat.signal(signal.SIGTERM)
         for beat in self.beats:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                beat.popen.wait(max(0.1, deadline - time.monotonic()))
-            beat.kill_group()
+            beat.stop()
 
 
 class Runs:
@@ -222,17 +196,8 @@ class Runs:
         return collections.Counter(json.loads(s)["reason"] for s in self.r.lrange("skips", 0, -1))
 
 
-def instance_pid(instance: str) -> int:
-    return int(instance.rsplit("-", 2)[1])
-
-
 def wait_standby(fleet: Fleet, beat: Beat) -> None:
-    def ready() -> bool:
-        if not beat.alive():
-            raise RuntimeError(f"beat{beat.n} exited:\n{beat.text()[-3000:]}")
-        return fleet.standing_by(beat)
-
-    wait_for(ready, STANDBY_TIMEOUT, f"beat{beat.n} to stand by", interval=0.1)
+    wait_for(lambda: fleet.standing_by(beat), STANDBY_TIMEOUT, f"beat{beat.n} to stand by", interval=0.1, procs=[beat])
 
 
 def current_leader(fleet: Fleet, runs: Runs, interval: float) -> Beat:
@@ -290,7 +255,7 @@ def failover(kind: str, fleet: Fleet, runs: Runs, interval: float) -> Round:
     if takeover is None or dispatch is None:
         raise RuntimeError(
             f"{kind} stop of beat{leader.n}: no {'takeover' if takeover is None else 'dispatch'} "
-            f"within {EVENT_TIMEOUT:g} s; standby log tail:\n{standby.text()[-800:]}"
+            f"within {EVENT_TIMEOUT:g} s; standby log tail:\n{standby.log_text()[-800:]}"
         )
     new = next(x["instance"] for x in runs.ticks[seen_ticks:] if x["instance"] != old)
     if instance_pid(new) != standby.pid:
@@ -307,7 +272,7 @@ def failover(kind: str, fleet: Fleet, runs: Runs, interval: float) -> Round:
             result.exit_s = exited if exited is not None else time.time() - t_stop
     except subprocess.TimeoutExpired:
         result.exit_code = None
-    leader.kill_group()
+    leader.kill()
 
     fresh = fleet.start()
     wait_standby(fleet, fresh)
@@ -390,18 +355,12 @@ def main(argv: list[str] | None = None) -> int:
     rounds: list[Round] = []
     with tempfile.TemporaryDirectory(prefix="failover-") as tmp_name:
         tmp = Path(tmp_name)
-        agent: ConsulAgent = start_consul(tmp, dev=False, node="bench", server_args=["-bootstrap-expect=1"])
+        agent, info = start_server_agent(tmp)
         redis_server = None
         worker: Worker | None = None
         fleet: Fleet | None = None
         failure: Exception | None = None
         try:
-            wait_consul_ready(agent)
-            self_info = agent.api("/v1/agent/self")
-            debug = self_info.get("DebugConfig", {})
-            data_dir = debug.get("DataDir")
-            if not self_info["Config"]["Server"] or debug.get("DevMode") or not data_dir:
-                raise RuntimeError(f"expected a server agent with a data directory, got {self_info['Config']}")
             redis_server = start_redis(tmp)
             app.conf.broker_url = app.conf.result_backend = redis_server.url
             env = worker_env(
@@ -420,7 +379,7 @@ def main(argv: list[str] | None = None) -> int:
                 if b.state() != "leader":
                     wait_standby(fleet, b)
             print(
-                f"Consul v{self_info['Config']['Version']} server agent with data dir {data_dir}; 1 worker x 2 prefork; "
+                f"Consul v{info['version']} server agent with data dir {info['data_dir']}; 1 worker x 2 prefork; "
                 f"2 beats, heartbeat every {args.interval:g} s, stall timeout {args.stall_timeout:g} s; "
                 f"{args.rounds} graceful + {args.rounds} crash + {args.rounds} stall failovers, in turn; "
                 f"a fresh beat stands by per its {args.standby}"

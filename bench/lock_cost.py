@@ -41,12 +41,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import agent_info, write_json  # noqa: E402
+from common import start_server_agent, write_json  # noqa: E402
 
 from celery_consul_lock import ConsulLock, close_sessions  # noqa: E402
 from celery_consul_lock.consul import LOCK_FLAG  # noqa: E402
 from celery_consul_lock.transport import Connection  # noqa: E402
-from tests.servers import ConsulAgent, start_consul, wait_consul_ready  # noqa: E402
+from tests.servers import ConsulAgent  # noqa: E402
 
 #: ours may cost at most this much more than two raw KV writes ...
 TARGET_OURS_FLOOR = 1.15
@@ -91,7 +91,9 @@ class Floor(Plain):
 
     def __init__(self, agent: ConsulAgent) -> None:
         super().__init__(agent)
-        _, _, text = self.conn.request("PUT", "/v1/session/create", b'{"TTL": "60s", "LockDelay": "0s"}', {}, 5.0)
+        # Never renewed: a TTL longer than any run (on a loaded machine a run took over the
+        # 2 x 60 s an earlier TTL lasted, and the floor's acquire failed with "invalid session").
+        _, _, text = self.conn.request("PUT", "/v1/session/create", b'{"TTL": "3600s", "LockDelay": "0s"}', {}, 5.0)
         self.session = json.loads(text)["ID"]
 
     def __call__(self) -> None:
@@ -211,12 +213,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds and --iterations must be at least 1")
 
     with tempfile.TemporaryDirectory(prefix="lock-cost-") as tmp:
-        agent = start_consul(Path(tmp), dev=False, node="bench", server_args=["-bootstrap-expect=1"])
+        agent, info = start_server_agent(Path(tmp))
         try:
-            wait_consul_ready(agent)
-            info = agent_info(agent)
-            if not info["server"] or info["dev_mode"] or not info["data_dir"]:
-                raise RuntimeError(f"expected a server agent with a data directory, got {info}")
             print(f"Consul v{info['version']}, server agent with data dir {info['data_dir']} at {info['address']}")
             print(f"{args.rounds} rounds x {args.iterations} iterations of each, rotating order, after {WARMUP} warm-up cycles")
             results, per_round = run(agent, args.rounds, args.iterations)

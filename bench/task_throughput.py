@@ -57,11 +57,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from celery.result import ResultSet  # noqa: E402
-from common import agent_info, write_json  # noqa: E402
+from common import start_server_agent, write_json  # noqa: E402
 
 from celery_consul_lock import is_skipped  # noqa: E402
 from tests.proj.app import app  # noqa: E402
-from tests.servers import start_consul, start_redis, wait_consul_ready  # noqa: E402
+from tests.servers import start_redis  # noqa: E402
 from tests.workers import Worker, start_worker, worker_env  # noqa: E402
 
 #: The lock may add at most this much to a task's median runtime ...
@@ -233,14 +233,10 @@ def main(argv: list[str] | None = None) -> int:
 
     with tempfile.TemporaryDirectory(prefix="task-throughput-") as tmp_name:
         tmp = Path(tmp_name)
-        agent = start_consul(tmp, dev=False, node="bench", server_args=["-bootstrap-expect=1"])
+        agent, info = start_server_agent(tmp)
         redis_server = None
         workers: list[Worker] = []
         try:
-            wait_consul_ready(agent)
-            info = agent_info(agent)
-            if not info["server"] or info["dev_mode"] or not info["data_dir"]:
-                raise RuntimeError(f"expected a server agent with a data directory, got {info}")
             redis_server = start_redis(tmp)
             app.conf.broker_url = app.conf.result_backend = redis_server.url
             env = worker_env(redis_server.url, agent.address)

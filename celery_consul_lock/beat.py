@@ -2,13 +2,12 @@
 
     celery -A proj beat -S celery_consul_lock.beat:ConsulLeaderScheduler     # or: -S consul
 
-Every instance runs an :class:`~.election.Election` thread that waits (with Consul blocking queries) for
-the leader lock ``<prefix>locks/<beat name>/beat/.lock``. The leader's session is tied to a
-short-TTL health check that the leader keeps passing, so a leader that dies or is cut off is
-replaced within *check TTL + lock-delay + 0.25 s* (default 2 + 1.5 + 0.25 s); one that stops
-normally releases the lock and is replaced at once. The check is passed only while the
-scheduler loop comes back: a leader stuck inside one tick or send for longer than the stall
-timeout steps down, and is replaced within *stall timeout + the crash bound*.
+This module is the scheduler guard: :class:`LeaderElectedMixin` wraps a Celery scheduler so
+that only the elected leader sets up, ticks, sends and syncs. Who leads is decided by the
+election (:mod:`.election`: a leader that dies or is cut off is replaced within *check TTL +
+lock-delay + 0.25 s*, one stuck inside a tick or send within *stall timeout* more); what a
+message carries is the beat-to-worker protocol (:mod:`.protocol`); where
+:class:`ConsulLeaderScheduler` keeps its schedule state is :mod:`.beat_state`.
 
 Guarantees: a standby sends nothing and writes no shared state; the leader checks its lease
 (the lock's self-fencing deadline) right before every send and stops sending, and rejoins as a
@@ -186,6 +185,12 @@ class LeaderElectedMixin:
         finally:
             if self.election is not None:
                 self.election.stop()
+
+    @property
+    def led_generation(self) -> int:
+        """The election generation this scheduler last took over as leader (set up its
+        schedule, loaded its state): 0 until it has led once."""
+        return self._seen_generation
 
     def _leading(self) -> bool:
         return self.election is not None and self.election.is_leader()

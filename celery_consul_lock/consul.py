@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import functools
 import json
-import logging
 import re
 import ssl
 import threading
@@ -39,7 +38,6 @@ from .transport import Connection, Headers, NotHTTP
 
 __all__ = ["FAILURES", "LOCK_FLAG", "ConsulClient", "Fenced", "KVEntry", "LockAttempt", "kv_set", "kv_unlock", "thread_client"]
 
-log = logging.getLogger(__name__)
 
 #: The flags value ``consul lock`` and the Go client write on a lock key
 #: (``api.LockFlagValue``); a key with other non-zero flags is not a lock.
@@ -377,6 +375,10 @@ class ConsulClient:
         order, each fenced; it stops at the first refused, after the earlier ones applied.
         ``action`` and ``resource`` (default ``lock_key``) name the call in errors. Raises
         ACLDenied, ConsulUnavailable; a refusal is an answer (``ok`` False), not an error.
+
+        Guarantee: Consul checks the session when it applies the transaction, so no write
+        lands after the lock moved to another holder. Limit: it fences state kept in
+        Consul only; a side effect elsewhere needs the lock's fencing token.
         """
         check = {"KV": {"Verb": "check-session", "Key": lock_key, "Session": session}}
         written: list[dict[str, Any]] = []

@@ -13,10 +13,11 @@ from __future__ import annotations
 import contextlib
 import socket
 import ssl
+from typing import BinaryIO
 
 from . import native as _native
 
-__all__ = ["Connection", "Headers", "NotHTTP"]
+__all__ = ["MAX_HEADER_BYTES", "Connection", "Headers", "NotHTTP", "read_response"]
 
 #: Never read a header block larger than this (Consul's are a few hundred bytes).
 MAX_HEADER_BYTES = 64 * 1024
@@ -67,7 +68,22 @@ class Connection:
         self, method: str, target: str, body: bytes | None, headers: dict[str, str], timeout: float
     ) -> tuple[int, Headers, bytes]:
         """Send one request and read its answer; reconnects once if a reused connection
-        turns out to have been closed by the agent before it answered."""
+        turns out to have been closed by the agent before it answered.
+
+        Why sending the request again is safe, also for a PUT: it happens only on a
+        connection that served an earlier request and then failed before a single byte of
+        this answer arrived (reset, or closed). Nearly always that is an agent that closed
+        the connection as idle (Go's HTTP server does, and the close races our request),
+        so the request was never read and nothing happened. Only if the agent read it and
+        then died (killed or restarted mid-request) may it have been applied, and every
+        write this package makes has the same effect twice or a bounded, visible one:
+        acquire and release by the same session, renew and destroy of a session, passing
+        or failing a check, registering a service under a fixed ID and the fenced ``set``
+        writes repeat harmlessly; a ``check-not-exists`` acquire that was applied answers
+        "exists" and is retried as a re-acquire by the same session; a fenced ``cas``
+        answers "stale index" and is re-read and retried by its caller (tick marks); a
+        session created twice leaves one unused session that its TTL removes.
+        """
         head = [f"{method} {target} HTTP/1.1", f"Host: {self._host_header}", f"Content-Length: {len(body or b'')}"]
         head.extend(f"{k}: {v}" for k, v in headers.items())
         payload = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + (body or b"")
@@ -78,7 +94,7 @@ class Connection:
                 if sock.gettimeout() != timeout:
                     sock.settimeout(timeout)
                 sock.sendall(payload)
-                status, resp_headers, content = self._read_response(method)
+                status, resp_headers, content, close = read_response(self._file, method)  # type: ignore[arg-type]
             except (ConnectionResetError, BrokenPipeError, _ClosedEarly):
                 self.close()
                 if reused and attempt == 1:
@@ -87,7 +103,7 @@ class Connection:
             except BaseException:
                 self.close()
                 raise
-            if resp_headers.get("connection", "").lower() == "close":  # type: ignore[union-attr]
+            if close:
                 self.close()
             return status, resp_headers, content
         raise AssertionError("unreachable")
@@ -104,58 +120,76 @@ class Connection:
         self._file = sock.makefile("rb")
         return sock
 
-    def _read_response(self, method: str) -> tuple[int, Headers, bytes]:
-        f = self._file
-        assert f is not None
-        line = f.readline(MAX_HEADER_BYTES)  # type: ignore[attr-defined]
-        if not line:
-            raise _ClosedEarly
-        parts = line.split(None, 2)
-        if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
-            raise NotHTTP(line[:80])
-        status = int(parts[1])
-        headers = Headers()
-        size = 0
-        while True:
-            line = f.readline(MAX_HEADER_BYTES)  # type: ignore[attr-defined]
-            size += len(line)
-            if not line or size > MAX_HEADER_BYTES:
-                raise ConnectionError("truncated or oversized HTTP headers")
-            if line in (b"\r\n", b"\n"):
-                break
-            name, _, value = line.decode("latin-1").partition(":")
-            headers[name.strip().lower()] = value.strip()
-        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
-            return status, headers, b""
-        if headers.get("transfer-encoding", "").lower() == "chunked":  # type: ignore[union-attr]
-            return status, headers, self._read_chunked()
-        length = headers.get("content-length")
-        if length is None:  # body until the agent closes
-            content = f.read()  # type: ignore[attr-defined]
-            self.close()
-            return status, headers, content
-        content = f.read(int(length))  # type: ignore[arg-type, attr-defined]
-        if len(content) != int(length):  # type: ignore[arg-type]
-            raise ConnectionError("connection closed in the middle of a response")
-        return status, headers, content
 
-    def _read_chunked(self) -> bytes:
-        f = self._file
-        chunks = []
-        while True:
-            size_line = f.readline(MAX_HEADER_BYTES)  # type: ignore[union-attr]
-            if not size_line:
-                raise ConnectionError("connection closed in the middle of a chunked response")
-            try:
-                size = int(size_line.split(b";", 1)[0].strip(), 16)
-            except ValueError:
-                raise NotHTTP(size_line[:80]) from None
-            if size == 0:
-                while f.readline(MAX_HEADER_BYTES) not in (b"\r\n", b"\n", b""):  # type: ignore[union-attr]
-                    pass
-                return b"".join(chunks)
-            chunks.append(f.read(size))  # type: ignore[union-attr]
-            f.readline(MAX_HEADER_BYTES)  # type: ignore[union-attr]
+def read_response(f: BinaryIO, method: str) -> tuple[int, Headers, bytes, bool]:
+    """Read one HTTP/1.1 answer from ``f``: (status, headers, body, whether the connection
+    must be closed after it). The body is framed by ``Content-Length``, chunked transfer
+    encoding, or (neither) the end of the stream.
+
+    Raises _ClosedEarly when ``f`` ends before the status line, ConnectionError when it
+    ends inside the answer or the header block passes MAX_HEADER_BYTES, and NotHTTP when
+    the bytes are not HTTP (the status line, a length or a chunk's framing).
+    """
+    line = f.readline(MAX_HEADER_BYTES)
+    if not line:
+        raise _ClosedEarly
+    parts = line.split(None, 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/") or not parts[1].isdigit():
+        raise NotHTTP(line[:80])
+    status = int(parts[1])
+    headers = Headers()
+    size = 0
+    while True:
+        line = f.readline(MAX_HEADER_BYTES)
+        size += len(line)
+        if not line or size > MAX_HEADER_BYTES or not line.endswith(b"\n"):
+            raise ConnectionError("truncated or oversized HTTP headers")
+        if line in (b"\r\n", b"\n"):
+            break
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+    close = str(headers.get("connection", "")).lower() == "close"
+    if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+        return status, headers, b"", close
+    if str(headers.get("transfer-encoding", "")).lower() == "chunked":
+        return status, headers, _read_chunked(f), close
+    length = headers.get("content-length")
+    if length is None:  # the body runs until the agent closes
+        return status, headers, f.read(), True
+    if not str(length).isdigit():
+        raise NotHTTP(f"Content-Length: {length}"[:80].encode("latin-1", "replace"))
+    content = f.read(int(str(length)))
+    if len(content) != int(str(length)):
+        raise ConnectionError("connection closed in the middle of a response")
+    return status, headers, content, close
+
+
+def _read_chunked(f: BinaryIO) -> bytes:
+    chunks = []
+    while True:
+        size_line = f.readline(MAX_HEADER_BYTES)
+        if not size_line.endswith(b"\n"):
+            raise ConnectionError("connection closed in the middle of a chunked response")
+        digits = size_line.split(b";", 1)[0].strip()
+        if not digits or digits.strip(b"0123456789abcdefABCDEF"):
+            raise NotHTTP(size_line[:80])
+        size = int(digits, 16)
+        if size == 0:
+            while True:  # trailer fields, up to the blank line that ends the answer
+                line = f.readline(MAX_HEADER_BYTES)
+                if not line.endswith(b"\n"):
+                    raise ConnectionError("connection closed in the middle of a chunked response")
+                if line in (b"\r\n", b"\n"):
+                    return b"".join(chunks)
+        chunk = f.read(size)
+        if len(chunk) != size:
+            raise ConnectionError("connection closed in the middle of a chunked response")
+        chunks.append(chunk)
+        end = f.readline(MAX_HEADER_BYTES)
+        if not end.endswith(b"\n"):
+            raise ConnectionError("connection closed in the middle of a chunked response")
+        if end not in (b"\r\n", b"\n"):
+            raise NotHTTP(end[:80])
 
 
 class NotHTTP(Exception):

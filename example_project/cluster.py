@@ -35,7 +35,8 @@ from celery import Celery
 from celery_consul_lock.beat import STANDBY_POLL
 from celery_consul_lock.election import DEFAULT_BEAT_LOCK_DELAY, DEFAULT_CHECK_TTL
 from celery_consul_lock.lock import LOCK_DELAY_RETRY
-from tests.servers import ROOT, Proc, http_json, wait_for
+from celery_consul_lock.testing import Proc, start_beat
+from tests.servers import ROOT, http_json, wait_for
 from tests.workers import Worker, start_worker, worker_env
 
 from .records import RUNS, SKIPS
@@ -244,29 +245,20 @@ class ExampleCluster:
         joined the election (its log says so)."""
         for _ in range(n):
             name = f"beat{len(self.beats) + 1}"
-            log = self.workdir / f"{name}.log"
-            args = [sys.executable, "-m", "celery", "-A", self.example.app, "beat", "-S", self.example.scheduler]
-            args += ["-l", "INFO", "--pidfile=", "-s", str(self.workdir / f"{name}-schedule")]
-            with log.open("wb") as out:
-                popen = subprocess.Popen(
-                    args,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    env=self.env(),
-                    cwd=self.example.project_dir,
-                    start_new_session=True,
-                )
-            self._beat_procs[name] = Proc(name, popen, self.workdir, log)
-            self.beats.append(Member(name, log, popen.pid, time.time()))
+            example = self.example
+            proc = start_beat(
+                name, self.workdir, self.env(), app_path=example.app, scheduler=example.scheduler, cwd=example.project_dir
+            )
+            self._beat_procs[name] = proc
+            self.beats.append(Member(name, proc.log, proc.pid, time.time()))
         for beat in self.beats:
             proc = self._beat_procs[beat.name]
-
-            def joined(proc: Proc = proc) -> bool:
-                if proc.popen.poll() is not None:
-                    raise RuntimeError(f"{proc.name} exited:\n{proc.log.read_text(errors='replace')[-3000:]}")
-                return "joining the election" in proc.log.read_text(errors="replace")
-
-            wait_for(joined, START_TIMEOUT, f"{beat.name} to join the election")
+            wait_for(
+                lambda proc=proc: "joining the election" in proc.log_text(),
+                START_TIMEOUT,
+                f"{beat.name} to join the election",
+                procs=[proc],
+            )
 
     def stop_beat(self, name: str, sig: int) -> float:
         """Send ``sig`` to a beat by pid; returns when it was sent. Waits for the process to end."""

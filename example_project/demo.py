@@ -22,7 +22,8 @@ import sys
 import time
 from pathlib import Path
 
-from tests.servers import ROOT, start_consul, start_redis, wait_consul_ready
+from celery_consul_lock.testing import start_consul, start_redis
+from tests.servers import ROOT, binaries
 
 from .analysis import analyse, describe
 from .cluster import EXAMPLES, Status, example_cluster, run_scenario
@@ -86,10 +87,11 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     progress = Progress(sys.stdout.isatty())
+    binaries()  # the consul and redis-server binaries scripts/provision.sh found
     agent = start_consul(run_dir, node="demo")
     redis_server = None
     try:
-        wait_consul_ready(agent)
+        agent.wait_ready()
         redis_server = start_redis(run_dir)
         print(f"Consul agent {agent.address}, Redis {redis_server.url}; starting workers and beats...", flush=True)
         with example_cluster(example, agent.address, redis_server.url, run_dir) as cluster:

@@ -23,7 +23,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.servers import start_consul, wait_consul_ready  # noqa: E402
+from celery_consul_lock.testing import start_consul  # noqa: E402
+from tests.servers import binaries  # noqa: E402
 
 CONTENDER = """
 import json, os, sys, time
@@ -50,9 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--job-seconds", type=float, default=2.0, help="how long the backup job runs (default 2)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="ccl-demo-") as tmp:
+        binaries()
         agent = start_consul(Path(tmp), node="demo")
         try:
-            wait_consul_ready(agent)
+            agent.wait_ready()
             print(f"Consul agent at {agent.url}; {args.processes} processes race for locks/backup/.lock\n")
             env = {"CONSUL_HTTP_ADDR": agent.address, "PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"}
             start_at = time.time() + 1.5

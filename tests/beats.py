@@ -1,22 +1,21 @@
 """Real `celery beat -S consul` processes of the test project (tests/proj), and one worker,
 for the beat tests and the command tests. Each process runs in its own process group and is
-stopped by its pid (SIGCONT + SIGTERM, then SIGKILL of the group)."""
+stopped by its pid (SIGCONT + SIGTERM, then SIGKILL of the group): the shared harness's
+:class:`~celery_consul_lock.testing.Proc`."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import redis
+
+from celery_consul_lock.testing import Proc, start_beat
 
 from .servers import ROOT, wait_for
 from .workers import Worker, start_worker, worker_env
@@ -25,22 +24,12 @@ INSTANCE_RE = re.compile(r"beat (\S+): joining the election")
 
 
 @dataclass
-class Beat:
-    """One `celery beat -S consul` process (in its own process group)."""
+class Beat(Proc):
+    """One `celery beat -S consul` process of tests/proj (see :func:`start_beat`)."""
 
-    name: str
-    popen: subprocess.Popen
-    log: Path
-    address: str
+    #: The Consul agent it talks to, and its clock skew (``TEST_CLOCK_SKEW``), if any.
+    address: str = ""
     skew: str | None = None
-
-    def log_text(self, since: int = 0) -> str:
-        with self.log.open("rb") as f:
-            f.seek(since)
-            return f.read().decode(errors="replace")
-
-    def log_size(self) -> int:
-        return self.log.stat().st_size
 
     @property
     def instance(self) -> str | None:
@@ -63,23 +52,8 @@ class Beat:
         when, ms = stamps[-1]
         return time.mktime(time.strptime(when, "%Y-%m-%d %H:%M:%S")) + int(ms) / 1000
 
-    def signal(self, sig: int) -> None:
-        os.kill(self.pid, sig)
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
     def stop(self, timeout: float = 5) -> None:
-        """SIGCONT + SIGTERM, then SIGKILL of the whole process group."""
-        for sig in (signal.SIGCONT, signal.SIGTERM):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.popen.pid, sig)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(timeout)
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.popen.pid, signal.SIGKILL)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.popen.wait(10)
+        super().stop(timeout)
 
 
 def instance_pid(instance: str) -> int:
@@ -115,29 +89,19 @@ class Harness:
         return worker
 
     def beat(self, consul_address: str, *, skew: str | None = None) -> Beat:
-        n = len(self.beats)
-        log = self.workdir / f"beat{n}.log"
-        args = [sys.executable, "-m", "celery", "-A", "tests.proj.app", "beat", "-S", "consul", "-l", "INFO"]
-        args += ["--pidfile=", "-s", str(self.workdir / f"sched{n}")]
         env = self.env(consul_address)
         if skew is not None:
             env["TEST_CLOCK_SKEW"] = skew.rstrip("s")
             env["PYTHONPATH"] = f"{ROOT / 'tests' / 'skew'}{os.pathsep}{env.get('PYTHONPATH', '')}"
-        with log.open("wb") as out:
-            popen = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True)
-        beat = Beat(f"beat{n}", popen, log, consul_address, skew)
+        beat = start_beat(f"beat{len(self.beats)}", self.workdir, env, app_path="tests.proj.app", cwd=ROOT, kind=Beat)
+        beat.address, beat.skew = consul_address, skew
         self.beats.append(beat)
         return beat
 
     def wait_joined(self, beats: list[Beat] | None = None) -> None:
         for beat in beats or self.beats:
 
-            def joined(beat: Beat = beat) -> bool:
-                if not beat.alive():
-                    raise AssertionError(f"{beat.name} exited:\n{beat.log_text()[-3000:]}")
-                return beat.instance is not None
-
-            wait_for(joined, 30, f"{beat.name} to join the election")
+            wait_for(lambda beat=beat: beat.instance is not None, 30, f"{beat.name} to join the election", procs=[beat])
 
     def by_instance(self, instance: str | None) -> Beat:
         for beat in self.beats:

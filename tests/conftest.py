@@ -1,7 +1,9 @@
 """Fixtures that run real servers: a Consul dev agent, a three-server Consul cluster and Redis.
 
-Every process is started on free ports in the test's temporary directory and stopped by
-its pid at teardown, also when the test fails.
+Every process is started by the shared harness (celery_consul_lock.testing) on free ports in
+the test's temporary directory and stopped by its pid at teardown, also when the test fails.
+The dev agent is the package's own pytest plugin's ``consul_agent`` (celery_consul_lock.
+pytest_plugin, loaded through its entry point), with the binaries scripts/provision.sh found.
 """
 
 from __future__ import annotations
@@ -17,29 +19,20 @@ import redis
 from celery_consul_lock import ConsulSettings, close_sessions
 
 from .beats import Harness
-from .servers import (
-    ConsulAgent,
-    ConsulCluster,
-    RedisServer,
-    WebServer,
-    start_cluster,
-    start_consul,
-    start_redis,
-    start_web_server,
-    wait_consul_ready,
-)
+from .servers import ConsulAgent, ConsulCluster, RedisServer, WebServer, binaries, start_cluster, start_redis, start_web_server
 from .workers import Worker, start_worker, worker_env
+
+pytest_plugins = ["pytester"]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    binaries()  # CONSUL_BIN and REDIS_BIN: the provisioned ones, for the harness and the plugin
 
 
 @pytest.fixture(scope="session")
-def consul(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulAgent]:
-    """A Consul dev agent, shared by the session's tests (each uses its own keys)."""
-    agent = start_consul(tmp_path_factory.mktemp("consul-dev"))
-    try:
-        wait_consul_ready(agent)
-        yield agent
-    finally:
-        agent.stop()
+def consul(consul_agent: ConsulAgent) -> ConsulAgent:
+    """The plugin's Consul dev agent, shared by the session's tests (each uses its own keys)."""
+    return consul_agent
 
 
 @pytest.fixture(scope="session")

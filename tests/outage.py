@@ -189,13 +189,11 @@ class OutageScenario:
         """Fail at once if a process died (other than the agent we killed)."""
         for node in self.nodes:
             assert node.worker is not None
-            if node.worker.popen.poll() is not None:
-                raise AssertionError(f"the worker of {node.name} exited:\n{node.worker.log_text()[-3000:]}")
-            if node is not dead_agent and node.agent.proc.popen.poll() is not None:
-                raise AssertionError(f"the agent of {node.name} exited:\n{node.agent.proc.log.read_text()[-2000:]}")
+            node.worker.check_alive()
+            if node is not dead_agent:
+                node.agent.proc.check_alive()
         for agent in self.cluster.agents:
-            if agent.proc.popen.poll() is not None:
-                raise AssertionError(f"Consul server {agent.node} exited")
+            agent.proc.check_alive()
 
     def records(self, entry: str) -> dict[str, list[dict]]:
         runs: dict[str, list[dict]] = {}

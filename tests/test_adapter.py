@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from celery_consul_lock import ConsulSettings, ConsulUnavailable, SessionGone
+from celery_consul_lock import ConsulLockError, ConsulSettings, ConsulUnavailable, SessionGone
 from celery_consul_lock.consul import LOCK_FLAG, ConsulClient, kv_set
 
 from .servers import free_port
@@ -131,6 +131,16 @@ def test_unreachable_agent_error_names_the_address():
         c.session_create("x", ttl=10, lock_delay=1, checks=[])
     text = str(info.value)
     assert f"http://127.0.0.1:{port}" in text and "connection refused" in text and "CONSUL_HTTP_ADDR" in text
+
+
+def test_a_request_consul_refuses_is_an_error_quoting_its_answer(client, consul):
+    """A status no call expects (here Consul's 500 for a session behaviour it does not
+    know) becomes one ConsulLockError naming the agent, the call and Consul's reason."""
+    with pytest.raises(ConsulLockError) as info:
+        client.session_create("x", ttl=10, lock_delay=1, checks=[], behavior="bogus")
+    text = str(info.value)
+    assert type(info.value) is ConsulLockError and f"Consul at http://{consul.address} answered " in text, text
+    assert "while creating a session" in text and "bogus" in text.lower(), text
 
 
 def test_token_goes_in_a_header_not_the_url(settings, monkeypatch):

@@ -50,8 +50,7 @@ def two_beats(h: Harness, consul) -> tuple[Beat, Beat]:
 
 def hook_file(tmp_path: Path, name: str, beat: Beat) -> dict | None:
     """What the stall hook wrote for ``beat`` (``stalled`` or ``woke``), once it has."""
-    if not beat.alive():
-        raise AssertionError(f"{beat.name} exited:\n{beat.log_text()[-3000:]}")
+    beat.check_alive()
     path = tmp_path / f"{name}-{beat.pid}"
     return json.loads(path.read_text()) if path.exists() and path.stat().st_size else None
 
@@ -140,7 +139,7 @@ def test_a_broker_outage_moves_leadership_at_most_once_per_beat_and_runs_each_ti
         deadline = time.monotonic() + OUTAGE
         while time.monotonic() < deadline:  # the outage: the beats must stay up through it
             for beat in harness.beats:
-                assert beat.alive(), f"{beat.name} exited:\n{beat.log_text()[-3000:]}"
+                beat.check_alive()
             time.sleep(0.2)
         steps_in_outage = stepped_down(harness)
     finally:

@@ -40,7 +40,7 @@ def make_scheduler(consul, redis_server, request):
 def lead(scheduler: ConsulLeaderScheduler) -> None:
     """Tick until elected (the first leader tick loads the state from Consul)."""
     wait_for(
-        lambda: scheduler.tick() is not None and scheduler.election.is_leader() and scheduler._seen_generation, 30, "election"
+        lambda: scheduler.tick() is not None and scheduler.election.is_leader() and scheduler.led_generation, 30, "election"
     )
 
 

@@ -16,11 +16,12 @@ import pytest
 
 from celery_consul_lock import ConsulLock, ConsulSettings, Tick
 from celery_consul_lock.command import SCRATCH
+from celery_consul_lock.testing import spawn
 from example_project.cluster import EXAMPLES, ExampleCluster, example_cluster
 
 from .beats import Harness, ticks
 from .servers import ROOT, ConsulAgent, WebServer, free_port, wait_for
-from .test_interop import _consul_lock, _kill, _kv, _prefix, _start
+from .test_interop import _consul_lock, _kv, _prefix
 from .workers import worker_env
 
 
@@ -49,7 +50,7 @@ def test_status_shows_the_leader_its_standby_held_locks_and_each_entrys_last_tic
     harness.worker(consul.address)
     beats = [harness.beat(consul.address), harness.beat(consul.address)]
     harness.wait_joined()
-    holder = _start(_consul_lock(consul, _prefix(key), "exec sleep 60"), tmp_path / "consul-lock.log")
+    holder = spawn("consul-lock", _consul_lock(consul, _prefix(key), "exec sleep 60"), tmp_path)
     try:
         session = wait_for(lambda: (_kv(consul, key) or {}).get("Session"), 20, "`consul lock` to hold the key")
         records = harness.wait_ticks(lambda xs: len(xs) >= 2, 30, "2 ticks")
@@ -60,7 +61,7 @@ def test_status_shows_the_leader_its_standby_held_locks_and_each_entrys_last_tic
         text = consul_lock_cmd(env, "status")
         assert text.returncode == 0, text.stderr
     finally:
-        _kill(holder)
+        holder.kill()
     records = ticks(r)
     last = records[-1]
     leader_beat = harness.by_instance(last["instance"])
@@ -92,7 +93,7 @@ def test_status_shows_the_leader_its_standby_held_locks_and_each_entrys_last_tic
 def test_release_shows_the_holder_asks_and_frees_only_by_destroying_its_session(
     consul: ConsulAgent, env: dict[str, str], key: str, tmp_path: Path
 ) -> None:
-    holder = _start(_consul_lock(consul, _prefix(key), "exec sleep 60"), tmp_path / "consul-lock.log")
+    holder = spawn("consul-lock", _consul_lock(consul, _prefix(key), "exec sleep 60"), tmp_path)
     try:
         session = wait_for(lambda: (_kv(consul, key) or {}).get("Session"), 20, "`consul lock` to hold the key")
 
@@ -107,9 +108,9 @@ def test_release_shows_the_holder_asks_and_frees_only_by_destroying_its_session(
         assert consul.api(f"/v1/session/info/{session}") in (None, []), "the holder's session must be gone"
         assert not (_kv(consul, key) or {}).get("Session")
         # `consul lock` sees its lock gone, stops its child and exits.
-        wait_for(lambda: holder.poll() is not None, 20, "`consul lock` to notice and exit")
+        wait_for(lambda: not holder.alive(), 20, "`consul lock` to notice and exit")
     finally:
-        _kill(holder)
+        holder.kill()
 
 
 @pytest.mark.client

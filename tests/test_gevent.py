@@ -36,8 +36,7 @@ def gevent_worker(workers, concurrency: int = 50, **kw):
 
 
 def alive(worker) -> None:
-    if worker.popen.poll() is not None:
-        raise AssertionError(f"worker exited:\n{worker.log_text()[-3000:]}")
+    worker.check_alive()
 
 
 def agent_connections(pid: int, port: int) -> int:

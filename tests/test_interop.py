@@ -13,13 +13,13 @@ import shutil
 import signal
 import subprocess
 import urllib.error
-from contextlib import suppress
 from pathlib import Path
 
 import pytest
 
 from celery_consul_lock import ConsulLock, ConsulSettings, LockConflict
 from celery_consul_lock.consul import LOCK_FLAG
+from celery_consul_lock.testing import spawn
 
 from .servers import ConsulAgent, binaries, wait_for
 
@@ -58,19 +58,6 @@ def _kv(agent: ConsulAgent, key: str) -> dict | None:
     return data[0] if data else None
 
 
-def _start(args: list[str], log: Path) -> subprocess.Popen:
-    """A child process in a session of its own (so its children can be killed with it)."""
-    with log.open("wb") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
-
-
-def _kill(proc: subprocess.Popen) -> None:
-    """Kill the child's process group (it leads it: start_new_session) and reap it."""
-    with suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(10)
-
-
 def _consul_lock(agent: ConsulAgent, prefix: str, command: str, *options: str) -> list[str]:
     """argv of `consul lock`; it runs ``command`` with `sh -c`."""
     return [_consul_bin(), "lock", f"-http-addr={agent.address}", *options, prefix, command]
@@ -92,11 +79,9 @@ def test_consul_lock_cli_excludes_consul_lock_until_it_exits(
     consul: ConsulAgent, settings: ConsulSettings, key: str, tmp_path: Path
 ) -> None:
     started = tmp_path / "started"
-    cli = _start(
-        _consul_lock(consul, _prefix(key), f"echo started > {shlex.quote(str(started))}; exec sleep 30"), tmp_path / "cli.log"
-    )
+    cli = spawn("cli", _consul_lock(consul, _prefix(key), f"echo started > {shlex.quote(str(started))}; exec sleep 30"), tmp_path)
     try:
-        wait_for(started.exists, 20, "the child of `consul lock` to start")
+        wait_for(started.exists, 20, "the child of `consul lock` to start", procs=[cli])
         before = _kv(consul, key)
         assert before is not None and before["Session"] and before["Flags"] == LOCK_FLAG
 
@@ -112,11 +97,11 @@ def test_consul_lock_cli_excludes_consul_lock_until_it_exits(
         assert _kv(consul, key) == before, "a failed acquire must not touch the key"
 
         # SIGTERM: `consul lock` stops its child, then releases the lock (no lock-delay).
-        os.kill(cli.pid, signal.SIGTERM)
+        cli.signal(signal.SIGTERM)
         assert lock.acquire(timeout=20), f"ConsulLock did not get the key after `consul lock` exited: {_kv(consul, key)}"
         try:
             assert lock.held
-            cli.wait(10)
+            cli.popen.wait(10)
             entry = _kv(consul, key)
             assert entry is not None and entry["Session"] != before["Session"] and entry["Flags"] == LOCK_FLAG
             assert lock.fencing_token == entry["ModifyIndex"] > before["ModifyIndex"]
@@ -124,7 +109,7 @@ def test_consul_lock_cli_excludes_consul_lock_until_it_exits(
         finally:
             lock.release()
     finally:
-        _kill(cli)
+        cli.kill()
 
 
 def test_consul_lock_cli_waits_for_consul_lock(consul: ConsulAgent, settings: ConsulSettings, key: str, tmp_path: Path) -> None:
@@ -247,13 +232,11 @@ def test_consul_semaphore_key_raises_lock_conflict(
         assert _kv(consul, key) is None
 
     started = tmp_path / "started"
-    cli = _start(
-        _consul_lock(consul, prefix, f"echo started > {shlex.quote(str(started))}; exec sleep 30", "-n=2"),
-        tmp_path / "semaphore.log",
-    )
+    args = _consul_lock(consul, prefix, f"echo started > {shlex.quote(str(started))}; exec sleep 30", "-n=2")
+    cli = spawn("semaphore", args, tmp_path)
     lock = ConsulLock(key, settings=settings)
     try:
-        wait_for(started.exists, 20, "the child of `consul lock -n=2` to start")
+        wait_for(started.exists, 20, "the child of `consul lock -n=2` to start", procs=[cli])
         before = _kv(consul, key)
         assert before is not None and before["Flags"] == SEMAPHORE_FLAG and not before.get("Session")
 
@@ -279,4 +262,4 @@ def test_consul_semaphore_key_raises_lock_conflict(
             assert after == before, "the semaphore's key was changed"
     finally:
         lock.release()
-        _kill(cli)
+        cli.kill()

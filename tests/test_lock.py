@@ -16,6 +16,7 @@ import pytest
 from celery_consul_lock import ConsulLock, ConsulSettings, LockLost, LockTimeout, close_sessions, transport
 from celery_consul_lock import lock as lock_module
 from celery_consul_lock.consul import LOCK_FLAG, ConsulClient
+from celery_consul_lock.testing import Proc, spawn
 
 from .servers import ROOT, start_consul, wait_consul_ready, wait_for
 
@@ -53,6 +54,27 @@ def test_fencing_token_grows_with_each_acquisition(settings, key):
     assert tokens == sorted(tokens) and len(set(tokens)) == 3
 
 
+def test_its_owner_can_declare_the_lock_lost_and_still_release_the_key(settings, key):
+    # A beat stepping down does this: held is false at once, the callbacks run, and the key
+    # stays ours in Consul until the release frees it without a lock-delay.
+    reasons = []
+    lock = ConsulLock(key, settings=settings, on_lost=lambda _lock, why: reasons.append(why))
+    assert lock.acquire() and lock.held
+    token, sid = lock.fencing_token, lock.session_id
+    lock.declare_lost("stepping down")
+    assert not lock.held and lock.lost.is_set() and reasons == ["stepping down"]
+    with pytest.raises(LockLost, match="stepping down"):
+        lock.check()
+    lock.declare_lost("again")  # already lost: nothing more happens
+    assert reasons == ["stepping down"] and lock.lost_reason == "stepping down"
+    assert ConsulLock.holder(key, settings=settings).session == sid
+    assert lock.release()
+    assert ConsulLock.holder(key, settings=settings) is None
+    assert lock.session_id is None and lock.fencing_token == token  # the last acquisition's
+    lock.declare_lost("after release")  # not held: nothing happens
+    assert reasons == ["stepping down"]
+
+
 def test_non_blocking_try_reports_the_holder_at_once(settings, key, tmp_path):
     holder = start_holder(settings, key, tmp_path)
     try:
@@ -63,7 +85,6 @@ def test_non_blocking_try_reports_the_holder_at_once(settings, key, tmp_path):
         assert lock.last_holder.pid == holder.pid and lock.last_holder.name == "other-process"
     finally:
         holder.kill()
-        holder.wait()
 
 
 def test_blocking_wait_takes_the_lock_when_the_holder_releases(settings, key, tmp_path):
@@ -79,7 +100,6 @@ def test_blocking_wait_takes_the_lock_when_the_holder_releases(settings, key, tm
         lock.release()
     finally:
         holder.kill()
-        holder.wait()
 
 
 def test_blocking_wait_gives_up_at_its_timeout(settings, key, tmp_path):
@@ -93,7 +113,6 @@ def test_blocking_wait_gives_up_at_its_timeout(settings, key, tmp_path):
         assert "other-process" in str(info.value)
     finally:
         holder.kill()
-        holder.wait()
 
 
 def test_acquire_retries_through_lock_delay(settings, key, consul):
@@ -292,7 +311,7 @@ def test_a_forked_child_leaving_the_with_block_never_releases_the_parents_key(se
     assert ConsulLock.holder(key, settings=settings) is None
 
 
-def start_holder(settings: ConsulSettings, key: str, tmp_path, hold: float = 3600) -> subprocess.Popen:
+def start_holder(settings: ConsulSettings, key: str, tmp_path, hold: float = 3600) -> Proc:
     """Another process holding ``key`` for ``hold`` seconds, then releasing it."""
     script = textwrap.dedent(
         f"""
@@ -307,8 +326,8 @@ def start_holder(settings: ConsulSettings, key: str, tmp_path, hold: float = 360
         time.sleep(3600)
         """
     )
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=ROOT, start_new_session=True)
-    wait_for(lambda: (tmp_path / "held").exists(), 30, "the other process to hold the lock")
+    proc = spawn("holder", [sys.executable, "-c", script], tmp_path, cwd=ROOT)
+    wait_for(lambda: (tmp_path / "held").exists(), 30, "the other process to hold the lock", procs=[proc])
     return proc
 
 

@@ -390,3 +390,16 @@ def test_the_task_lock_options_are_declared_once_and_each_reaches_the_run():
         pass
 
     assert every_option.check_lock_options() == LockOptions(**given)
+
+
+def test_the_readme_lists_exactly_the_declared_task_lock_options():
+    import re
+    from dataclasses import fields
+
+    from celery_consul_lock.task import LockOptions
+
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    start = readme.index("| option (task attribute / `@app.task(...)` argument) |")
+    rows = readme[start : readme.index("\n\n", start)].splitlines()[2:]
+    documented = {name for row in rows for name in re.findall(r"`(\w+)`", row.split("|")[1])}
+    assert documented == {LockOptions.attribute(f.name) for f in fields(LockOptions)}

@@ -62,8 +62,7 @@ def test_which_shutdown_frees_a_running_tasks_lock_at_once_and_its_redelivery_ru
         b = start_worker(proj.app, tmp_path, env, concurrency=1)
 
         def holder() -> str | None:
-            if b.popen.poll() is not None:
-                raise AssertionError(f"worker B exited:\n{b.log_text()[-3000:]}")
+            b.check_alive()
             entry = consul.api(f"/v1/kv/{KEY}") or [{}]
             return entry[0].get("Session")
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import json
 import os
@@ -17,6 +16,7 @@ import pytest
 
 from celery_consul_lock import TICK_HEADER, ConsulSettings, Tick, is_skipped
 from celery_consul_lock.consul import ConsulClient
+from celery_consul_lock.testing import consul_binary, spawn, start_beat
 from celery_consul_lock.ticks import read_mark
 
 from .servers import start_consul, wait_consul_ready, wait_for
@@ -55,22 +55,17 @@ def test_fifty_concurrent_sends_never_overlap_and_skips_are_reported(proj, worke
 
 
 def test_skips_while_consul_lock_cli_holds_the_key(proj, workers, consul, tmp_path):
-    from .servers import binaries
-
     workers(1, concurrency=1)
     flag = tmp_path / "started"
-    cli = subprocess.Popen(
-        [binaries()[0], "lock", f"-http-addr={consul.address}", "locks/proj.backup", f"touch {flag}; sleep 60"],
-        start_new_session=True,
-    )
+    args = [consul_binary(), "lock", f"-http-addr={consul.address}", "locks/proj.backup", f"touch {flag}; sleep 60"]
+    cli = spawn("consul-lock", args, tmp_path)
     try:
-        wait_for(flag.exists, 30, "consul lock to run its child")
+        wait_for(flag.exists, 30, "consul lock to run its child", procs=[cli])
         value = proj.backup.delay(0.1).get(timeout=30)
         assert is_skipped(value) and value["reason"] == "held"
         assert "Consul lock" in value["holder"], value
     finally:
-        cli.send_signal(signal.SIGTERM)
-        cli.wait(30)
+        cli.stop(timeout=30)  # SIGTERM: it releases the key
     assert proj.backup.delay(0.1).get(timeout=30) == "done"
 
 
@@ -257,27 +252,18 @@ def two_beats_one_dispatches(app_path: str, scheduler: str, env: dict[str, str],
     beats = []
     try:
         for i in range(2):
-            with (tmp_path / f"beat{i}.log").open("wb") as out:
-                beats.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "celery", "-A", app_path, "beat", "-l", "INFO", "--pidfile=",
-                         "-s", str(tmp_path / f"schedule{i}"), "-S", scheduler],
-                        env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                    )
-                )  # fmt: skip
-        wait_for(lambda: len([x for x in runs(r) if x["kind"] == "tick"]) >= 5, 60, "five heartbeats")
+            beats.append(start_beat(f"beat{i}", tmp_path, env, app_path=app_path, scheduler=scheduler, cwd=ROOT))
+        wait_for(lambda: len([x for x in runs(r) if x["kind"] == "tick"]) >= 5, 60, "five heartbeats", procs=beats)
         ticks = [x for x in runs(r) if x["kind"] == "tick"]
         assert len({x["instance"] for x in ticks}) == 1
         assert len({x["tick"] for x in ticks}) == len(ticks)
-        logs = [(tmp_path / f"beat{i}.log").read_text() for i in range(2)]
+        logs = [b.log_text() for b in beats]
         assert len([log for log in logs if "elected leader" in log]) == 1
         standby = next(log for log in logs if "elected leader" not in log)
         assert "standing by" in standby and "Sending due task" not in standby and "Writing entries" not in standby
     finally:
         for b in beats:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(b.pid, signal.SIGKILL)
-            b.wait(10)
+            b.stop()
 
 
 @pytest.mark.parametrize("task_name", ["guarded", "checked"])

@@ -111,7 +111,7 @@ def assert_round_trip(agent: TLSConsulAgent, lock: ConsulLock, key: str) -> None
 def test_the_agent_serves_no_plain_http(agent: TLSConsulAgent):
     # The plain HTTP port given on the command line is switched off by `ports { http = -1 }`:
     # nothing in these tests can be reaching Consul without TLS.
-    with pytest.raises(ConnectionRefusedError), socket.create_connection((agent.bind, agent.extra["ports"]["http"]), 2):
+    with pytest.raises(ConnectionRefusedError), socket.create_connection((agent.bind, agent.ports["http"]), 2):
         pass
 
 
