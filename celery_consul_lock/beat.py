@@ -52,7 +52,7 @@ from .election import BeatConfig, Election, LoopWatch
 from .entries import RuntimeSchedule, once
 from .errors import ConsulLockError
 from .protocol import LEADER_HEADER, TICK_HEADER, Tick, crontab_tick, interval_tick, leader_header
-from .runtime import PAUSED_POLL, RuntimeEntries
+from .runtime import RuntimeEntries
 from .task import ConsulLockedTask
 
 __all__ = [
@@ -371,7 +371,7 @@ class ConsulLeaderScheduler(LeaderElectedMixin, Scheduler):
             with self._loop.step():
                 self._runtime_sync()
             if runtime.paused:
-                runtime.wait(min(PAUSED_POLL, self.max_interval))
+                runtime.wait(self.max_interval)
                 return 0.0
         interval = float(super().tick(*args, **kwargs))
         if interval > 0 and runtime is not None and self._leading():

@@ -24,8 +24,11 @@ __all__ = ["RuntimeEntries"]
 
 log = logging.getLogger("celery_consul_lock.runtime")
 
-#: How often a paused leader looks again without being woken (a resume wakes it at once).
-PAUSED_POLL = 5.0
+#: The longest a leader's tick waits for a change of the runtime schedule (instead of
+#: returning its sleep to Celery's beat service): a change wakes it at once, so this only
+#: bounds how long one ``tick()`` call blocks for callers that are not the beat service
+#: (tests, custom loops); a wake-up costs one look at the heap.
+WAIT_MAX = 1.0
 
 
 class RuntimeEntries:
@@ -207,8 +210,9 @@ class RuntimeEntries:
             log.info("runtime schedule: one-off entry %s ran; disabled", entry.name)
 
     def wait(self, seconds: float) -> bool:
-        """Sleep up to ``seconds``, or until the runtime schedule changes (True)."""
-        return self.watch.changed.wait(seconds)
+        """Sleep up to ``seconds`` (at most WAIT_MAX), or until the runtime schedule changes
+        (True)."""
+        return self.watch.changed.wait(min(seconds, WAIT_MAX))
 
     def stop(self) -> None:
         self.watch.stop()
