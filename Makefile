@@ -5,6 +5,9 @@ VENV := .venv
 VENV_PYCONSUL := .venv-py-consul
 SERVERS := .servers/env
 PYTEST_ARGS ?=
+# Two test processes, each taking whole files (a file's topology and fixed loopback
+# addresses stay in one process); PARALLEL= runs the suite in one process.
+PARALLEL ?= -n 2 --dist loadfile
 
 .PHONY: demo test test-python-consul2 test-py-consul lint bench servers venv clean
 
@@ -18,15 +21,16 @@ test: lint test-python-consul2 test-py-consul
 
 # The whole suite, with python-consul2 (the declared dependency).
 test-python-consul2: $(VENV)/.installed $(SERVERS)
-	$(VENV)/bin/python -m pytest $(PYTEST_ARGS)
+	$(VENV)/bin/python -m pytest $(PARALLEL) $(PYTEST_ARGS)
 
 # The adapter and lock tests again with the maintained fork py-consul instead.
 test-py-consul: $(VENV_PYCONSUL)/.installed $(SERVERS)
-	$(VENV_PYCONSUL)/bin/python -m pytest -m client $(PYTEST_ARGS)
+	$(VENV_PYCONSUL)/bin/python -m pytest -m client $(PARALLEL) $(PYTEST_ARGS)
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check celery_consul_lock tests bench example_project
 	$(VENV)/bin/ruff format --check celery_consul_lock
+	$(VENV)/bin/mypy
 
 bench: $(VENV)/.installed $(SERVERS)
 	$(VENV)/bin/python bench/lock_cost.py

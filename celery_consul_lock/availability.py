@@ -5,8 +5,8 @@ Two parts, one idea:
 * :func:`requeue_or_raise` — a locked run whose agent is unreachable (``fail_policy=closed``)
   sends a copy of its message back to the queue, with the same task id, arguments and headers
   (tick, leader, ``consul_lock`` options) and no ETA, and ends as ``RETRY``. The copy counts
-  its requeues in the header :data:`REQUEUE_HEADER`, not in Celery's ``retries`` (that is the
-  user's ``max_retries``). Past :attr:`AvailabilityConfig.requeue_max` requeues or
+  its requeues in the header :data:`~.protocol.REQUEUE_HEADER`, not in Celery's ``retries``
+  (that is the user's ``max_retries``). Past :attr:`AvailabilityConfig.requeue_max` requeues or
   :attr:`AvailabilityConfig.requeue_deadline` seconds after the tick's due time (after the
   first requeue for a message without a tick) the run fails with ``ConsulUnavailable``, as
   it did before. A TLS or ACL failure is a configuration error and fails at once.
@@ -36,7 +36,6 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -48,17 +47,16 @@ from celery.signals import worker_init
 from . import signals
 from .consul import ConsulClient
 from .errors import ConsulLockError, ConsulUnavailable
+from .protocol import REQUEUE_HEADER, requeue_header, requeues
 from .settings import ConsulSettings, Setting, boolean, read_celery, seconds, whole
 
 if TYPE_CHECKING:
-    from .ticks import Tick
+    from .protocol import Tick
 
 __all__ = ["REQUEUE_HEADER", "AvailabilityConfig", "ConsulAgentWatch", "requeue_or_raise"]
 
 log = logging.getLogger("celery_consul_lock.availability")
 
-#: Message header of a requeued copy: ``{"count": n, "since": <epoch of the first requeue>}``.
-REQUEUE_HEADER = "consul_lock_requeue"
 
 #: Default bound on requeues of one message. Each requeue is one publish; with the watch, a
 #: message comes back to a worker whose agent is down about once (the watch stops the worker
@@ -155,7 +153,7 @@ def requeue_or_raise(task: Any, exc: ConsulUnavailable, request: Any, tick: Tick
     if not exc.transient or request.called_directly or request.is_eager:
         raise exc
     headers = dict(getattr(request, "headers", None) or {})
-    count, since = _requeued(headers.get(REQUEUE_HEADER))
+    count, since = requeues(headers.get(REQUEUE_HEADER))
     now = time.time()
     since = now if since is None else since
     start = tick.epoch if tick is not None else since
@@ -169,7 +167,7 @@ def requeue_or_raise(task: Any, exc: ConsulUnavailable, request: Any, tick: Tick
         )  # fmt: skip
         raise exc
     handed = hand_off()
-    headers[REQUEUE_HEADER] = {"count": count + 1, "since": since}
+    headers[REQUEUE_HEADER] = requeue_header(count + 1, since)
     copy = task.signature_from_request(request, retries=request.retries, headers=headers)
     try:
         copy.apply_async()
@@ -181,16 +179,6 @@ def requeue_or_raise(task: Any, exc: ConsulUnavailable, request: Any, tick: Tick
         name, count + 1, config.requeue_max, handed, exc,
     )  # fmt: skip
     raise Retry(f"Consul unreachable here; requeued for another worker ({count + 1}/{config.requeue_max})", exc=exc, sig=copy)
-
-
-def _requeued(header: object) -> tuple[int, float | None]:
-    """(requeues so far, epoch of the first) from a copy's header; (0, None) for an original."""
-    if not isinstance(header, Mapping):
-        return 0, None
-    try:
-        return int(header.get("count", 0)), float(header["since"]) if "since" in header else None
-    except (TypeError, ValueError):
-        return 0, None
 
 
 def hand_off(wait: float = HANDOFF_WAIT) -> str:
@@ -229,7 +217,7 @@ def hand_off(wait: float = HANDOFF_WAIT) -> str:
 # -- the worker: stop consuming while the agent is down ----------------------------------------
 
 
-class ConsulAgentWatch(bootsteps.StartStopStep):
+class ConsulAgentWatch(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery is untyped
     """Consumer bootstep: stops consuming while the worker's agent is down (see the module doc).
 
     Added to every worker of an app that has ConsulLockedTask tasks (``consul_lock_agent_watch
@@ -426,7 +414,6 @@ class _Watch:
                     sock.sendto(answer, sender)
 
 
-@worker_init.connect(weak=False)
 def _watch_locked_workers(sender: Any = None, **_: Any) -> None:
     """Add the watch to the consumer of every worker whose app has ConsulLockedTask tasks.
     (Sent after the app's task modules are imported, before the consumer is built.)"""
@@ -435,3 +422,6 @@ def _watch_locked_workers(sender: Any = None, **_: Any) -> None:
     app = getattr(sender, "app", None)
     if app is not None and any(isinstance(task, ConsulLockedTask) for task in app.tasks.values()):
         app.steps["consumer"].add(ConsulAgentWatch)
+
+
+worker_init.connect(_watch_locked_workers, weak=False)

@@ -179,7 +179,7 @@ class LeaderElectedMixin:
     def close(self) -> None:
         try:
             if self._setup_pending:  # never led: the wrapped scheduler's storage was never opened
-                Scheduler.close(self)  # type: ignore[arg-type]
+                Scheduler.close(self)
             else:
                 super().close()  # type: ignore[misc]  # sync is guarded above
         finally:
@@ -258,7 +258,6 @@ class LeaderElectedMixin:
             signal.signal(signum, handler)
 
 
-@beat_embedded_init.connect(weak=False)
 def _tie_embedded_beat_to_its_worker(sender: Any = None, **_: Any) -> None:
     # Sent in the beat's child process, after Service.start built the scheduler.
     scheduler = getattr(sender, "scheduler", None)
@@ -266,7 +265,9 @@ def _tie_embedded_beat_to_its_worker(sender: Any = None, **_: Any) -> None:
         scheduler.end_with_worker()
 
 
-@celeryd_after_setup.connect(weak=False)
+beat_embedded_init.connect(_tie_embedded_beat_to_its_worker, weak=False)
+
+
 def _check_embedded_beat(sender: Any = None, instance: Any = None, **_: Any) -> None:
     # Sent in the worker's main process once logging is set up, before the beat starts.
     options = getattr(instance, "options", None) or {}
@@ -277,6 +278,9 @@ def _check_embedded_beat(sender: Any = None, instance: Any = None, **_: Any) -> 
         log.warning("%s", problem)
 
 
+celeryd_after_setup.connect(_check_embedded_beat, weak=False)
+
+
 def embedded_beat_problem(app: Any, scheduler: Any, statedb: str | None) -> str | None:
     """Why a ``celery worker -B`` of ``app``, with the scheduler (name or class) and state
     database the worker was given, would run a beat that is not leader-elected where one is
@@ -285,7 +289,7 @@ def embedded_beat_problem(app: Any, scheduler: Any, statedb: str | None) -> str 
     scheduler cannot be imported here (the beat will report that itself)."""
     aliases = dict(load_extension_class_names(SCHEDULER_ALIASES))
     try:
-        cls = symbol_by_name(scheduler, aliases=aliases)
+        cls = symbol_by_name(scheduler, aliases=aliases)  # type: ignore[no-untyped-call]  # kombu's is untyped
     except Exception:
         return None
     if isinstance(cls, type) and issubclass(cls, LeaderElectedMixin):
@@ -342,7 +346,7 @@ instance's file holds its own last-run times, so a new leader goes by its own fi
 ticks may be repeated or skipped at a failover. Prefer ConsulLeaderScheduler."""
 
 
-class ConsulLeaderScheduler(LeaderElectedMixin, Scheduler):
+class ConsulLeaderScheduler(LeaderElectedMixin, Scheduler):  # type: ignore[misc]  # Celery is untyped
     """Leader-elected beat whose schedule state (last run, run count) lives in Consul.
 
     Definitions come from ``beat_schedule`` and from the runtime schedule in Consul

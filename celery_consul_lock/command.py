@@ -359,9 +359,9 @@ def release(ctx: click.Context, key: str, yes: bool) -> None:
         settings = ConsulSettings.from_celery(ctx.obj.app.conf)
         client = ConsulClient(settings)
         entry = find_held(client, settings, key)
-        if entry is None:
+        sid = entry.session if entry is not None else None
+        if entry is None or sid is None:
             _fail(f"{settings.full_key(key)!r} is not held by anyone at {settings.base_url}; nothing to release")
-        sid = entry.session
         info = client.session_info(sid)
         others = [e.key for e in client.kv_keys(settings.key_prefix) if e.session == sid and e.key != entry.key]
     except ConsulLockError as exc:

@@ -27,7 +27,7 @@ import ssl
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 from urllib.parse import quote
 
 from . import native
@@ -61,6 +61,8 @@ BLOCKING_JITTER = 1 / 16
 TXN_MAX_OPS = 64
 #: A blocking query's wait when the caller gives none: Consul's own default (5 min).
 DEFAULT_BLOCKING_WAIT = 300.0
+
+_T = TypeVar("_T")
 
 #: Answers that are not failures when nothing else is said: 200 only.
 _OK = (200,)
@@ -189,7 +191,7 @@ class ConsulClient:
         if ttl:
             body["TTL"] = f"{_seconds(ttl)}s"
         target = self._target("/v1/session/create")
-        return self._request(  # type: ignore[no-any-return]
+        return self._request(
             "PUT", target, json.dumps(body).encode(), "creating a session", "session:write", "the agent's node", read=_read_id
         )
 
@@ -198,29 +200,28 @@ class ConsulClient:
         target = self._target(f"/v1/session/renew/{quote(session)}")
         action = "renewing a session"
         answer = self._request(
-            "PUT", target, b"", action, "session:write", "the agent's node", session=session, timeout=timeout, read=_read_first
+            "PUT", target, b"", action, "session:write", "the agent's node", session=session, timeout=timeout, read=_read_renewed
         )
-        if answer is None:
-            raise SessionGone(session, self.address)
         return _parse_go_duration(answer.get("TTL", "")) or self.settings.ttl
 
     def session_destroy(self, session: str) -> bool:
         """Destroy a session (its locks are released); True if Consul answered 200."""
         target = self._target(f"/v1/session/destroy/{quote(session)}")
-        status, _, _ = self._request("PUT", target, b"", "destroying a session", "session:write", "the agent's node", ok=_OK_404)
-        return status == 200
+        return self._request(
+            "PUT", target, b"", "destroying a session", "session:write", "the agent's node", ok=_OK_404, read=_read_found
+        )
 
     def session_info(self, session: str) -> dict[str, Any] | None:
         """The session's description (ID, Name, Node, TTL, LockDelay, Checks, ...), or None."""
         target = self._target(f"/v1/session/info/{quote(session)}")
-        return self._request(  # type: ignore[no-any-return]
+        return self._request(
             "GET", target, None, "reading a session", "session:read", "the agent's node", ok=_OK_404, read=_read_first
         )
 
     def session_list(self) -> list[dict[str, Any]]:
         """Every session in the datacenter (ID, Name, Node, TTL, LockDelay, Checks, ...)."""
         target = self._target("/v1/session/list")
-        return self._request(  # type: ignore[no-any-return]
+        return self._request(
             "GET", target, None, "listing sessions", "session:read", "the datacenter's nodes", read=_read_sessions
         )
 
@@ -241,7 +242,7 @@ class ConsulClient:
 
     def status_leader(self) -> str:
         """The address of the servers' raft leader; empty while they have none."""
-        return self._request(  # type: ignore[no-any-return]
+        return self._request(
             "GET", "/v1/status/leader", None, "asking for the cluster leader", "none", "the cluster", read=_read_leader
         )
 
@@ -258,20 +259,21 @@ class ConsulClient:
             "Name": name,
             "Check": {"TTL": _go_duration(check_ttl), "DeregisterCriticalServiceAfter": "1m"},
         }
-        self._request(
-            "PUT", "/v1/agent/service/register", json.dumps(body).encode(), "registering a health check", "service:write", name
-        )
+        self._agent_write("/v1/agent/service/register", json.dumps(body).encode(), "registering a health check", name)
         return f"service:{service_id}"
 
     def agent_check_pass(self, check_id: str) -> None:
-        self._request("PUT", f"/v1/agent/check/pass/{quote(check_id)}", b"", "passing a health check", "service:write", check_id)
+        self._agent_write(f"/v1/agent/check/pass/{quote(check_id)}", b"", "passing a health check", check_id)
 
     def agent_check_fail(self, check_id: str) -> None:
-        self._request("PUT", f"/v1/agent/check/fail/{quote(check_id)}", b"", "failing a health check", "service:write", check_id)
+        self._agent_write(f"/v1/agent/check/fail/{quote(check_id)}", b"", "failing a health check", check_id)
 
     def agent_deregister_service(self, service_id: str) -> None:
-        target = f"/v1/agent/service/deregister/{quote(service_id)}"
-        self._request("PUT", target, b"", "deregistering a health check", "service:write", service_id)
+        self._agent_write(f"/v1/agent/service/deregister/{quote(service_id)}", b"", "deregistering a health check", service_id)
+
+    def _agent_write(self, path: str, body: bytes, action: str, resource: str) -> None:
+        """A PUT to the agent's own endpoints (no datacenter): they answer 200 and no body."""
+        self._request("PUT", path, body, action, "service:write", resource, read=_read_nothing)
 
     # -- KV ---------------------------------------------------------------------------
 
@@ -294,7 +296,7 @@ class ConsulClient:
     def kv_keys(self, prefix: str) -> list[KVEntry]:
         """Every key under ``prefix``."""
         target = self._target(_kv_path(prefix), "recurse=1")
-        return self._request("GET", target, None, "listing keys", "key:read", prefix, ok=_OK_404, read=_read_entries)  # type: ignore[no-any-return]
+        return self._request("GET", target, None, "listing keys", "key:read", prefix, ok=_OK_404, read=_read_entries)
 
     def kv_list(
         self, prefix: str, *, index: int | None = None, wait: float | None = None, consistent: bool = False
@@ -311,12 +313,12 @@ class ConsulClient:
         """Write a key; with ``cas``, only if its ModifyIndex is ``cas`` (0: if absent)."""
         query = "&".join(f"{name}={v}" for name, v in (("cas", cas), ("flags", flags)) if v is not None)
         target = self._target(_kv_path(key), query)
-        return self._request("PUT", target, value, "writing a key", "key:write", key, read=_read_bool)  # type: ignore[no-any-return]
+        return self._request("PUT", target, value, "writing a key", "key:write", key, read=_read_bool)
 
     def kv_delete(self, key: str, *, cas: int | None = None) -> bool:
         """Delete a key; with ``cas``, only if its ModifyIndex is still ``cas``."""
         target = self._target(_kv_path(key), "" if cas is None else f"cas={cas}")
-        return self._request("DELETE", target, None, "deleting a key", "key:write", key, read=_read_bool)  # type: ignore[no-any-return]
+        return self._request("DELETE", target, None, "deleting a key", "key:write", key, read=_read_bool)
 
     def kv_lock(self, key: str, session: str, value: bytes, flags: int = LOCK_FLAG, *, exists: bool = True) -> LockAttempt:
         """Acquire ``key`` for ``session`` in one transaction that also returns, atomically,
@@ -334,29 +336,8 @@ class ConsulClient:
             flags,
             json.dumps(session),
         )
-        code, answer = self._txn_send(body.encode(), "acquiring a lock", key)
-        if code == 200:
-            taken = _quick_lock_answer(answer, exists)
-            if taken is not None:
-                return taken
-        ok, results, errors = self._txn_parse(code, answer, "acquiring a lock", key)
-        if ok and len(results) != (2 if exists else 1):
-            raise NotConsul(self.address, "acquiring a lock", f"{len(results)} results to a transaction of 2 operations")
-        if ok:
-            before = results[0]["KV"] if exists else {}
-            conflict = KVEntry.from_api(before) if int(before.get("Flags") or 0) not in (0, LOCK_FLAG) else None
-            return LockAttempt(True, int(results[-1]["KV"]["ModifyIndex"]), conflict=conflict, previous=before.get("Value"))
-        what = " ".join(str(e.get("What", "")) for e in errors)
-        for marker, reason in (
-            ("doesn't exist", "missing"),
-            ("exists", "exists"),
-            ("lock delay", "lock-delay"),
-            ("invalid session", "session"),
-            ("already held", "held"),
-        ):
-            if marker in what:
-                return LockAttempt(False, reason=reason)
-        raise ConsulLockError(f"Consul at {self.address} refused to lock {key!r}: {what}")
+        read = _read_lock_existing if exists else _read_lock_new
+        return self._request("PUT", self._txn_target, body.encode(), "acquiring a lock", "key:write", key, ok=_OK_409, read=read)
 
     def kv_restore(self, key: str, session: str, previous: KVEntry) -> bool:
         """Undo a lock taken on a key that turned out not to be a lock: free it and put its
@@ -396,45 +377,16 @@ class ConsulClient:
         no lock-delay follows. True if we held it."""
         # The hot path of every lock: the target is cached per (key, session).
         target = _release_target(key, session, flags, self.settings.datacenter)
-        action = "releasing a lock"
-        _, _, content = self._request("PUT", target, value, action, "key:write", key, session=session)
-        answer = content.strip()
-        if answer not in (b"true", b"false"):
-            raise NotConsul(self.address, action, f"HTTP 200 with {self._excerpt(content)} instead of true or false")
-        return answer == b"true"
+        return self._request("PUT", target, value, "releasing a lock", "key:write", key, session=session, read=_read_release)
 
     def txn(
         self, ops: list[dict[str, Any]], *, action: str = "running a transaction", resource: str = "the keys involved"
     ) -> tuple[bool, list[dict[str, Any]], list[dict[str, Any]]]:
         """``PUT /v1/txn``: all operations or none. Returns (ok, results, errors); a
         ``check-session`` that fails gives ok=False, not an exception."""
-        code, body = self._txn_send(json.dumps(ops).encode(), action, resource)
-        return self._txn_parse(code, body, action, resource)
-
-    def _txn_send(self, payload: bytes, action: str, resource: str) -> tuple[int, str]:
-        """Send a transaction; its answer (200, or 409: rolled back) or an exception."""
-        code, _, content = self._request("PUT", self._txn_target, payload, action, "key:write", resource, ok=_OK_409)
-        return code, content.decode("utf-8", "replace")
-
-    def _txn_parse(
-        self, code: int, body: str, action: str, resource: str
-    ) -> tuple[bool, list[dict[str, Any]], list[dict[str, Any]]]:
-        try:
-            data = json.loads(body)
-            errors, results = data.get("Errors") or [], data.get("Results") or []
-            # Consul lists the results of a transaction that ran and the errors of one that did not.
-            if not isinstance(data.get("Results" if code == 200 else "Errors"), list):
-                raise ValueError("no results")
-            if not all(isinstance(e, dict) for e in errors) or not all(isinstance(r.get("KV"), dict) for r in results):
-                raise ValueError("not a KV transaction's answer")
-        except (ValueError, TypeError, AttributeError):
-            raise NotConsul(
-                self.address, action, f"HTTP {code} with {self._excerpt(body)}, which is not a transaction's answer"
-            ) from None
-        if any("Permission denied" in str(e.get("What", "")) for e in errors):
-            # A transaction reports ACL refusals as 409 with errors, not as 403.
-            raise ACLDenied(self.address, action, "key:write", resource)
-        return code == 200, results, errors
+        return self._request(
+            "PUT", self._txn_target, json.dumps(ops).encode(), action, "key:write", resource, ok=_OK_409, read=_read_txn
+        )
 
     # -- the one road -------------------------------------------------------------------
 
@@ -455,16 +407,16 @@ class ConsulClient:
         session: str | None = None,
         timeout: float | None = None,
         ok: tuple[int, ...] = _OK,
-        read: Callable[[int, Headers, bytes], Any] | None = None,
-    ) -> Any:
+        read: Callable[[int, Headers, bytes], _T],
+    ) -> _T:
         """Send one request and check its answer; every call of this module comes here.
 
-        Returns (status, headers, body), or what ``read(status, headers, body)`` makes of
-        them. ``action``, ``permission`` and ``resource`` name the call in its errors
-        ("creating a session", "session:write", "the agent's node"); ``session``, if the
-        call is about one, lets a refusal for an unknown session become SessionGone. A
-        status outside ``ok``, an answer no Consul agent gives, a body ``read`` cannot read
-        and every failure of the connection become our errors through :data:`FAILURES`.
+        Returns what ``read(status, headers, body)`` makes of the answer. ``action``,
+        ``permission`` and ``resource`` name the call in its errors ("creating a session",
+        "session:write", "the agent's node"); ``session``, if the call is about one, lets a
+        refusal for an unknown session become SessionGone. A status outside ``ok``, an
+        answer no Consul agent gives, a body ``read`` cannot read and every failure of the
+        connection become our errors through :data:`FAILURES`.
         """
         try:
             status, headers, content = self._conn.request(
@@ -475,13 +427,12 @@ class ConsulClient:
                 raise _Foreign(f"{why}: {self._excerpt(content)}" if content else why)
             if status not in ok:
                 raise _Refused(status, content.decode("utf-8", "replace"))
-            if read is None:
-                return status, headers, content
             try:
                 return read(status, headers, content)
             except (ValueError, KeyError, IndexError, TypeError, AttributeError) as exc:
-                # JSON of a shape Consul never sends.
-                raise _Foreign(f"HTTP {status} with {self._excerpt(content)} ({type(exc).__name__} reading it)") from None
+                # An answer of a shape Consul never sends.
+                what = str(exc) if isinstance(exc, _Unreadable) else f"{type(exc).__name__} reading it"
+                raise _Foreign(f"HTTP {status} with {self._excerpt(content)} ({what})") from None
         except Exception as exc:
             error = _failure(exc, Call(self, action, permission, resource, session))
             if error is None:
@@ -564,7 +515,7 @@ FAILURES: tuple[tuple[type[Exception], Callable[[Any, Call], bool] | None, Calla
     (OSError, None, lambda e, c: ConsulUnavailable(c.address, c.action, f"{type(e).__name__}: {e}")),
     # -- Consul's refusals
     (_Refused, lambda r, c: r.status == 403, _acl_denied),
-    (_Refused, _unknown_session, lambda r, c: SessionGone(c.session, c.address)),
+    (_Refused, _unknown_session, lambda r, c: SessionGone(c.session or "", c.address)),
     (_Refused, _election, lambda r, c: _no_leader(c.address, c.action, r.text)),
     (_Refused, None, _refused),
 )
@@ -626,6 +577,15 @@ def _read_leader(status: int, headers: Headers, content: bytes) -> str:
     return _expect(json.loads(content) or "", str, "a raft leader address")  # type: ignore[no-any-return]
 
 
+def _read_nothing(status: int, headers: Headers, content: bytes) -> None:
+    return None
+
+
+def _read_found(status: int, headers: Headers, content: bytes) -> bool:
+    """True for 200, False for 404 (nothing there)."""
+    return status == 200
+
+
 def _read_bool(status: int, headers: Headers, content: bytes) -> bool:
     return _expect(json.loads(content), bool, "a true or false")  # type: ignore[no-any-return]
 
@@ -659,6 +619,82 @@ def _read_query(timeout: float, index: int | None, wait: float | None, consisten
 
 def _read_entries(status: int, headers: Headers, content: bytes) -> list[KVEntry]:
     return [] if status == 404 else [_entry(d) for d in _expect(json.loads(content) or [], list, "a key list")]
+
+
+class _Unreadable(ValueError):
+    """An answer a reader cannot take; ``args[0]`` says why ("not a transaction's answer")."""
+
+
+def _read_renewed(status: int, headers: Headers, content: bytes) -> dict[str, Any]:
+    """The renewed session; an empty answer means Consul no longer knows it."""
+    session = _read_first(status, headers, content)
+    if session is None:
+        raise _Refused(404, "no such session")
+    return session
+
+
+def _read_release(status: int, headers: Headers, content: bytes) -> bool:
+    answer = content.strip()
+    if answer not in (b"true", b"false"):
+        raise _Unreadable("instead of true or false")
+    return answer == b"true"
+
+
+def _read_txn(status: int, headers: Headers, content: bytes) -> tuple[bool, list[dict[str, Any]], list[dict[str, Any]]]:
+    """(ok, results, errors) of a transaction: 200 ran, 409 rolled back. Consul reports an
+    ACL refusal inside a transaction as a 409 with errors: it becomes a 403's error."""
+    try:
+        data = json.loads(content)
+        errors, results = data.get("Errors") or [], data.get("Results") or []
+        # Consul lists the results of a transaction that ran and the errors of one that did not.
+        if not isinstance(data.get("Results" if status == 200 else "Errors"), list):
+            raise ValueError("no results")
+        if not all(isinstance(e, dict) for e in errors) or not all(isinstance(r.get("KV"), dict) for r in results):
+            raise ValueError("not a KV transaction's answer")
+    except (ValueError, TypeError, AttributeError):
+        raise _Unreadable("which is not a transaction's answer") from None
+    denied = [str(e.get("What", "")) for e in errors if "Permission denied" in str(e.get("What", ""))]
+    if denied:
+        raise _Refused(403, denied[0])
+    return status == 200, results, errors
+
+
+#: Why Consul refused a lock transaction (words of its error), and the reason we give.
+_LOCK_REFUSALS = (
+    ("doesn't exist", "missing"),
+    ("exists", "exists"),
+    ("lock delay", "lock-delay"),
+    ("invalid session", "session"),
+    ("already held", "held"),
+)
+
+
+def _read_lock(status: int, headers: Headers, content: bytes, exists: bool) -> LockAttempt:
+    """kv_lock's answer: taken (the usual answer, read quickly), or why not."""
+    if status == 200:
+        taken = _quick_lock_answer(content.decode("utf-8", "replace"), exists)
+        if taken is not None:
+            return taken
+    ok, results, errors = _read_txn(status, headers, content)
+    if ok and len(results) != (2 if exists else 1):
+        raise _Unreadable(f"{len(results)} results to a transaction of 2 operations")
+    if ok:
+        before = results[0]["KV"] if exists else {}
+        conflict = KVEntry.from_api(before) if int(before.get("Flags") or 0) not in (0, LOCK_FLAG) else None
+        return LockAttempt(True, int(results[-1]["KV"]["ModifyIndex"]), conflict=conflict, previous=before.get("Value"))
+    what = " ".join(str(e.get("What", "")) for e in errors)
+    for marker, reason in _LOCK_REFUSALS:
+        if marker in what:
+            return LockAttempt(False, reason=reason)
+    raise _Refused(status, what)
+
+
+def _read_lock_existing(status: int, headers: Headers, content: bytes) -> LockAttempt:
+    return _read_lock(status, headers, content, True)
+
+
+def _read_lock_new(status: int, headers: Headers, content: bytes) -> LockAttempt:
+    return _read_lock(status, headers, content, False)
 
 
 def _kv_path(key: str) -> str:

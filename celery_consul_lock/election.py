@@ -306,7 +306,7 @@ class Election:
     @property
     def stall_timeout(self) -> float:
         """The stall timeout now in force: the setting, doubled for each stall in a row."""
-        return self.config.stall_timeout * 2 ** min(self._stalls, STALL_ESCALATION_MAX)
+        return self.config.stall_timeout * float(2 ** min(self._stalls, STALL_ESCALATION_MAX))
 
     def _loop_stalled(self) -> bool:
         """Called before each check pass (from the session renewer): True while the loop is

@@ -24,11 +24,17 @@ __all__ = [
 ]
 
 
+# -- the base ---------------------------------------------------------------------------------
+
+
 class ConsulLockError(Exception):
     """Base class of every error raised by celery-consul-lock."""
 
     def __reduce__(self) -> tuple[type[ConsulLockError], tuple[object, ...]]:
         return (type(self), self.args)
+
+
+# -- configuration ------------------------------------------------------------------------------
 
 
 class InvalidSetting(ConsulLockError, ValueError):
@@ -42,6 +48,9 @@ class InvalidSetting(ConsulLockError, ValueError):
 
     def __str__(self) -> str:
         return f"{self.setting}={self.value!r} is invalid: {self.reason}"
+
+
+# -- the runtime schedule -----------------------------------------------------------------------
 
 
 class InvalidEntry(ConsulLockError, ValueError):
@@ -82,6 +91,9 @@ class EntryNotFound(ConsulLockError):
 
     def __str__(self) -> str:
         return f"beat {self.beat!r} has no runtime schedule entry named {self.name!r}"
+
+
+# -- reaching Consul (consul.FAILURES maps every failure of a request to one of these) ----------
 
 
 class ConsulUnavailable(ConsulLockError):
@@ -168,6 +180,9 @@ class SessionGone(ConsulLockError):
             "invalidated by a failing check); every lock it held is lost. A new acquire "
             "creates a new session."
         )
+
+
+# -- the lock -----------------------------------------------------------------------------------
 
 
 class LockConflict(ConsulLockError):

@@ -159,7 +159,7 @@ def create_connection(address: tuple[str, int], timeout: float) -> socket.socket
 
 def ssl_context_class() -> type[ssl.SSLContext]:
     """The ``ssl.SSLContext`` whose sockets are real (gevent replaces the class)."""
-    return _original("ssl", "SSLContext") if green() else ssl.SSLContext  # type: ignore[no-any-return]
+    return _original("ssl", "SSLContext") if green() else ssl.SSLContext
 
 
 def owner() -> Owner | None:
@@ -193,7 +193,9 @@ class Owner:
             if still() and not glet.dead:
                 glet.throw(exc)
 
-        self.hub.loop.run_callback_threadsafe(fire)
+        hub = self.hub
+        assert hub is not None, "throw() is for greenlets of a gevent hub"
+        hub.loop.run_callback_threadsafe(fire)
 
 
 def _here(hub: Any) -> bool:

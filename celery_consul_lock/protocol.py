@@ -14,6 +14,11 @@ Three headers (Celery copies a message's headers into ``task.request``, also int
   (:func:`stale_leader`).
 - :data:`LOCK_OPTIONS_HEADER` (``consul_lock``): per-call overrides of a task's lock options,
   e.g. ``task.apply_async(args, headers={"consul_lock": {"on_held": "wait"}})``.
+
+And one a worker puts on a message it sends back to the queue (see :mod:`.availability`):
+
+- :data:`REQUEUE_HEADER` (``consul_lock_requeue``): ``{"count": n, "since": <epoch s of the
+  first requeue>}`` (:func:`requeue_header`, :func:`requeues`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from typing import Any
 __all__ = [
     "LEADER_HEADER",
     "LOCK_OPTIONS_HEADER",
+    "REQUEUE_HEADER",
     "TICK_HEADER",
     "Tick",
     "crontab_tick",
@@ -34,6 +40,8 @@ __all__ = [
     "interval_tick",
     "leader_header",
     "options_override",
+    "requeue_header",
+    "requeues",
     "retry_headers",
     "stale_leader",
     "tick_of_request",
@@ -46,6 +54,8 @@ LEADER_HEADER = "consul_lock_leader"
 #: Message header with per-call overrides of the lock options, e.g.
 #: ``task.apply_async(args, headers={"consul_lock": {"on_held": "wait"}})``.
 LOCK_OPTIONS_HEADER = "consul_lock"
+#: Message header of a requeued copy: ``{"count": n, "since": <epoch of the first requeue>}``.
+REQUEUE_HEADER = "consul_lock_requeue"
 #: Leaderships remembered per scheduler (see :func:`stale_leader`).
 LEADERS_KEPT = 16
 
@@ -115,6 +125,12 @@ def leader_header(scheduler: str, token: int | None, instance: str, elected_at: 
     return {"scheduler": scheduler, "token": token, "instance": instance, "sent_at": sent_at, "elected_at": elected_at}
 
 
+def requeue_header(count: int, since: float) -> dict[str, Any]:
+    """The :data:`REQUEUE_HEADER` value of a message's ``count``-th requeued copy, first
+    requeued at ``since`` (epoch s)."""
+    return {"count": count, "since": since}
+
+
 def retry_headers(tick: Tick | None, override: Any) -> dict[str, Any]:
     """The headers a retry of a message carries over: its tick id and its lock options
     override (Celery copies neither into a retry by itself)."""
@@ -145,6 +161,17 @@ def tick_of_request(request: Any) -> Tick | None:
 def options_override(request: Any) -> Any:
     """The request's :data:`LOCK_OPTIONS_HEADER` value, unchecked (None when absent)."""
     return header_value(request, LOCK_OPTIONS_HEADER)
+
+
+def requeues(header: object) -> tuple[int, float | None]:
+    """(requeues so far, epoch s of the first) from a :data:`REQUEUE_HEADER` value; (0, None)
+    for an original message or a malformed value."""
+    if not isinstance(header, Mapping):
+        return 0, None
+    try:
+        return int(header.get("count", 0)), float(header["since"]) if "since" in header else None
+    except (TypeError, ValueError):
+        return 0, None
 
 
 #: Leaderships of each beat scheduler this process has seen messages from: name ->

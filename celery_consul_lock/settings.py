@@ -189,13 +189,13 @@ def address(value: Any) -> str:
 
 def key_prefix(value: Any) -> str:
     """Text put in front of every key; with a key after it, a key Consul accepts."""
-    value = text(value)
-    if value:
+    prefix = text(value)
+    if prefix:
         try:
-            validate_key(value + "x")
+            validate_key(prefix + "x")
         except InvalidSetting as exc:
             raise Invalid(exc.reason) from None
-    return value
+    return prefix
 
 
 def pem(marker: str, what: str) -> Parser:

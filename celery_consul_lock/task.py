@@ -35,16 +35,18 @@ from celery.exceptions import Ignore, Reject
 from celery.signals import worker_process_shutdown, worker_shutdown
 
 from . import native, signals
-from .availability import REQUEUE_HEADER, AvailabilityConfig, requeue_or_raise
+from .availability import AvailabilityConfig, requeue_or_raise
 from .consul import thread_client
 from .errors import ConsulUnavailable, InvalidSetting, LockHeld, LockLost
 from .lock import ConsulLock, LockHolder
 from .protocol import (
     LEADER_HEADER,
     LOCK_OPTIONS_HEADER,
+    REQUEUE_HEADER,
     Tick,
     header_value,
     options_override,
+    requeues,
     retry_headers,
     stale_leader,
     tick_of_request,
@@ -259,16 +261,18 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             if _delivery_finished(lock.previous, task_id, attempt):
                 self._skip(lock.key, "duplicate-delivery", None, tick, task_id)
                 raise Ignore()  # the task id's result is the finished run's
-            mark = None
+            mark: Mark | None = None
             if tick is not None:
                 try:
-                    mark = self._open_tick(lock, settings, tick)
+                    opened = self._open_tick(lock, settings, tick)
                 except ConsulUnavailable as exc:
                     if settings.fail_policy != "open":
                         self._consul_unavailable(exc, request, tick)
                     log.warning("running %s[%s] WITHOUT its tick mark %s (fail_policy=open): %s", self.name, task_id, tick, exc)
-                if isinstance(mark, str):
-                    return self._skip(lock.key, "duplicate-tick", None, tick, task_id, why=mark)
+                else:
+                    if isinstance(opened, str):
+                        return self._skip(lock.key, "duplicate-tick", None, tick, task_id, why=opened)
+                    mark = opened
             request.consul_lock_held = lock
             signals.send(signals.task_lock_acquired, self, key=lock.key, fencing_token=lock.fencing_token, task_id=task_id)
             result = self._run_body(lock, options, task_id, args, kwargs)
@@ -600,8 +604,7 @@ def _delivery_finished(previous: Mapping[str, Any] | None, task_id: str | None, 
 
 def _attempt(request: Any) -> Attempt:
     """Which attempt of its message a run is: (Celery's retries, our requeues)."""
-    requeue = header_value(request, REQUEUE_HEADER)
-    count = requeue.get("count", 0) if isinstance(requeue, Mapping) else 0
+    count, _ = requeues(header_value(request, REQUEUE_HEADER))
     return _attempt_of({"retries": getattr(request, "retries", 0), "requeues": count})
 
 
@@ -611,8 +614,10 @@ def _attempt_of(data: Mapping[str, Any]) -> Attempt:
     return (retries if isinstance(retries, int) else 0, requeues if isinstance(requeues, int) else 0)
 
 
-@worker_process_shutdown.connect(weak=False)
-@worker_shutdown.connect(weak=False)
 def _close_sessions_on_shutdown(**_: Any) -> None:
     # Pool processes end through os._exit, which skips atexit: end our sessions here.
     close_sessions()
+
+
+worker_process_shutdown.connect(_close_sessions_on_shutdown, weak=False)
+worker_shutdown.connect(_close_sessions_on_shutdown, weak=False)

@@ -335,7 +335,7 @@ class ConsulAgent:
     def leader(self) -> str:
         """The raft leader's address, or "" when there is none (or the agent is down)."""
         try:
-            return self.api("/v1/status/leader") or ""  # type: ignore[no-any-return]
+            return str(self.api("/v1/status/leader") or "")
         except OSError:
             return ""
 

@@ -165,7 +165,7 @@ def read_response(f: BinaryIO, method: str) -> tuple[int, Headers, bytes, bool]:
 
 
 def _read_chunked(f: BinaryIO) -> bytes:
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         size_line = f.readline(MAX_HEADER_BYTES)
         if not size_line.endswith(b"\n"):

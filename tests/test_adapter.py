@@ -177,7 +177,10 @@ def test_the_quick_reading_of_a_lock_answer_agrees_with_decoding_it(client, key)
     try:
         for exists in (False, True):
             body = _LOCK_TXN % ("get" if exists else "check-not-exists", quoted, quoted, "", LOCK_FLAG, json.dumps(sid))
-            code, answer = client._txn_send(body.encode(), "test", key)
+            code, content = client._request(
+                "PUT", client._txn_target, body.encode(), "test", "key:write", key, read=lambda s, h, c: (s, c)
+            )
+            answer = content.decode()
             assert code == 200, answer
             results = json.loads(answer)["Results"]
             quick = _quick_lock_answer(answer, exists)

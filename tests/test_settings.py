@@ -403,3 +403,23 @@ def test_the_readme_lists_exactly_the_declared_task_lock_options():
     rows = readme[start : readme.index("\n\n", start)].splitlines()[2:]
     documented = {name for row in rows for name in re.findall(r"`(\w+)`", row.split("|")[1])}
     assert documented == {LockOptions.attribute(f.name) for f in fields(LockOptions)}
+
+
+def test_every_declared_environment_variable_fills_its_setting(tmp_path):
+    from celery_consul_lock.settings import CONSUL_SETTINGS
+
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert.write_text("-----BEGIN CERTIFICATE-----\n")
+    key.write_text("-----BEGIN PRIVATE KEY-----\n")
+    samples = {  # setting: (the variable's text, the value it gives)
+        "address": ("10.0.0.1:8501", "10.0.0.1:8501"),
+        "token": ("env-token", "env-token"),
+        "verify": ("false", False),
+        "ca_file": (str(cert), str(cert)),
+        "client_cert": (str(cert), str(cert)),
+        "client_key": (str(key), str(key)),
+    }
+    declared = {s.name: s.env for s in CONSUL_SETTINGS if s.env}
+    assert sorted(declared) == sorted(samples)
+    s = ConsulSettings.resolve({}, env={declared[name]: text for name, (text, _) in samples.items()})
+    assert {name: getattr(s, name) for name in samples} == {name: value for name, (_, value) in samples.items()}

@@ -27,7 +27,7 @@ from celery_consul_lock import ConsulSettings, ConsulUnavailable
 from celery_consul_lock.consul import FAILURES, ConsulClient
 from celery_consul_lock.transport import MAX_HEADER_BYTES, Connection, NotHTTP, _ClosedEarly, read_response
 
-from .servers import ConsulAgent
+from .servers import ConsulAgent, start_consul, wait_consul_ready
 
 #: What the parser may raise on bytes it cannot take: nothing else.
 PARSER_ERRORS = (NotHTTP, ConnectionError, _ClosedEarly)
@@ -160,6 +160,25 @@ def test_a_connection_the_agent_closed_while_idle_is_replaced_and_the_request_se
     assert len(server.requests) == 2
     assert server.requests[0][0].startswith(b"PUT /v1/kv/a ") and server.requests[1][0].startswith(b"PUT /v1/kv/b ")
     assert server.requests[1][0].endswith(b"\r\n\r\n2")
+
+
+def test_the_connection_a_restarted_agent_closed_is_replaced_by_the_next_request(tmp_path):
+    """A real agent closes its connections when it stops: the client's idle keep-alive
+    connection is dead, and the next request goes out on a new one, to the new agent."""
+    agent = start_consul(tmp_path)
+    try:
+        wait_consul_ready(agent)
+        client = ConsulClient(ConsulSettings(address=agent.address, timeout=5))
+        try:
+            assert client.status_leader()
+            agent.proc.stop()
+            agent.proc.restart()
+            wait_consul_ready(agent)
+            assert client.status_leader()  # on the same client, whose connection the old agent closed
+        finally:
+            client.close()
+    finally:
+        agent.stop()
 
 
 def test_a_new_connection_closed_without_an_answer_is_not_sent_again(scripted):
