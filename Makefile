@@ -9,13 +9,17 @@ PYTEST_ARGS ?=
 # addresses stay in one process); PARALLEL= runs the suite in one process.
 PARALLEL ?= -n 2 --dist loadfile
 
-.PHONY: demo test test-python-consul2 test-py-consul lint bench servers venv clean
+.PHONY: demo demo-cron test test-python-consul2 test-py-consul lint bench servers venv clean
 
 # make demo EXAMPLE=flask (default: django); DEMO_ARGS="--seconds 30" and the like.
 EXAMPLE ?= django
 DEMO_ARGS ?=
 demo: $(VENV)/.installed $(SERVERS)
 	$(VENV)/bin/python -m example_project.demo --example $(EXAMPLE) $(DEMO_ARGS)
+
+# `celery-consul-lock run` on three "nodes" for a few slots, one late, one killed mid-run.
+demo-cron: $(VENV)/.installed $(SERVERS)
+	$(VENV)/bin/python -m example_project.demo_cron $(DEMO_ARGS)
 
 test: lint test-python-consul2 test-py-consul
 

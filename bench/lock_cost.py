@@ -26,22 +26,19 @@ ours/floor or curl/ours misses its target, so it can serve as a check.
 
 from __future__ import annotations
 
-import argparse
 import http.client
-import itertools
 import json
 import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from common import start_server_agent, write_json  # noqa: E402
+from common import interleave, interleaved_args, start_server_agent, write_json  # noqa: E402
 
 from celery_consul_lock import ConsulLock, close_sessions  # noqa: E402
 from celery_consul_lock.consul import LOCK_FLAG  # noqa: E402
@@ -163,54 +160,19 @@ class Curl(Script):
         return out.stdout
 
 
-def stats(samples: list[float]) -> dict[str, float]:
-    ms = [s * 1000 for s in samples]
-    return {
-        "median_ms": statistics.median(ms),
-        "p90_ms": statistics.quantiles(ms, n=10, method="inclusive")[8],
-        "mean_ms": statistics.fmean(ms),
-        "min_ms": min(ms),
-        "n": len(ms),
-    }
-
-
 def run(agent: ConsulAgent, rounds: int, iterations: int) -> tuple[dict[str, dict[str, float]], list[dict[str, float]]]:
     """Per flow, the statistics of all its samples; and per round, each flow's median."""
     plain, floor, ours, script, curl = Plain(agent), Floor(agent), Ours(agent), Script(agent), Curl(agent)
     methods: dict[str, Callable[[], None]] = {"plain": plain, "floor": floor, "ours": ours, "script": script, "curl": curl}
     try:
-        for _ in range(WARMUP):
-            for fn in methods.values():
-                fn()
-        samples: dict[str, list[float]] = {name: [] for name in methods}
-        per_round: list[dict[str, float]] = []
-        names = list(methods)
-        orders = (names[r % len(names) :] + names[: r % len(names)] for r in itertools.count())
-        for _ in range(rounds):
-            medians = {}
-            for name in next(orders):
-                fn, out = methods[name], []
-                for _ in range(iterations):
-                    t0 = time.perf_counter()
-                    fn()
-                    out.append(time.perf_counter() - t0)
-                samples[name] += out
-                medians[name] = statistics.median(out)
-            per_round.append(medians)
-        return {name: stats(s) for name, s in samples.items()}, per_round
+        return interleave(methods, rounds, iterations, WARMUP)
     finally:
         floor.close()
         plain.close()
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=15, help="rounds of all flows, in rotating order (default 15)")
-    parser.add_argument("--iterations", type=int, default=40, help="iterations of each per round (default 40)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to PATH as JSON")
-    args = parser.parse_args(argv)
-    if args.rounds < 1 or args.iterations < 1:
-        parser.error("--rounds and --iterations must be at least 1")
+    args = interleaved_args(__doc__.split("\n\n")[0], 15, 40, argv)
 
     with tempfile.TemporaryDirectory(prefix="lock-cost-") as tmp:
         agent, info = start_server_agent(Path(tmp))

@@ -16,10 +16,13 @@ from .errors import (
     LockLost,
     LockTimeout,
     NotConsul,
+    SemaphoreConflict,
+    SemaphoreLimitConflict,
     SessionGone,
 )
 from .lock import ConsulLock, LockHolder
 from .protocol import TICK_HEADER, Tick
+from .semaphore import ConsulSemaphore, SemaphoreState
 from .session import close_sessions
 from .settings import ConsulSettings
 from .task import ConsulLockedTask, LockLostAbort, LockOptions, is_skipped
@@ -30,6 +33,7 @@ __all__ = [
     "ConsulLock",
     "ConsulLockError",
     "ConsulLockedTask",
+    "ConsulSemaphore",
     "ConsulSettings",
     "ConsulUnavailable",
     "EntryConflict",
@@ -46,6 +50,9 @@ __all__ = [
     "LockTimeout",
     "NotConsul",
     "RuntimeSchedule",
+    "SemaphoreConflict",
+    "SemaphoreLimitConflict",
+    "SemaphoreState",
     "SessionGone",
     "Tick",
     "close_sessions",

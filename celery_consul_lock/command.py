@@ -32,11 +32,12 @@ from typing import Any, NoReturn
 import click
 from celery.bin.base import CeleryCommand
 
-from .consul import ConsulClient, KVEntry, kv_set
+from .consul import SEMAPHORE_FLAG, ConsulClient, KVEntry, kv_set
 from .election import BeatConfig
 from .entries import NEVER, EntryDefinition, RuntimeSchedule, once, parse_at, parse_crontab, schedule_to_json
 from .errors import ConsulLockError, EntryConflict, EntryNotFound, InvalidEntry, InvalidSetting
 from .lock import LockHolder
+from .semaphore import SEMAPHORE_KEY, SemaphoreState
 from .settings import ConsulSettings
 from .task import ConsulLockedTask
 from .ticks import MARKS_PREFIX, key_part
@@ -54,7 +55,8 @@ SCRATCH = "celery-consul-lock-check"
 
 
 def collect_status(app: Any) -> dict[str, Any]:
-    """Everything ``status`` shows, as JSON-ready data: beats, held locks, periodic entries.
+    """Everything ``status`` shows, as JSON-ready data: beats, held locks, semaphores
+    (their limit and live holders), periodic entries.
 
     Reads the whole key prefix and the session list once each, so it sees one moment of
     the cluster (up to the few milliseconds between the two reads).
@@ -80,7 +82,7 @@ def collect_status(app: Any) -> dict[str, Any]:
             beat = beats.setdefault(m["name"], _beat(m["name"], prefix))
             if entry.session:
                 beat["leader"] = _leader(entry, sessions.get(entry.session))
-        elif entry.session:
+        elif entry.session and entry.flags != SEMAPHORE_FLAG:
             locks.append(_held(entry, sessions.get(entry.session), now, prefix))
     for sid, info in sessions.items():
         m = BEAT_SESSION.match(info.get("Name") or "")
@@ -93,6 +95,7 @@ def collect_status(app: Any) -> dict[str, Any]:
         "key_prefix": prefix,
         "beats": sorted(beats.values(), key=lambda b: b["name"]),
         "locks": sorted(locks, key=lambda lock: lock["key"]),
+        "semaphores": _semaphores(entries, sessions, now, prefix),
         "entries": _entries(app, entries, prefix, beat_config),
     }
 
@@ -134,6 +137,28 @@ def _held(entry: KVEntry, session: dict[str, Any] | None, now: datetime, prefix:
         "node": holder.node,
         "fencing_token": holder.fencing_token,
     }
+
+
+def _semaphores(entries: list[KVEntry], sessions: dict[str, Any], now: datetime, prefix: str) -> list[dict[str, Any]]:
+    """Every semaphore under the prefix (a ``.lock`` key with the semaphore's flags): its
+    limit and its live holders, each as a held lock row of its contender key."""
+    out: list[dict[str, Any]] = []
+    for entry in entries:
+        if entry.flags != SEMAPHORE_FLAG or not entry.key.endswith(f"/{SEMAPHORE_KEY}"):
+            continue
+        folder = entry.key[: -len(SEMAPHORE_KEY)]
+        try:
+            state = SemaphoreState.parse(entry.key, [e for e in entries if e.key.startswith(folder)])
+        except ConsulLockError as exc:
+            out.append({"prefix": folder[len(prefix) : -1], "limit": None, "holders": [], "error": str(exc)})
+            continue
+        holders = [
+            _held(state.contenders[sid], sessions.get(sid), now, prefix)
+            for sid in sorted(state.holders)
+            if sid in state.contenders
+        ]
+        out.append({"prefix": folder[len(prefix) : -1], "limit": state.limit, "holders": holders})
+    return sorted(out, key=lambda sem: sem["prefix"])
 
 
 def _entries(app: Any, entries: list[KVEntry], prefix: str, beat: BeatConfig) -> list[dict[str, Any]]:
@@ -201,6 +226,20 @@ def render_status(status: dict[str, Any]) -> str:
                 str(lock["fencing_token"]),
             ]
             for lock in status["locks"]
+        ],
+    )
+    lines += ["", f"Semaphores: {len(status['semaphores'])}"]
+    lines += _table(
+        ["PREFIX", "HELD", "HOLDER", "AGE"],
+        [
+            [
+                sem["prefix"] if i == 0 else "",
+                f"{len(sem['holders'])}/{sem['limit'] or '?'}" if i == 0 else "",
+                holder["holder"] if holder else sem.get("error", "-"),
+                "" if not holder or holder["age_seconds"] is None else f"{holder['age_seconds']:.1f}s",
+            ]
+            for sem in status["semaphores"]
+            for i, holder in enumerate(sem["holders"] or [None])
         ],
     )
     lines += ["", f"Periodic entries: {len(status['entries'])}"]

@@ -36,12 +36,26 @@ from .settings import ConsulSettings
 from .tls import tls_context, tls_failure
 from .transport import Connection, Headers, NotHTTP
 
-__all__ = ["FAILURES", "LOCK_FLAG", "ConsulClient", "Fenced", "KVEntry", "LockAttempt", "kv_set", "kv_unlock", "thread_client"]
+__all__ = [
+    "FAILURES",
+    "LOCK_FLAG",
+    "SEMAPHORE_FLAG",
+    "ConsulClient",
+    "Fenced",
+    "KVEntry",
+    "LockAttempt",
+    "kv_set",
+    "kv_unlock",
+    "thread_client",
+]
 
 
 #: The flags value ``consul lock`` and the Go client write on a lock key
 #: (``api.LockFlagValue``); a key with other non-zero flags is not a lock.
 LOCK_FLAG = 0x2DDCCBC058A50C18
+#: The flags value ``consul lock -n N`` and the Go client's semaphore write on a
+#: semaphore's keys (``api.SemaphoreFlagValue``); a lock refuses them and they refuse a lock.
+SEMAPHORE_FLAG = 0xE0F69A2BAA414DE0
 
 #: kv_lock's transaction: ``get`` (or ``check-not-exists``) then ``lock``, on one key.
 _LOCK_TXN = '[{"KV":{"Verb":"%s","Key":%s}},{"KV":{"Verb":"lock","Key":%s,"Value":"%s","Flags":%d,"Session":%s}}]'
@@ -287,27 +301,38 @@ class ConsulClient:
     ) -> tuple[int, KVEntry | None]:
         """Read a key; with ``index``, a blocking query that returns when the key's index
         passes it or ``wait`` ends. Returns (X-Consul-Index, entry or None)."""
-        query, timeout = _read_query(self.timeout, index, wait, consistent)
+        query, timeout = self._read_query([], index, wait, consistent)
         target = self._target(_kv_path(key), query)
-        return self._request(  # type: ignore[no-any-return]
-            "GET", target, None, "reading a key", "key:read", key, timeout=timeout, ok=_OK_404, read=_read_entry
+        return self._request("GET", target, None, "reading a key", "key:read", key, timeout=timeout, ok=_OK_404, read=_read_entry)
+
+    def kv_list(
+        self, prefix: str, *, index: int | None = None, wait: float | None = None, consistent: bool = False
+    ) -> tuple[int, list[KVEntry]]:
+        """Every key under ``prefix``; with ``index``, a blocking query that returns when the
+        prefix's index passes it or ``wait`` ends. Returns (X-Consul-Index, entries)."""
+        query, timeout = self._read_query(["recurse=1"], index, wait, consistent)
+        target = self._target(_kv_path(prefix), query)
+        return self._request(
+            "GET", target, None, "listing keys", "key:read", prefix, timeout=timeout, ok=_OK_404, read=_read_indexed_entries
         )
+
+    def _read_query(self, query: list[str], index: int | None, wait: float | None, consistent: bool) -> tuple[str, float | None]:
+        """A KV read's query string (``query`` plus blocking and consistency parameters) and
+        the request timeout a blocking read needs (None: the client's)."""
+        timeout = None
+        if index:
+            query.append(f"index={index}")
+            if wait is not None:
+                query.append(f"wait={_go_duration(wait)}")
+            timeout = self.timeout + (wait or DEFAULT_BLOCKING_WAIT) * (1 + BLOCKING_JITTER)
+        if consistent:
+            query.append("consistent=1")
+        return "&".join(query), timeout
 
     def kv_keys(self, prefix: str) -> list[KVEntry]:
         """Every key under ``prefix``."""
         target = self._target(_kv_path(prefix), "recurse=1")
         return self._request("GET", target, None, "listing keys", "key:read", prefix, ok=_OK_404, read=_read_entries)
-
-    def kv_list(
-        self, prefix: str, *, index: int | None = None, wait: float | None = None, consistent: bool = False
-    ) -> tuple[int, list[KVEntry]]:
-        """Every key under ``prefix`` and the X-Consul-Index; with ``index``, a blocking query
-        that returns when something under the prefix changes past it or ``wait`` ends."""
-        query, timeout = _read_query(self.timeout, index, wait, consistent)
-        target = self._target(_kv_path(prefix), "&".join(filter(None, ("recurse=1", query))))
-        return self._request(  # type: ignore[no-any-return]
-            "GET", target, None, "listing keys", "key:read", prefix, timeout=timeout, ok=_OK_404, read=_read_indexed_entries
-        )
 
     def kv_put(self, key: str, value: bytes, *, cas: int | None = None, flags: int | None = None) -> bool:
         """Write a key; with ``cas``, only if its ModifyIndex is ``cas`` (0: if absent)."""
@@ -338,6 +363,24 @@ class ConsulClient:
         )
         read = _read_lock_existing if exists else _read_lock_new
         return self._request("PUT", self._txn_target, body.encode(), "acquiring a lock", "key:write", key, ok=_OK_409, read=read)
+
+    def kv_take_over(self, key: str, holder: str, session: str, value: bytes) -> LockAttempt:
+        """Move ``key`` from session ``holder`` to ``session`` in one transaction (``unlock``
+        then ``lock``: no moment where neither holds it, and no lock-delay); not acquired
+        (reason "held") unless ``holder`` holds it now. Returns the previous value and the
+        new ModifyIndex as :meth:`kv_lock` does."""
+        encoded = base64.b64encode(value).decode()
+        ops = [
+            {"KV": {"Verb": "get", "Key": key}},
+            {"KV": kv_unlock(key, holder)},
+            {"KV": {"Verb": "lock", "Key": key, "Value": encoded, "Flags": LOCK_FLAG, "Session": session}},
+        ]
+        ok, results, _ = self.txn(ops, action="taking over a reserved lock", resource=key)
+        if not ok:
+            return LockAttempt(False, reason="held")
+        before = results[0]["KV"]
+        conflict = KVEntry.from_api(before) if int(before.get("Flags") or 0) not in (0, LOCK_FLAG) else None
+        return LockAttempt(True, int(results[-1]["KV"]["ModifyIndex"]), conflict=conflict, previous=before.get("Value"))
 
     def kv_restore(self, key: str, session: str, previous: KVEntry) -> bool:
         """Undo a lock taken on a key that turned out not to be a lock: free it and put its
@@ -600,21 +643,8 @@ def _read_entry(status: int, headers: Headers, content: bytes) -> tuple[int, KVE
 
 
 def _read_indexed_entries(status: int, headers: Headers, content: bytes) -> tuple[int, list[KVEntry]]:
-    """(X-Consul-Index, the entries under the prefix)."""
+    """(X-Consul-Index, the entries under a prefix)."""
     return int(headers.get("x-consul-index") or 0), _read_entries(status, headers, content)  # type: ignore[call-overload]
-
-
-def _read_query(timeout: float, index: int | None, wait: float | None, consistent: bool) -> tuple[str, float | None]:
-    """The query of a (blocking, with ``index``) read and the HTTP timeout it needs."""
-    query, read_timeout = [], None
-    if index:
-        query.append(f"index={index}")
-        if wait is not None:
-            query.append(f"wait={_go_duration(wait)}")
-        read_timeout = timeout + (wait or DEFAULT_BLOCKING_WAIT) * (1 + BLOCKING_JITTER)
-    if consistent:
-        query.append("consistent=1")
-    return "&".join(query), read_timeout
 
 
 def _read_entries(status: int, headers: Headers, content: bytes) -> list[KVEntry]:
@@ -801,7 +831,8 @@ def _seconds(value: float) -> int | float:
 
 
 def _go_duration(seconds: float) -> str:
-    return f"{int(seconds * 1000)}ms"
+    # Never "0ms": Consul takes a zero wait as its default, five minutes.
+    return f"{max(1, int(seconds * 1000))}ms"
 
 
 def _parse_go_duration(text: str) -> float | None:

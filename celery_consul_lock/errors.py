@@ -20,6 +20,8 @@ __all__ = [
     "LockLost",
     "LockTimeout",
     "NotConsul",
+    "SemaphoreConflict",
+    "SemaphoreLimitConflict",
     "SessionGone",
 ]
 
@@ -200,6 +202,34 @@ class LockConflict(ConsulLockError):
         )
 
 
+class SemaphoreConflict(LockConflict):
+    """A semaphore's ``PREFIX/.lock`` key exists with flags that are not a semaphore's
+    (a lock, or other data)."""
+
+    def __str__(self) -> str:
+        return (
+            f"key {self.key!r} has flags {self.flags:#x}, so it is not a semaphore's (a lock taken by "
+            "`consul lock` without -n, or other data?); refusing to use it. Use another prefix."
+        )
+
+
+class SemaphoreLimitConflict(ConsulLockError, ValueError):
+    """The limit stored in a semaphore's ``.lock`` key differs from the one asked for (every
+    holder must agree on it, as the Go client and ``consul lock -n`` require)."""
+
+    def __init__(self, key: str, stored: int, requested: int) -> None:
+        super().__init__(key, stored, requested)
+        self.key = key
+        self.stored = stored
+        self.requested = requested
+
+    def __str__(self) -> str:
+        return (
+            f"semaphore {self.key!r} has limit {self.stored} in Consul but limit={self.requested} was asked "
+            "for; every holder must use the same limit (wait until its holders are gone, or use another prefix)"
+        )
+
+
 class LockTimeout(ConsulLockError):
     """A blocking acquire gave up at its timeout; carries who held the key, if known."""
 
@@ -227,7 +257,7 @@ class LockLost(ConsulLockError):
 
 
 class LockHeld(ConsulLockError):
-    """A task's lock was held elsewhere and its retries ran out (``on_held="retry"``)."""
+    """A task's lock was held elsewhere: ``on_held="fail"``, or ``"retry"`` once its retries ran out."""
 
     def __init__(self, key: str, holder: str | None = None) -> None:
         super().__init__(key, holder)

@@ -145,6 +145,9 @@ class ConsulLock:
         #: The latest acquisition (kept after its release for fencing_token and previous).
         self._holding: Holding | None = None
         self._value_tail: tuple[int, bytes] = (0, b"}")
+        #: A session holding the key for us (a send-time reservation, see :mod:`.reservation`)
+        #: whose hold the next acquire takes over atomically, then destroys; used once.
+        self.reservation: str | None = None
 
     def __repr__(self) -> str:
         state = "held" if self._current() else "free"
@@ -170,21 +173,32 @@ class ConsulLock:
             deadline = None if timeout is None else time.monotonic() + timeout
         if self._current() is not None:
             raise ConsulLockError(f"{self!r} is already held by this object; release it first (it is not reentrant)")
-        other = _LOCAL.claim(self._ident, self, deadline)
-        if other is not None:
-            self.last_holder = other._as_holder()
-            acquire_log.debug("%s is held in this process by %s", self.key, self.last_holder)
+        if not self._claim_local(deadline):
             return False
         try:
             taken = self._acquire_in_consul(deadline)
         except BaseException:
-            _LOCAL.free(self._ident, self)
+            self._free_local()
             raise
         if not taken:
-            _LOCAL.free(self._ident, self)
+            self._free_local()
         return taken
 
-    def release(self, *, finished: bool = True) -> bool:
+    def _claim_local(self, deadline: float | None) -> bool:
+        """Keep other holders in this process off the key (they share our session, and
+        Consul would answer them true); False, with :attr:`last_holder` set, when another
+        one here still holds it at ``deadline``."""
+        other = _LOCAL.claim(self._ident, self, deadline)
+        if other is None:
+            return True
+        self.last_holder = other._as_holder()
+        acquire_log.debug("%s is held in this process by %s", self.key, self.last_holder)
+        return False
+
+    def _free_local(self) -> None:
+        _LOCAL.free(self._ident, self)
+
+    def release(self, *, finished: bool = True, restore: bool = False) -> bool:
         """Release the lock if we hold it; True if Consul confirmed we still held it.
 
         Consul frees the key only for the session that holds it, so this never frees a
@@ -198,6 +212,8 @@ class ConsulLock:
         died holding the key. With ``finished=False`` (the holder is interrupted, e.g. its
         process is shutting down mid-run) the value is kept without ``released_at``: the
         key is free at once, and the next acquirer sees an unfinished holder, as if it died.
+        With ``restore=True`` (a holding that did nothing) the key gets back the value it had
+        before our acquire, so the next acquirer sees the holder before us.
         """
         with self._mutex:
             holding = self._holding
@@ -208,7 +224,9 @@ class ConsulLock:
         if holding.pid != os.getpid():
             release_log.debug("%s was acquired by pid %s: a forked child leaves it to its parent", self.key, holding.pid)
             return False
-        if finished:
+        if restore and holding.previous:
+            value = base64.b64decode(holding.previous)
+        elif finished:
             value = b'{"released_at":"%s",%s' % (_utc_now_ms(), value[1:])
         client = thread_client(self.settings)
         ok = False
@@ -216,12 +234,16 @@ class ConsulLock:
             ok = self._release_in_consul(client, holding, value)
         finally:
             session.unhold(self)
-            _LOCAL.free(self._ident, self)
-            if self.private_session:
+            self._free_local()
+            if self._owns(session):
                 session.destroy(client)
             else:
                 retire_if_unused(session)
         return ok
+
+    def _owns(self, session: LockSession) -> bool:
+        """True for a session made for this lock alone (destroyed with its release)."""
+        return self.private_session and session is not self.given_session
 
     def _release_in_consul(self, client: ConsulClient, holding: Holding, value: bytes) -> bool:
         """``?release=``, retried through a brief outage (a Consul leader election) for as
@@ -233,7 +255,7 @@ class ConsulLock:
         backoff = Backoff(RETRY_MIN, RETRY_MAX)
         while True:
             try:
-                ok = client.kv_release(self.key, holding.sid, value)
+                ok = self._release_once(client, holding, value)
             except ConsulLockError as exc:
                 if time.monotonic() + backoff.peek() < session.deadline and session.lost_reason is None:
                     delay = backoff.next()
@@ -246,7 +268,7 @@ class ConsulLock:
                     self.key,
                     exc,
                 )
-                session.release_later(self.key, value)
+                session.release_later(*self._release_key(holding, value))
                 session.lose(f"releasing {self.key} failed: {exc}")
                 return False
             if ok:
@@ -254,6 +276,15 @@ class ConsulLock:
             else:
                 release_log.warning("%s was no longer held by our session when released (lost: %s)", self.key, self.lost_reason)
             return ok
+
+    def _release_once(self, client: ConsulClient, holding: Holding, value: bytes) -> bool:
+        """One try at freeing what ``holding`` took in Consul; True if it was still ours."""
+        return client.kv_release(self.key, holding.sid, value)
+
+    def _release_key(self, holding: Holding, value: bytes) -> tuple[str, bytes]:
+        """(key, value) whose ``?release=`` by the holding's session frees it: what a release
+        that failed leaves to the session (see :meth:`LockSession.release_later`)."""
+        return self.key, value
 
     @property
     def session_id(self) -> str | None:
@@ -275,6 +306,12 @@ class ConsulLock:
         except ValueError:
             return None
         return data if isinstance(data, dict) else None
+
+    @property
+    def fence_key(self) -> str:
+        """The key our session holds while we hold the lock: what a ``check-session``
+        transaction names to write only while the holding lasts."""
+        return self.key
 
     @property
     def fencing_token(self) -> int | None:
@@ -339,7 +376,6 @@ class ConsulLock:
     # -- acquiring ----------------------------------------------------------------------
 
     def _acquire_in_consul(self, deadline: float | None) -> bool:
-        client = thread_client(self.settings)
         # ``exists`` picks the transaction's form; a wrong guess costs a request, no write.
         # A key this process has locked before is taken with ``get`` + ``lock``, which
         # reports the key's previous flags, so a key repurposed since (a semaphore's) is put
@@ -348,6 +384,40 @@ class ConsulLock:
         # checked before anything is written, so a key that is not a lock is never touched.
         exists = self._ident in _LOCK_KEYS
         checked = exists
+
+        def attempt_once(client: ConsulClient, session: LockSession, sid: str) -> bool | None:
+            nonlocal exists, checked
+            value = self._value(sid)
+            if self.reservation is not None and self._took_over(client, session, sid, value):
+                return True
+            attempt = client.kv_lock(self.key, sid, value, exists=exists)
+            if attempt.reason in ("missing", "exists"):
+                exists = attempt.reason == "exists"
+                if exists and not checked:
+                    _, entry = client.kv_get(self.key)
+                    self._check_is_lock(entry)
+                    checked = True
+                return None
+            _LOCK_KEYS.add(self._ident)
+            exists = True
+            if attempt.acquired:
+                self._taken(client, session, sid, value, attempt)
+                return True
+            if attempt.reason == "session":
+                raise SessionGone(sid, client.address)
+            return None if self._wait_for_change(client, session, deadline) else False
+
+        return self._acquire_loop(deadline, attempt_once)
+
+    def _acquire_loop(
+        self, deadline: float | None, attempt_once: Callable[[ConsulClient, LockSession, str], bool | None]
+    ) -> bool:
+        """Run ``attempt_once(client, session, sid)`` until it returns True (taken) or False
+        (gave up at the deadline); None means try again. Around it, the parts every kind of
+        holding shares: a usable session (a new one when the last was lost), retries through
+        a brief Consul outage while the caller waits, and a bound on sessions that Consul
+        says are gone (``attempt_once`` raises :class:`SessionGone`)."""
+        client = thread_client(self.settings)
         session = self._new_session()
         session_failures = 0
         backoff = Backoff(RETRY_MIN, RETRY_MAX)
@@ -355,29 +425,15 @@ class ConsulLock:
             try:
                 session = self._usable_session(session)
                 sid = session.ensure(client)
-                value = self._value(sid)
-                attempt = client.kv_lock(self.key, sid, value, exists=exists)
-                if attempt.reason in ("missing", "exists"):
-                    exists = attempt.reason == "exists"
-                    if exists and not checked:
-                        _, entry = client.kv_get(self.key)
-                        self._check_is_lock(entry)
-                        checked = True
-                    continue
-                _LOCK_KEYS.add(self._ident)
-                exists = True
-                if attempt.acquired:
-                    self._taken(client, session, sid, value, attempt)
-                    return True
-                if attempt.reason == "session":
-                    session.lose("Consul does not know the session")
-                    session_failures += 1
-                    if session_failures >= SESSION_RETRIES:
-                        raise SessionGone(sid, client.address)
-                    continue
-                if not self._wait_for_change(client, session, deadline):
-                    return False
+                outcome = attempt_once(client, session, sid)
+                if outcome is not None:
+                    return outcome
                 backoff.reset()
+            except SessionGone as exc:
+                session.lose("Consul does not know the session")
+                session_failures += 1
+                if session_failures >= SESSION_RETRIES:
+                    raise SessionGone(exc.session, client.address) from None
             except ConsulUnavailable as exc:
                 # Brief during a Consul leader election: retry while the caller waits
                 # (not through a TLS failure: waiting does not fix a configuration).
@@ -387,6 +443,23 @@ class ConsulLock:
                 delay = backoff.next()
                 acquire_log.info("acquiring %s: %s; retrying in %.2f s", self.key, exc.detail, delay)
                 time.sleep(delay if left is None else min(delay, left))
+
+    def _took_over(self, client: ConsulClient, session: LockSession, sid: str, value: bytes) -> bool:
+        """Take the key over from :attr:`reservation` (once); False when that session no
+        longer holds it (expired, or taken over by another copy of the message)."""
+        reserved, self.reservation = self.reservation, None
+        attempt = client.kv_take_over(self.key, reserved or "", sid, value)
+        if not attempt.acquired:
+            acquire_log.info("%s: the reservation is gone; acquiring as usual", self.key)
+            return False
+        _LOCK_KEYS.add(self._ident)
+        self._taken(client, session, sid, value, attempt)
+        try:
+            client.session_destroy(reserved or "")
+        except ConsulLockError as exc:  # its TTL ends it; it holds nothing any more
+            acquire_log.info("could not destroy the reservation's session of %s: %s", self.key, exc)
+        acquire_log.debug("took %s over from its reservation", self.key)
+        return True
 
     def _usable_session(self, session: LockSession) -> LockSession:
         if session.id is not None and not session.alive():
@@ -433,9 +506,12 @@ class ConsulLock:
                 raise SessionGone(self.given_session.id or "?", self.settings.base_url)
             return self.given_session
         if self.private_session:
-            name = f"celery-consul-lock {self.name} {socket.gethostname()} pid {os.getpid()}"
-            return LockSession(self.settings, name=name)
+            return self._private_session()
         return shared_session(self.settings)
+
+    def _private_session(self) -> LockSession:
+        """A session for this lock alone (destroyed with its release, see :meth:`_owns`)."""
+        return LockSession(self.settings, name=f"celery-consul-lock {self.name} {socket.gethostname()} pid {os.getpid()}")
 
     def _gave_up(self, client: ConsulClient, entry: KVEntry | None, session: LockSession) -> None:
         if entry is not None and entry.session:
@@ -444,7 +520,11 @@ class ConsulLock:
         else:
             self.last_holder = None
             acquire_log.debug("%s is free but inside a lock-delay", self.key)
-        if self.private_session and session.holding() == 0:
+        self._drop_unused(client, session)
+
+    def _drop_unused(self, client: ConsulClient, session: LockSession) -> None:
+        """After a failed acquire: destroy a session made for this lock alone."""
+        if self._owns(session) and session.holding() == 0:
             session.destroy(client)
 
     def _check_is_lock(self, entry: KVEntry | None) -> None:
@@ -470,8 +550,12 @@ class ConsulLock:
         session.hold(self)
         if session.lost_reason is not None:  # lost between ensure() and hold()
             self.session_lost(session.lost_reason)
-        watch_later(self.settings, self.key, holding.sid, holding.released, functools.partial(self._mark_lost, holding=holding))
+        self._watch_later(holding)
         acquire_log.debug("acquired %s (session %s)", self.key, holding.sid)
+
+    def _watch_later(self, holding: Holding) -> None:
+        """Start watching the holding's key for loss (see :mod:`.watch`)."""
+        watch_later(self.settings, self.key, holding.sid, holding.released, functools.partial(self._mark_lost, holding=holding))
 
     def _current(self) -> Holding | None:
         """The holding not yet released, or None."""

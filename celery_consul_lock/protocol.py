@@ -33,6 +33,7 @@ __all__ = [
     "LEADER_HEADER",
     "LOCK_OPTIONS_HEADER",
     "REQUEUE_HEADER",
+    "RESERVATION_HEADER",
     "TICK_HEADER",
     "Tick",
     "crontab_tick",
@@ -54,6 +55,9 @@ LEADER_HEADER = "consul_lock_leader"
 #: Message header with per-call overrides of the lock options, e.g.
 #: ``task.apply_async(args, headers={"consul_lock": {"on_held": "wait"}})``.
 LOCK_OPTIONS_HEADER = "consul_lock"
+#: Message header of a message sent with ``lock_at="send"``/``"both"``: the session holding
+#: its send-time reservation, which the run takes over (see :mod:`.reservation`).
+RESERVATION_HEADER = "consul_lock_reservation"
 #: Message header of a requeued copy: ``{"count": n, "since": <epoch of the first requeue>}``.
 REQUEUE_HEADER = "consul_lock_requeue"
 #: Leaderships remembered per scheduler (see :func:`stale_leader`).

@@ -28,9 +28,10 @@ import threading
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields, replace
+from datetime import datetime
 from typing import Any, Literal, NoReturn, get_args
 
-from celery import Task
+from celery import Task, uuid
 from celery.exceptions import Ignore, Reject
 from celery.signals import worker_process_shutdown, worker_shutdown
 
@@ -43,6 +44,7 @@ from .protocol import (
     LEADER_HEADER,
     LOCK_OPTIONS_HEADER,
     REQUEUE_HEADER,
+    RESERVATION_HEADER,
     Tick,
     header_value,
     options_override,
@@ -51,8 +53,10 @@ from .protocol import (
     stale_leader,
     tick_of_request,
 )
+from .reservation import Reservation, cancel, reservation_ttl, reserve
+from .semaphore import SEMAPHORE_KEY, ConsulSemaphore, validate_limit
 from .session import close_sessions
-from .settings import FAIL_POLICIES, ConsulSettings, FailPolicy, validate_key
+from .settings import FAIL_POLICIES, ConsulSettings, FailPolicy, Setting, boolean, one_of, read_celery, seconds, validate_key
 from .ticks import Mark, change_mark, read_mark
 
 __all__ = ["LOCK_OPTIONS_HEADER", "SKIPPED", "ConsulLockedTask", "LockOptions", "is_skipped"]
@@ -61,14 +65,19 @@ log = logging.getLogger("celery_consul_lock.task")
 
 #: The value a skipped run returns: ``{"consul_lock": "skipped", ...}`` (see is_skipped).
 SKIPPED = "skipped"
-#: What a run does when its lock is held elsewhere: skip, wait (then skip) or retry.
-OnHeld = Literal["skip", "wait", "retry"]
+#: What a run does when its lock is held elsewhere: skip, wait (then skip), retry, or fail
+#: (raise LockHeld).
+OnHeld = Literal["skip", "wait", "retry", "fail"]
 ON_HELD: tuple[OnHeld, ...] = get_args(OnHeld)
+#: Where a task's key is locked: in the worker around the run (today's behaviour), at send
+#: time only (dedupe on the broker), or both.
+LockAt = Literal["run", "send", "both"]
+LOCK_AT: tuple[LockAt, ...] = get_args(LockAt)
 #: Why a run did not run its body (the ``reason`` of its result and of task_lock_skipped):
 #: the key held by another run; free but inside its lock-delay; sent by a deposed beat
 #: leader; its tick already ran to completion; a duplicate delivery of a message whose run
-#: is alive or finished.
-SkipReason = Literal["held", "lock-delay", "stale-leader", "duplicate-tick", "duplicate-delivery"]
+#: is alive or finished; a run of the key ended less than ``lock_cooldown`` ago.
+SkipReason = Literal["held", "lock-delay", "stale-leader", "duplicate-tick", "duplicate-delivery", "cooldown"]
 #: How a run's acquire ended: the lock taken, held by another run, or held by a live run
 #: of this same message (this copy is a duplicate delivery).
 Acquired = Literal["acquired", "held", "duplicate"]
@@ -79,6 +88,32 @@ Attempt = tuple[int, int]
 DEFAULT_WAIT_TIMEOUT = 30.0
 #: Default countdown for ``on_held="retry"``.
 DEFAULT_RETRY_COUNTDOWN = 5.0
+#: Default TTL of a send-time reservation (``lock_at="send"``): how long a queued message
+#: keeps later sends of its call off the broker before Consul frees the key (up to twice
+#: this). Ten minutes: longer than a healthy queue's wait, short enough that a lost message
+#: does not block its call for long.
+DEFAULT_RESERVE_TTL = 600.0
+
+#: App-wide defaults of task lock options (Celery settings ``consul_lock_<option>``), for
+#: the tasks that do not set the option themselves; unset, the option's own default holds.
+#: The other options (key, limit, cooldown, ...) belong to one task; ttl, lock_delay and
+#: fail_policy have app-wide settings of their own (ConsulSettings).
+_SECONDS = seconds(at_least=0, why="expected a number of seconds >= 0")
+TASK_SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(name, parse, None, f"tasks' `{attribute}` where a task sets none", shown_default=shown)
+    for name, parse, attribute, shown in (
+        ("on_held", one_of(*ON_HELD), "lock_on_held", "`skip`"),
+        ("wait_timeout", _SECONDS, "lock_wait_timeout", f"`{DEFAULT_WAIT_TIMEOUT:g}` s"),
+        ("retry_countdown", _SECONDS, "lock_retry_countdown", f"`{DEFAULT_RETRY_COUNTDOWN:g}` s"),
+        ("abort_on_lock_lost", boolean, "abort_on_lock_lost", "`false`"),
+    )
+)
+
+
+def task_defaults(conf: Any) -> dict[str, Any]:
+    """The app-wide task option defaults ``conf`` sets (TASK_SETTINGS), parsed; InvalidSetting
+    names the Celery setting."""
+    return {name: value for name, value in read_celery(conf, TASK_SETTINGS).items() if value is not None}
 
 
 def is_skipped(result: object) -> bool:
@@ -93,7 +128,8 @@ class LockOptions:
 
     #: Key template (``str.format`` with the task's arguments), or callable(task, args, kwargs).
     key: str | Callable[..., str] | None = None
-    #: What to do when the lock is held elsewhere: skip, wait (then skip) or retry.
+    #: What to do when the lock is held elsewhere: skip, wait (then skip), retry, or fail
+    #: (raise LockHeld).
     on_held: OnHeld = "skip"
     #: How long ``wait`` waits.
     wait_timeout: float = DEFAULT_WAIT_TIMEOUT
@@ -105,6 +141,15 @@ class LockOptions:
     fail_policy: FailPolicy | None = None
     #: Raise LockLost inside the running body as soon as the lock is lost.
     abort_on_lock_lost: bool = False
+    #: At most this many runs at once per key, cluster-wide (1: a lock; more: a semaphore).
+    limit: int = 1
+    #: After a run of the key ends, skip runs for this many seconds (reason "cooldown").
+    cooldown: float = 0.0
+    #: "run" (lock in the worker), "send" (reserve the key at apply_async: a call already
+    #: queued or running is not sent again), or "both".
+    at: LockAt = "run"
+    #: A send-time reservation's session TTL (see :mod:`.reservation`), 10 s .. 24 h.
+    reserve_ttl: float = DEFAULT_RESERVE_TTL
 
     @staticmethod
     def attribute(option: str) -> str:
@@ -115,6 +160,22 @@ class LockOptions:
     def validated(self, task: str) -> LockOptions:
         def bad(name: str, value: object, why: str) -> InvalidSetting:
             return InvalidSetting(f"{task}.{LockOptions.attribute(name)}", value, why)
+
+        validate_limit(f"{task}.lock_limit", self.limit)
+        if isinstance(self.cooldown, bool) or not isinstance(self.cooldown, int | float) or self.cooldown < 0:
+            raise bad("cooldown", self.cooldown, "expected a number of seconds >= 0")
+        if self.cooldown and self.limit > 1:
+            raise bad("cooldown", self.cooldown, "a cooldown needs lock_limit=1 (it is kept in the lock's key)")
+        if self.at not in LOCK_AT:
+            raise bad("at", self.at, f"expected one of {', '.join(LOCK_AT)}")
+        if self.at != "run" and (self.limit > 1 or self.cooldown):
+            raise bad("at", self.at, "send-time dedupe needs lock_limit=1 and no lock_cooldown")
+        if (
+            isinstance(self.reserve_ttl, bool)
+            or not isinstance(self.reserve_ttl, int | float)
+            or not 10 <= self.reserve_ttl <= 86400
+        ):
+            raise bad("reserve_ttl", self.reserve_ttl, "expected seconds between 10 and 86400 (Consul's session TTL range)")
 
         if self.on_held not in ON_HELD:
             raise bad("on_held", self.on_held, f"expected one of {', '.join(ON_HELD)}")
@@ -135,7 +196,9 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
     Options: the fields of :class:`LockOptions`, as task attributes named by
     :func:`LockOptions.attribute` (``lock_key``, ``lock_on_held``, ..., ``abort_on_lock_lost``;
     their defaults are the fields' defaults) or ``@app.task(lock_on_held="wait", ...)``
-    arguments, or per call in the ``consul_lock`` message header (by field name).
+    arguments, or per call in the ``consul_lock`` message header (by field name). A task
+    that does not set ``lock_on_held``, ``lock_wait_timeout``, ``lock_retry_countdown`` or
+    ``abort_on_lock_lost`` takes the app's ``consul_lock_<option>`` setting (TASK_SETTINGS).
     """
 
     _consul_settings: ConsulSettings | None = None
@@ -167,13 +230,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         """This call's options (``request``'s, default the current one): the task's, with
         the ``consul_lock`` header's on top."""
         if self._lock_options is None:
-            given = {f.name: getattr(self, LockOptions.attribute(f.name)) for f in fields(LockOptions)}
-            key = given["key"]
-            if inspect.ismethod(key) and key.__self__ is self:
-                # A function given as @app.task(lock_key=f) is a class attribute, so Python
-                # binds it: call it as documented, f(task, args, kwargs).
-                given["key"] = key.__func__
-            self._lock_options = LockOptions(**given).validated(self.name)
+            self._lock_options = replace(self._own_options(), **self._app_defaults()).validated(self.name)
         override = options_override(self.request if request is None else request)
         if not override:
             return self._lock_options
@@ -186,6 +243,28 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
                 f"{self.name} header {LOCK_OPTIONS_HEADER}", override, f"unknown option(s) {unknown}; known: {sorted(known)}"
             )
         return replace(self._lock_options, **override).validated(self.name)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """A task's own lock options are checked when it is defined (``@app.task``), so a
+        bad value fails at import, naming the task and the option."""
+        super().__init_subclass__(**kwargs)
+        cls._own_options().validated(getattr(cls, "name", None) or cls.__name__)
+
+    @classmethod
+    def _own_options(cls) -> LockOptions:
+        """The options the task's class sets (a function given as ``lock_key`` is read from
+        the class, unbound: it is called as documented, f(task, args, kwargs))."""
+        return LockOptions(**{f.name: getattr(cls, LockOptions.attribute(f.name)) for f in fields(LockOptions)})
+
+    def _app_defaults(self) -> dict[str, Any]:
+        """The app's ``consul_lock_<option>`` settings for the options this task's class
+        does not set itself, validated (InvalidSetting names the Celery setting)."""
+        defaults = task_defaults(self.app.conf)
+        for name in list(defaults):
+            attr = LockOptions.attribute(name)
+            if next(c for c in type(self).__mro__ if attr in c.__dict__) is not ConsulLockedTask:
+                del defaults[name]  # the task's class sets it
+        return defaults
 
     def check_lock_options(self) -> LockOptions:
         """This task's own lock options, validated as a run would use them, without a run:
@@ -243,7 +322,10 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             value["requeues"] = attempt[1]
         if tick:
             value["tick"] = str(tick)
-        lock = ConsulLock(key, settings=settings, name=self.name, value=value)
+        lock = self._make_lock(key, options, settings, value)
+        reserved = header_value(request, RESERVATION_HEADER) if options.at != "run" else None
+        if isinstance(reserved, Mapping) and isinstance(reserved.get("session"), str):
+            lock.reservation = reserved["session"]  # taken over by the acquire, atomically
         try:
             outcome = self._acquire(lock, options, task_id, attempt)
         except ConsulUnavailable as exc:
@@ -254,13 +336,23 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         if outcome == "duplicate":
             self._skip(lock.key, "duplicate-delivery", lock.last_holder, tick, task_id)
             raise Ignore()  # no result of its own: the task id's result is the live run's
+        if outcome == "held" and options.at == "send":
+            # Dedupe at send only: a copy that was not deduplicated (send_task by name, a
+            # reservation that expired) runs, without the key.
+            log.info("%s[%s]: %s is held by %s; running anyway (lock_at=send)", self.name, task_id, lock.key, lock.last_holder)
+            return self.run(*args, **kwargs)
         if outcome == "held":
             return self._not_acquired(lock, options, tick, task_id, attempt)
         finished = True
+        restore = False
         try:
             if _delivery_finished(lock.previous, task_id, attempt):
                 self._skip(lock.key, "duplicate-delivery", None, tick, task_id)
                 raise Ignore()  # the task id's result is the finished run's
+            cooling = _cooling_down(lock.previous, options.cooldown)
+            if cooling:
+                restore = True  # a skipped run must not restart the cooldown
+                return self._skip(lock.key, "cooldown", None, tick, task_id, why=cooling)
             mark: Mark | None = None
             if tick is not None:
                 try:
@@ -293,7 +385,54 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             raise
         finally:
             request.consul_lock_held = None
-            lock.release(finished=finished)
+            lock.release(finished=finished, restore=restore)
+
+    def apply_async(
+        self,
+        args: Any = None,
+        kwargs: Any = None,
+        task_id: str | None = None,
+        producer: Any = None,
+        link: Any = None,
+        link_error: Any = None,
+        shadow: Any = None,
+        **options: Any,
+    ) -> Any:
+        """Celery's ``apply_async``; with ``lock_at="send"`` or ``"both"``, the call's key is
+        reserved in Consul first (see :mod:`.reservation`): when a copy of the call is
+        already queued or running, nothing is published and its AsyncResult is returned."""
+        headers = dict(options.get("headers") or {})
+        lock_options = self.lock_options(_Headers(headers))
+        if lock_options.at == "run" or self.app.conf.task_always_eager:
+            return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
+        settings = self.lock_settings(lock_options)
+        key = settings.full_key(self.lock_key_for(tuple(args or ()), dict(kwargs or {}), lock_options))
+        task_id = task_id or uuid()
+        try:
+            reservation = reserve(settings, key, task_id, ttl=reservation_ttl(lock_options.reserve_ttl, options), name=self.name)
+        except ConsulUnavailable as exc:
+            if settings.fail_policy != "open":
+                raise
+            log.warning("sending %s[%s] unreserved (fail_policy=open): %s", self.name, task_id, exc)
+            reservation = Reservation(key, False)
+        if not reservation.made and reservation.task_id not in (None, task_id):
+            log.info("not sending %s[%s]: %s is queued or running (%s)", self.name, task_id, reservation.task_id, key)
+            return self.AsyncResult(reservation.task_id)
+        if reservation.made:
+            options["headers"] = {**headers, RESERVATION_HEADER: {"session": reservation.session}}
+        try:
+            return super().apply_async(args, kwargs, task_id, producer, link, link_error, shadow, **options)
+        except BaseException:
+            cancel(settings, reservation)
+            raise
+
+    def _make_lock(self, key: str, options: LockOptions, settings: ConsulSettings, value: dict[str, Any]) -> ConsulLock:
+        """The run's lock: a ConsulLock on ``key``, or with ``lock_limit`` above 1 a
+        ConsulSemaphore whose prefix is ``key`` without its ``/.lock``."""
+        if options.limit == 1:
+            return ConsulLock(key, settings=settings, name=self.name, value=value)
+        prefix = key[: -len(SEMAPHORE_KEY) - 1] if key.endswith(f"/{SEMAPHORE_KEY}") else key
+        return ConsulSemaphore(prefix, options.limit, settings=settings, name=self.name, value=value)
 
     def _consul_unavailable(self, exc: ConsulUnavailable, request: Any, tick: Tick | None) -> NoReturn:
         """fail_policy=closed and Consul cannot be reached: send the message back for another
@@ -310,8 +449,15 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         or requeue (``attempt`` above (0, 0)) that finds another message's run holding the
         key waits for it under ``skip`` too (then retries, see _not_acquired)."""
         if lock.acquire(blocking=False):
+            twin = _same_message(lock.co_holders if isinstance(lock, ConsulSemaphore) else (), task_id)
+            if twin is not None and _attempt_of(twin.extra) >= attempt:
+                # A semaphore had a free slot, but a run of this same message holds another.
+                lock.release(finished=False)
+                lock.last_holder = twin
+                log.info("%s[%s] is a duplicate delivery: a run of this message holds a slot of %s", self.name, task_id, lock.key)
+                return "duplicate"
             return "acquired"
-        holder = lock.last_holder
+        holder = _same_message(lock.last_holders if isinstance(lock, ConsulSemaphore) else (), task_id) or lock.last_holder
         if not (holder and task_id and holder.extra.get("task_id") == task_id):
             if options.on_held == "wait":
                 return "acquired" if lock.acquire(timeout=options.wait_timeout) else "held"
@@ -370,7 +516,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             tick.entry,
             read_mark(client, settings, tick.entry),
             lambda m: None if m.covers(tick) else m.opened(tick, time.time()),
-            lock_key=lock.key,
+            lock_key=lock.fence_key,
             session=lock.session_id or "",
         )
         if opened is None:
@@ -383,6 +529,11 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         """Skip, or retry: with ``on_held="retry"``, and for a retry or requeue of a message
         (``attempt`` above (0, 0)) under ``skip``, which would otherwise lose its run."""
         holder = lock.last_holder
+        if options.on_held == "fail":
+            log.info(
+                "%s[%s]: %s is held by %s; failing (on_held=fail)", self.name, task_id, lock.key, holder or "nobody (lock-delay)"
+            )
+            raise LockHeld(lock.key, str(holder) if holder else None)
         if options.on_held == "retry" or (options.on_held == "skip" and attempt != (0, 0)):
             log.info(
                 "%s[%s]: %s is held by %s; retrying in %g s",
@@ -404,7 +555,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         """Log, signal and return the visible outcome of a run that did not run its body."""
         if reason == "stale-leader":
             log.warning("dropping %s[%s]: %s", self.name, task_id, why)
-        elif reason == "duplicate-tick":
+        elif reason in ("duplicate-tick", "cooldown"):
             log.info("skipping %s[%s]: %s", self.name, task_id, why)
         elif reason == "duplicate-delivery":
             log.info(
@@ -454,7 +605,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             tick.entry,
             mark,
             lambda m: m.completed(tick, extra),
-            lock_key=lock.key,
+            lock_key=lock.fence_key,
             session=sid,
         )
         if written:
@@ -537,6 +688,13 @@ def _set_async_exc(thread_id: int, exc: type[BaseException] | None, key: str) ->
     )
 
 
+class _Headers:
+    """A send's headers as a request, to read the per-call lock options at send time."""
+
+    def __init__(self, headers: dict[str, Any]) -> None:
+        self.headers = headers
+
+
 #: A request without headers: the task's own options, with no per-call override.
 _NO_REQUEST = object()
 _POSITIONAL = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -600,6 +758,26 @@ def _delivery_finished(previous: Mapping[str, Any] | None, task_id: str | None, 
         and previous.get("task_id") == task_id
         and _attempt_of(previous) >= attempt
     )
+
+
+def _same_message(holders: tuple[LockHolder, ...], task_id: str | None) -> LockHolder | None:
+    """The holder among ``holders`` that is a run of the message ``task_id``, if any."""
+    return next((h for h in holders if task_id and h.extra.get("task_id") == task_id), None)
+
+
+def _cooling_down(previous: Mapping[str, Any] | None, cooldown: float) -> str | None:
+    """Why a run must be skipped for the cooldown: the key's value before our acquire shows
+    a run that finished (``released_at``) less than ``cooldown`` seconds ago."""
+    if not cooldown or not previous or not isinstance(previous.get("released_at"), str):
+        return None
+    try:
+        ended = datetime.fromisoformat(previous["released_at"]).timestamp()
+    except ValueError:
+        return None
+    left = ended + cooldown - time.time()
+    if left <= 0:
+        return None
+    return f"the last run ended at {previous['released_at']}; the cooldown of {cooldown:g} s has {left:.1f} s left"
 
 
 def _attempt(request: Any) -> Attempt:

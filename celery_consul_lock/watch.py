@@ -3,12 +3,15 @@ blocking reads of its key and reports the holding lost as soon as the key is del
 or taken by another session (the Go client's lock monitor).
 
 :class:`DelayedThreads` starts the watchers (a delayed-thread scheduler: one thread that
-starts each watcher once its lock has been held for WATCH_DELAY), :func:`watch_key` is the
-watcher, :class:`ReleaseFlag` tells both when the holding they are about was released.
+starts each watcher once its lock has been held for WATCH_DELAY), :func:`watch` is the
+watcher's loop around a read that judges the holding (:func:`read_key` for a lock's key; a
+semaphore judges its prefix), :class:`ReleaseFlag` tells both when the holding they are
+about was released.
 """
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import logging
@@ -21,7 +24,7 @@ from .consul import ConsulClient
 from .errors import ConsulLockError
 from .settings import ConsulSettings
 
-__all__ = ["DelayedThreads", "ReleaseFlag", "watch_key", "watch_later"]
+__all__ = ["DelayedThreads", "ReleaseFlag", "WatchRead", "read_key", "watch", "watch_later"]
 
 watch_log = logging.getLogger("celery_consul_lock.lock.watch")
 
@@ -32,6 +35,10 @@ WATCH_WAIT = 60.0
 #: After a watcher's read fails, try again after this (the Go client's MonitorRetryTime);
 #: the session's fencing deadline covers longer outages.
 WATCH_RETRY = 1.0
+
+#: One consistent blocking read past ``index`` of what a holding took:
+#: ``read(client, index) -> (Consul's index, why the holding is lost, or None)``.
+WatchRead = Callable[[ConsulClient, int], tuple[int, "str | None"]]
 
 
 class ReleaseFlag:
@@ -136,41 +143,56 @@ class DelayedThreads:
 _STARTER = DelayedThreads()
 
 
-def watch_later(settings: ConsulSettings, key: str, sid: str, released: ReleaseFlag, lost: Callable[[str], None]) -> None:
+def watch_later(
+    settings: ConsulSettings,
+    key: str,
+    sid: str,
+    released: ReleaseFlag,
+    lost: Callable[[str], None],
+    read: WatchRead | None = None,
+) -> None:
     """Watch ``key``, held by session ``sid``, from WATCH_DELAY on until ``released`` is set:
-    ``lost(reason)`` is called (from the watcher thread) when the key is deleted, freed or
-    taken by another session."""
-    _STARTER.schedule(time.monotonic() + WATCH_DELAY, watch_key, (settings, key, sid, released, lost), released)
+    ``lost(reason)`` is called (from the watcher thread) when ``read`` (default
+    :func:`read_key`: the key deleted, freed or taken by another session) says the holding
+    is lost."""
+    read = read or functools.partial(read_key, key=key, sid=sid)
+    _STARTER.schedule(time.monotonic() + WATCH_DELAY, watch, (settings, key, read, released, lost), released)
 
 
-def watch_key(settings: ConsulSettings, key: str, sid: str, released: ReleaseFlag, lost: Callable[[str], None]) -> None:
-    """The watcher: consistent blocking reads of ``key`` until ``released`` is set, or the key
-    is deleted, freed or taken by another session (then ``lost(reason)``)."""
+def read_key(client: ConsulClient, index: int, *, key: str, sid: str) -> tuple[int, str | None]:
+    """A lock's watch read: lost when ``key`` is deleted, freed or taken from ``sid``."""
+    new_index, entry = client.kv_get(key, index=index, wait=WATCH_WAIT, consistent=True)
+    if entry is None:
+        return new_index, "the key was deleted"
+    if entry.session == sid:
+        return new_index, None
+    if entry.session:
+        return new_index, f"the key is now held by session {entry.session}"
+    return new_index, "the key was freed behind our back (our session destroyed or invalidated?)"
+
+
+def watch(settings: ConsulSettings, what: str, read: WatchRead, released: ReleaseFlag, lost: Callable[[str], None]) -> None:
+    """The watcher: ``read`` until ``released`` is set or it says the holding of ``what`` is
+    lost (then ``lost(reason)``); a failed read is retried after WATCH_RETRY."""
     client = ConsulClient(settings, native=True)
-    index = 0  # the first read answers at once, with the key's current index
+    index = 0  # the first read answers at once, with the current index
     try:
         while not released.is_set():
             try:
-                new_index, entry = client.kv_get(key, index=index, wait=WATCH_WAIT, consistent=True)
+                new_index, loss = read(client, index)
             except ConsulLockError as exc:
                 if released.wait(WATCH_RETRY):
                     return
-                watch_log.debug("watching %s failed, retrying: %s", key, exc)
+                watch_log.debug("watching %s failed, retrying: %s", what, exc)
                 continue
             if released.is_set():
                 return
-            if entry is None:
-                lost("the key was deleted")
-                return
-            if entry.session != sid:
-                if entry.session:
-                    lost(f"the key is now held by session {entry.session}")
-                else:
-                    lost("the key was freed behind our back (our session destroyed or invalidated?)")
+            if loss is not None:
+                lost(loss)
                 return
             index = new_index if new_index >= index else 1
             index = max(index, 1)
     except Exception:
-        watch_log.exception("watcher of %s crashed", key)
+        watch_log.exception("watcher of %s crashed", what)
     finally:
         client.close()

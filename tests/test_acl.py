@@ -8,6 +8,10 @@ permission; the token never shows in a log line, a repr or an error.
 from __future__ import annotations
 
 import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -26,6 +30,7 @@ key_prefix "celery-consul-lock/" { policy = "write" }
 session_prefix "" { policy = "write" }
 node_prefix "" { policy = "read" }
 service_prefix "celery-beat-" { policy = "write" }
+service_prefix "celery-consul-lock-run" { policy = "write" }
 """
 
 
@@ -149,3 +154,21 @@ def test_check_no_beat_does_not_need_service_write(acl_agent):
     agent, tokens = acl_agent
     done = consul_lock_cmd(_env(agent, tokens["no-service"]), "check", "--no-beat")
     assert done.returncode == 0 and "service:write" not in done.stdout, done
+
+
+def test_celery_consul_lock_run_works_with_the_documented_policy_and_names_a_missing_service_rule(acl_agent, tmp_path):
+    agent, tokens = acl_agent
+    wrapper = str(Path(sys.executable).parent / "celery-consul-lock")
+
+    def run(token: str, marker: Path) -> subprocess.Popen:
+        env = {**os.environ, "CONSUL_HTTP_ADDR": agent.address, "CONSUL_HTTP_TOKEN": token}
+        args = ["run", "--key", "locks/acl-run", "--every", "3600", "--lock-delay", "2", "--", "touch", str(marker)]
+        return subprocess.Popen([wrapper, *args], env=env, stderr=subprocess.PIPE, text=True)
+
+    full, no_service = run(tokens["full"], tmp_path / "ran"), run(tokens["no-service"], tmp_path / "not-ran")
+    full_err, no_service_err = full.communicate(timeout=60)[1], no_service.communicate(timeout=60)[1]
+    assert full.returncode == 0 and (tmp_path / "ran").exists(), full_err
+    # Its session is tied to a health check of its own: registering it needs service:write.
+    assert no_service.returncode == 69 and not (tmp_path / "not-ran").exists(), no_service_err
+    assert "service:write" in no_service_err and "celery-consul-lock-run" in no_service_err, no_service_err
+    assert tokens["full"] not in full_err and tokens["no-service"] not in no_service_err

@@ -110,7 +110,10 @@ def test_a_body_blocking_without_yielding_keeps_its_lock_and_no_other_worker_run
         alive(worker)
         alive(other)
         entry = consul.api("/v1/kv/locks/blocking/.lock")
-        holders.add(entry[0].get("Session") if entry else None)
+        # The body records its end before its lock is released: a read made before the end
+        # is on record was made while the body ran, and must show the key held.
+        if not [x for x in runs(r) if x["kind"] == "end" and x["id"] == first.id]:
+            holders.add(entry[0].get("Session") if entry else None)
         copies.append(proj.blocking.delay(0.0))
         wait_for(lambda: first.ready() or copies[-1].ready(), 30, "the copy to be decided")
         if not first.ready():

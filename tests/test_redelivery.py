@@ -141,8 +141,14 @@ def test_a_failed_ticks_retry_runs_after_a_later_tick_completed(proj, workers, r
     assert len(ended) == 1
     assert not [s for s in skips(r) if s["reason"] == "duplicate-tick"], skips(r)
     settings = ConsulSettings(address=consul.address)
-    mark = read_mark(ConsulClient(settings), settings, entry)
-    assert mark.epoch == t2.epoch and not mark.open and set(mark.done) == {t1.epoch, t2.epoch}
+    # The body's end is on record just before the worker records the tick in its mark.
+
+    def recorded():
+        mark = read_mark(ConsulClient(settings), settings, entry)
+        return None if mark.open else mark
+
+    mark = wait_for(recorded, 10, "the retry's tick recorded")
+    assert mark.epoch == t2.epoch and set(mark.done) == {t1.epoch, t2.epoch}
     # A copy of either tick now is a duplicate.
     for tick in (t1, t2):
         value = send_tick(proj, task, tick, retries=1).get(timeout=30)

@@ -240,7 +240,7 @@ def test_check_lock_options_accepts_exactly_the_key_templates_a_run_can_fill(tem
 
     app = Celery("t", set_as_current=False)
 
-    @app.task(bind=True, base=ConsulLockedTask, name="t.report", lock_key=template)
+    @app.task(shared=False, bind=True, base=ConsulLockedTask, name="t.report", lock_key=template)
     def report(self, customer_id: int, *, region: str = "eu", **extra: object) -> None:
         pass
 
@@ -267,7 +267,7 @@ def test_a_callable_lock_key_is_called_with_the_task_args_and_kwargs():
         seen.append((task.name, args, kwargs))
         return f"locks/report-{args[0]}-{kwargs['region']}/.lock"
 
-    @app.task(bind=True, base=ConsulLockedTask, name="t.report", lock_key=key)
+    @app.task(shared=False, bind=True, base=ConsulLockedTask, name="t.report", lock_key=key)
     def report(self, customer_id: int, region: str = "eu") -> None:
         pass
 
@@ -322,8 +322,9 @@ def _declared_settings():
     from celery_consul_lock.availability import AVAILABILITY_SETTINGS
     from celery_consul_lock.election import BEAT_SETTINGS
     from celery_consul_lock.settings import CONSUL_SETTINGS
+    from celery_consul_lock.task import TASK_SETTINGS
 
-    return (*CONSUL_SETTINGS, *AVAILABILITY_SETTINGS, *BEAT_SETTINGS)
+    return (*CONSUL_SETTINGS, *AVAILABILITY_SETTINGS, *BEAT_SETTINGS, *TASK_SETTINGS)
 
 
 def test_the_readme_configuration_table_is_the_one_the_declarations_give():
@@ -343,6 +344,7 @@ def test_every_declared_setting_is_read_from_celery_and_names_itself_when_refuse
     refuses is refused naming exactly that setting and the value as given."""
     from celery_consul_lock.availability import AvailabilityConfig
     from celery_consul_lock.beat import BeatConfig
+    from celery_consul_lock.task import task_defaults
 
     def build(conf):
         app = Celery("proj", set_as_current=False)
@@ -350,6 +352,7 @@ def test_every_declared_setting_is_read_from_celery_and_names_itself_when_refuse
         ConsulSettings.from_celery(app.conf)
         AvailabilityConfig.from_celery(app.conf)
         BeatConfig.from_app(app)
+        task_defaults(app.conf)
 
     build({})
     names = [s.celery_name for s in _declared_settings()]
@@ -379,13 +382,16 @@ def test_the_task_lock_options_are_declared_once_and_each_reaches_the_run():
     from celery_consul_lock.task import LockOptions
 
     given = {"key": "locks/x/.lock", "on_held": "wait", "wait_timeout": 3.0, "retry_countdown": 4.0, "ttl": 20.0}
-    given.update({"lock_delay": 2.0, "fail_policy": "open", "abort_on_lock_lost": True})
+    given.update({"lock_delay": 2.0, "fail_policy": "open", "abort_on_lock_lost": True, "limit": 3, "cooldown": 0.0})
+    given.update({"at": "run", "reserve_ttl": 60.0})
     assert sorted(given) == sorted(f.name for f in fields(LockOptions))
     for f in fields(LockOptions):
         assert getattr(ConsulLockedTask, LockOptions.attribute(f.name)) == f.default
     app = Celery("t", set_as_current=False)
 
-    @app.task(bind=True, base=ConsulLockedTask, name="t.all", **{LockOptions.attribute(k): v for k, v in given.items()})
+    options = {LockOptions.attribute(k): v for k, v in given.items()}
+
+    @app.task(shared=False, bind=True, base=ConsulLockedTask, name="t.all", **options)
     def every_option(self) -> None:
         pass
 

@@ -100,7 +100,7 @@ def _stall_send(sender=None, headers=None, **_):
 
 @task_lock_skipped.connect
 def _count_skip(sender, key, reason, holder, task_id, **_):
-    skip = {"task": sender.name, "key": key, "reason": reason, "task_id": task_id, "t": time.time()}
+    skip = {"task": sender.name, "key": key, "reason": reason, "task_id": task_id, "t": time.time(), "pid": os.getpid()}
     store().rpush("skips", json.dumps(skip))
 
 
@@ -109,6 +109,39 @@ def backup(self, seconds: float = 1.0) -> str:
     record("start", task="backup", id=self.request.id, token=self.fencing_token)
     time.sleep(seconds)
     record("end", task="backup", id=self.request.id)
+    return "done"
+
+
+@app.task(bind=True, base=ConsulLockedTask, name="proj.limited", lock_limit=2, lock_wait_timeout=120)
+def limited(self, seconds: float = 1.0) -> str:
+    """At most two runs at once cluster-wide (a semaphore at locks/proj.limited)."""
+    record("start", task="limited", id=self.request.id)
+    time.sleep(seconds)
+    record("end", task="limited", id=self.request.id)
+    return "done"
+
+
+@app.task(bind=True, base=ConsulLockedTask, name="proj.cooled", lock_cooldown=4)
+def cooled(self) -> str:
+    """Not more than once every 4 s, cluster-wide."""
+    record("start", task="cooled", id=self.request.id)
+    record("end", task="cooled", id=self.request.id)
+    return "done"
+
+
+@app.task(bind=True, base=ConsulLockedTask, name="proj.sent_once", lock_at="both", lock_reserve_ttl=10)
+def sent_once(self, seconds: float = 2.0) -> str:
+    """Deduplicated at send time: a call queued or running is not sent again."""
+    record("start", task="sent_once", id=self.request.id)
+    time.sleep(seconds)
+    record("end", task="sent_once", id=self.request.id)
+    return "done"
+
+
+@app.task(bind=True, base=ConsulLockedTask, name="proj.sent_only", lock_at="send")
+def sent_only(self) -> str:
+    """Deduplicated at send time only: a copy that was not deduplicated runs regardless."""
+    record("start", task="sent_only", id=self.request.id)
     return "done"
 
 
