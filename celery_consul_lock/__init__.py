@@ -6,11 +6,15 @@ from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
 from .contrib.flask import LockedFlaskTask
+from .entries import EntryDefinition, RuntimeSchedule, once
 from .errors import (
     ACLDenied,
     ConsulLockError,
     ConsulUnavailable,
+    EntryConflict,
+    EntryNotFound,
     InternalsChanged,
+    InvalidEntry,
     InvalidSetting,
     LockConflict,
     LockHeld,
@@ -43,7 +47,11 @@ __all__ = [
     "ConsulSemaphore",
     "ConsulSettings",
     "ConsulUnavailable",
+    "EntryConflict",
+    "EntryDefinition",
+    "EntryNotFound",
     "InternalsChanged",
+    "InvalidEntry",
     "InvalidSetting",
     "LockConflict",
     "LockHeld",
@@ -54,6 +62,7 @@ __all__ = [
     "LockTimeout",
     "LockedFlaskTask",
     "NotConsul",
+    "RuntimeSchedule",
     "SemaphoreConflict",
     "SemaphoreLimitConflict",
     "SemaphoreState",
@@ -62,4 +71,5 @@ __all__ = [
     "__version__",
     "close_sessions",
     "is_skipped",
+    "once",
 ]

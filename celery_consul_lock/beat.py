@@ -34,24 +34,26 @@ import os
 import signal
 import threading
 import time
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import billiard.process
 from billiard.util import set_pdeathsig
 from celery.beat import PersistentScheduler, Scheduler
-from celery.schedules import crontab
+from celery.schedules import crontab, solar
 from celery.schedules import schedule as interval_schedule
 from celery.signals import beat_embedded_init, celeryd_after_setup
 from celery.utils.imports import load_extension_class_names
 from kombu.exceptions import OperationalError as KombuOperationalError
 from kombu.utils.imports import symbol_by_name
 
-from .beat_state import ScheduleState
+from .beat_state import ScheduleState, definition_hash, skip_missed
 from .election import BeatConfig, Election, LoopWatch
+from .entries import RuntimeSchedule, once
 from .errors import ConsulLockError
 from .internals import check_celery_scheduler, check_heap_rebuilt
 from .protocol import LEADER_HEADER, TICK_HEADER, Tick, crontab_tick, interval_tick, leader_header
+from .runtime import RuntimeEntries
 from .task import ConsulLockedTask
 
 __all__ = [
@@ -318,8 +320,19 @@ def _names_leader_elected(name: str, aliases: dict[str, str]) -> bool:
 
 
 def tick_of(entry: Any) -> Tick:
-    """The tick id of the run of ``entry`` being sent now (before it is reserved)."""
+    """The tick id of the run of ``entry`` being sent now (before it is reserved): a run-now
+    copy carries its own; a one-off entry's is its time; a solar entry's the event's time (to
+    the second) after its last run; see the README for crontab and interval entries."""
+    forced = getattr(entry, "consul_lock_tick", None)
+    if isinstance(forced, Tick):
+        return forced
     sched = entry.schedule
+    if isinstance(sched, once):
+        return Tick.of(entry.name, sched.at)
+    if isinstance(sched, solar) and entry.last_run_at is not None:
+        # The event's time: "now" as the schedule sees it, plus what remains until the event.
+        due = sched.maybe_make_aware(sched.now()) + sched.remaining_estimate(entry.last_run_at)
+        return Tick.of(entry.name, due.replace(microsecond=0) + timedelta(seconds=round(due.microsecond / 1e6)))
     if isinstance(sched, crontab):
         return crontab_tick(entry.name, datetime.now(timezone.utc))
     if isinstance(sched, interval_schedule) and entry.last_run_at is not None:
@@ -341,10 +354,15 @@ ticks may be repeated or skipped at a failover. Prefer ConsulLeaderScheduler."""
 class ConsulLeaderScheduler(LeaderElectedMixin, Scheduler):  # type: ignore[misc]  # Celery is untyped
     """Leader-elected beat whose schedule state (last run, run count) lives in Consul.
 
-    Definitions come from ``beat_schedule``; the state of each entry is kept in Consul (see
-    :mod:`.beat_state`): when an entry's definition changes, its stored state is ignored and
-    it starts afresh.
+    Definitions come from ``beat_schedule`` and from the runtime schedule in Consul
+    (:mod:`.entries`, merged by :class:`~celery_consul_lock.runtime.RuntimeEntries`); the
+    state of each entry is kept in Consul (see :mod:`.beat_state`) with a hash of its timing
+    (task and schedule): when those change, the stored state is ignored and the entry starts
+    afresh; args, kwargs and options may change freely.
     """
+
+    #: The runtime schedule as this leader applies it (made when first elected).
+    runtime: RuntimeEntries | None = None
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -353,11 +371,86 @@ class ConsulLeaderScheduler(LeaderElectedMixin, Scheduler):  # type: ignore[misc
 
     def on_elected(self) -> None:
         self._load_state()
+        if self._leading():
+            self._runtime_sync(force=True)
+
+    def tick(self, *args: Any, **kwargs: Any) -> float:
+        runtime = self.runtime
+        if runtime is not None and self._leading() and self.election.generation == self._seen_generation:  # type: ignore[union-attr]
+            with self._loop.step():
+                self._runtime_sync()
+            if runtime.paused:
+                runtime.wait(self.max_interval)
+                return 0.0
+        interval = float(super().tick(*args, **kwargs))
+        if interval > 0 and runtime is not None and self._leading():
+            runtime.wait(interval)  # woken at once by a change of the runtime schedule
+            return 0.0
+        return interval
+
+    def apply_async(self, entry: Any, producer: Any = None, advance: bool = True, **kwargs: Any) -> Any:
+        runtime = self.runtime
+        if runtime is not None and self._leading():
+            try:
+                why = runtime.refusal(entry)
+                put_back = why == "sending is paused"
+            except ConsulLockError as exc:
+                why, put_back = f"the runtime schedule could not be read ({exc})", True
+            if why is not None:
+                log.warning("beat: not sending %s: %s", entry.name, why)
+                if put_back and getattr(entry, "consul_lock_tick", None) is None and entry.name in self.schedule:
+                    self.schedule[entry.name] = entry  # not sent: due again once sending resumes
+                    self._heap = None
+                    self._send_failed = True  # tried again in SEND_RETRY, not in a hot loop
+                return None
+        return super().apply_async(entry, producer=producer, advance=advance, **kwargs)
 
     def after_send(self, entry: Any) -> None:
         current = self.schedule.get(entry.name)
         if current is not None:
             self._write_state([current])
+        if self.runtime is not None:
+            self.runtime.after_send(entry)
+
+    def close(self) -> None:
+        if self.runtime is not None:
+            self.runtime.stop()
+        super().close()
+
+    # -- runtime schedule ----------------------------------------------------------------------
+
+    def _runtime_sync(self, force: bool = False) -> None:
+        """Take up changes of the runtime schedule, then send the run-now requests."""
+        if self.runtime is None:
+            config = self.beat_config
+            self.runtime = RuntimeEntries(
+                RuntimeSchedule(config.settings, config.name, self.app),
+                self.schedule,
+                lambda **fields: self.Entry(app=self.app, **fields),
+                self.state.read,
+                definition_hash,
+            )
+        runtime = self.runtime
+        was_paused = runtime.paused
+        try:
+            if runtime.sync(force=force):
+                self._heap = None
+        except ConsulLockError as exc:
+            log.error("beat: could not read the runtime schedule: %s", exc)
+            return
+        if runtime.paused:
+            return
+        if was_paused and self.beat_config.missed == "skip":
+            now = self.app.now()
+            for name, entry in self.schedule.items():
+                if skip_missed(entry, now):
+                    log.info("beat: skipping the ticks of %s missed while paused", name)
+            self._heap = None
+        for request, entry in runtime.run_requests():
+            if self.apply_async(entry, producer=self.producer, advance=False) is None:
+                break  # not leading, or paused meanwhile: the request stays for later
+            lock = self.election.lock if self.election is not None else None
+            runtime.done(request, (lock.key, lock.session_id) if lock is not None and lock.session_id else None)
 
     def on_send_failed(self, entry: Any, exc: Exception) -> None:
         """A send the broker did not take (down or restarting) does not use up its tick

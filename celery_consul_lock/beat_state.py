@@ -3,10 +3,10 @@ run count, so that a new leader continues where the old one stopped.
 
 An entry's state lives at ``<prefix>celery-consul-lock/beat/<name>/entries/<entry>`` as JSON
 ``{"last_run_at": ISO 8601 or null, "total_run_count": int, "definition": hash, "token": int}``,
-with a hash of the entry's definition: when the definition changes, the stored state is
-ignored and the entry starts afresh. Only the leader writes it, in transactions that first
-check that its session still holds the leader lock (``check-session``), so a deposed leader
-cannot.
+with a hash of the entry's timing (task and schedule): when those change, the stored state is
+ignored and the entry starts afresh; args, kwargs and options may change freely. Only the
+leader writes it, in transactions that first check that its session still holds the leader
+lock (``check-session``), so a deposed leader cannot.
 """
 
 from __future__ import annotations
@@ -57,14 +57,15 @@ class ScheduleState:
                 continue
             entry.last_run_at = datetime.fromisoformat(data["last_run_at"])
             entry.total_run_count = int(data.get("total_run_count", 0))
-            if self.config.missed == "skip":
-                due, _ = entry.is_due()
-                if due and isinstance(entry.schedule, interval_schedule):
-                    missed_from = entry.last_run_at + entry.schedule.run_every
-                    if (now - missed_from).total_seconds() > entry.schedule.run_every.total_seconds():
-                        log.info("beat: skipping the ticks of %s missed while nobody led", name)
-                        entry.last_run_at = now
+            if self.config.missed == "skip" and skip_missed(entry, now):
+                log.info("beat: skipping the ticks of %s missed while nobody led", name)
         return len(stored)
+
+    def read(self, name: str) -> dict[str, Any] | None:
+        """The stored state of entry ``name`` (a consistent read), or None."""
+        _, kv = thread_client(self.config.settings).kv_get(self.key(name), consistent=True)
+        data = json.loads(kv.value) if kv is not None and kv.value else None
+        return data if isinstance(data, dict) else None
 
     def write(self, entries: list[Any], lock: ConsulLock) -> tuple[bool, Any]:
         """Write the state of ``entries`` if ``lock``'s session still holds it: (True, None),
@@ -89,7 +90,20 @@ class ScheduleState:
         return (True, None) if done.ok else (False, list(done.errors))
 
 
+def skip_missed(entry: Any, now: datetime) -> bool:
+    """Under ``missed="skip"``: an interval entry more than one interval overdue resumes from
+    ``now`` (True if it did)."""
+    due, _ = entry.is_due()
+    if due and isinstance(entry.schedule, interval_schedule):
+        missed_from = entry.last_run_at + entry.schedule.run_every
+        if (now - missed_from).total_seconds() > entry.schedule.run_every.total_seconds():
+            entry.last_run_at = now
+            return True
+    return False
+
+
 def definition_hash(entry: Any) -> str:
-    """A short hash of an entry's definition (task, schedule, arguments)."""
-    text = repr((entry.task, repr(entry.schedule), entry.args, entry.kwargs))
+    """A short hash of what decides an entry's timing: its task and schedule (not args,
+    kwargs or options, so editing those keeps the entry's timing)."""
+    text = repr((entry.task, repr(entry.schedule)))
     return hashlib.sha1(text.encode()).hexdigest()[:16]

@@ -26,15 +26,20 @@ import sys
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any, NoReturn
 
 import click
 from celery.bin.base import CeleryCommand
 
+# Every `celery` process (a worker too) loads this command plugin at start-up, and with it
+# the beat module, whose celeryd_after_setup handler warns about a `worker -B` whose beat is
+# not leader-elected: the worker may import nothing else of the beat.
+from . import beat as _beat_checks  # noqa: F401
 from .consul import SEMAPHORE_FLAG, ConsulClient, KVEntry, kv_set
 from .election import BeatConfig
-from .errors import ConsulLockError, InvalidSetting
+from .entries import NEVER, EntryDefinition, RuntimeSchedule, once, parse_at, parse_crontab, schedule_to_json
+from .errors import ConsulLockError, EntryConflict, EntryNotFound, InvalidEntry, InvalidSetting
 from .lock import LockHolder
 from .semaphore import SEMAPHORE_KEY, SemaphoreState
 from .settings import ConsulSettings
@@ -87,6 +92,8 @@ def collect_status(app: Any) -> dict[str, Any]:
         m = BEAT_SESSION.match(info.get("Name") or "")
         if m and m["name"] in beats and (beats[m["name"]]["leader"] or {}).get("session") != sid:
             beats[m["name"]]["standbys"].append({"instance": m["instance"], "session": sid, "node": info.get("Node")})
+    paused_key = RuntimeSchedule(settings, beat_name).paused_key
+    beats[beat_name]["paused"] = next((_json(e.value) for e in entries if e.key == paused_key), None)
     return {
         "agent": settings.base_url,
         "key_prefix": prefix,
@@ -209,6 +216,8 @@ def render_status(status: dict[str, Any]) -> str:
             lines.append(f"  standby: {standby['instance']} on node {standby['node']}, session {standby['session'][:8]}")
         if not beat["standbys"]:
             lines.append("  standby: none")
+        if beat.get("paused") is not None:
+            lines.append(f"  {_paused_text(beat['paused'])}")
     lines += ["", f"Held locks: {len(status['locks'])}"]
     lines += _table(
         ["KEY", "HOLDER", "AGE", "SESSION TTL", "TOKEN"],
@@ -438,6 +447,223 @@ def check(ctx: click.Context, no_beat: bool, verbose: bool) -> None:
     except ConsulLockError as exc:
         _fail(f"check FAILED: {exc}")
     click.echo(f"consul-lock check {summary}")
+
+
+# -- the runtime schedule ---------------------------------------------------------------------
+
+#: Exit codes of the schedule commands: bad input (nothing written), and a check-and-set
+#: conflict or a config entry a runtime write may not change. Other failures exit 1.
+EXIT_INVALID, EXIT_CONFLICT = 2, 3
+
+
+def collect_schedule(app: Any) -> dict[str, Any]:
+    """Every entry of the app's beat, config and runtime, as ``schedule list`` shows it:
+    ``{"beat", "paused", "entries": [{"name", "task", "schedule", "source", "enabled",
+    "last_run", "next_due", "runs"}]}`` (times ISO 8601 UTC; ``next_due`` None when disabled)."""
+    store = RuntimeSchedule.from_app(app)
+    config = BeatConfig.from_app(app)
+    client = ConsulClient(config.settings)
+    try:
+        snap = store.snapshot(consistent=True)
+        states = {e.key[len(config.state_prefix) :]: _json(e.value) for e in client.kv_keys(config.state_prefix)}
+    finally:
+        client.close()
+    now = datetime.now(timezone.utc)
+    rows = []
+    config_entries = app.conf.beat_schedule or {}
+    for name, spec in config_entries.items():
+        override = snap.entries.get(name)
+        enabled = override is None or override.source != "config" or override.enabled
+        rows.append(_schedule_row(app, name, spec["task"], spec["schedule"], "config", enabled, states, now))
+    for name, entry in snap.entries.items():
+        if entry.source == "runtime" and name not in config_entries:
+            rows.append(_schedule_row(app, name, entry.task, entry.schedule, "runtime", entry.enabled, states, now))
+    return {"beat": config.name, "paused": snap.paused, "entries": sorted(rows, key=lambda r: r["name"])}
+
+
+def _schedule_row(
+    app: Any, name: str, task: str, sched: Any, source: str, enabled: bool, states: dict[str, Any], now: datetime
+) -> dict[str, Any]:
+    from celery.beat import ScheduleEntry
+    from celery.schedules import maybe_schedule
+
+    state = states.get(key_part(name)) or {}
+    last = datetime.fromisoformat(state["last_run_at"]) if state.get("last_run_at") else None
+    sched = maybe_schedule(sched, app=app)
+    next_due = None
+    if enabled:
+        since = last or (NEVER if isinstance(sched, once) else now)
+        entry = ScheduleEntry(name=name, task=task, schedule=sched, last_run_at=since, app=app)
+        with suppress(Exception):  # a schedule of another kind may not estimate: shown as unknown
+            # Rounded to the second: the estimate is taken a little after ``now``.
+            due = max(now, now + entry.schedule.remaining_estimate(since) + timedelta(milliseconds=500))
+            next_due = due.isoformat(timespec="seconds")
+    return {
+        "name": name,
+        "task": task,
+        "schedule": _describe(sched),
+        "source": source,
+        "enabled": enabled,
+        "last_run": last.isoformat(timespec="seconds") if last else None,
+        "next_due": next_due,
+        "runs": state.get("total_run_count"),
+    }
+
+
+def _describe(sched: Any) -> str:
+    try:
+        data = schedule_to_json(sched)
+    except InvalidEntry:
+        return repr(sched)
+    if "every" in data:
+        return f"every {data['every']:g}s"
+    if "crontab" in data:
+        return f"crontab {data['crontab']}"
+    if "solar" in data:
+        return f"solar {data['solar']} {data['lat']},{data['lon']}"
+    return f"once at {data['at']}"
+
+
+def _paused_text(paused: dict[str, Any]) -> str:
+    by = f" by {paused['by']}" if paused.get("by") else ""
+    return f"PAUSED since {paused.get('paused_at') or '?'}{by}"
+
+
+def render_schedule(data: dict[str, Any]) -> str:
+    """The human form of :func:`collect_schedule`."""
+    paused = data["paused"]
+    head = f"Beat {data['beat']!r}: " + ("sending" if paused is None else _paused_text(paused))
+    rows = [
+        [
+            e["name"],
+            e["task"],
+            e["schedule"],
+            e["source"],
+            "yes" if e["enabled"] else "no",
+            e["last_run"] or "-",
+            e["next_due"] or "-",
+            "-" if e["runs"] is None else str(e["runs"]),
+        ]
+        for e in data["entries"]
+    ]
+    header = ["NAME", "TASK", "SCHEDULE", "SOURCE", "ENABLED", "LAST RUN", "NEXT DUE", "RUNS"]
+    return "\n".join([head, *_table(header, rows)])
+
+
+@contextmanager
+def _schedule_errors() -> Iterator[None]:
+    """Exit with the error's message and the schedule commands' exit code for it."""
+    try:
+        yield
+    except InvalidEntry as exc:
+        click.echo(f"consul-lock: {exc}; nothing was written", err=True)
+        sys.exit(EXIT_INVALID)
+    except EntryConflict as exc:
+        click.echo(f"consul-lock: {exc}; nothing was written", err=True)
+        sys.exit(EXIT_CONFLICT)
+    except (EntryNotFound, ConsulLockError) as exc:
+        _fail(str(exc))
+
+
+def _json_arg(field: str, text: str | None, kind: type) -> Any:
+    if text is None:
+        return kind()
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise InvalidEntry(field, text, f"not valid JSON: {exc}") from None
+
+
+@consul_lock.group()
+def schedule() -> None:
+    """The runtime schedule: entries kept in Consul beside beat_schedule."""
+
+
+@schedule.command(cls=CeleryCommand)
+@click.argument("name")
+@click.option("--task", required=True, help="The task's registered name.")
+@click.option("--every", type=str, help="Run every SECONDS.")
+@click.option("--crontab", "cron", help='Run at "MIN HOUR DOM MON DOW", in the app\'s timezone.')
+@click.option("--at", help="Run once at ISO-TIME (without offset: the app's timezone).")
+@click.option("--args", help="Positional arguments, a JSON array.")
+@click.option("--kwargs", help="Keyword arguments, a JSON object.")
+@click.option("--queue", help="The queue to send to.")
+@click.option("--disabled", is_flag=True, help="Store it disabled.")
+@click.pass_context
+def add(ctx: click.Context, /, name: str, task: str, every: str | None, cron: str | None, at: str | None, **rest: Any) -> None:
+    """Add the runtime entry NAME, or replace it (args-only edits keep its timing)."""
+    app = ctx.obj.app
+    with _schedule_errors():
+        given = [(f, v) for f, v in (("every", every), ("crontab", cron), ("at", at)) if v is not None]
+        if len(given) != 1:
+            raise InvalidEntry("schedule", dict(given) or None, "give exactly one of --every, --crontab, --at")
+        field, value = given[0]
+        if field == "every":
+            try:
+                sched: Any = float(value)
+            except ValueError:
+                raise InvalidEntry("every", value, "expected a number of seconds") from None
+        else:
+            sched = parse_crontab(value, app) if field == "crontab" else once(parse_at(value, app))
+        app.loader.import_default_modules()
+        entry = EntryDefinition(
+            name,
+            task,
+            sched,
+            args=_json_arg("args", rest["args"], list),
+            kwargs=_json_arg("kwargs", rest["kwargs"], dict),
+            options={"queue": rest["queue"]} if rest["queue"] else {},
+            enabled=not rest["disabled"],
+        )
+        saved = RuntimeSchedule.from_app(app).save(entry, replace_existing=True)
+    click.echo(f"saved {name} (index {saved.index})")
+
+
+def _entry_command(verb: str, method: str, help_text: str) -> None:
+    """``schedule VERB NAME``: calls ``RuntimeSchedule.<method>(NAME)``."""
+
+    @schedule.command(name=verb, cls=CeleryCommand, help=help_text)
+    @click.argument("name")
+    @click.pass_context
+    def command(ctx: click.Context, name: str) -> None:
+        with _schedule_errors():
+            result = getattr(RuntimeSchedule.from_app(ctx.obj.app), method)(name)
+        click.echo(f"{verb}: {name}" + (f" (tick {result})" if isinstance(result, str) else ""))
+
+
+_entry_command("remove", "remove", "Delete the runtime entry NAME (config entries can only be disabled).")
+_entry_command("enable", "enable", "Enable NAME (a runtime entry, or a config entry disabled at runtime).")
+_entry_command("disable", "disable", "Disable NAME: no beat sends it until enabled; its timing is kept.")
+_entry_command("run", "run_now", "Ask the leader for one extra run of NAME now, with its own tick id.")
+
+
+@schedule.command(name="list", cls=CeleryCommand)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+@click.pass_context
+def list_entries(ctx: click.Context, as_json: bool) -> None:
+    """Every entry: name, task, schedule, source, enabled, last run, next due, runs."""
+    with _schedule_errors():
+        data = collect_schedule(ctx.obj.app)
+    click.echo(json.dumps(data, indent=2) if as_json else render_schedule(data))
+
+
+@consul_lock.command(cls=CeleryCommand)
+@click.option("--by", default="", help="Who pauses and why (shown by status).")
+@click.pass_context
+def pause(ctx: click.Context, by: str) -> None:
+    """Stop all sending by the beats of this name (survives a failover)."""
+    with _schedule_errors():
+        RuntimeSchedule.from_app(ctx.obj.app).pause(by=by)
+    click.echo("paused: the beats send nothing until `consul-lock resume`")
+
+
+@consul_lock.command(cls=CeleryCommand)
+@click.pass_context
+def resume(ctx: click.Context) -> None:
+    """Start sending again; ticks missed meanwhile follow consul_lock_beat_missed."""
+    with _schedule_errors():
+        RuntimeSchedule.from_app(ctx.obj.app).resume()
+    click.echo("resumed")
 
 
 def _from_nanoseconds(nanoseconds: object) -> float:

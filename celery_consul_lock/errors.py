@@ -11,7 +11,10 @@ __all__ = [
     "ACLDenied",
     "ConsulLockError",
     "ConsulUnavailable",
+    "EntryConflict",
+    "EntryNotFound",
     "InternalsChanged",
+    "InvalidEntry",
     "InvalidSetting",
     "LockConflict",
     "LockHeld",
@@ -48,6 +51,49 @@ class InvalidSetting(ConsulLockError, ValueError):
 
     def __str__(self) -> str:
         return f"{self.setting}={self.value!r} is invalid: {self.reason}"
+
+
+# -- the runtime schedule -----------------------------------------------------------------------
+
+
+class InvalidEntry(ConsulLockError, ValueError):
+    """A runtime schedule entry has a field we refuse; names the field and the value. Nothing
+    was written."""
+
+    def __init__(self, field: str, value: object, reason: str) -> None:
+        super().__init__(field, value, reason)
+        self.field = field
+        self.value = value
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"schedule entry field {self.field}={self.value!r} is invalid: {self.reason}"
+
+
+class EntryConflict(ConsulLockError):
+    """A runtime schedule write was refused: the entry changed since it was read (check-and-set
+    failed), already exists, or is a config entry that a runtime write may not change."""
+
+    def __init__(self, beat: str, name: str, reason: str) -> None:
+        super().__init__(beat, name, reason)
+        self.beat = beat
+        self.name = name
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"schedule entry {self.name!r} of beat {self.beat!r} {self.reason}"
+
+
+class EntryNotFound(ConsulLockError):
+    """No runtime schedule entry (nor config entry, where one would do) has this name."""
+
+    def __init__(self, beat: str, name: str) -> None:
+        super().__init__(beat, name)
+        self.beat = beat
+        self.name = name
+
+    def __str__(self) -> str:
+        return f"beat {self.beat!r} has no runtime schedule entry named {self.name!r}"
 
 
 # -- reaching Consul (consul.FAILURES maps every failure of a request to one of these) ----------

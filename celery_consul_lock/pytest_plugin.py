@@ -34,6 +34,7 @@ from typing import Any
 
 import pytest
 
+from .session import close_sessions
 from .testing import ConsulAgent, start_consul
 
 __all__ = ["consul_agent", "consul_lock_app", "consul_lock_celery_config"]
@@ -47,7 +48,12 @@ def consul_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulAge
         agent.wait_ready()
         yield agent
     finally:
-        agent.stop()
+        # This process's shared sessions end while their agent still answers (at exit, they
+        # would be destroyed against a stopped agent, with a warning each).
+        try:
+            close_sessions()
+        finally:
+            agent.stop()
 
 
 @pytest.fixture(scope="session")

@@ -405,3 +405,25 @@ def rejecting(self) -> str:
         raise Reject("the first delivery is sent back", requeue=True)
     record("end", task="rejecting", id=self.request.id)
     return "ran"
+
+
+def _echo_key(task, args, kwargs) -> str:
+    return f"locks/echo-{getattr(task.request, 'consul_lock_tick', None) or task.request.id}/.lock"
+
+
+@app.task(bind=True, base=ConsulLockedTask, name="proj.echo", lock_key=_echo_key)
+def echo(self, *args, **kwargs) -> str | None:
+    """Records its tick id, arguments and when its message was sent (the runtime schedule's
+    tests); locked per tick, so entries firing together do not skip each other."""
+    tick = getattr(self.request, "consul_lock_tick", None)
+    leader = getattr(self.request, "consul_lock_leader", None) or {}
+    record(
+        "echo",
+        tick=tick,
+        entry=(tick or "").rpartition("@")[0],
+        args=list(args),
+        kwargs=kwargs,
+        sent_at=leader.get("sent_at"),
+        instance=leader.get("instance"),
+    )
+    return tick
