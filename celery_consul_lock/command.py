@@ -585,7 +585,7 @@ def schedule() -> None:
 @click.option("--queue", help="The queue to send to.")
 @click.option("--disabled", is_flag=True, help="Store it disabled.")
 @click.pass_context
-def add(ctx: click.Context, name: str, task: str, every: str | None, cron: str | None, at: str | None, **rest: Any) -> None:
+def add(ctx: click.Context, /, name: str, task: str, every: str | None, cron: str | None, at: str | None, **rest: Any) -> None:
     """Add the runtime entry NAME, or replace it (args-only edits keep its timing)."""
     app = ctx.obj.app
     with _schedule_errors():

@@ -90,7 +90,7 @@ Source = Literal["config", "runtime"]
 # -- schedules --------------------------------------------------------------------------------
 
 
-class once(BaseSchedule):  # named like Celery's schedule classes
+class once(BaseSchedule):  # type: ignore[misc]  # named like Celery's schedule classes
     """Due once, at ``at`` (aware datetime): due when ``now >= at`` and the entry has not run
     since ``at`` (its ``last_run_at`` is before ``at``). An entry created after ``at`` runs at
     once. After its run the runtime schedule disables the entry (see the scheduler)."""
@@ -506,21 +506,21 @@ class RuntimeSchedule:
             raise InvalidEntry("args", entry.args, "expected a JSON array")
         if not isinstance(entry.kwargs, dict) or not all(isinstance(k, str) for k in entry.kwargs):
             raise InvalidEntry("kwargs", entry.kwargs, "expected a JSON object")
-        for name, value in (("args", entry.args), ("kwargs", entry.kwargs)):
+        for name, arguments in (("args", entry.args), ("kwargs", entry.kwargs)):
             try:
-                json.dumps(value)
+                json.dumps(arguments)
             except (TypeError, ValueError):
-                raise InvalidEntry(name, value, "must be JSON-serialisable") from None
+                raise InvalidEntry(name, arguments, "must be JSON-serialisable") from None
         if not isinstance(entry.options, dict):
             raise InvalidEntry("options", entry.options, "expected a JSON object")
         for key, value in entry.options.items():
             kinds = OPTION_TYPES.get(key)
             if kinds is None:
                 raise InvalidEntry("options", key, f"unknown option; expected one of {sorted(OPTION_TYPES)}")
-            if isinstance(value, bool) or not isinstance(value, kinds) or (key == "expires" and value <= 0):
-                raise InvalidEntry(
-                    key, value, f"expected {' or '.join(k.__name__ for k in kinds)}" + (" above 0" * (key == "expires"))
-                )
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise InvalidEntry(key, value, f"expected {' or '.join(k.__name__ for k in kinds)}")
+            if key == "expires" and isinstance(value, int | float) and value <= 0:
+                raise InvalidEntry(key, value, "expected seconds above 0")
         if not isinstance(entry.enabled, bool):
             raise InvalidEntry("enabled", entry.enabled, "expected true or false")
         return replace(entry, schedule=sched, args=tuple(entry.args))

@@ -18,7 +18,7 @@ from typing import Any
 from .consul import thread_client
 from .entries import NEVER, EntryDefinition, RunRequest, RuntimeSchedule, ScheduleSnapshot, ScheduleWatch, once
 from .errors import ConsulLockError
-from .ticks import Tick
+from .protocol import Tick
 
 __all__ = ["RuntimeEntries"]
 
