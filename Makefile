@@ -3,13 +3,16 @@
 PYTHON ?= python3
 VENV := .venv
 VENV_PYCONSUL := .venv-py-consul
+# The benchmark environment of bench/peers.py: the package, the peers it is compared with and
+# matplotlib (never dependencies of the package).
+VENV_BENCH := .venv-bench
 SERVERS := .servers/env
 PYTEST_ARGS ?=
 # Two test processes, each taking whole files (a file's topology and fixed loopback
 # addresses stay in one process); PARALLEL= runs the suite in one process.
 PARALLEL ?= -n 2 --dist loadfile
 
-.PHONY: demo demo-cron test test-python-consul2 test-py-consul lint bench servers venv clean
+.PHONY: demo demo-cron test test-python-consul2 test-py-consul test-matrix lint bench bench-peers servers venv clean
 
 # make demo EXAMPLE=flask (default: django); DEMO_ARGS="--seconds 30" and the like.
 EXAMPLE ?= django
@@ -31,13 +34,30 @@ test-python-consul2: $(VENV)/.installed $(SERVERS)
 test-py-consul: $(VENV_PYCONSUL)/.installed $(SERVERS)
 	$(VENV_PYCONSUL)/bin/python -m pytest -m client $(PARALLEL) $(PYTEST_ARGS)
 
+# The task and beat tests against the oldest and newest Celery / django-celery-beat we claim,
+# with both Consul clients, one virtualenv per cell (scripts/matrix.sh). Not part of `make test`.
+test-matrix: $(SERVERS)
+	bash scripts/matrix.sh $(PYTHON) $(PYTEST_ARGS)
+
+# ruff, mypy, then the release check: build the sdist and wheel into dist/ as an upload would,
+# `twine check` them (metadata, the description renders) and check what they carry.
 lint: $(VENV)/.installed
-	$(VENV)/bin/ruff check celery_consul_lock tests bench example_project
+	$(VENV)/bin/ruff check celery_consul_lock tests bench example_project scripts
 	$(VENV)/bin/ruff format --check celery_consul_lock
 	$(VENV)/bin/mypy
+	rm -rf dist
+	$(VENV)/bin/python -m build -q --outdir dist . >/dev/null
+	$(VENV)/bin/twine check --strict dist/*
+	$(VENV)/bin/python scripts/check_dist.py dist
 
 bench: $(VENV)/.installed $(SERVERS)
 	$(VENV)/bin/python bench/lock_cost.py
+
+# Side by side with redbeat, single-beat, celery-once, celery-singleton and the curl script
+# (README "Compared with the peers"); PEERS_ARGS="--quick" for the short run (under 8 minutes).
+PEERS_ARGS ?=
+bench-peers: $(VENV_BENCH)/.installed $(SERVERS)
+	$(VENV_BENCH)/bin/python bench/peers.py --json docs/bench/peers.json --plots docs/bench $(PEERS_ARGS)
 
 servers: $(SERVERS)
 venv: $(VENV)/.installed
@@ -49,9 +69,13 @@ $(VENV)/.installed: pyproject.toml scripts/venv.sh
 	bash scripts/venv.sh $(PYTHON) $(VENV) python-consul2
 	touch $@
 
+$(VENV_BENCH)/.installed: pyproject.toml scripts/venv.sh scripts/bench-venv.sh
+	bash scripts/bench-venv.sh $(PYTHON) $(VENV_BENCH)
+	touch $@
+
 $(VENV_PYCONSUL)/.installed: pyproject.toml scripts/venv.sh
 	bash scripts/venv.sh $(PYTHON) $(VENV_PYCONSUL) py-consul
 	touch $@
 
 clean:
-	rm -rf $(VENV) $(VENV_PYCONSUL) .servers .demo
+	rm -rf $(VENV) $(VENV_PYCONSUL) $(VENV_BENCH) .venv-matrix-* .servers .demo dist

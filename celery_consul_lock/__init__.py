@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as _version
+
+from .contrib.flask import LockedFlaskTask
 from .entries import EntryDefinition, RuntimeSchedule, once
 from .errors import (
     ACLDenied,
@@ -9,6 +13,7 @@ from .errors import (
     ConsulUnavailable,
     EntryConflict,
     EntryNotFound,
+    InternalsChanged,
     InvalidEntry,
     InvalidSetting,
     LockConflict,
@@ -27,6 +32,12 @@ from .session import close_sessions
 from .settings import ConsulSettings
 from .task import ConsulLockedTask, LockLostAbort, LockOptions, is_skipped
 
+try:
+    #: The installed distribution's version (``pyproject.toml`` is its one source).
+    __version__: str = _version("celery-consul-lock")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0+unknown"
+
 __all__ = [
     "TICK_HEADER",
     "ACLDenied",
@@ -39,6 +50,7 @@ __all__ = [
     "EntryConflict",
     "EntryDefinition",
     "EntryNotFound",
+    "InternalsChanged",
     "InvalidEntry",
     "InvalidSetting",
     "LockConflict",
@@ -48,6 +60,7 @@ __all__ = [
     "LockLostAbort",
     "LockOptions",
     "LockTimeout",
+    "LockedFlaskTask",
     "NotConsul",
     "RuntimeSchedule",
     "SemaphoreConflict",
@@ -55,6 +68,7 @@ __all__ = [
     "SemaphoreState",
     "SessionGone",
     "Tick",
+    "__version__",
     "close_sessions",
     "is_skipped",
     "once",

@@ -51,6 +51,7 @@ from .beat_state import ScheduleState, definition_hash, skip_missed
 from .election import BeatConfig, Election, LoopWatch
 from .entries import RuntimeSchedule, once
 from .errors import ConsulLockError
+from .internals import check_celery_scheduler, check_heap_rebuilt
 from .protocol import LEADER_HEADER, TICK_HEADER, Tick, crontab_tick, interval_tick, leader_header
 from .runtime import RuntimeEntries
 from .task import ConsulLockedTask
@@ -102,6 +103,7 @@ class LeaderElectedMixin:
     max_interval: float
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_celery_scheduler()  # loud at start if Celery changed the heap we rebuild
         app = kwargs.get("app") or (args[0] if args else None)
         self.beat_config = BeatConfig.from_app(app)
         self.election: Election | None = None
@@ -126,7 +128,8 @@ class LeaderElectedMixin:
         if not election.is_leader():
             return min(STANDBY_POLL, self.max_interval)
         with self._loop.step():
-            if election.generation != self._seen_generation:
+            elected = election.generation != self._seen_generation
+            if elected:
                 self._seen_generation = election.generation
                 if self._setup_pending:
                     self._setup_pending = False
@@ -135,6 +138,8 @@ class LeaderElectedMixin:
                 self.on_elected()
             self._send_failed = False
             interval = float(super().tick(*args, **kwargs))  # type: ignore[misc]
+            if elected:
+                check_heap_rebuilt(self)
         # A send that could not reach the broker is tried again soon, not in a hot loop.
         return max(interval, min(SEND_RETRY, self.max_interval)) if self._send_failed else interval
 

@@ -32,6 +32,10 @@ from typing import Any, NoReturn
 import click
 from celery.bin.base import CeleryCommand
 
+# Every `celery` process (a worker too) loads this command plugin at start-up, and with it
+# the beat module, whose celeryd_after_setup handler warns about a `worker -B` whose beat is
+# not leader-elected: the worker may import nothing else of the beat.
+from . import beat as _beat_checks  # noqa: F401
 from .consul import SEMAPHORE_FLAG, ConsulClient, KVEntry, kv_set
 from .election import BeatConfig
 from .entries import NEVER, EntryDefinition, RuntimeSchedule, once, parse_at, parse_crontab, schedule_to_json
@@ -39,7 +43,7 @@ from .errors import ConsulLockError, EntryConflict, EntryNotFound, InvalidEntry,
 from .lock import LockHolder
 from .semaphore import SEMAPHORE_KEY, SemaphoreState
 from .settings import ConsulSettings
-from .task import ConsulLockedTask
+from .task import ConsulLockedTask, eager_mode
 from .ticks import MARKS_PREFIX, key_part
 
 __all__ = ["collect_status", "consul_lock", "preflight"]
@@ -283,6 +287,7 @@ def preflight(app: Any, *, beat: bool = True, progress: Callable[[str], None] = 
     message names the setting, the address or the missing permission) at the first failure.
     Leaves nothing behind when it returns or raises."""
     settings = ConsulSettings.from_celery(app.conf)
+    eager_mode(app.conf)
     beat_config = BeatConfig.from_app(app) if beat else None
     app.loader.import_default_modules()  # the task modules (Django: autodiscovery), as a worker does
     locked = sorted(name for name, task in app.tasks.items() if isinstance(task, ConsulLockedTask))

@@ -90,7 +90,7 @@ Source = Literal["config", "runtime"]
 # -- schedules --------------------------------------------------------------------------------
 
 
-class once(BaseSchedule):  # type: ignore[misc]  # named like Celery's schedule classes
+class once(BaseSchedule):  # type: ignore[misc]  # Celery is untyped; named like its schedule classes
     """Due once, at ``at`` (aware datetime): due when ``now >= at`` and the entry has not run
     since ``at`` (its ``last_run_at`` is before ``at``). An entry created after ``at`` runs at
     once. After its run the runtime schedule disables the entry (see the scheduler)."""
@@ -513,14 +513,18 @@ class RuntimeSchedule:
                 raise InvalidEntry(name, arguments, "must be JSON-serialisable") from None
         if not isinstance(entry.options, dict):
             raise InvalidEntry("options", entry.options, "expected a JSON object")
-        for key, value in entry.options.items():
+        for key, option in entry.options.items():
             kinds = OPTION_TYPES.get(key)
             if kinds is None:
                 raise InvalidEntry("options", key, f"unknown option; expected one of {sorted(OPTION_TYPES)}")
-            if isinstance(value, bool) or not isinstance(value, kinds):
-                raise InvalidEntry(key, value, f"expected {' or '.join(k.__name__ for k in kinds)}")
-            if key == "expires" and isinstance(value, int | float) and value <= 0:
-                raise InvalidEntry(key, value, "expected seconds above 0")
+            if (
+                isinstance(option, bool)
+                or not isinstance(option, kinds)
+                or (key == "expires" and isinstance(option, (int, float)) and option <= 0)
+            ):
+                raise InvalidEntry(
+                    key, option, f"expected {' or '.join(k.__name__ for k in kinds)}" + (" above 0" * (key == "expires"))
+                )
         if not isinstance(entry.enabled, bool):
             raise InvalidEntry("enabled", entry.enabled, "expected true or false")
         return replace(entry, schedule=sched, args=tuple(entry.args))

@@ -13,6 +13,7 @@ __all__ = [
     "ConsulUnavailable",
     "EntryConflict",
     "EntryNotFound",
+    "InternalsChanged",
     "InvalidEntry",
     "InvalidSetting",
     "LockConflict",
@@ -266,3 +267,25 @@ class LockHeld(ConsulLockError):
 
     def __str__(self) -> str:
         return f"lock {self.key!r} is held" + (f" by {self.holder}" if self.holder else " (lock-delay)")
+
+
+class InternalsChanged(ConsulLockError):
+    """An installed release of Celery or django-celery-beat changed a private part of it that
+    this package relies on (``where`` no longer uses ``names``); raised when a scheduler that
+    relies on it starts, instead of scheduling wrongly without a word."""
+
+    def __init__(self, package: str, version: str, where: str, names: tuple[str, ...], why: str, tested: str) -> None:
+        super().__init__(package, version, where, names, why, tested)
+        self.package = package
+        self.version = version
+        self.where = where
+        self.names = names
+        self.why = why
+        self.tested = tested
+
+    def __str__(self) -> str:
+        return (
+            f"{self.package} {self.version} changed an internal celery-consul-lock relies on: {self.where} no longer "
+            f"uses {', '.join(self.names)} ({self.why}). celery-consul-lock is tested with {self.package} {self.tested}; "
+            f"install one of those, or a celery-consul-lock release that supports {self.package} {self.version}."
+        )

@@ -14,8 +14,10 @@ Installed with the package and loaded by pytest on its own (the ``pytest11`` ent
     neither, the fixture errors (it does not skip) with a message naming both.
 
 ``consul_lock_celery_config`` (session scope)
-    ``{"consul_lock_address": consul_agent.address}``: merge it into your Celery settings,
-    e.g. into the ``celery_config`` fixture of Celery's own plugin (``celery.contrib.pytest``).
+    ``{"consul_lock_address": consul_agent.address, "consul_lock_eager": "consul"}``: merge
+    it into your Celery settings, e.g. into the ``celery_config`` fixture of Celery's own
+    plugin (``celery.contrib.pytest``); eager and direct calls of locked tasks then take real
+    locks (without it they run unlocked: ``consul_lock_eager``'s default, ``"bypass"``).
 
 ``consul_lock_app`` (function scope)
     Takes Celery's ``celery_app`` fixture (so ``celery.contrib.pytest`` must be loaded) and
@@ -32,6 +34,7 @@ from typing import Any
 
 import pytest
 
+from .session import close_sessions
 from .testing import ConsulAgent, start_consul
 
 __all__ = ["consul_agent", "consul_lock_app", "consul_lock_celery_config"]
@@ -45,7 +48,12 @@ def consul_agent(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ConsulAge
         agent.wait_ready()
         yield agent
     finally:
-        agent.stop()
+        # This process's shared sessions end while their agent still answers (at exit, they
+        # would be destroyed against a stopped agent, with a warning each).
+        try:
+            close_sessions()
+        finally:
+            agent.stop()
 
 
 @pytest.fixture(scope="session")

@@ -35,9 +35,8 @@ log = logging.getLogger(__name__)
 #: A task run took its lock. Sender: the task. Arguments: key, fencing_token, task_id.
 task_lock_acquired = Signal(name="task_lock_acquired", providing_args={"key", "fencing_token", "task_id"})
 #: A task run did not run its body because of the lock or the tick mark. Sender: the task.
-#: Arguments: key, reason ("held", "lock-delay", "duplicate-tick", "duplicate-delivery",
-#: "stale-leader", "cooldown"), holder (LockHolder
-#: or None), task_id, tick (or None).
+#: Arguments: key, reason (a :data:`~.task.SkipReason`: "held", "lock-delay", "duplicate-tick",
+#: "duplicate-delivery", "stale-leader", "cooldown"), holder (LockHolder or None), task_id, tick (or None).
 task_lock_skipped = Signal(name="task_lock_skipped", providing_args={"key", "reason", "holder", "task_id", "tick"})
 #: A running task's lock was lost. Sender: the task. Arguments: key, reason, task_id.
 task_lock_lost = Signal(name="task_lock_lost", providing_args={"key", "reason", "task_id"})

@@ -59,7 +59,17 @@ from .session import close_sessions
 from .settings import FAIL_POLICIES, ConsulSettings, FailPolicy, Setting, boolean, one_of, read_celery, seconds, validate_key
 from .ticks import Mark, change_mark, read_mark
 
-__all__ = ["LOCK_OPTIONS_HEADER", "SKIPPED", "ConsulLockedTask", "LockOptions", "is_skipped"]
+__all__ = [
+    "EAGER_MODES",
+    "EAGER_SETTINGS",
+    "LOCK_OPTIONS_HEADER",
+    "SKIPPED",
+    "TASK_SETTINGS",
+    "ConsulLockedTask",
+    "LockOptions",
+    "eager_mode",
+    "is_skipped",
+]
 
 log = logging.getLogger("celery_consul_lock.task")
 
@@ -114,6 +124,30 @@ def task_defaults(conf: Any) -> dict[str, Any]:
     """The app-wide task option defaults ``conf`` sets (TASK_SETTINGS), parsed; InvalidSetting
     names the Celery setting."""
     return {name: value for name, value in read_celery(conf, TASK_SETTINGS).items() if value is not None}
+
+
+#: How a call outside a worker runs (setting ``consul_lock_eager``): an eager one
+#: (``task_always_eager``, ``task.apply()``) or a direct one (``task(...)``). ``bypass`` runs
+#: the body without a lock; ``consul`` locks it as a worker does.
+EagerMode = Literal["consul", "bypass"]
+EAGER_MODES: tuple[EagerMode, ...] = ("consul", "bypass")
+#: Bypass by default: eager and direct calls are how a project's tests call its tasks, in one
+#: process, usually without a Consul agent; a test expects the body to run as written (with
+#: ``consul``, every such call needs an agent, or fails with ConsulUnavailable). The lock
+#: exists to keep workers apart; an eager call runs in its caller, not in a worker.
+DEFAULT_EAGER: EagerMode = "bypass"
+
+#: The setting ``consul_lock_eager`` (see :class:`~celery_consul_lock.settings.Setting`): how
+#: calls outside a worker run, app-wide (not a task option: it is not in LockOptions).
+EAGER_SETTINGS: tuple[Setting, ...] = (
+    Setting(
+        "eager",
+        one_of(*EAGER_MODES),
+        DEFAULT_EAGER,
+        "eager (`task_always_eager`, `apply()`) and direct (`task()`) calls: `bypass` runs the body without a lock, "
+        "`consul` locks it as a worker does ([Eager and direct calls](#eager-and-direct-calls-your-projects-tests))",
+    ),
+)
 
 
 def is_skipped(result: object) -> bool:
@@ -203,13 +237,15 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
 
     _consul_settings: ConsulSettings | None = None
     _lock_options: LockOptions | None = None
+    _eager: EagerMode | None = None
     _availability: AvailabilityConfig | None = None
 
     # -- what the body can use ------------------------------------------------------------
 
     @property
     def lock(self) -> ConsulLock | None:
-        """The lock this run holds (None outside a run, or when run unguarded: fail open)."""
+        """The lock this run holds (None outside a run, or when run unguarded: fail open, or
+        an eager or direct call under ``consul_lock_eager="bypass"``)."""
         return getattr(self.request, "consul_lock_held", None)
 
     @property
@@ -219,7 +255,8 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         return lock.fencing_token if lock is not None else None
 
     def check_lock(self) -> None:
-        """Raise :class:`LockLost` if this run no longer holds its lock."""
+        """Raise :class:`LockLost` if this run no longer holds its lock (nothing for a run
+        without one)."""
         lock = self.lock
         if lock is not None:
             lock.check()
@@ -285,6 +322,12 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             self._consul_settings = ConsulSettings.from_celery(self.app.conf)
         return self._consul_settings.replace(ttl=options.ttl, lock_delay=options.lock_delay, fail_policy=options.fail_policy)
 
+    def eager_mode(self) -> EagerMode:
+        """The app's ``consul_lock_eager`` (read once per task object), validated."""
+        if self._eager is None:
+            self._eager = eager_mode(self.app.conf)
+        return self._eager
+
     def lock_key_for(self, args: tuple[Any, ...], kwargs: dict[str, Any], options: LockOptions | None = None) -> str:
         """The key this call locks (before the configured prefix), validated."""
         key = (options or self.lock_options()).key
@@ -306,6 +349,10 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         request = self.request  # a lookup through Celery's request stack: done once
+        if (request.called_directly or request.is_eager) and self.eager_mode() == "bypass":
+            # Not in a worker: run the body as Celery would, without a lock. A direct call
+            # gets its request pushed by Celery's own __call__; an eager one has it already.
+            return super().__call__(*args, **kwargs) if request.called_directly else self.run(*args, **kwargs)
         options = self.lock_options(request)
         settings = self.lock_settings(options)
         key = self.lock_key_for(args, kwargs, options)
@@ -686,6 +733,13 @@ def _set_async_exc(thread_id: int, exc: type[BaseException] | None, key: str) ->
         thread_id,
         hit,
     )
+
+
+def eager_mode(conf: Any) -> EagerMode:
+    """``consul_lock_eager`` from a Celery app's ``conf`` (:data:`EAGER_SETTINGS`); a value
+    other than ``"bypass"`` or ``"consul"`` raises InvalidSetting naming the setting."""
+    mode: EagerMode = read_celery(conf, EAGER_SETTINGS)["eager"]
+    return mode
 
 
 class _Headers:

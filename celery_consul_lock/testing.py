@@ -353,10 +353,13 @@ class ConsulAgent:
         wait_for(ready, timeout, f"consul agent {self.address} to be ready", interval=0.2, procs=[self.proc])
 
     def celery_settings(self, **settings: Any) -> dict[str, Any]:
-        """Celery settings pointing an app at this agent: ``{"consul_lock_address": ...}``,
-        plus ``settings`` given without their prefix (``lock_delay=1`` becomes
-        ``consul_lock_lock_delay``)."""
-        return {"consul_lock_address": self.address, **{f"consul_lock_{k}": v for k, v in settings.items()}}
+        """Celery settings pointing an app at this agent: ``{"consul_lock_address": ...,
+        "consul_lock_eager": "consul"}`` (a test that starts an agent wants real locks, also
+        for eager and direct calls, which bypass the lock by default), plus ``settings`` given
+        without their prefix (``lock_delay=1`` becomes ``consul_lock_lock_delay``;
+        ``eager="bypass"`` restores the default)."""
+        given = {f"consul_lock_{k}": v for k, v in settings.items()}
+        return {"consul_lock_address": self.address, "consul_lock_eager": "consul", **given}
 
     def configure(self, app: Any, **settings: Any) -> None:
         """Point the Celery ``app`` at this agent (``app.conf.update(self.celery_settings(...))``)."""

@@ -308,7 +308,7 @@ def test_worker_dash_s_consul_is_the_state_db_not_the_scheduler_and_the_worker_s
     args = ["-B", "-S", "consul", "-s", str(tmp_path / "schedule")]
     worker = start_worker(proj.app, tmp_path, env, concurrency=1, extra_args=args, cwd=tmp_path)
     try:
-        wait_for(lambda: NOT_ELECTED in worker.log_text(), 30, "the worker's warning")
+        wait_for(lambda: NOT_ELECTED in worker.log_text(), 30, "the worker's warning", procs=[worker])
         text = worker.log_text()
         assert "-S consul was taken as the worker's state database" in text and "Use --scheduler consul" in text, text
         # It is indeed Celery's own scheduler: it never joins the election.

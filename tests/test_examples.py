@@ -21,7 +21,7 @@ import pytest
 
 from celery_consul_lock import Tick
 from example_project.analysis import LATENESS, analyse, describe
-from example_project.cluster import CRASH_BOUND, EXAMPLES, Failover, Observation, example_cluster, run_scenario
+from example_project.cluster import CRASH_BOUND, EXAMPLES, TERM_BOUND, Failover, Observation, example_cluster, run_scenario
 
 from .servers import ROOT
 
@@ -85,7 +85,9 @@ def _observation(runs: list[tuple[float, float, str]], failovers: list[Failover]
         interval=2.0,
         runs=records,
         skips=[],
-        failovers=[replace(f, at=base + f.at) for f in failovers],
+        failovers=[
+            replace(f, at=base + f.at, first_tick=None if f.first_tick is None else base + f.first_tick) for f in failovers
+        ],
         leader_samples=[],
         beats=[],
         workers=[],
@@ -128,3 +130,20 @@ def test_readme_quotes_the_example_files_as_they_are():
     assert {"example_project/django_site/proj/settings.py", "example_project/flask_app/backup_app/__init__.py"} <= quoted
     for path, text in blocks:
         assert text in (ROOT / path).read_text(), f"README's quote of {path} differs from the file"
+
+
+def test_the_report_explains_its_columns_and_a_first_tick_waiting_for_its_due_time_is_not_past_the_bound():
+    # SIGTERM at 1.0 s (bound 1.0 s): beat2 leads at once, but the next tick is due at 2.02 s.
+    waited = _observation(
+        [(0, 0.01, "beat1"), (2.02, 2.05, "beat2")], [Failover(1.0, "SIGTERM", "beat1", "beat2", None, 2.05)], ended=3
+    )
+    result = analyse(waited)
+    report = "\n".join(describe(waited, result))
+    assert result.ok, report
+    assert f"its first tick was due 1.02 s after the signal, after the bound ({TERM_BOUND:.2f} s), and ran 0.03 s after" in report
+    assert "ran +s: when its first run started, in seconds from the" in report
+    # A catch-up sent after the crash: judged against the bound, which the line names.
+    killed = [Failover(1.0, "SIGKILL", "beat1", None, None, 4.5)]
+    crash = _observation([(0, 0.01, "beat1"), (2.01, 4.5, "beat2")], killed, ended=5)
+    crash_report = "\n".join(describe(crash, analyse(crash)))
+    assert f"its first tick ran after 3.50 s (bound {CRASH_BOUND:.2f} s, + {LATENESS:g} s" in crash_report

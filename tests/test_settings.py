@@ -322,9 +322,9 @@ def _declared_settings():
     from celery_consul_lock.availability import AVAILABILITY_SETTINGS
     from celery_consul_lock.election import BEAT_SETTINGS
     from celery_consul_lock.settings import CONSUL_SETTINGS
-    from celery_consul_lock.task import TASK_SETTINGS
+    from celery_consul_lock.task import EAGER_SETTINGS, TASK_SETTINGS
 
-    return (*CONSUL_SETTINGS, *AVAILABILITY_SETTINGS, *BEAT_SETTINGS, *TASK_SETTINGS)
+    return (*CONSUL_SETTINGS, *AVAILABILITY_SETTINGS, *BEAT_SETTINGS, *TASK_SETTINGS, *EAGER_SETTINGS)
 
 
 def test_the_readme_configuration_table_is_the_one_the_declarations_give():
@@ -344,7 +344,7 @@ def test_every_declared_setting_is_read_from_celery_and_names_itself_when_refuse
     refuses is refused naming exactly that setting and the value as given."""
     from celery_consul_lock.availability import AvailabilityConfig
     from celery_consul_lock.beat import BeatConfig
-    from celery_consul_lock.task import task_defaults
+    from celery_consul_lock.task import eager_mode, task_defaults
 
     def build(conf):
         app = Celery("proj", set_as_current=False)
@@ -353,6 +353,7 @@ def test_every_declared_setting_is_read_from_celery_and_names_itself_when_refuse
         AvailabilityConfig.from_celery(app.conf)
         BeatConfig.from_app(app)
         task_defaults(app.conf)
+        eager_mode(app.conf)
 
     build({})
     names = [s.celery_name for s in _declared_settings()]

@@ -26,12 +26,17 @@ from typing import Any
 from django_celery_beat.schedulers import DatabaseScheduler
 
 from ..beat import leader_elected
+from ..internals import check_django_celery_beat
 
 __all__ = ["LeaderDatabaseScheduler"]
 
 
 class LeaderDatabaseScheduler(leader_elected(DatabaseScheduler)):  # type: ignore[misc]
     """DatabaseScheduler, leader-elected, saving each entry as soon as it is sent."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        check_django_celery_beat()  # loud at start if django-celery-beat changed what on_elected clears
+        super().__init__(*args, **kwargs)
 
     def on_elected(self) -> None:
         """Setting up the schedule saves its entries, which DatabaseScheduler sees as a

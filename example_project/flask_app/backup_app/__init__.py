@@ -1,5 +1,6 @@
 """The example Flask application: an application factory with Celery wired the way Flask's
-docs show (``celery_init_app``), and :class:`LockedFlaskTask` for tasks that hold a Consul lock.
+docs show (``celery_init_app``); tasks that hold a Consul lock use the package's
+:class:`~celery_consul_lock.LockedFlaskTask`.
 
     celery -A make_celery worker -l INFO
     celery -A make_celery beat -S consul -l INFO        # on every node: one leads
@@ -11,8 +12,6 @@ from celery import Celery, Task
 from celery.schedules import crontab
 from flask import Flask
 
-from celery_consul_lock import ConsulLockedTask
-
 
 def celery_init_app(app: Flask) -> Celery:
     class FlaskTask(Task):
@@ -23,28 +22,9 @@ def celery_init_app(app: Flask) -> Celery:
     celery_app = Celery(app.name, task_cls=FlaskTask)
     celery_app.config_from_object(app.config["CELERY"])
     celery_app.set_default()
-    celery_app.flask_app = app  # for LockedFlaskTask
+    celery_app.flask_app = app  # the app LockedFlaskTask runs the locked tasks in
     app.extensions["celery"] = celery_app
     return celery_app
-
-
-class LockedFlaskTask(ConsulLockedTask):
-    """ConsulLockedTask inside the Flask app context.
-
-    ``base=ConsulLockedTask`` replaces the app's ``FlaskTask``, whose ``__call__`` is what
-    pushes the app context; this class pushes it around the whole locked run instead: the
-    lock is taken, the body run, the tick recorded and the lock released inside the context
-    of the app that ``celery_init_app`` wired to this Celery app (so ``current_app`` and
-    extensions work in the body and in ``task_lock_*`` signal receivers). A Celery app that
-    ``celery_init_app`` did not make fails the run with a RuntimeError saying so.
-    """
-
-    def __call__(self, *args: object, **kwargs: object) -> object:
-        flask_app = getattr(self.app, "flask_app", None)
-        if flask_app is None:
-            raise RuntimeError(f"{self.name}: its Celery app has no Flask app; create it with celery_init_app")
-        with flask_app.app_context():
-            return super().__call__(*args, **kwargs)
 
 
 def create_app() -> Flask:

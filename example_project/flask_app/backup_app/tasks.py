@@ -6,9 +6,8 @@ import time
 from celery import shared_task
 from flask import current_app
 
+from celery_consul_lock import LockedFlaskTask
 from example_project.records import record_run
-
-from . import LockedFlaskTask
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,60 @@
+"""LockedFlaskTask: a locked task's body runs inside its Flask app's context.
+
+The example Flask app's test (test_examples.py) checks the same in a real worker; these
+check it in one process: an eager call with the default bypass, and one locked against a
+real dev agent.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from celery import Celery, Task
+from flask import Flask, current_app
+
+from celery_consul_lock import LockedFlaskTask
+
+from .servers import free_port
+
+
+def flask_project(link: bool = True, **conf: Any) -> tuple[Flask, Any]:
+    """A Flask app wired to an in-process Celery app the way Flask's docs show
+    (``celery_init_app``), and a LockedFlaskTask task returning what its body saw."""
+    flask_app = Flask("shop")
+
+    class FlaskTask(Task):
+        def __call__(self, *args: object, **kwargs: object) -> object:
+            with flask_app.app_context():
+                return self.run(*args, **kwargs)
+
+    celery_app = Celery(flask_app.name, task_cls=FlaskTask, broker="memory://", set_as_current=False)
+    celery_app.conf.update(task_always_eager=True, task_eager_propagates=True, **conf)
+    if link:
+        celery_app.flask_app = flask_app
+
+    @celery_app.task(bind=True, base=LockedFlaskTask, name="shop.report")
+    def report(self, customer: int) -> dict[str, Any]:
+        lock = self.lock
+        return {"app": current_app.name, "customer": customer, "held": lock.held if lock is not None else None}
+
+    return flask_app, report
+
+
+def test_an_eager_call_runs_in_the_flask_app_context_without_a_lock():
+    _, report = flask_project(consul_lock_address=f"127.0.0.1:{free_port()}")  # no agent there
+    assert report.delay(1).get() == {"app": "shop", "customer": 1, "held": None}
+    assert report(2) == {"app": "shop", "customer": 2, "held": None}  # a direct call
+
+
+def test_a_locked_run_holds_its_lock_inside_the_flask_app_context(consul):
+    _, report = flask_project(consul_lock_address=consul.address, consul_lock_key_prefix="flask/", consul_lock_eager="consul")
+    assert report.delay(3).get() == {"app": "shop", "customer": 3, "held": True}
+
+
+def test_without_the_link_a_run_inside_an_app_context_uses_it_and_any_other_is_refused():
+    flask_app, report = flask_project(link=False, consul_lock_address=f"127.0.0.1:{free_port()}")
+    with pytest.raises(RuntimeError, match=r"shop\.report: .*celery_app\.flask_app = app"):
+        report.delay(4).get()
+    with flask_app.app_context():
+        assert report.delay(5).get()["app"] == "shop"
