@@ -506,11 +506,11 @@ class RuntimeSchedule:
             raise InvalidEntry("args", entry.args, "expected a JSON array")
         if not isinstance(entry.kwargs, dict) or not all(isinstance(k, str) for k in entry.kwargs):
             raise InvalidEntry("kwargs", entry.kwargs, "expected a JSON object")
-        for name, value in (("args", entry.args), ("kwargs", entry.kwargs)):
+        for name, arguments in (("args", entry.args), ("kwargs", entry.kwargs)):
             try:
-                json.dumps(value)
+                json.dumps(arguments)
             except (TypeError, ValueError):
-                raise InvalidEntry(name, value, "must be JSON-serialisable") from None
+                raise InvalidEntry(name, arguments, "must be JSON-serialisable") from None
         if not isinstance(entry.options, dict):
             raise InvalidEntry("options", entry.options, "expected a JSON object")
         for key, option in entry.options.items():
