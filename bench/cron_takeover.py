@@ -22,7 +22,6 @@ import argparse
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,9 +30,14 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from celery_consul_lock.testing import Proc, spawn, wait_for  # noqa: E402
 from tests.servers import binaries, start_consul, wait_consul_ready  # noqa: E402
 
 WRAPPER = str(Path(sys.executable).parent / "celery-consul-lock")
+#: A holder's job starts within seconds; a waiter's after the holder's key frees (consul lock:
+#: up to 2 x TTL + lock-delay, 45 s with its defaults); room for a loaded machine.
+START_TIMEOUT = 60.0
+TAKEOVER_TIMEOUT = 180.0
 
 
 def argv(tool: str, address: str, prefix: str, job: str, opts: argparse.Namespace) -> list[str]:
@@ -47,24 +51,24 @@ def one(tool: str, address: str, workdir: Path, n: int, opts: argparse.Namespace
     prefix = f"locks/bench-takeover-{tool}-{os.getpid()}-{n}"
     first, second = workdir / f"{tool}-{n}-first", workdir / f"{tool}-{n}-second"
     env = {**os.environ, "CONSUL_HTTP_ADDR": address}
-    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env, "start_new_session": True}
-    holder = subprocess.Popen(argv(tool, address, prefix, f"touch {first}; exec sleep 300", opts), **quiet)
-    waiter = None
+    # Both jobs keep running once started, so that either tool's process exiting is a failure.
+    holder = spawn(f"{tool}-{n}-holder", argv(tool, address, prefix, f"touch {first}; exec sleep 300", opts), workdir, env=env)
+    waiter: Proc | None = None
     try:
-        while not first.exists():
-            time.sleep(0.01)
-        waiter = subprocess.Popen(argv(tool, address, prefix, f"touch {second}", opts), **quiet)
+        wait_for(first.exists, START_TIMEOUT, f"{tool}'s holder job to start", interval=0.01, procs=[holder])
+        waiter = spawn(
+            f"{tool}-{n}-waiter", argv(tool, address, prefix, f"touch {second}; exec sleep 300", opts), workdir, env=env
+        )
         time.sleep(3)  # the waiter is waiting on the key
-        os.kill(holder.pid, signal.SIGKILL)
+        waiter.check_alive()
+        holder.signal(signal.SIGKILL)  # the holder process alone: its job is left to the kernel
         killed = time.monotonic()
-        while not second.exists():
-            time.sleep(0.01)
+        wait_for(second.exists, TAKEOVER_TIMEOUT, f"{tool}'s waiter job to start", interval=0.01, procs=[waiter])
         return time.monotonic() - killed
     finally:
         for p in (holder, waiter):
             if p is not None:
-                os.killpg(p.pid, signal.SIGKILL)
-                p.wait()
+                p.kill()  # SIGKILL of its process group, and reaped
 
 
 def main() -> int:

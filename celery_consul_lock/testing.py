@@ -224,6 +224,17 @@ class Proc:
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    @property
+    def returncode(self) -> int | None:
+        """Its exit status once it has exited and been reaped (:meth:`alive`, :meth:`wait`),
+        else None; ``-N`` if signal N ended it."""
+        return self.popen.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        """Wait up to ``timeout`` s (None: for ever) for it to exit; its exit status.
+        Raises :class:`subprocess.TimeoutExpired` if it still runs then (it is left running)."""
+        return self.popen.wait(timeout)
+
     def log_text(self, since: int = 0) -> str:
         """The log from byte offset ``since`` (see :meth:`log_size`)."""
         if not self.log.exists():

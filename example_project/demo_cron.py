@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -28,7 +27,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from celery_consul_lock.cron import EXIT_SKIPPED
-from tests.servers import ROOT, start_consul, wait_consul_ready, wait_for
+from celery_consul_lock.testing import Proc, spawn, wait_for
+from tests.servers import ROOT, binaries, start_consul, wait_consul_ready
 
 WRAPPER = str(Path(sys.executable).parent / "celery-consul-lock")
 #: The three nodes and how late each one's cron fires, in seconds.
@@ -43,22 +43,22 @@ JOB = 'echo "start $NODE $CELERY_CONSUL_LOCK_SLOT" >> "$RUNS"; sleep 1.5; echo "
 class Invocation:
     node: str
     slot: int
-    popen: subprocess.Popen
-    log: Path
+    proc: Proc
     killed: bool = False
 
     def decision(self) -> str:
         """What the wrapper decided, from its last stderr line."""
         if self.killed:
             return "SIGKILLed mid-run"
-        lines = [line for line in self.log.read_text().splitlines() if line.startswith("celery-consul-lock run:")]
-        status = self.popen.returncode
+        lines = [line for line in self.proc.log_text().splitlines() if line.startswith("celery-consul-lock run:")]
+        status = self.proc.returncode
         # "celery-consul-lock run: key K, slot S: DECISION; holder: H" -> DECISION
         last = lines[-1].split(": ", 2)[-1].rpartition("; holder: ")[0] if lines else "(no output)"
         return f"exit {status}{' (skipped)' if status == EXIT_SKIPPED else ''}: {last}"
 
 
 def run(slots: int, every: float, workdir: Path) -> int:
+    binaries()  # the consul binary scripts/provision.sh found (exports CONSUL_BIN)
     consul = start_consul(workdir / "consul")
     invocations: list[Invocation] = []
     try:
@@ -73,26 +73,19 @@ def run(slots: int, every: float, workdir: Path) -> int:
         starts = sorted((first + i * every + late, i, name) for i in range(slots) for name, late in NODES.items())
         for at, slot, name in starts:
             time.sleep(max(0.0, at - time.time()))
-            log = workdir / f"slot{slot + 1}-{name}.log"
-            with log.open("wb") as out:
-                popen = subprocess.Popen(
-                    [WRAPPER, "run", *args, "--", "sh", "-c", JOB],
-                    env={**env, "NODE": name},
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                )
-            invocations.append(Invocation(name, slot, popen, log))
+            proc = spawn(
+                f"slot{slot + 1}-{name}", [WRAPPER, "run", *args, "--", "sh", "-c", JOB], workdir, env={**env, "NODE": name}
+            )
+            invocations.append(Invocation(name, slot, proc))
             if slot == KILLED_SLOT and name == "b":
                 _kill_the_runner(invocations, slot, f"demo-backup@{_iso(first + slot * every)}", runs)
         for inv in invocations:
-            inv.popen.wait(60)
+            inv.proc.wait(60)
         return _report(invocations, runs, slots)
     finally:
         for inv in invocations:
-            if inv.popen.poll() is None:
-                os.killpg(inv.popen.pid, signal.SIGKILL)
-                inv.popen.wait(10)
+            if inv.proc.alive():
+                inv.proc.kill()  # SIGKILL of its process group
         consul.stop()
 
 
@@ -108,9 +101,10 @@ def _kill_the_runner(invocations: list[Invocation], slot: int, tick: str, runs: 
                 return node
         return None
 
-    name = wait_for(runner, 30, f"a job to start in slot {slot + 1}")
+    # Both wrappers run until the job has started (one runs it, the other waits for the lock).
+    name = wait_for(runner, 30, f"a job to start in slot {slot + 1}", procs=[inv.proc for inv in mine.values()])
     victim = mine[name]
-    os.kill(victim.popen.pid, signal.SIGKILL)
+    victim.proc.signal(signal.SIGKILL)
     victim.killed = True
     print(f"{_hms(time.time())} slot {slot + 1}: SIGKILLed node {name}'s wrapper while its job ran")
 

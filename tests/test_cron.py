@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -40,6 +39,7 @@ from celery_consul_lock.cron import (
     slot_of,
 )
 from celery_consul_lock.protocol import crontab_tick
+from celery_consul_lock.testing import Proc, spawn
 from celery_consul_lock.ticks import read_mark
 
 from .servers import ConsulAgent, free_port, start_consul, wait_consul_ready, wait_for
@@ -59,19 +59,15 @@ KILLED_FREE_BOUND = 12.0
 
 
 @dataclass
-class Node:
-    """One wrapper process."""
+class Node(Proc):
+    """One wrapper process (:func:`celery_consul_lock.testing.spawn`), its output in ``log``."""
 
-    name: str
-    popen: subprocess.Popen
-    log: Path
-
-    def wait(self, timeout: float = 30) -> int:
-        return self.popen.wait(timeout)
+    def wait(self, timeout: float | None = 30) -> int:
+        return super().wait(timeout)
 
     @property
     def stderr(self) -> str:
-        return self.log.read_text()
+        return self.log_text()
 
     def lines(self) -> list[str]:
         """The wrapper's own decision lines (the command's output is in the same file)."""
@@ -135,23 +131,12 @@ def node(consul: ConsulAgent, tmp_path: Path) -> Iterator:
     def start(name: str, args: list[str], command: list[str], *, now: str = NOW, env: dict | None = None) -> Node:
         log = tmp_path / f"{name}-{len(started)}.log"
         environ = {**os.environ, "CONSUL_HTTP_ADDR": consul.address, NOW_ENV: now, "NODE": name, **(env or {})}
-        with log.open("wb") as out:
-            popen = subprocess.Popen(
-                [WRAPPER, "run", *args, "--", *command],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                env=environ,
-                start_new_session=True,
-            )
-        started.append(Node(name, popen, log))
+        started.append(spawn(name, [WRAPPER, "run", *args, "--", *command], tmp_path, env=environ, log=log, kind=Node))
         return started[-1]
 
     yield start
     for n in started:
-        with suppress(ProcessLookupError):
-            os.killpg(n.popen.pid, signal.SIGKILL)
-        n.popen.wait(10)
+        n.kill()  # SIGKILL of its process group, and reaped
 
 
 def _settings(consul: ConsulAgent) -> ConsulSettings:
@@ -284,7 +269,7 @@ def test_three_nodes_at_once_one_runs_two_skip_and_a_late_fourth_skips(node, job
     for n in nodes:
         lines = n.lines()
         assert lines and all(f"key {job.key}, slot {job.entry}@{SLOT}" in line and "holder: " in line for line in lines), lines
-        if n.popen.returncode == EXIT_SKIPPED:
+        if n.returncode == EXIT_SKIPPED:
             assert len(lines) == 1 and "skipped" in lines[0], lines
     assert _completed(consul, job)
 
@@ -341,13 +326,13 @@ def test_a_wrapper_killed_mid_run_frees_the_lock_within_the_bound_and_the_slot_r
     pidfile = job.dir / "pid"
     victim = node("a", ["--key", job.prefix, *LOCKING], job.command(f"echo $$ > {pidfile}; exec sleep 60"))
     command = _started(pidfile)
-    os.kill(victim.popen.pid, signal.SIGKILL)  # the wrapper alone: its command is left to the kernel
+    victim.signal(signal.SIGKILL)  # the wrapper alone: its command is left to the kernel
     killed = time.monotonic()
     assert not _completed(consul, job)
     later = node("b", ["--key", job.prefix, *LOCKING, "--on-held", "wait"], job.command(), now="2026-11-30T10:00:25Z")
     victim.wait()
     wait_for(lambda: not _alive(command), 5, "the command to get SIGTERM when its wrapper died (PR_SET_PDEATHSIG)")
-    wait_for(lambda: len(job.runs()) == 2 or later.popen.poll() is not None, 30, "the waiting node's command to start")
+    wait_for(lambda: len(job.runs()) == 2 or not later.alive(), 30, "the waiting node's command to start")
     took = time.monotonic() - killed
     assert [r["node"] for r in job.runs()] == ["a", "b"], later.stderr
     assert took < KILLED_FREE_BOUND, f"the killed wrapper's lock took {took:.1f} s to be taken again"
@@ -383,7 +368,7 @@ def test_sigterm_and_sigint_go_to_the_command_and_the_lock_is_released_after_it(
         wrappers[signum] = (prefix, pidfile, wrapper)
     for signum, (prefix, pidfile, wrapper) in wrappers.items():
         command = _started(pidfile)
-        os.kill(wrapper.popen.pid, signum)
+        wrapper.signal(signum)
         assert wrapper.wait() == 128 + signum, wrapper.stderr
         assert f"failed with status {128 + signum} after {signum.name} was passed on to it" in wrapper.lines()[-1]
         assert not _alive(command)
@@ -425,24 +410,21 @@ def test_consul_lock_and_the_wrapper_exclude_each_other(node, job: Job, consul: 
     # Both ways at once, on two keys: `consul lock` holds one, a wrapper the other.
     cli_holds, run_holds = f"{job.prefix}-cli", f"{job.prefix}-run"
     started, pidfile, touched = tmp_path / "cli-started", job.dir / "pid", tmp_path / "cli-ran"
-    with (tmp_path / "cli.log").open("wb") as out:
-        cli = subprocess.Popen(
-            _consul_lock(consul, cli_holds, f"touch {started}; exec sleep 60"), stdout=out, stderr=out, start_new_session=True
-        )
+    cli = spawn("cli", _consul_lock(consul, cli_holds, f"touch {started}; exec sleep 60"), tmp_path)
+    refused: Proc | None = None
     running = node("b", ["--key", run_holds, *LOCKING], job.command(f"echo $$ > {pidfile}; sleep 2.5"))
     try:
         wait_for(started.exists, 20, "`consul lock`'s child to start")
         skipped = node("a", ["--key", cli_holds, *LOCKING], job.command())
         _started(pidfile)
-        refused = subprocess.run(
-            _consul_lock(consul, run_holds, f"touch {touched}", "-timeout=1s"), capture_output=True, timeout=30, check=False
-        )
-        assert refused.returncode != 0 and not touched.exists(), refused
+        refused = spawn("cli-refused", _consul_lock(consul, run_holds, f"touch {touched}", "-timeout=1s"), tmp_path)
+        assert refused.wait(30) != 0 and not touched.exists(), refused.log_text()
         assert skipped.wait() == EXIT_SKIPPED
         assert "held by another holder" in skipped.lines()[0] and "Consul lock" in skipped.lines()[0], skipped.stderr
     finally:
-        os.killpg(cli.pid, signal.SIGTERM)  # `consul lock` stops its child and releases
-        cli.wait(15)
+        cli.stop(timeout=15)  # SIGTERM: `consul lock` stops its child and releases
+        if refused is not None:
+            refused.kill()
     assert running.wait() == 0, running.stderr
     assert [r["node"] for r in job.runs()] == ["b"]
 
@@ -475,7 +457,8 @@ def test_the_usual_curl_script_and_the_wrapper_exclude_each_other(node, job: Job
 def locked_task(consul: ConsulAgent):
     """A ConsulLockedTask guarding a job whose lock key is its argument, run in this process."""
     app = Celery("cron-interop", set_as_current=False)
-    app.conf.update(consul_lock_address=consul.address, consul_lock_lock_delay=2, consul_lock_ttl=10)
+    # eager="consul": apply() runs in this process, and eager calls bypass the lock by default.
+    consul.configure(app, lock_delay=2, ttl=10)
 
     @app.task(base=ConsulLockedTask, lock_key="{key}", bind=True, shared=False)
     def backup(self, key):
