@@ -79,6 +79,7 @@ def main() -> int:
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="cron-takeover-") as tmp:
         workdir = Path(tmp)
+        binaries()  # the binaries scripts/provision.sh found (exports CONSUL_BIN)
         agent = start_consul(workdir / "consul")
         try:
             wait_consul_ready(agent)
