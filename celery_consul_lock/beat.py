@@ -383,6 +383,10 @@ class ConsulLeaderScheduler(LeaderElectedMixin, Scheduler):  # type: ignore[misc
                 runtime.wait(self.max_interval)
                 return 0.0
         interval = float(super().tick(*args, **kwargs))
+        # Read again: the first leading tick makes the runtime schedule (in on_elected), and
+        # must wait on its watch too, else a fresh beat sleeps until its next due entry (up to
+        # beat_max_loop_interval with an empty beat_schedule) before taking up an added entry.
+        runtime = self.runtime
         if interval > 0 and runtime is not None and self._leading():
             runtime.wait(interval)  # woken at once by a change of the runtime schedule
             return 0.0

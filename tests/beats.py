@@ -71,16 +71,16 @@ class Harness:
     beat_name: str = field(default_factory=lambda: f"beat-{uuid.uuid4().hex[:8]}")
     beats: list[Beat] = field(default_factory=list)
     workers: list[Worker] = field(default_factory=list)
-    #: More environment for every beat and worker (e.g. TEST_BEAT_TASK: the entry's task).
+    #: More environment for every beat and worker (e.g. TEST_BEAT_TASK: the entry's task;
+    #: TEST_BEAT_INTERVAL: the config entry's interval, default 1 s, "" for no beat_schedule).
     extra_env: dict[str, str] = field(default_factory=dict)
 
     def env(self, consul_address: str, **extra: str) -> dict[str, str]:
         return worker_env(
             self.redis_url,
             consul_address,
-            TEST_BEAT_INTERVAL="1",
             TEST_BEAT_NAME=self.beat_name,
-            **{**self.extra_env, **extra},
+            **{"TEST_BEAT_INTERVAL": "1", **self.extra_env, **extra},
         )
 
     def worker(self, consul_address: str) -> Worker:

@@ -110,6 +110,32 @@ def test_an_added_entry_runs_within_a_second_plus_its_interval_and_each_tick_onc
     assert cli(topo, consul, "schedule", "remove", "rt-add").returncode == 0
 
 
+@pytest.mark.parametrize("config_interval", ["30", ""], ids=["config-entry-30s", "empty-beat-schedule"])
+def test_a_fresh_beat_with_an_empty_runtime_folder_takes_up_an_added_entry_at_once(
+    topo, consul, r, tmp_path, config_interval
+):
+    """A beat just elected, its runtime folder empty and nothing sent yet, must not sleep
+    until its next config entry (30 s) or beat_max_loop_interval (300 s) before taking up an
+    added entry: the first run comes one interval after the save (the module's worker runs it)."""
+    fresh = Harness(topo.proj, topo.redis_url, tmp_path, extra_env={"TEST_BEAT_INTERVAL": config_interval})
+    try:
+        beat = fresh.beat(consul.address)
+        wait_for(lambda: "loaded the schedule state" in beat.log_text(), 30, "the fresh beat to lead", procs=[beat])
+        time.sleep(0.5)  # setup: its first leading tick has returned (the beat is asleep in its loop)
+        store = RuntimeSchedule(ConsulSettings(address=consul.address), fresh.beat_name, topo.proj.app)
+        assert store.snapshot(consistent=True).entries == {}
+        name = f"rt-fresh-{config_interval or 'none'}"
+        store.save(EntryDefinition(name, ECHO, 3))
+        saved = time.time()
+        (first,) = wait_runs(topo, r, name, 1, 3 + 10)
+        # One interval after the save, plus pick-up and the worker on a loaded machine; the
+        # bug made it 30 s (the config entry's next due time) or 300 s.
+        assert first["sent_at"] - saved < 3 + 5, first
+        assert beat.popen.poll() is None, beat.log_text()[-2000:]
+    finally:
+        fresh.stop()
+
+
 def test_changing_args_keeps_the_timing_and_concurrent_edits_let_one_win(topo, store, r):
     store.save(EntryDefinition("rt-args", ECHO, 4, args=(1,)))
     first = wait_runs(topo, r, "rt-args", 1, 15)[0]
