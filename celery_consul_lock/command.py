@@ -42,7 +42,7 @@ from .entries import NEVER, EntryDefinition, RuntimeSchedule, once, parse_at, pa
 from .errors import ConsulLockError, EntryConflict, EntryNotFound, InvalidEntry, InvalidSetting
 from .lock import LockHolder
 from .semaphore import SEMAPHORE_KEY, SemaphoreState
-from .settings import ConsulSettings
+from .settings import ConsulSettings, parse_seconds
 from .task import ConsulLockedTask, eager_mode
 from .ticks import MARKS_PREFIX, key_part
 
@@ -582,16 +582,17 @@ def schedule() -> None:
 @schedule.command(cls=CeleryCommand)
 @click.argument("name")
 @click.option("--task", required=True, help="The task's registered name.")
-@click.option("--every", type=str, help="Run every SECONDS.")
+@click.option("--every", type=str, help="Run every SECONDS (a number, or e.g. '90s', '500ms', '5m', '1h').")
 @click.option("--crontab", "cron", help='Run at "MIN HOUR DOM MON DOW", in the app\'s timezone.')
 @click.option("--at", help="Run once at ISO-TIME (without offset: the app's timezone).")
 @click.option("--args", help="Positional arguments, a JSON array.")
 @click.option("--kwargs", help="Keyword arguments, a JSON object.")
 @click.option("--queue", help="The queue to send to.")
 @click.option("--disabled", is_flag=True, help="Store it disabled.")
+@click.option("--replace", is_flag=True, help="Replace the entry NAME if it exists (args-only edits keep its timing).")
 @click.pass_context
 def add(ctx: click.Context, /, name: str, task: str, every: str | None, cron: str | None, at: str | None, **rest: Any) -> None:
-    """Add the runtime entry NAME, or replace it (args-only edits keep its timing)."""
+    """Add the runtime entry NAME; an existing NAME is refused (exit 3) unless --replace."""
     app = ctx.obj.app
     with _schedule_errors():
         given = [(f, v) for f, v in (("every", every), ("crontab", cron), ("at", at)) if v is not None]
@@ -600,9 +601,9 @@ def add(ctx: click.Context, /, name: str, task: str, every: str | None, cron: st
         field, value = given[0]
         if field == "every":
             try:
-                sched: Any = float(value)
-            except ValueError:
-                raise InvalidEntry("every", value, "expected a number of seconds") from None
+                sched: Any = parse_seconds("every", value)  # the durations `celery-consul-lock run --every` takes
+            except InvalidSetting as exc:
+                raise InvalidEntry("every", value, exc.reason) from None
         else:
             sched = parse_crontab(value, app) if field == "crontab" else once(parse_at(value, app))
         app.loader.import_default_modules()
@@ -615,7 +616,13 @@ def add(ctx: click.Context, /, name: str, task: str, every: str | None, cron: st
             options={"queue": rest["queue"]} if rest["queue"] else {},
             enabled=not rest["disabled"],
         )
-        saved = RuntimeSchedule.from_app(app).save(entry, replace_existing=True)
+        store = RuntimeSchedule.from_app(app)
+        try:
+            saved = store.save(entry, replace_existing=rest["replace"])
+        except EntryConflict:
+            if rest["replace"] or name in store.config_names:
+                raise
+            raise EntryConflict(store.beat_name, name, "already exists; give --replace to replace it") from None
     click.echo(f"saved {name} (index {saved.index})")
 
 
@@ -662,8 +669,10 @@ def pause(ctx: click.Context, by: str) -> None:
 def resume(ctx: click.Context) -> None:
     """Start sending again; ticks missed meanwhile follow consul_lock_beat_missed."""
     with _schedule_errors():
-        RuntimeSchedule.from_app(ctx.obj.app).resume()
-    click.echo("resumed")
+        store = RuntimeSchedule.from_app(ctx.obj.app)
+        was_paused = store.paused() is not None
+        store.resume()
+    click.echo("resumed" if was_paused else "not paused: the beats were already sending")
 
 
 def _from_nanoseconds(nanoseconds: object) -> float:

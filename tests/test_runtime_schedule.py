@@ -246,7 +246,8 @@ def test_a_one_off_entry_runs_once_and_disables_itself(topo, store, r):
 BAD_INPUT = [
     ("rt-bad", ["--task", "proj.no_such_task", "--every", "1"], "task='proj.no_such_task'"),
     ("rt-bad", ["--task", ECHO, "--every", "0"], "every=0.0"),
-    ("rt-bad", ["--task", ECHO, "--every", "-3"], "every=-3.0"),
+    ("rt-bad", ["--task", ECHO, "--every", "-3"], "every='-3'"),
+    ("rt-bad", ["--task", ECHO, "--every", "5 minutes"], "every='5 minutes'"),
     ("rt-bad", ["--task", ECHO, "--every", "soon"], "every='soon'"),
     ("rt-bad", ["--task", ECHO, "--crontab", "61 * * * *"], "crontab='61 * * * *'"),
     ("rt-bad", ["--task", ECHO, "--crontab", "* * *"], "crontab='* * *'"),
@@ -269,6 +270,28 @@ def test_every_bad_input_exits_2_naming_field_and_value_and_writes_nothing(topo,
                 failures.append((name, args, out.returncode, out.stderr[-300:]))
     assert not failures, failures
     assert store.snapshot(consistent=True).entries == {}
+
+
+def test_add_takes_durations_and_refuses_an_existing_name_unless_replace(topo, consul, store):
+    out = cli(topo, consul, "schedule", "add", "rt-dup", "--task", ECHO, "--every", "5m", "--args", "[1]")
+    assert out.returncode == 0, out.stderr
+    assert store.get("rt-dup").schedule.run_every == timedelta(minutes=5)
+    out = cli(topo, consul, "schedule", "add", "rt-dup", "--task", ECHO, "--every", "90s", "--args", "[2]")
+    assert out.returncode == 3, out
+    assert "'rt-dup'" in out.stderr and "already exists; give --replace" in out.stderr and "nothing was written" in out.stderr
+    kept = store.get("rt-dup")
+    assert kept.args == (1,) and kept.schedule.run_every == timedelta(minutes=5), kept
+    out = cli(topo, consul, "schedule", "add", "rt-dup", "--task", ECHO, "--every", "300", "--args", "[2]", "--replace")
+    assert out.returncode == 0, out.stderr
+    replaced = store.get("rt-dup")
+    assert replaced.args == (2,) and replaced.schedule.run_every == timedelta(minutes=5), replaced
+    store.remove("rt-dup")
+
+
+def test_resume_when_not_paused_says_so(topo, consul, store):
+    assert store.paused() is None
+    out = cli(topo, consul, "resume")
+    assert out.returncode == 0 and out.stdout.strip() == "not paused: the beats were already sending", out
 
 
 def test_the_leader_sigkilled_with_runtime_entries_is_replaced_and_they_keep_running(topo, store, r):
