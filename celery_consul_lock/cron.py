@@ -41,11 +41,11 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Literal, NoReturn
 
-from croniter import croniter
+from croniter import CroniterError, croniter
 from dateutil.tz import tzlocal
 
 from .consul import ConsulClient, thread_client
-from .errors import ConsulLockError, InvalidSetting, LockConflict
+from .errors import ConsulLockError, ConsulUnavailable, InvalidSetting, LockConflict
 from .lock import ConsulLock
 from .protocol import Tick
 from .session import LockSession
@@ -144,18 +144,20 @@ class Schedule:
 class CronSchedule(Schedule):
     """A five-field crontab expression read by croniter as Vixie cron fires it (day of month
     OR day of week when both are restricted), in ``tz`` (default: the local zone, as cron).
+    cron's nicknames are taken too (``@hourly``, ``@daily`` = ``@midnight``, ``@weekly``,
+    ``@monthly``, ``@yearly`` = ``@annually``), but not ``@reboot``, which has no slots.
 
-    Raises InvalidSetting naming ``--cron`` for an expression cron would not take."""
+    Raises InvalidSetting naming ``--cron`` and why: the number of fields when it is not five
+    (croniter would read a sixth as seconds, cron does not), else the field croniter refuses
+    and croniter's reason."""
 
     expression: str
     tz: Any = None
 
     def __post_init__(self) -> None:
-        fields = self.expression.split()
-        if len(fields) != 5 or not croniter.is_valid(self.expression):
-            raise InvalidSetting(
-                "--cron", self.expression, 'expected five crontab fields "MIN HOUR DOM MON DOW", e.g. "0 3 * * *"'
-            )
+        problem = _cron_problem(self.expression)
+        if problem is not None:
+            raise InvalidSetting("--cron", self.expression, problem)
         if self.tz is None:
             object.__setattr__(self, "tz", tzlocal())
 
@@ -166,6 +168,38 @@ class CronSchedule(Schedule):
     def previous(self, due: datetime) -> datetime:
         before: datetime = croniter(self.expression, due.astimezone(self.tz)).get_prev(datetime)
         return before.astimezone(timezone.utc)
+
+
+_CRON_FIELDS = (
+    ("minute", "0-59"),
+    ("hour", "0-23"),
+    ("day of month", "1-31"),
+    ("month", "1-12 or JAN-DEC"),
+    ("day of week", "0-7 or SUN-SAT"),
+)
+_CRON_FORM = 'five crontab fields "MIN HOUR DOM MON DOW", e.g. "0 3 * * *", or a nickname such as @daily'
+
+
+def _cron_problem(expression: str) -> str | None:
+    """Why cron would not take ``expression`` (None: it would); see :class:`CronSchedule`."""
+    fields = expression.split()
+    if len(fields) == 1 and fields[0].startswith("@"):
+        if fields[0].lower() != "@reboot" and croniter.is_valid(fields[0]):
+            return None
+        why = "has no slots to run once in" if fields[0].lower() == "@reboot" else "is not a cron nickname"
+        return f"{fields[0]} {why}; expected {_CRON_FORM}"
+    if len(fields) != 5:
+        return f"{len(fields)} field{'s' if len(fields) != 1 else ''} given; expected {_CRON_FORM}"
+    try:
+        croniter(expression)
+    except (CroniterError, ValueError, KeyError) as exc:
+        reason = str(exc) or type(exc).__name__
+        for i, (name, values) in enumerate(_CRON_FIELDS):
+            alone = " ".join(field if j == i else "*" for j, field in enumerate(fields))
+            if not croniter.is_valid(alone):
+                return f"the {name} field {fields[i]!r} is not acceptable (values {values}); croniter: {reason}"
+        return f"croniter: {reason}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -330,9 +364,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tup
         why = "is not executable" if status == EXIT_NOT_EXECUTABLE else "is not found (not a file, nor on PATH)"
         raise _BadArguments(f"command {command[0]!r} {why}", status)
     try:
-        schedule: Schedule = (
-            CronSchedule(args.cron) if args.cron is not None else EverySchedule(parse_seconds("--every", args.every))
-        )
+        schedule: Schedule = CronSchedule(args.cron) if args.cron is not None else _every(args.every)
         given = {"ttl": args.ttl, "lock_delay": args.lock_delay, "key_prefix": args.key_prefix}
         settings = ConsulSettings.resolve(given, names="--{}", env=os.environ if env is None else env)
         key = _lock_key(args.key, command[0])
@@ -356,6 +388,14 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tup
     except InvalidSetting as exc:
         raise _BadArguments(str(exc).replace("--lock_delay", "--lock-delay").replace("--key_prefix", "--key-prefix")) from None
     return options, args.verbose
+
+
+def _every(text: str) -> EverySchedule:
+    """``--every``'s schedule; a refusal quotes the value as typed (``--every='0'``)."""
+    try:
+        return EverySchedule(parse_seconds("--every", text))
+    except InvalidSetting as exc:
+        raise InvalidSetting("--every", text, exc.reason) from None
 
 
 def _refuse(message: str) -> NoReturn:
@@ -474,6 +514,9 @@ class Run:
         except LockConflict as exc:
             self.say(f"refused: {exc}", "-")
             return EXIT_BAD_ARGUMENTS
+        except ConsulUnavailable as exc:  # the wrapper takes the address from the environment only
+            self.say(f"Consul unavailable: {exc.message('CONSUL_HTTP_ADDR')}", "unknown")
+            return EXIT_UNAVAILABLE
         except ConsulLockError as exc:
             self.say(f"Consul unavailable: {exc}", "unknown")
             return EXIT_UNAVAILABLE

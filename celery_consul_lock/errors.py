@@ -115,9 +115,14 @@ class ConsulUnavailable(ConsulLockError):
         self.transient = transient
 
     def __str__(self) -> str:
+        return self.message()
+
+    def message(self, address_from: str = "consul_lock_address / CONSUL_HTTP_ADDR") -> str:
+        """The message, naming ``address_from`` as where the address is set (the console
+        script ``celery-consul-lock run`` passes ``CONSUL_HTTP_ADDR``: it has no Celery settings)."""
         text = f"Consul agent at {self.address} is unreachable while {self.action}: {self.detail}."
         if self.transient:
-            text += " Check that the agent runs there, or point consul_lock_address / CONSUL_HTTP_ADDR at it."
+            text += f" Check that the agent runs there, or point {address_from} at it."
         return text
 
 
@@ -135,10 +140,10 @@ class NotConsul(ConsulUnavailable):
         self.args = (address, action, answer)
         self.answer = answer
 
-    def __str__(self) -> str:
+    def message(self, address_from: str = "consul_lock_address / CONSUL_HTTP_ADDR") -> str:
         return (
             f"the server at {self.address} is not a Consul agent: while {self.action}, it answered {self.answer}. "
-            "Point consul_lock_address / CONSUL_HTTP_ADDR at a Consul agent's HTTP API."
+            f"Point {address_from} at a Consul agent's HTTP API."
         )
 
 

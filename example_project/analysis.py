@@ -11,7 +11,8 @@ schedulers keep (Celery's "run once" semantics):
 - **Catch-up.** Ticks that fell due while nobody led are not sent one by one: the new leader
   sends one late run for all of them (its id is the first of them), and the next due time
   counts from that run. They are **collapsed**, not missed — provided that catch-up run
-  comes within the failover bound (crash: check TTL + lock-delay + polls; SIGTERM: a poll).
+  comes within the failover bound (crash: check TTL + lock-delay + the lock-delay poll; SIGTERM: a
+  standby poll and a release), plus a standby poll to the new leader's first send.
 - **On time.** Any other run must come within ``LATENESS`` of its due time; a later one
   means due times passed with nothing running: **missed**. So does a gap before the end.
 - **Duplicates.** A tick id whose body ran more than once, or two ticks closer together than
@@ -28,7 +29,7 @@ from datetime import datetime, timezone
 
 from celery_consul_lock import Tick
 
-from .cluster import CRASH_BOUND, TERM_BOUND, Failover, Observation
+from .cluster import CRASH_BOUND, FIRST_SEND, TERM_BOUND, Failover, Observation
 
 __all__ = ["LATENESS", "Analysis", "TickRow", "analyse", "describe"]
 
@@ -113,7 +114,7 @@ def analyse(obs: Observation) -> Analysis:
         if first_b["beat"] != first_a["beat"]:
             at = failover.at if failover else ran_a
             bound = BOUNDS.get(failover.signal, CRASH_BOUND) if failover else CRASH_BOUND
-            late = ran_b - max(due_b, at + bound) - LATENESS
+            late = ran_b - max(due_b, at + bound + FIRST_SEND) - LATENESS
             collapsed = max(0, math.floor((ran_b - due_b) / interval))
             result.collapsed += collapsed
             cause = f"{failover.signal} of {failover.old}" if failover else "an unplanned change of leader"
@@ -174,7 +175,7 @@ def _first_tick(f: Failover, result: Analysis) -> str:
     at the bound waits for its due time, which is not a bound exceeded."""
     if f.first_tick is None:
         return "no tick from another beat"
-    bound = BOUNDS[f.signal]
+    bound = BOUNDS[f.signal] + FIRST_SEND
     ran = f.first_tick - f.at
     row = next((r for r in result.rows if r.ran == f.first_tick), None)
     due = row.due - f.at if row is not None else None
@@ -183,7 +184,10 @@ def _first_tick(f: Failover, result: Analysis) -> str:
             f"its first tick was due {due:.2f} s after the signal, after the bound ({bound:.2f} s), "
             f"and ran {ran - due:.2f} s after its due time"
         )
-    return f"its first tick ran after {ran:.2f} s (bound {bound:.2f} s, + {LATENESS:g} s to send and start a run)"
+    return (
+        f"its first tick ran after {ran:.2f} s (bound {BOUNDS[f.signal]:.2f} s to lead + {FIRST_SEND:g} s to its "
+        f"first send, + {LATENESS:g} s to send and start a run)"
+    )
 
 
 def describe(obs: Observation, result: Analysis) -> list[str]:
@@ -217,6 +221,7 @@ def describe(obs: Observation, result: Analysis) -> list[str]:
     lines.append(
         "  (missed = a due time no run covered. After a failover Celery sends the ticks that fell due\n"
         "   while nobody led as ONE late catch-up run, the first of them; those are 'collapsed', and\n"
-        f"   count as missed only if the catch-up comes later than the failover bound + {LATENESS:g} s.)"
+        f"   count as missed only if the catch-up comes later than the failover bound + {FIRST_SEND:g} s\n"
+        f"   + {LATENESS:g} s.)"
     )
     return lines

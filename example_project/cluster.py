@@ -44,6 +44,7 @@ from .records import RUNS, SKIPS
 __all__ = [
     "CRASH_BOUND",
     "EXAMPLES",
+    "FIRST_SEND",
     "HEARTBEAT_INTERVAL",
     "TERM_BOUND",
     "Example",
@@ -57,11 +58,13 @@ __all__ = [
 HERE = Path(__file__).resolve().parent
 #: The examples' heartbeat entry runs every 2 s (their settings say so too).
 HEARTBEAT_INTERVAL = 2.0
-#: A crashed leader is replaced within check TTL + lock-delay + the lock-delay poll (3.75 s
-#: at the beat defaults), plus one standby poll before the new leader's scheduler sends.
-CRASH_BOUND = DEFAULT_CHECK_TTL + DEFAULT_BEAT_LOCK_DELAY + LOCK_DELAY_RETRY + STANDBY_POLL
+#: A crashed leader is replaced within BeatConfig.crash_failover_bound: check TTL + lock-delay
+#: + the lock-delay poll (3.75 s at the beat defaults the examples use).
+CRASH_BOUND = DEFAULT_CHECK_TTL + DEFAULT_BEAT_LOCK_DELAY + LOCK_DELAY_RETRY
 #: A leader stopped with SIGTERM releases the lock: a standby leads at its next poll.
-TERM_BOUND = 2 * STANDBY_POLL + 0.5
+TERM_BOUND = STANDBY_POLL + 0.5
+#: After it is elected, the new leader's scheduler sends at its next tick: one standby poll.
+FIRST_SEND = STANDBY_POLL
 #: How often the scenario looks at the leader lock (and redraws its progress).
 SAMPLE_EVERY = 0.1
 #: How long a worker or beat may take to start, and the in-flight ticks to drain at the end.

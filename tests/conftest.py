@@ -29,6 +29,18 @@ def pytest_configure(config: pytest.Config) -> None:
     binaries()  # CONSUL_BIN and REDIS_BIN: the provisioned ones, for the harness and the plugin
 
 
+@pytest.fixture(autouse=True)
+def _no_shared_tasks_between_tests() -> Iterator[None]:
+    """A task a test defines on a throwaway app is "shared" by default: Celery adds it to
+    every app finalized later in the process (proj's too), where two tests' tasks of one
+    name raise DuplicateTaskNameWarning in whichever test finalizes next. Forget them."""
+    from celery import _state
+
+    before = set(_state._on_app_finalizers)
+    yield
+    _state._on_app_finalizers.intersection_update(before)
+
+
 @pytest.fixture(scope="session")
 def consul(consul_agent: ConsulAgent) -> ConsulAgent:
     """The plugin's Consul dev agent, shared by the session's tests (each uses its own keys)."""

@@ -216,6 +216,18 @@ def test_cron_slot_is_the_due_time_with_early_tolerance_and_any_lateness(now: st
     assert slot.window_end == _at(due) + timedelta(days=1, seconds=-30)
 
 
+@pytest.mark.parametrize(
+    ("nickname", "same_as"),
+    [("@hourly", "0 * * * *"), ("@daily", "0 0 * * *"), ("@midnight", "0 0 * * *"), ("@weekly", "0 0 * * 0"),
+     ("@monthly", "0 0 1 * *"), ("@yearly", "0 0 1 1 *"), ("@annually", "0 0 1 1 *")],
+)  # fmt: skip
+def test_cron_nicknames_are_taken_as_cron_takes_them(nickname: str, same_as: str) -> None:
+    now = _at("2026-11-30T12:34:56Z")
+    mine, theirs = CronSchedule(nickname, tz=timezone.utc), CronSchedule(same_as, tz=timezone.utc)
+    assert slot_of(mine, now) == slot_of(theirs, now)
+    assert mine.next(now) == theirs.next(now) and mine.next(now) > now
+
+
 def test_every_slots_align_on_the_epoch_and_early_is_at_most_a_quarter_of_the_period() -> None:
     every = EverySchedule(10)
     # Up to a quarter of the period early, whatever the tolerance; late for the rest of it.
@@ -400,6 +412,9 @@ def test_consul_unreachable_before_the_run_exits_69_and_during_it_stops_the_comm
         agent.stop()
     assert unreachable.wait() == EXIT_UNAVAILABLE
     assert "Consul unavailable" in unreachable.lines()[0] and "unreachable" in unreachable.lines()[0], unreachable.stderr
+    # The wrapper has no Celery settings: the message names the variable it reads.
+    assert "point CONSUL_HTTP_ADDR at it" in unreachable.lines()[0], unreachable.stderr
+    assert "consul_lock_address" not in unreachable.stderr, unreachable.stderr
     assert [r["node"] for r in job.runs()] == ["b"]
 
 
@@ -504,10 +519,26 @@ def test_a_consul_locked_task_and_the_wrapper_share_the_lock_and_the_slots(node,
 @pytest.mark.parametrize(
     ("args", "status", "message"),
     [
-        (["--cron", "61 * * * *", "--", "true"], EXIT_BAD_ARGUMENTS, "--cron='61 * * * *' is invalid"),
-        (["--cron", "* * *", "--", "true"], EXIT_BAD_ARGUMENTS, "--cron='* * *' is invalid"),
-        (["--cron", "0 3 * * * *", "--", "true"], EXIT_BAD_ARGUMENTS, "five crontab fields"),
-        (["--every", "0", "--", "true"], EXIT_BAD_ARGUMENTS, "--every=0.0 is invalid"),
+        (
+            ["--cron", "61 * * * *", "--", "true"],
+            EXIT_BAD_ARGUMENTS,
+            "--cron='61 * * * *' is invalid: the minute field '61' is not acceptable (values 0-59); croniter: ",
+        ),
+        (
+            ["--cron", "0 25 * * *", "--", "true"],
+            EXIT_BAD_ARGUMENTS,
+            "--cron='0 25 * * *' is invalid: the hour field '25' is not acceptable (values 0-23); croniter: ",
+        ),
+        (["--cron", "0 3 * * 8", "--", "true"], EXIT_BAD_ARGUMENTS, "the day of week field '8' is not acceptable"),
+        (["--cron", "0 3 * JANX *", "--", "true"], EXIT_BAD_ARGUMENTS, "the month field 'JANX' is not acceptable"),
+        (["--cron", "*/0 * * * *", "--", "true"], EXIT_BAD_ARGUMENTS, "the minute field '*/0' is not acceptable"),
+        (["--cron", "* * *", "--", "true"], EXIT_BAD_ARGUMENTS, "--cron='* * *' is invalid: 3 fields given; expected five"),
+        (["--cron", "0 3 * * * *", "--", "true"], EXIT_BAD_ARGUMENTS, "--cron='0 3 * * * *' is invalid: 6 fields given"),
+        (["--cron", "bad", "--", "true"], EXIT_BAD_ARGUMENTS, "--cron='bad' is invalid: 1 field given; expected five"),
+        (["--cron", "@reboot", "--", "true"], EXIT_BAD_ARGUMENTS, "--cron='@reboot' is invalid: @reboot has no slots"),
+        (["--cron", "@often", "--", "true"], EXIT_BAD_ARGUMENTS, "--cron='@often' is invalid: @often is not a cron nickname"),
+        (["--every", "0", "--", "true"], EXIT_BAD_ARGUMENTS, "--every='0' is invalid: expected seconds between slots"),
+        (["--every", "0.5s", "--", "true"], EXIT_BAD_ARGUMENTS, "--every='0.5s' is invalid: expected seconds between slots"),
         (["--every", "soon", "--", "true"], EXIT_BAD_ARGUMENTS, "--every='soon' is invalid"),
         (["--every", "60", "--"], EXIT_BAD_ARGUMENTS, "no command given"),
         (["--every", "60"], EXIT_BAD_ARGUMENTS, "no command given"),
