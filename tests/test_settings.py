@@ -240,7 +240,7 @@ def test_check_lock_options_accepts_exactly_the_key_templates_a_run_can_fill(tem
 
     app = Celery("t", set_as_current=False)
 
-    @app.task(shared=False, bind=True, base=ConsulLockedTask, name="t.report", lock_key=template)
+    @app.task(bind=True, base=ConsulLockedTask, name="t.report", lock_key=template)
     def report(self, customer_id: int, *, region: str = "eu", **extra: object) -> None:
         pass
 
@@ -267,7 +267,7 @@ def test_a_callable_lock_key_is_called_with_the_task_args_and_kwargs():
         seen.append((task.name, args, kwargs))
         return f"locks/report-{args[0]}-{kwargs['region']}/.lock"
 
-    @app.task(shared=False, bind=True, base=ConsulLockedTask, name="t.report", lock_key=key)
+    @app.task(bind=True, base=ConsulLockedTask, name="t.report", lock_key=key)
     def report(self, customer_id: int, region: str = "eu") -> None:
         pass
 
@@ -390,9 +390,7 @@ def test_the_task_lock_options_are_declared_once_and_each_reaches_the_run():
         assert getattr(ConsulLockedTask, LockOptions.attribute(f.name)) == f.default
     app = Celery("t", set_as_current=False)
 
-    options = {LockOptions.attribute(k): v for k, v in given.items()}
-
-    @app.task(shared=False, bind=True, base=ConsulLockedTask, name="t.all", **options)
+    @app.task(bind=True, base=ConsulLockedTask, name="t.all", **{LockOptions.attribute(k): v for k, v in given.items()})
     def every_option(self) -> None:
         pass
 
