@@ -207,7 +207,8 @@ def _check_worker(sender: Any = None, **_: Any) -> None:
     if settings.fail_policy == "closed":
         problem = probe_agent(settings)
         if problem is not None and not problem.transient:
-            refuse("worker", f"{problem} (with fail_policy closed, every locked run would fail)")
+            policy = written_name(app.conf, CELERY_PREFIX + "fail_policy")
+            refuse("worker", f"{_described(problem, app.conf)} (with {policy} 'closed', every locked run would fail)")
 
 
 def _warn_worker(sender: Any = None, instance: Any = None, conf: Any = None, **_: Any) -> None:
@@ -225,8 +226,14 @@ def _warn_worker(sender: Any = None, instance: Any = None, conf: Any = None, **_
         log.warning(
             "%s; this worker consumes anyway (%s is off): its locked runs go back to the queue for "
             "other workers (fail_policy closed) or run without a lock (open) until the agent answers",
-            problem, written_name(conf, CELERY_PREFIX + "agent_watch"),
+            _described(problem, conf), written_name(conf, CELERY_PREFIX + "agent_watch"),
         )  # fmt: skip
+
+
+def _described(problem: ConsulUnavailable, conf: Any) -> str:
+    """``problem``'s message naming the address setting as the app spells it, without its
+    final full stop (a line goes on after it)."""
+    return problem.message(f"{written_name(conf, CELERY_PREFIX + 'address')} / CONSUL_HTTP_ADDR").rstrip(".")
 
 
 worker_init.connect(_check_worker, weak=False)

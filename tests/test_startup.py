@@ -234,6 +234,21 @@ def test_a_worker_pointed_at_something_that_is_not_consul_does_not_start(tmp_pat
     assert code == 1 and len(ours) == 1, log[-3000:]
     assert f"http://{web_server.address}" in ours[0] and ours[0].endswith("; the worker does not start"), ours
     assert "Traceback" not in log and "ready." not in log, log[-3000:]
+    assert "is not a Consul agent" in ours[0] and "(with consul_lock_fail_policy 'closed', every locked run" in ours[0], ours
+
+
+def test_a_worker_without_the_agent_watch_warns_at_start_that_its_agent_does_not_answer(proj, workers, tmp_path):
+    agent = start_consul(tmp_path / "down", node="down")
+    try:
+        agent.wait_ready()
+    finally:
+        agent.stop()
+    (worker,) = workers(1, concurrency=1, consul_address=agent.address, env={"TEST_AGENT_WATCH": "false"})
+    wait_for(lambda: "ready." in worker.log_text(), 30, "ready", procs=[worker])
+    log = worker.log_text()
+    warning = "this worker consumes anyway (consul_lock_agent_watch is off): its locked runs go back to the queue"
+    assert log.count(warning) == 1 and log.index(warning) < log.index("ready."), log[-3000:]
+    assert f"Consul agent at http://{agent.address} is unreachable" in log.split(warning)[0].splitlines()[-1], log[-3000:]
 
 
 def test_a_django_worker_warns_of_misspelt_and_unnamespaced_settings_and_starts(tmp_path, proj, redis_server, consul):
