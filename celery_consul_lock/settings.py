@@ -46,6 +46,7 @@ __all__ = [
     "address_source",
     "as_written",
     "configuration_table",
+    "namespaced_name",
     "parse_bool",
     "parse_seconds",
     "read_celery",
@@ -412,17 +413,25 @@ def written_name(conf: Any, name: str) -> str:
     returned, unless the value was set without the namespace (``app.conf.consul_lock_ttl =
     ...``, which Celery also reads). Any other name (an environment variable, a task's
     option) is returned as it is. ``conf`` is a loaded ``app.conf``."""
-    prefix = getattr(conf, "prefix", None)
+    prefix: str = getattr(conf, "prefix", None) or ""
     if not prefix or not name.startswith(CELERY_PREFIX):
         return name
-    namespaced = prefix + name
-    namespaced = namespaced.upper() if prefix.isupper() else namespaced.lower()  # as Celery matches it
+    namespaced = namespaced_name(name, prefix)
     for mapping in getattr(conf, "maps", [])[:-1]:  # the last one is Celery's own defaults
         if namespaced in mapping:
             return namespaced
         if name in mapping:
             return name
     return namespaced
+
+
+def namespaced_name(name: str, prefix: str) -> str:
+    """``name`` as Celery looks it up in a configuration read with the namespace ``prefix``
+    (``CELERY_``: ``CELERY_CONSUL_LOCK_TTL``; Celery matches the namespace's case); ``name``
+    itself without one."""
+    if not prefix:
+        return name
+    return (prefix + name).upper() if prefix.isupper() else (prefix + name).lower()
 
 
 def address_source(conf: Any, env: Mapping[str, str] | None = None) -> str:

@@ -46,7 +46,7 @@ from .availability import AVAILABILITY_SETTINGS, PROBE_TIMEOUT, AvailabilityConf
 from .consul import ConsulClient
 from .election import BEAT_SETTINGS, BeatConfig
 from .errors import ConsulUnavailable, InvalidSetting
-from .settings import CELERY_PREFIX, CONSUL_SETTINGS, ConsulSettings, Setting, written_name
+from .settings import CELERY_PREFIX, CONSUL_SETTINGS, ConsulSettings, Setting, namespaced_name, written_name
 from .task import EAGER_SETTINGS, TASK_SETTINGS, ConsulLockedTask, eager_mode, task_defaults
 
 __all__ = [
@@ -151,7 +151,7 @@ def _name_problem(key: str, prefix: str, known: set[str]) -> str | None:
         return None
     name = lower[at + len(CELERY_PREFIX) :]
     if name in known:
-        expected = _spelt(CELERY_PREFIX + name, prefix)
+        expected = namespaced_name(CELERY_PREFIX + name, prefix)
         if key in (expected, CELERY_PREFIX + name):
             return None  # read by Celery (with the namespace, or as set in app.conf)
         if prefix:
@@ -160,15 +160,10 @@ def _name_problem(key: str, prefix: str, known: set[str]) -> str | None:
             how = "this app reads its settings without a namespace"
         return f"{key} is ignored: {how} (app.config_from_object); write {expected}"
     close = difflib.get_close_matches(name, known, n=1, cutoff=SUGGESTION_CUTOFF)
-    hint = f"did you mean {_spelt(CELERY_PREFIX + close[0], prefix)}?" if close else "see the configuration page for the settings"
+    hint = "see the configuration page for the settings"
+    if close:
+        hint = f"did you mean {namespaced_name(CELERY_PREFIX + close[0], prefix)}?"
     return f"{key} is not a celery-consul-lock setting and is ignored; {hint}"
-
-
-def _spelt(name: str, prefix: str) -> str:
-    """``name`` as Celery looks it up under the namespace ``prefix`` (``CELERY_``)."""
-    if not prefix:
-        return name
-    return (prefix + name).upper() if prefix.isupper() else (prefix + name).lower()
 
 
 def warn_unknown_settings(conf: Any) -> None:
