@@ -101,18 +101,19 @@ def celery(root: Path, name: str, app_path: str, env: dict[str, str], *args: str
     return spawn(name, command, root, cwd=root, env=env)
 
 
-def assert_refused_in_one_line(proc: Proc, expected: str) -> None:
-    """The process exited with status 1, its one line of ours says ``expected``, and it
-    printed no traceback and never said ready."""
+def refusal(proc: Proc) -> tuple[str, str]:
+    """(the log, our one line) of a process that refused to start: it exited with status 1,
+    printed exactly one line of ours, no traceback, and never said ready nor joined an
+    election."""
     try:
         code = proc.wait(EXIT_TIMEOUT)
     finally:
         proc.stop()
     log = proc.log_text()
     ours = [line for line in log.splitlines() if "celery-consul-lock" in line]
-    assert code == 1, log[-3000:]
-    assert ours == [f"celery-consul-lock: {expected}"], log[-3000:]
-    assert "Traceback" not in log and "ready." not in log, log[-3000:]
+    assert code == 1 and len(ours) == 1 and ours[0].startswith("celery-consul-lock: "), log[-3000:]
+    assert "Traceback" not in log and "ready." not in log and "joining the election" not in log, log[-3000:]
+    return log, ours[0]
 
 
 # -- unit: names, as the user wrote them --------------------------------------------------------
@@ -216,7 +217,8 @@ def test_a_worker_with_a_bad_setting_exits_with_one_line_naming_it(
     app_path = write_project(tmp_path, settings, django=django)
     proc_env = project_env(tmp_path, redis_server.url, consul.address, **env)
     worker = celery(tmp_path, "worker", app_path, proc_env, "worker", "-P", "solo", "-l", "INFO", "--without-mingle")
-    assert_refused_in_one_line(worker, expected)
+    _, line = refusal(worker)
+    assert line == f"celery-consul-lock: {expected}", line
 
 
 def test_a_worker_pointed_at_something_that_is_not_consul_does_not_start(tmp_path, redis_server, web_server):
@@ -225,16 +227,9 @@ def test_a_worker_pointed_at_something_that_is_not_consul_does_not_start(tmp_pat
     app_path = write_project(tmp_path, {}, django=False)
     env = project_env(tmp_path, redis_server.url, web_server.address)
     worker = celery(tmp_path, "worker", app_path, env, "worker", "-P", "solo", "-l", "INFO", "--without-mingle")
-    try:
-        code = worker.wait(EXIT_TIMEOUT)
-    finally:
-        worker.stop()
-    log = worker.log_text()
-    ours = [line for line in log.splitlines() if line.startswith("celery-consul-lock: ")]
-    assert code == 1 and len(ours) == 1, log[-3000:]
-    assert f"http://{web_server.address}" in ours[0] and ours[0].endswith("; the worker does not start"), ours
-    assert "Traceback" not in log and "ready." not in log, log[-3000:]
-    assert "is not a Consul agent" in ours[0] and "(with consul_lock_fail_policy 'closed', every locked run" in ours[0], ours
+    _, line = refusal(worker)
+    assert f"http://{web_server.address}" in line and line.endswith("; the worker does not start"), line
+    assert "is not a Consul agent" in line and "(with consul_lock_fail_policy 'closed', every locked run" in line, line
 
 
 def test_a_worker_without_the_agent_watch_warns_at_start_that_its_agent_does_not_answer(proj, workers, tmp_path):
@@ -308,16 +303,9 @@ def test_a_beat_with_a_bad_setting_exits_with_one_line_not_a_traceback(tmp_path,
         proc = celery(tmp_path, "worker", app_path, env, *args)
     else:
         proc = start_beat("beat", tmp_path, env, app_path=app_path, cwd=tmp_path)
-    try:
-        code = proc.wait(EXIT_TIMEOUT)
-    finally:
-        proc.stop()
-    log = proc.log_text()
-    ours = [line for line in log.splitlines() if "celery-consul-lock" in line]
+    _, line = refusal(proc)
     process = "worker" if embedded else "beat"
-    assert code == 1 and len(ours) == 1, log[-3000:]
-    assert ours[0].startswith(f"celery-consul-lock: {expected}") and ours[0].endswith(f"; the {process} does not start"), ours
-    assert "Traceback" not in log and "ready." not in log and "joining the election" not in log, log[-3000:]
+    assert line.startswith(f"celery-consul-lock: {expected}") and line.endswith(f"; the {process} does not start"), line
 
 
 def test_a_beat_warns_of_a_misspelt_setting_and_runs(tmp_path, redis_server, consul):
