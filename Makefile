@@ -46,7 +46,8 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/python scripts/check_dist.py dist
 
 # The documentation site (mkdocs.yml, docs/*.md, the API reference from the docstrings) into
-# site/, strictly: a broken link, a missing anchor or a docstring it cannot render fails.
+# site/, strictly: a broken link or anchor, a page left out of the nav or a docstring cross-reference
+# it cannot resolve fails.
 # NO_MKDOCS_2_WARNING: Material's banner about its successor, printed on every build.
 docs: $(VENV)/.installed
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict

@@ -8,6 +8,9 @@ turned into Markdown:
 - a definition list (a line, then lines indented by four spaces) becomes a Markdown one
   (the ``def_list`` extension);
 - a literal block's ``::`` becomes ``:`` (the indented block after it is code in both).
+
+It also reads an attribute's ``#:`` comment lines (Sphinx's form, used for the constants and
+the fields of the dataclasses) as its docstring, which griffe does not.
 """
 
 from __future__ import annotations
@@ -28,6 +31,17 @@ API_PAGE = Path(__file__).resolve().parent.parent / "docs" / "api.md"
 
 
 class SphinxRoles(griffe.Extension):
+    def on_attribute_instance(self, *, attr: griffe.Attribute, **kwargs: Any) -> None:
+        if attr.docstring is not None or not attr.lineno:
+            return
+        lines = attr.module.lines
+        first = attr.lineno - 1  # the comment lines right above the assignment
+        while first > 0 and lines[first - 1].strip().startswith("#:"):
+            first -= 1
+        if first < attr.lineno - 1:
+            text = "\n".join(line.strip()[2:].strip() for line in lines[first : attr.lineno - 1])
+            attr.docstring = griffe.Docstring(text, lineno=first + 1, parent=attr)
+
     def on_package(self, *, pkg: griffe.Module, **kwargs: Any) -> None:
         shown = _shown_entries(pkg)
         for obj in _walk(pkg):
