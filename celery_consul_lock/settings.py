@@ -23,8 +23,10 @@ Where each value comes from, first match wins:
 
 An explicit token therefore wins over ``CONSUL_HTTP_TOKEN`` (the Consul client libraries do
 the opposite; this package never lets them read the environment). Bad values raise
-:class:`~celery_consul_lock.errors.InvalidSetting` naming the setting and the value,
-never the token.
+:class:`~celery_consul_lock.errors.InvalidSetting` naming the setting as the user wrote it
+(:func:`written_name`: ``CELERY_CONSUL_LOCK_TTL`` under Django's namespace, the environment
+variable when the value came from there) and the value, never the token. Workers and beats
+check every setting when they start (:mod:`celery_consul_lock.startup`).
 """
 
 from __future__ import annotations

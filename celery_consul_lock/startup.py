@@ -45,7 +45,7 @@ from celery.signals import celeryd_after_setup, worker_init
 from .availability import AVAILABILITY_SETTINGS, PROBE_TIMEOUT, AvailabilityConfig, ConsulAgentWatch
 from .consul import ConsulClient
 from .election import BEAT_SETTINGS, BeatConfig
-from .errors import ConsulUnavailable, InvalidSetting
+from .errors import ConsulLockError, ConsulUnavailable, InvalidSetting
 from .settings import CELERY_PREFIX, CONSUL_SETTINGS, ConsulSettings, Setting, namespaced_name, written_name
 from .task import EAGER_SETTINGS, TASK_SETTINGS, ConsulLockedTask, eager_mode, task_defaults
 
@@ -124,6 +124,8 @@ def probe_agent(settings: ConsulSettings) -> ConsulUnavailable | None:
         client.status_leader()
     except ConsulUnavailable as exc:
         return exc
+    except ConsulLockError:  # it answered as Consul (an ACL refusal, say): the runs report the rest
+        return None
     finally:
         client.close()
     return None
