@@ -326,12 +326,10 @@ def test_requeue_and_agent_watch_defaults_and_durations():
 
 
 def _declared_settings():
-    from celery_consul_lock.availability import AVAILABILITY_SETTINGS
-    from celery_consul_lock.election import BEAT_SETTINGS
-    from celery_consul_lock.settings import CONSUL_SETTINGS
-    from celery_consul_lock.task import EAGER_SETTINGS, TASK_SETTINGS
+    """Every declared setting: the list the start-up checks judge names against."""
+    from celery_consul_lock.startup import ALL_SETTINGS
 
-    return (*CONSUL_SETTINGS, *AVAILABILITY_SETTINGS, *BEAT_SETTINGS, *TASK_SETTINGS, *EAGER_SETTINGS)
+    return ALL_SETTINGS
 
 
 def test_the_docs_configuration_table_is_the_one_the_declarations_give():
