@@ -54,6 +54,7 @@ __all__ = [
     "check_app",
     "locked_tasks",
     "probe_agent",
+    "refuse",
     "refused_at_start",
     "unknown_settings",
     "warn_unknown_settings",
@@ -70,7 +71,7 @@ ALL_SETTINGS: tuple[Setting, ...] = (
     *EAGER_SETTINGS,
 )
 #: How close (difflib's ratio, 0..1) a name's tail must be to a setting's to be suggested:
-#: ``tll`` is 0.67 from ``ttl``; ``colour`` is under 0.5 from every setting.
+#: ``tll`` is 0.67 from ``ttl``; ``colour`` is at most 0.35 from any setting.
 SUGGESTION_CUTOFF = 0.6
 
 #: The process a refusal ends.
