@@ -1,4 +1,4 @@
-"""The documentation (README.md, docs/*.md): its code stays code that runs against the package.
+"""The documentation (README.md, docs/*.md): its code and commands stay those of the package.
 
 The strict site build (`make docs`) checks the pages' links and anchors; these check what it
 does not: the code blocks, and the README's links into the site (the README is not a page of
@@ -63,3 +63,29 @@ def test_the_readmes_links_into_the_site_reach_a_page_and_its_heading():
         assert target.is_file(), f"README links to {path}, which does not exist"
         if anchor:
             assert anchor in github_anchors(target.read_text()), f"README links to {path}#{anchor}: no such heading"
+
+
+def shell_texts() -> list[tuple[str, str]]:
+    """The inline code and the sh blocks of the pages, where commands are written."""
+    found = []
+    for page in PAGES:
+        text = page.read_text()
+        found += [(page.name, m) for m in re.findall(r"```sh\n(.*?)```", text, re.S)]
+        found += [(page.name, m) for m in re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", text, flags=re.S))]
+    return found
+
+
+def test_the_make_targets_and_consul_lock_commands_the_docs_name_exist():
+    from celery_consul_lock.command import consul_lock
+
+    targets = set(re.findall(r"^([\w-]+):", (ROOT / "Makefile").read_text(), re.M))
+    commands = set(consul_lock.commands)
+    named_targets, named_commands = set(), set()
+    for page, text in shell_texts():
+        for target in re.findall(r"(?:^|[\s;(])make ([a-z][\w-]*)", text, re.M):
+            named_targets.add(target)
+            assert target in targets, f"{page} runs `make {target}`, which the Makefile does not have"
+        for command in re.findall(r"(?<![\w-])consul-lock ([a-z][\w-]*)", text):
+            named_commands.add(command)
+            assert command in commands, f"{page} runs `consul-lock {command}`; the command has {sorted(commands)}"
+    assert {"demo", "test", "docs"} <= named_targets and {"status", "release", "check"} <= named_commands
