@@ -89,3 +89,47 @@ def test_the_make_targets_and_consul_lock_commands_the_docs_name_exist():
             named_commands.add(command)
             assert command in commands, f"{page} runs `consul-lock {command}`; the command has {sorted(commands)}"
     assert {"demo", "test", "docs"} <= named_targets and {"status", "release", "check"} <= named_commands
+
+
+def markdown_differences(text: str) -> list[str]:
+    """Lines GitHub and the site (Python-Markdown) render differently: a list or a table right
+    after a paragraph line (the site needs a blank line between), a nested list item or a
+    list item's code block or paragraph indented by 1 to 3 spaces (the site needs 4)."""
+    found, fence, in_list, prev = [], False, False, ""
+    for number, line in enumerate(text.split("\n"), 1):
+        if line.lstrip().startswith("```"):
+            if not fence and re.match(r" {1,3}\S", line):
+                found.append(f"{number}: a list item's code block needs an indent of 4: {line.strip()}")
+            fence, prev = not fence, line
+            continue
+        if fence:
+            continue
+        item = re.match(r"( *)([-*+]|\d+\.) ", line)
+        if item:
+            if prev.strip() and not in_list:
+                found.append(f"{number}: a blank line is needed before this list: {line.strip()[:50]}")
+            if 0 < len(item[1]) < 4:
+                found.append(f"{number}: a nested list item needs an indent of 4: {line.strip()[:50]}")
+            in_list = True
+        elif line.startswith("|") and prev.strip() and not prev.startswith("|"):
+            found.append(f"{number}: a blank line is needed before this table: {line.strip()[:50]}")
+        elif line.strip() and not prev.strip():
+            if re.match(r" {1,3}\S", line):
+                found.append(f"{number}: a list item's paragraph needs an indent of 4: {line.strip()[:50]}")
+            in_list = in_list and line.startswith(" ")
+        prev = line
+    return found
+
+
+@pytest.mark.parametrize("page", sorted((ROOT / "docs").glob("*.md")), ids=lambda page: page.name)
+def test_each_page_renders_the_same_on_github_and_in_the_site(page):
+    assert markdown_differences(page.read_text()) == []
+
+
+def test_the_markdown_check_finds_what_the_site_renders_differently():
+    assert markdown_differences("Text:\n- item\n") == ["2: a blank line is needed before this list: - item"]
+    assert markdown_differences("Text.\n\n- item\n  - nested\n")[0].startswith("4: a nested list item")
+    assert markdown_differences("- item\n\n  ```sh\n  make demo\n  ```\n")[0].startswith("3: a list item's code block")
+    assert markdown_differences("Text:\n| a |\n|---|\n")[0].startswith("2: a blank line is needed before this table")
+    fine = "Text:\n\n- item\n  lazy continuation\n- item\n\n    ```sh\n    make demo\n    ```\n\n    More.\n"
+    assert markdown_differences(fine) == []
