@@ -54,7 +54,7 @@ from .errors import ConsulLockError
 from .internals import check_celery_scheduler, check_heap_rebuilt
 from .protocol import LEADER_HEADER, TICK_HEADER, Tick, crontab_tick, interval_tick, leader_header
 from .runtime import RuntimeEntries
-from .startup import check_app, refused_at_start, warn_unknown_settings
+from .startup import check_app, refuse_a_foreign_agent, refused_at_start, warn_unknown_settings
 from .task import ConsulLockedTask
 
 __all__ = [
@@ -106,11 +106,12 @@ class LeaderElectedMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_celery_scheduler()  # loud at start if Celery changed the heap we rebuild
-        app = kwargs.get("app") or (args[0] if args else None)
+        app: Any = kwargs.get("app") or (args[0] if args else None)
         # A bad setting ends the beat here with one line, before it joins the election.
         with refused_at_start("beat"):
             self.beat_config = BeatConfig.from_app(app)
             check_app(app)
+        refuse_a_foreign_agent("beat", self.beat_config.settings, app.conf, "it could never lead")
         #: Set in an embedded beat (``worker -B``), whose worker warned about names already.
         self.embedded = False
         self.election: Election | None = None

@@ -55,6 +55,7 @@ __all__ = [
     "locked_tasks",
     "probe_agent",
     "refuse",
+    "refuse_a_foreign_agent",
     "refused_at_start",
     "unknown_settings",
     "warn_unknown_settings",
@@ -203,10 +204,17 @@ def _check_worker(sender: Any = None, **_: Any) -> None:
         if embedded:
             BeatConfig.from_app(app)
     if settings.fail_policy == "closed":
-        problem = probe_agent(settings)
-        if problem is not None and not problem.transient:
-            policy = written_name(app.conf, CELERY_PREFIX + "fail_policy")
-            refuse("worker", f"{_described(problem, app.conf)} (with {policy} 'closed', every locked run would fail)")
+        policy = written_name(app.conf, CELERY_PREFIX + "fail_policy")
+        refuse_a_foreign_agent("worker", settings, app.conf, f"with {policy} 'closed', every locked run would fail")
+
+
+def refuse_a_foreign_agent(process: Process, settings: ConsulSettings, conf: Any, why: str) -> None:
+    """End the process (:func:`refuse`) if the agent of ``settings`` answers, but not as a
+    Consul agent over them (:func:`probe_agent`: a failure that is not ``transient``);
+    ``why`` says what would follow. An agent that does not answer at all is left to wait for."""
+    problem = probe_agent(settings)
+    if problem is not None and not problem.transient:
+        refuse(process, f"{_described(problem, conf)} ({why})")
 
 
 def _warn_worker(sender: Any = None, instance: Any = None, conf: Any = None, **_: Any) -> None:

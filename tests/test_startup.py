@@ -221,15 +221,22 @@ def test_a_worker_with_a_bad_setting_exits_with_one_line_naming_it(
     assert line == f"celery-consul-lock: {expected}", line
 
 
-def test_a_worker_pointed_at_something_that_is_not_consul_does_not_start(tmp_path, redis_server, web_server):
+@pytest.mark.parametrize("process", ["worker", "beat"])
+def test_a_process_pointed_at_something_that_is_not_consul_does_not_start(tmp_path, redis_server, web_server, process):
     """Waiting does not fix an address: under fail_policy closed, every locked run would fail
-    at once (and a worker failing every run is always free to take the next)."""
+    at once (and a worker failing every run is always free to take the next); a beat could
+    never lead."""
     app_path = write_project(tmp_path, {}, django=False)
     env = project_env(tmp_path, redis_server.url, web_server.address)
-    worker = celery(tmp_path, "worker", app_path, env, "worker", "-P", "solo", "-l", "INFO", "--without-mingle")
-    _, line = refusal(worker)
-    assert f"http://{web_server.address}" in line and line.endswith("; the worker does not start"), line
-    assert "is not a Consul agent" in line and "(with consul_lock_fail_policy 'closed', every locked run" in line, line
+    if process == "worker":
+        proc = celery(tmp_path, "worker", app_path, env, "worker", "-P", "solo", "-l", "INFO", "--without-mingle")
+        why = "(with consul_lock_fail_policy 'closed', every locked run would fail)"
+    else:
+        proc = start_beat("beat", tmp_path, env, app_path=app_path, cwd=tmp_path)
+        why = "(it could never lead)"
+    _, line = refusal(proc)
+    assert f"http://{web_server.address}" in line and line.endswith(f"{why}; the {process} does not start"), line
+    assert "is not a Consul agent" in line, line
 
 
 def test_a_worker_without_the_agent_watch_warns_at_start_that_its_agent_does_not_answer(proj, workers, tmp_path):
