@@ -24,7 +24,8 @@ builds its consumer or says ``ready``; a leader-elected beat when its scheduler 
 * **The agent** (:func:`probe_agent`): a worker whose agent answers, but not as a Consul
   agent over the settings given (a TLS failure, a web server at the address), does not start
   under ``fail_policy="closed"``: waiting does not fix a setting, and a worker whose every
-  locked run fails at once would be always free and draw the queue. An agent that does not
+  locked run fails at once would be always free and draw the queue. A beat does not start
+  then under any policy: it could never lead. An agent that does not
   answer at all (down, no cluster leader yet) is an outage, not a setting: the worker's agent
   watch keeps it from consuming until the agent answers (:mod:`.availability`).
 
