@@ -11,6 +11,7 @@ written into the test's directory: a plain Celery app, or a Django one configure
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import textwrap
 from pathlib import Path
@@ -295,6 +296,17 @@ def test_a_worker_whose_agent_does_not_answer_at_start_says_so_and_consumes_only
         agent.stop()
     assert log.count(down) == 1 and log.count(f"Consul agent at http://{agent.address} answers again after") == 1, log[-3000:]
     assert "sent back to the queue" not in log and "unreachable" not in log, log[-3000:]
+
+
+def test_consul_lock_check_warns_of_the_same_names_and_refuses_the_same_values(tmp_path, redis_server, consul):
+    """`celery consul-lock check` judges the settings as a worker's start does."""
+    app_path = write_project(tmp_path, {"CELERY_CONSUL_LOCK_TLL": 20, "CELERY_CONSUL_LOCK_KEY_PREFIX": "mysite"}, django=True)
+    env = project_env(tmp_path, redis_server.url, consul.address)
+    argv = [sys.executable, "-m", "celery", "-A", app_path, "consul-lock", "check", "--no-beat"]
+    done = subprocess.run(argv, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=EXIT_TIMEOUT)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "warning: CELERY_CONSUL_LOCK_TLL is not a celery-consul-lock setting and is ignored; did you mean " in done.stderr
+    assert "check FAILED: invalid setting: CELERY_CONSUL_LOCK_KEY_PREFIX='mysite' is invalid" in done.stderr, done.stderr
 
 
 # -- a beat -------------------------------------------------------------------------------------
