@@ -331,7 +331,7 @@ def test_a_beat_warns_of_a_misspelt_setting_and_runs(tmp_path, redis_server, con
     app_path = write_project(tmp_path, {"consul_lock_beat_check_tll": 3}, django=False)
     beat = start_beat("beat", tmp_path, project_env(tmp_path, redis_server.url, consul.address), app_path=app_path, cwd=tmp_path)
     try:
-        wait_for(lambda: "joining the election" in beat.log_text(), 60, "the beat to join", procs=[beat])
+        wait_for(lambda: "joining the election" in beat.log_text(), 120, "the beat to join", procs=[beat])
         log = beat.log_text()
     finally:
         beat.stop()
