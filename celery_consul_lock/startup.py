@@ -207,6 +207,8 @@ def _check_worker(sender: Any = None, **_: Any) -> None:
     if settings.fail_policy == "closed":
         policy = written_name(app.conf, CELERY_PREFIX + "fail_policy")
         refuse_a_foreign_agent("worker", settings, app.conf, f"with {policy} 'closed', every locked run would fail")
+    elif embedded:  # under fail_policy "open" too: else the worker would run on without its beat
+        refuse_a_foreign_agent("worker", settings, app.conf, "its embedded beat could never lead")
 
 
 def refuse_a_foreign_agent(process: Process, settings: ConsulSettings, conf: Any, why: str) -> None:

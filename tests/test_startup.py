@@ -222,21 +222,26 @@ def test_a_worker_with_a_bad_setting_exits_with_one_line_naming_it(
     assert line == f"celery-consul-lock: {expected}", line
 
 
-@pytest.mark.parametrize("process", ["worker", "beat"])
+@pytest.mark.parametrize("process", ["worker", "worker-B-open", "beat"])
 def test_a_process_pointed_at_something_that_is_not_consul_does_not_start(tmp_path, redis_server, web_server, process):
     """Waiting does not fix an address: under fail_policy closed, every locked run would fail
-    at once (and a worker failing every run is always free to take the next); a beat could
-    never lead."""
-    app_path = write_project(tmp_path, {}, django=False)
+    at once (and a worker failing every run is always free to take the next); a beat, also
+    one embedded in a fail-open worker, could never lead."""
+    settings = {"consul_lock_fail_policy": "open"} if process == "worker-B-open" else {}
+    app_path = write_project(tmp_path, settings, django=False)
     env = project_env(tmp_path, redis_server.url, web_server.address)
+    args = ("worker", "-P", "solo", "-l", "INFO", "--without-mingle")
     if process == "worker":
-        proc = celery(tmp_path, "worker", app_path, env, "worker", "-P", "solo", "-l", "INFO", "--without-mingle")
-        why = "(with consul_lock_fail_policy 'closed', every locked run would fail)"
+        proc = celery(tmp_path, "worker", app_path, env, *args)
+        why = "(with consul_lock_fail_policy 'closed', every locked run would fail); the worker"
+    elif process == "worker-B-open":
+        proc = celery(tmp_path, "worker", app_path, env, *args, "-B", "--scheduler", "consul")
+        why = "(its embedded beat could never lead); the worker"
     else:
         proc = start_beat("beat", tmp_path, env, app_path=app_path, cwd=tmp_path)
-        why = "(it could never lead)"
+        why = "(it could never lead); the beat"
     _, line = refusal(proc)
-    assert f"http://{web_server.address}" in line and line.endswith(f"{why}; the {process} does not start"), line
+    assert f"http://{web_server.address}" in line and line.endswith(f"{why} does not start"), line
     assert "is not a Consul agent" in line, line
 
 
