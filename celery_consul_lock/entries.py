@@ -42,7 +42,7 @@ from celery.schedules import BaseSchedule, crontab, solar
 from celery.schedules import schedule as interval_schedule
 
 from .backoff import Backoff
-from .consul import ConsulClient, KVEntry, thread_client
+from .consul import ConsulClient, KVEntry, shared_client
 from .election import BeatConfig
 from .errors import ConsulLockError, EntryConflict, EntryNotFound, InvalidEntry
 from .protocol import Tick
@@ -343,7 +343,7 @@ class RuntimeSchedule:
 
     def client(self) -> ConsulClient:
         """This thread's connection to the agent."""
-        return thread_client(self.settings)
+        return shared_client(self.settings)
 
     # -- reading ------------------------------------------------------------------------------
 
