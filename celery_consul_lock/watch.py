@@ -35,7 +35,7 @@ from .consul import ConsulClient, KVEntry
 from .errors import ConsulLockError
 from .settings import ConsulSettings
 
-__all__ = ["WATCH_DELAY", "ReleaseFlag", "Snapshot", "follow", "judge_lock", "wait_for_change"]
+__all__ = ["WATCH_DELAY", "ReleaseFlag", "Snapshot", "follow", "judge_lock", "wait_for_change", "watched"]
 
 watch_log = logging.getLogger("celery_consul_lock.lock.watch")
 
@@ -200,6 +200,11 @@ class Watcher:
         self._running = False
 
     # -- from the callers ------------------------------------------------------------------
+
+    @property
+    def reading(self) -> str | None:
+        """The prefix of the query in progress; None between queries and while idle."""
+        return self._reading
 
     def follow(self, holding: _Holding) -> None:
         with self._mutex:
@@ -381,3 +386,8 @@ def wait_for_change(settings: ConsulSettings, path: str, index: int, seen: Seque
     Returns early, too, when the watcher cannot read (the caller's next read tells why)."""
     waiter = _Waiter(path, index, seen=_fingerprint(seen))
     _WATCHERS.get(settings).wait(waiter, timeout)
+
+
+def watched(settings: ConsulSettings) -> str | None:
+    """The prefix the process's watcher for ``settings`` is reading now (None: none)."""
+    return _WATCHERS.get(settings).reading
