@@ -60,7 +60,7 @@ class Connection:
         self._host_header = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
 
     def __del__(self) -> None:
-        # A thread's connection dies with the thread: close it quietly.
+        # A dropped pool's connections (a forked child's copies, a private client) close quietly.
         self.close()
 
     def close(self) -> None:

@@ -304,8 +304,10 @@ class Watcher:
         """Under the mutex: holdings due are followed from now on, released ones dropped;
         returns the paths to read (pending holdings included, so no restart when they come
         due)."""
-        now = time.monotonic()
-        while self._pending and (self._pending[0].due <= now or self._pending[0].released.is_set()):
+        # Everything due within half a delay is taken at once: under a high acquire rate the
+        # watcher wakes once per half delay, not once per acquire.
+        horizon = time.monotonic() + WATCH_DELAY / 2
+        while self._pending and (self._pending[0].due <= horizon or self._pending[0].released.is_set()):
             holding = self._pending.popleft()
             if not holding.released.is_set():
                 self._held.append(holding)
