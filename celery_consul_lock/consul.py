@@ -195,6 +195,10 @@ class ConsulClient:
     def close(self) -> None:
         self._pool.close()
 
+    def connections_in_use(self) -> int:
+        """How many of the client's connections are lent to a request now."""
+        return self._pool.busy()
+
     def interrupt(self) -> None:
         """From another thread: end the request in progress (a blocking query) with
         :class:`ConsulUnavailable` at once, and every later one, until :meth:`resume`."""

@@ -197,3 +197,63 @@ def test_fifty_waiters_share_the_watcher_and_each_gets_its_key(settings, consul)
     finally:
         other.session_destroy(sid)
         other.close()
+
+
+def test_a_pool_lends_each_connection_to_one_request_at_a_time_and_many_callers_wait_their_turn(settings, consul):
+    """40 threads, a pool of 2: every request is answered, the process never has more than 2
+    of the pool's connections open, and every connection is given back."""
+    settings = settings.replace(max_connections=2)
+    client = ConsulClient(settings, connections=2)
+    before = agent_connections(os.getpid(), port_of(consul))
+    peak, answers, errors = 0, [], []
+    stop = threading.Event()
+
+    def sample() -> None:
+        nonlocal peak
+        while not stop.is_set():
+            peak = max(peak, agent_connections(os.getpid(), port_of(consul)) - before)
+            time.sleep(0.01)
+
+    def reader(n: int) -> None:
+        try:
+            for _ in range(20):
+                answers.append(client.kv_get(f"locks/pool-{n}/.lock")[1])
+        except BaseException as exc:  # shown by the assertion below
+            errors.append(exc)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    threads = [threading.Thread(target=reader, args=(n,)) for n in range(40)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    stop.set()
+    sampler.join(5)
+    assert not errors and len(answers) == 40 * 20, errors[:3]
+    assert 1 <= peak <= 2, peak
+    assert client.connections_in_use() == 0
+    client.close()
+
+
+def test_an_interrupted_blocking_query_ends_at_once_and_the_next_request_goes_through(settings, consul):
+    client = ConsulClient(settings)
+    index, _ = client.kv_get("locks/interrupt-me/.lock")
+    ended: list[BaseException] = []
+
+    def block() -> None:
+        try:
+            client.kv_get("locks/interrupt-me/.lock", index=max(index, 1), wait=30)
+        except BaseException as exc:
+            ended.append(exc)
+
+    t = threading.Thread(target=block, daemon=True)
+    t.start()
+    time.sleep(0.5)  # not an assertion: let the query reach the agent
+    interrupted_at = time.monotonic()
+    client.interrupt()
+    t.join(5)
+    assert ended and "interrupted" in str(ended[0]) and time.monotonic() - interrupted_at < 2, ended
+    client.resume()
+    assert client.kv_get("locks/interrupt-me/.lock")[1] is None
+    client.close()
