@@ -257,3 +257,26 @@ def test_an_interrupted_blocking_query_ends_at_once_and_the_next_request_goes_th
     client.resume()
     assert client.kv_get("locks/interrupt-me/.lock")[1] is None
     client.close()
+
+
+def test_greenlets_waiting_for_a_held_key_are_woken_by_the_watcher_when_it_is_released(proj, workers, consul):
+    """Under gevent a waiter is a greenlet: the watcher, a real thread, wakes it through its
+    hub. Five `on_held="wait"` runs wait for a key this test holds; each runs once it is free."""
+    (worker,) = workers(1, pool="gevent", concurrency=10, env=dict(GREEN_ENV))
+    holder = ConsulLock("locks/proj.retrying/.lock", address=consul.address, lock_delay=1)
+    assert holder.acquire()
+    try:
+        results = [proj.waiting.delay() for _ in range(5)]
+        wait_for(
+            lambda: worker.log_text().count("Task proj.waiting[") >= 5, 30, "the worker to receive the five runs", procs=[worker]
+        )
+        time.sleep(1.0)  # not an assertion: let every run reach its wait
+        assert not any(x.ready() for x in results)
+        released_at = time.monotonic()
+        assert holder.release()
+        assert wait_results(results, 30) == ["ran"] * 5
+        took = time.monotonic() - released_at
+        print(f"five waiting greenlets ran within {took:.2f} s of the release")
+        assert took < LOSS_BOUND + 5  # each run holds the key a moment, then the next takes it
+    finally:
+        holder.release()
