@@ -35,7 +35,20 @@ from .consul import ConsulClient, KVEntry
 from .errors import ConsulLockError
 from .settings import ConsulSettings
 
-__all__ = ["WATCH_DELAY", "ReleaseFlag", "Snapshot", "follow", "judge_lock", "wait_for_change", "watched"]
+__all__ = [
+    "WATCH_DELAY",
+    "Followed",
+    "FollowedHolding",
+    "ReleaseFlag",
+    "Snapshot",
+    "Waiter",
+    "Watcher",
+    "common_prefix",
+    "follow",
+    "judge_lock",
+    "wait_for_change",
+    "watched",
+]
 
 watch_log = logging.getLogger("celery_consul_lock.lock.watch")
 
@@ -128,7 +141,7 @@ def _fingerprint(entries: Sequence[KVEntry]) -> frozenset[tuple[str, int]]:
 
 
 @dataclass(eq=False)
-class _Followed:
+class Followed:
     """Something the watcher follows at ``path`` (a key, or a folder ending in ``/``). An
     answer says something about it only when known to be newer than what it is about: its
     index above ``after`` (Consul's index only grows under a prefix), or its query started
@@ -143,7 +156,7 @@ class _Followed:
 
 
 @dataclass(eq=False, kw_only=True)
-class _Holding(_Followed):
+class FollowedHolding(Followed):
     """A held lock or semaphore slot, followed from ``due`` on until ``released``:
     ``lost(reason)`` once ``judge`` finds a reason."""
 
@@ -154,7 +167,7 @@ class _Holding(_Followed):
 
 
 @dataclass(eq=False, kw_only=True)
-class _Waiter(_Followed):
+class Waiter(Followed):
     """A caller waiting for the entries at ``path`` to differ from ``seen``."""
 
     seen: frozenset[tuple[str, int]]
@@ -188,9 +201,9 @@ class Watcher:
         self._wake = native.Event()
         self._client = ConsulClient(settings, native=True)
         #: Holdings not yet due (in the order they come due: all wait WATCH_DELAY).
-        self._pending: collections.deque[_Holding] = collections.deque()
-        self._held: list[_Holding] = []
-        self._waiters: list[_Waiter] = []
+        self._pending: collections.deque[FollowedHolding] = collections.deque()
+        self._held: list[FollowedHolding] = []
+        self._waiters: list[Waiter] = []
         #: The prefix of the query in progress (None: none), and whether it must restart.
         self._reading: str | None = None
         self._restart = False
@@ -206,7 +219,7 @@ class Watcher:
         """The prefix of the query in progress; None between queries and while idle."""
         return self._reading
 
-    def follow(self, holding: _Holding) -> None:
+    def follow(self, holding: FollowedHolding) -> None:
         with self._mutex:
             holding.since = self._started
             idle = not (self._pending or self._held or self._waiters)
@@ -218,13 +231,15 @@ class Watcher:
         if start:
             native.start_thread(self._run, (), "consul-lock-watcher")
 
-    def wait(self, waiter: _Waiter, timeout: float | None) -> None:
+    def wait(self, waiter: Waiter, timeout: float | None) -> None:
         """Block until ``waiter`` sees a change, or ``timeout`` seconds (None: ever)."""
         with self._mutex:
+            # Set first: the last answer came from a query started before this waiter, so it
+            # tells a change only if its index shows it newer than what the waiter read.
+            waiter.since = self._started
             snapshot = self._snapshot
             if snapshot is not None and waiter.changed(snapshot):
                 return
-            waiter.since = self._started
             self._waiters.append(waiter)
             self._cover(waiter.path)
             start = self._start()
@@ -377,7 +392,7 @@ def follow(
     called (from the watcher, a real thread) once ``judge`` finds the holding lost in an
     answer that is newer than the acquire that wrote index ``token`` at ``path`` (a key, or
     a semaphore's folder ending in ``/``)."""
-    holding = _Holding(path, token - 1, due=time.monotonic() + WATCH_DELAY, judge=judge, released=released, lost=lost)
+    holding = FollowedHolding(path, token - 1, due=time.monotonic() + WATCH_DELAY, judge=judge, released=released, lost=lost)
     _WATCHERS.get(settings).follow(holding)
 
 
@@ -386,7 +401,7 @@ def wait_for_change(settings: ConsulSettings, path: str, index: int, seen: Seque
     ``seen``, read at Consul's ``index``, or ``timeout`` seconds pass (None: however long):
     through the process's watcher, so that waiters hold no connection while they wait.
     Returns early, too, when the watcher cannot read (the caller's next read tells why)."""
-    waiter = _Waiter(path, index, seen=_fingerprint(seen))
+    waiter = Waiter(path, index, seen=_fingerprint(seen))
     _WATCHERS.get(settings).wait(waiter, timeout)
 
 
