@@ -270,7 +270,7 @@ class Watcher:
         try:
             self._loop()
         except BaseException:  # never die silently: say so, wake the waiters, let the next caller restart us
-            watch_log.exception("the watcher of %s crashed", self.settings.base_url)
+            native.log(watch_log, logging.ERROR, "the watcher of %s crashed", self.settings.base_url, exc_info=True)
             with self._mutex:
                 self._running = False
                 waiters = list(self._waiters)
@@ -297,7 +297,7 @@ class Watcher:
                 continue
             if reading != prefix:
                 index, prefix = 0, reading  # a new prefix: its first answer comes at once
-                watch_log.debug("watching %r", prefix or "the whole KV store")
+                native.log(watch_log, logging.DEBUG, "watching %r", prefix or "the whole KV store")
             native.sleep(max(0.0, last + WATCH_INTERVAL - time.monotonic()))
             last = time.monotonic()
             try:
@@ -306,7 +306,7 @@ class Watcher:
                 with self._mutex:
                     restart, self._reading = self._restart, None
                 if not restart:
-                    watch_log.debug("watching %r failed, retrying: %s", prefix, exc)
+                    native.log(watch_log, logging.DEBUG, "watching %r failed, retrying: %s", prefix, exc)
                     self._wake_all()  # waiters read again themselves (and see the error)
                     self._wake.wait(WATCH_RETRY)
                 continue
