@@ -158,7 +158,7 @@ class Followed:
 @dataclass(eq=False, kw_only=True)
 class FollowedHolding(Followed):
     """A held lock or semaphore slot, followed from ``due`` on until ``released``:
-    ``lost(reason)`` once ``judge`` finds a reason."""
+    ``lost(reason)`` (on a thread of its own) once ``judge`` finds a reason."""
 
     due: float
     judge: Judge
@@ -343,7 +343,9 @@ class Watcher:
             if reason is not None and not holding.released.is_set():
                 with self._mutex:
                     self._held.remove(holding)
-                holding.lost(reason)
+                # On a thread of its own: the callbacks a loss runs (the user's on_lost too)
+                # must not hold up the judging of every other lock of the process.
+                native.start_thread(holding.lost, (reason,), "consul-lock-lost")
         for waiter in waiters:
             if waiter.changed(snapshot):
                 waiter.wakeup.set()
@@ -389,7 +391,7 @@ def follow(
     settings: ConsulSettings, path: str, token: int, judge: Judge, released: ReleaseFlag, lost: Callable[[str], None]
 ) -> None:
     """Follow a holding from WATCH_DELAY on until ``released`` is set: ``lost(reason)`` is
-    called (from the watcher, a real thread) once ``judge`` finds the holding lost in an
+    called (on a real thread started by the watcher) once ``judge`` finds the holding lost in an
     answer that is newer than the acquire that wrote index ``token`` at ``path`` (a key, or
     a semaphore's folder ending in ``/``)."""
     holding = FollowedHolding(path, token - 1, due=time.monotonic() + WATCH_DELAY, judge=judge, released=released, lost=lost)
