@@ -1,7 +1,7 @@
 """ConsulLockedTask in a real `celery worker -P gevent -c 50`, over a real Redis and Consul.
 
 Under the gevent pool every task body is a greenlet of one process, and ``threading``,
-``socket`` and ``time`` are monkey-patched. The session renewer and the lock watchers run on
+``socket`` and ``time`` are monkey-patched. The session renewer and the process's watcher run on
 real OS threads (celery_consul_lock/native.py), so a body that never yields cannot starve
 them, and abort_on_lock_lost throws into the body's own greenlet.
 """
