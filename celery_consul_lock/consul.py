@@ -485,14 +485,15 @@ class ConsulClient:
         connection become our errors through :data:`FAILURES`.
         """
         try:
-            pool = self._pool
-            conn = pool.take()
-            try:
+            pool, conn = self._pool, None
+            try:  # taken inside the try: an asynchronous exception (an abort) loses no connection
+                conn = pool.take()
                 status, headers, content = conn.request(
                     method, target, body, self._headers, self.timeout if timeout is None else timeout
                 )
             finally:
-                pool.give(conn)
+                if conn is not None:
+                    pool.give(conn)
             why = _foreign_answer(status, headers, content)
             if why is not None:
                 raise _Foreign(f"{why}: {self._excerpt(content)}" if content else why)

@@ -64,13 +64,15 @@ class Connection:
         self.close()
 
     def close(self) -> None:
+        # No module globals here: the process's shared pools are dropped at interpreter exit,
+        # after the modules' globals (contextlib) are gone.
         sock, file, self._sock, self._file = self._sock, self._file, None, None
-        if file is not None:
-            with contextlib.suppress(OSError):
-                file.close()  # type: ignore[attr-defined]
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                sock.close()
+        for closable in (file, sock):
+            if closable is not None:
+                try:  # noqa: SIM105 (no contextlib at interpreter exit, see above)
+                    closable.close()  # type: ignore[attr-defined]
+                except OSError:
+                    pass
 
     def interrupt(self) -> None:
         """From another thread: make the request in progress (a blocking query) end now,
