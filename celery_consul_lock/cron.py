@@ -44,7 +44,7 @@ from typing import Any, Literal, NoReturn
 from croniter import CroniterError, croniter
 from dateutil.tz import tzlocal
 
-from .consul import ConsulClient, thread_client
+from .consul import ConsulClient, shared_client
 from .errors import ConsulLockError, ConsulUnavailable, InvalidSetting, LockConflict
 from .lock import ConsulLock
 from .protocol import Tick
@@ -567,7 +567,7 @@ class Run:
     def _open(self) -> Mark | str:
         """Mark the slot open (see :meth:`.ticks.Mark.opened`); returns the mark, or why the
         slot must not run."""
-        client = thread_client(self.settings)
+        client = shared_client(self.settings)
         entry, tick = self.options.entry, self.tick
         opened = change_mark(
             client,
@@ -593,7 +593,7 @@ class Run:
     def _record(self, mark: Mark) -> Mark | None:
         extra = {"task_id": None, "runner": f"{PROG} on {socket.gethostname()} pid {os.getpid()}"}
         return change_mark(
-            thread_client(self.settings),
+            shared_client(self.settings),
             self.settings,
             self.options.entry,
             mark,
@@ -692,7 +692,7 @@ class Run:
     def _end(self) -> None:
         """Release the lock (no lock-delay for the next holder), destroy the session, remove
         the health check; each step logs rather than raises."""
-        client = thread_client(self.settings)
+        client = shared_client(self.settings)
         self.lock.release()
         self.session.destroy(client)
         self.check.remove(client)

@@ -30,7 +30,7 @@ from typing import Any, Literal, get_args
 
 from . import signals
 from .backoff import Backoff
-from .consul import ConsulClient, thread_client
+from .consul import ConsulClient, shared_client
 from .errors import ConsulLockError, InvalidSetting
 from .lock import LOCK_DELAY_RETRY, ConsulLock
 from .session import LockSession, renewal_interval
@@ -372,7 +372,7 @@ class Election:
         # the election thread, which Consul now answers "invalid session", is not reported
         # as a session lost.
         session.retire("retired by the beat")
-        client = thread_client(self.config.settings)
+        client = shared_client(self.config.settings)
         if registered and service_id is not None:
             try:
                 client.agent_check_fail(f"service:{service_id}")

@@ -33,13 +33,13 @@ from typing import Any
 
 from . import native
 from .backoff import Backoff
-from .consul import LOCK_FLAG, ConsulClient, KVEntry, LockAttempt, thread_client
+from .consul import LOCK_FLAG, ConsulClient, KVEntry, LockAttempt, shared_client
 from .errors import ConsulLockError, ConsulUnavailable, LockConflict, LockLost, LockTimeout, SessionGone
 from .holder import KeyIdent, LocalKeys, LockHolder, holder_of, read_holder
 from .liveness import identity
 from .session import LockSession, retire_if_unused, shared_session
 from .settings import ConsulSettings
-from .watch import ReleaseFlag, watch_later
+from .watch import ReleaseFlag, follow, judge_lock, wait_for_change
 
 __all__ = ["ConsulLock", "LockHolder"]
 
@@ -228,7 +228,7 @@ class ConsulLock:
             value = base64.b64decode(holding.previous)
         elif finished:
             value = b'{"released_at":"%s",%s' % (_utc_now_ms(), value[1:])
-        client = thread_client(self.settings)
+        client = shared_client(self.settings)
         ok = False
         try:
             ok = self._release_in_consul(client, holding, value)
@@ -371,7 +371,7 @@ class ConsulLock:
     def holder(cls, key: str, *, settings: ConsulSettings | None = None, **setting_values: Any) -> LockHolder | None:
         """Who holds ``key`` now (a consistent read), or None if nobody does."""
         settings = settings or ConsulSettings.resolve(setting_values)
-        return read_holder(thread_client(settings), settings.full_key(key))
+        return read_holder(shared_client(settings), settings.full_key(key))
 
     # -- acquiring ----------------------------------------------------------------------
 
@@ -417,7 +417,7 @@ class ConsulLock:
         holding shares: a usable session (a new one when the last was lost), retries through
         a brief Consul outage while the caller waits, and a bound on sessions that Consul
         says are gone (``attempt_once`` raises :class:`SessionGone`)."""
-        client = thread_client(self.settings)
+        client = shared_client(self.settings)
         session = self._new_session()
         session_failures = 0
         backoff = Backoff(RETRY_MIN, RETRY_MAX)
@@ -490,10 +490,10 @@ class ConsulLock:
             self._gave_up(client, entry, session)
             return False
         if entry is not None and entry.session:
-            # Held: wait for the key to change, with a blocking query.
+            # Held: wait for the key to change, told by the process's watcher.
             wait = WAIT_MAX if left is None else min(WAIT_MAX, left)
             acquire_log.debug("%s is held by session %s; waiting up to %.1f s", self.key, entry.session, wait)
-            client.kv_get(self.key, index=max(entry.modify_index, index, 1), wait=wait)
+            wait_for_change(self.settings, self.key, index, [entry], wait)
         else:
             # Free but inside a lock-delay: Consul says nothing of when it ends.
             acquire_log.debug("%s is in lock-delay; retrying in %.2f s", self.key, LOCK_DELAY_RETRY)
@@ -554,8 +554,10 @@ class ConsulLock:
         acquire_log.debug("acquired %s (session %s)", self.key, holding.sid)
 
     def _watch_later(self, holding: Holding) -> None:
-        """Start watching the holding's key for loss (see :mod:`.watch`)."""
-        watch_later(self.settings, self.key, holding.sid, holding.released, functools.partial(self._mark_lost, holding=holding))
+        """Have the process's watcher follow the holding's key for loss (see :mod:`.watch`)."""
+        judge = functools.partial(judge_lock, key=self.key, sid=holding.sid)
+        lost = functools.partial(self._mark_lost, holding=holding)
+        follow(self.settings, self.key, holding.token or 0, judge, holding.released, lost)
 
     def _current(self) -> Holding | None:
         """The holding not yet released, or None."""

@@ -75,6 +75,13 @@ DEFAULT_SESSION_CHECKS: tuple[str, ...] = ("serfHealth",)
 #: self-fencing deadline, so a hung agent can never stall one past it.
 DEFAULT_TIMEOUT = 5.0
 TIMEOUT_MAX = 60.0
+#: Connections a process keeps to its agent for its requests (threads and greenlets share
+#: them, one request at a time each). A lock's request takes a millisecond or two on a local
+#: agent, so 16 serve thousands of requests a second; and a host's worker processes share
+#: the agent's limit of 200 connections per client address (http_max_conns_per_client):
+#: nine processes of 16 + 4 (renewals, watcher, agent watch) each stay under it. (A prefork
+#: child runs one task at a time and opens one of them.)
+DEFAULT_MAX_CONNECTIONS = 16
 
 #: Consul's server-side bounds on a session TTL.
 TTL_MIN, TTL_MAX = 10.0, 86400.0
@@ -391,6 +398,14 @@ CONSUL_SETTINGS: tuple[Setting, ...] = (
         DEFAULT_TIMEOUT,
         "HTTP timeout of each request (renewals are cut shorter to the fencing deadline)",
     ),
+    Setting(
+        "max_connections",
+        whole(1, "expected a whole number of connections, at least 1"),
+        DEFAULT_MAX_CONNECTIONS,
+        "connections a process opens to the agent for its requests, shared by its threads or greenlets "
+        "(plus at most two for session renewals and one for the watcher: "
+        "[Connections and the watcher](concepts.md#connections-and-the-watcher))",
+    ),
 )
 _BY_NAME = {s.name: s for s in CONSUL_SETTINGS}
 
@@ -504,6 +519,7 @@ class ConsulSettings:
     fail_policy: FailPolicy = DEFAULT_FAIL_POLICY
     session_checks: tuple[str, ...] = DEFAULT_SESSION_CHECKS
     timeout: float = DEFAULT_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
 
     def __hash__(self) -> int:
         # Settings key the per-thread clients and the session pool, looked up on every

@@ -37,7 +37,7 @@ from celery.signals import worker_process_shutdown, worker_shutdown
 
 from . import native, signals
 from .availability import AvailabilityConfig, requeue_or_raise
-from .consul import thread_client
+from .consul import shared_client
 from .errors import ConsulUnavailable, InvalidSetting, LockHeld, LockLost
 from .lock import ConsulLock, LockHolder
 from .protocol import (
@@ -564,7 +564,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         """Mark ``tick`` open before its body runs (a later retry or redelivery of it must
         run even if a later tick completes meanwhile). Returns the mark, or why the tick
         must not run."""
-        client = thread_client(settings)
+        client = shared_client(settings)
         opened = change_mark(  # writes nothing when the mark says the tick must not run
             client,
             settings,
@@ -655,7 +655,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         sid = lock.session_id
         extra = {"task_id": task_id}
         written = sid is not None and change_mark(
-            thread_client(settings),
+            shared_client(settings),
             settings,
             tick.entry,
             mark,
