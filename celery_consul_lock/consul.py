@@ -43,6 +43,7 @@ __all__ = [
     "Fenced",
     "KVEntry",
     "LockAttempt",
+    "kv_delete_cas",
     "kv_set",
     "kv_unlock",
     "thread_client",
@@ -151,6 +152,12 @@ def kv_set(key: str, value: bytes, *, index: int | None = None, flags: int | Non
     if flags is not None:
         op["Flags"] = flags
     return op
+
+
+def kv_delete_cas(key: str, index: int) -> dict[str, Any]:
+    """A write for :meth:`ConsulClient.kv_fenced` or :meth:`ConsulClient.txn`: delete ``key``
+    only if its ModifyIndex is still ``index``."""
+    return {"Verb": "delete-cas", "Key": key, "Index": index}
 
 
 def kv_unlock(key: str, session: str) -> dict[str, Any]:
