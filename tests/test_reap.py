@@ -163,12 +163,13 @@ def test_waiters_get_the_key_while_it_is_removed_between_their_holds(consul, pre
 
 
 def test_a_consul_lock_holder_never_sees_its_key_removed(consul, prefix, tmp_path):
-    # `consul lock` exits 1 ("Lock lost") when its key is deleted or taken while it holds
-    # it; eight of them in a row, while sweeps run back to back with keep time 0 and one of
-    # our locks contends for the same key.
+    # `consul lock -verbose` says "Lock lost" and kills its child when its key is deleted or
+    # taken while it holds it (and still exits 0); eight of them in a row, each child saying
+    # when it completed, while sweeps run back to back with keep time 0 and one of our locks
+    # contends for the same key.
     settings = _settings(consul, prefix, reap_after=0.0)
     key = "locks/shared/.lock"
-    one = f"{_consul_bin()} lock -http-addr={consul.address} {prefix}locks/shared 'sleep 0.3'"
+    one = f"{_consul_bin()} lock -verbose -http-addr={consul.address} {prefix}locks/shared 'sleep 0.3; echo child-done'"
     loop = f"for i in 1 2 3 4 5 6 7 8; do {one} || exit $?; done"
     stop, removed = threading.Event(), []
     sweeper = _sweeping(settings, stop, removed)
@@ -187,8 +188,8 @@ def test_a_consul_lock_holder_never_sees_its_key_removed(consul, prefix, tmp_pat
         stop.set()
         sweeper.join(10)
         holder.stop()
-    assert code == 0, holder.log_text()
-    assert "Lock lost" not in holder.log_text()
+    log = holder.log_text()
+    assert code == 0 and "Lock lost" not in log and log.count("child-done") == 8, log
     assert acquired >= 1 and prefix + key in removed, (acquired, removed)
 
 
