@@ -45,8 +45,9 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from . import native
 from .consul import LOCK_FLAG, ConsulClient, KVEntry, kv_delete_cas
@@ -170,6 +171,23 @@ def kept_until(value: bytes | None) -> float | None:
 # -- the process's reaper ---------------------------------------------------------------------
 
 
+@dataclass
+class _Queue:
+    """A reaper's queue and the thread serving it: what a forked child starts afresh."""
+
+    #: A real lock (the thread is a real one), held for a few statements only.
+    mutex: Any = field(default_factory=native.lock)
+    #: Set when a key due before the head is queued.
+    wake: native.Event = field(default_factory=native.Event)
+    #: Each queued key's removal time (epoch s); one heap item per key, re-pushed when its
+    #: time moved on (the key was released again).
+    due: dict[tuple[ConsulSettings, str], float] = field(default_factory=dict)
+    heap: list[tuple[float, int, ConsulSettings, str]] = field(default_factory=list)
+    seq: Iterator[int] = field(default_factory=itertools.count)
+    running: bool = False
+    full_logged: bool = False
+
+
 class Reaper:
     """Removes the keys this process released once their keep time ends (see the module
     doc), from one real OS thread started on first use (also under gevent). Queued keys are
@@ -180,78 +198,75 @@ class Reaper:
         native.at_fork(self._reset)
 
     def _reset(self) -> None:
-        # A forked child starts empty: its parent still removes what it queued.
-        self._mutex = native.lock()
-        self._wake = native.Event()
-        self._due: dict[tuple[ConsulSettings, str], float] = {}
-        self._heap: list[tuple[float, int, ConsulSettings, str]] = []
-        self._seq = itertools.count()
-        self._running = False
-        self._full_logged = False
+        self._q = _Queue()  # a forked child starts empty: its parent still removes what it queued
 
     def later(self, settings: ConsulSettings, key: str, at: float) -> None:
         """Remove ``key`` at ``at`` (epoch s), if it is free with a keep time passed then."""
-        ident = (settings, key)
-        with self._mutex:
-            queued = self._due.get(ident)
+        q, ident = self._q, (settings, key)
+        with q.mutex:
+            queued = q.due.get(ident)
             if queued is not None:
-                self._due[ident] = max(queued, at)  # one heap item per key: re-pushed when popped early
+                q.due[ident] = max(queued, at)
                 return
-            if len(self._due) >= REAP_QUEUE_MAX:
-                if not self._full_logged:
-                    self._full_logged = True
+            if len(q.due) >= REAP_QUEUE_MAX:
+                if not q.full_logged:
+                    q.full_logged = True
                     log.warning("more than %d released keys queued for removal; the sweep removes the others", REAP_QUEUE_MAX)
                 return
-            self._due[ident] = at
-            item = (at, next(self._seq), settings, key)
-            heapq.heappush(self._heap, item)
-            start, self._running = not self._running, True
-            if self._heap[0] is item:  # due before everything else queued: wake the thread
-                self._wake.set()
+            q.due[ident] = at
+            item = (at, next(q.seq), settings, key)
+            heapq.heappush(q.heap, item)
+            start, q.running = not q.running, True
+            if q.heap[0] is item:  # due before everything else queued: wake the thread
+                q.wake.set()
         if start:
-            native.start_thread(self._run, (), "consul-lock-reaper")
+            native.start_thread(self._run, (q,), "consul-lock-reaper")
 
     def pending(self) -> int:
         """Keys queued now."""
-        with self._mutex:
-            return len(self._due)
+        with self._q.mutex:
+            return len(self._q.due)
 
-    def _run(self) -> None:
-        clients: dict[ConsulSettings, ConsulClient] = {}
+    def _run(self, q: _Queue) -> None:
         try:
-            while True:
-                due = self._next_due()
-                for settings, key in due:
-                    client = clients.get(settings)
-                    if client is None:
-                        client = clients[settings] = ConsulClient(settings, native=True)
-                    if not self._reap(client, key):
-                        native.sleep(REAP_RETRY)
-        except BaseException:  # never die silently: say so, and let the next later() restart us
-            log.exception("the reaper thread crashed")
-            with self._mutex:
-                self._running = False
-            raise
+            self._serve(q)
+        finally:  # only a crash ends it (logged there): the next later() starts another thread
+            with q.mutex:
+                q.running = False
 
-    def _next_due(self) -> list[tuple[ConsulSettings, str]]:
+    def _serve(self, q: _Queue) -> None:
+        clients: dict[ConsulSettings, ConsulClient] = {}
+        while True:
+            try:
+                for settings, key in self._next_due(q):
+                    if settings not in clients:
+                        clients[settings] = ConsulClient(settings, native=True)
+                    if not self._reap(clients[settings], key):
+                        native.sleep(REAP_RETRY)
+            except Exception:
+                log.exception("the reaper thread crashed")
+                raise
+
+    @staticmethod
+    def _next_due(q: _Queue) -> list[tuple[ConsulSettings, str]]:
         """Wait for the head of the queue to come due; returns the keys due now."""
         while True:
-            with self._mutex:
+            with q.mutex:
                 now = time.time()
                 ready = []
-                while self._heap and self._heap[0][0] <= now:
-                    _, _, settings, key = heapq.heappop(self._heap)
-                    at = self._due.get((settings, key))
+                while q.heap and q.heap[0][0] <= now:
+                    _, _, settings, key = heapq.heappop(q.heap)
+                    at = q.due.get((settings, key))
                     if at is not None and at > now:  # released again since: wait for the later time
-                        heapq.heappush(self._heap, (at, next(self._seq), settings, key))
+                        heapq.heappush(q.heap, (at, next(q.seq), settings, key))
                     elif at is not None:
-                        del self._due[(settings, key)]
+                        del q.due[(settings, key)]
                         ready.append((settings, key))
                 if ready:
                     return ready
-                head = self._heap[0][0] if self._heap else None
-                self._wake.clear()
-            self._wake.wait(None if head is None else max(0.0, head - time.time()))
+                head = q.heap[0][0] if q.heap else None
+                q.wake.clear()
+            q.wake.wait(None if head is None else max(0.0, head - time.time()))
 
     @staticmethod
     def _reap(client: ConsulClient, key: str) -> bool:

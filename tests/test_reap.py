@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import uuid
 
 import pytest
 
-from celery_consul_lock import ConsulLock, ConsulSettings
+from celery_consul_lock import ConsulLock, ConsulSettings, reap
 from celery_consul_lock.consul import LOCK_FLAG, ConsulClient, kv_set
 from celery_consul_lock.reap import CLOCK_KEY, EntryCleanup, sweep
 from celery_consul_lock.testing import spawn
@@ -27,7 +28,9 @@ from celery_consul_lock.ticks import MARKS_PREFIX
 
 from .servers import ROOT, ConsulAgent, wait_for
 from .test_command import consul_lock_cmd
+from .test_gevent import GREEN_ENV
 from .test_interop import _consul_bin, _kv
+from .test_task import runs
 from .workers import wait_results, worker_env
 
 
@@ -263,6 +266,41 @@ def test_two_thousand_distinct_keys_leave_a_bounded_kv(consul, prefix, workers, 
     assert wait_results(results, timeout=60) == list(range(200))
     wait_for(lambda: not _keys(consul, prefix), 45, "every released key to be removed", interval=0.5)
     print(f"most keys seen at once under the prefix: {most}")
+
+
+def test_a_gevent_worker_removes_its_released_keys_while_a_task_blocks_its_process(consul, prefix, workers, proj, r):
+    # The releaser's reaper is a real OS thread: it removes keys whose keep time (4 s) ends
+    # while a task body blocks the whole gevent process (no greenlet runs meanwhile).
+    env = {**GREEN_ENV, "TEST_KEY_PREFIX": prefix, "TEST_REAP_AFTER": "4"}
+    workers(1, pool="gevent", concurrency=20, env=env)
+    assert wait_results([proj.app.tasks["proj.locked_noop"].delay(n) for n in range(20)], timeout=60) == list(range(20))
+    noop_keys = [k for k in _keys(consul, prefix) if "/noop-" in k]
+    assert len(noop_keys) == 20
+    due = min(_value(consul, k)["keep_until"] for k in noop_keys)
+    blocked = proj.app.tasks["proj.blocking"].delay(9)
+    start = wait_for(lambda: next((x for x in runs(r) if x["kind"] == "start" and x["task"] == "blocking"), None), 20, "the body")
+    assert start["t"] < due, "the block began after the keys were due: nothing proven"
+    wait_for(lambda: not [k for k in _keys(consul, prefix) if "/noop-" in k], 10, "the keys to be removed during the block")
+    assert not [x for x in runs(r) if x["kind"] == "end"], "the block ended before the keys were removed"
+    blocked.get(timeout=30)
+
+
+def test_a_forked_child_starts_with_an_empty_reaper_queue(consul, prefix):
+    settings = _settings(consul, prefix, reap_after=3600.0)
+    lock = ConsulLock("locks/forked/.lock", settings=settings)
+    assert lock.acquire() and lock.release()
+    assert reap._REAPER.pending() >= 1
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its parent still removes what it queued
+        try:
+            os.write(write, str(reap._REAPER.pending()).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    assert os.read(read, 100) == b"0"
+    os.waitpid(pid, 0)
+    assert reap._REAPER.pending() >= 1
 
 
 # -- the beat's entries -----------------------------------------------------------------------------
