@@ -108,7 +108,7 @@ BEAT_SETTINGS: tuple[Setting, ...] = (
         seconds(above=0, why="expected seconds, more than 0"),
         DEFAULT_REAP_INTERVAL,
         "how often the leader sweeps the key prefix for free lock keys and the state of removed entries "
-        "([KV layout](#kv-layout))",
+        "([KV layout](concepts.md#kv-layout))",
     ),
 )
 
