@@ -81,7 +81,7 @@ CLOCK_SAMPLES = 60
 #: The clock's horizon, in units of reap_after: samples older than this are dropped, but the
 #: newest of them, which dates every key written before it.
 CLOCK_HORIZON = 2.0
-#: Keys a process's reaper keeps queued; past it, the oldest releases are left to the sweep
+#: Keys a process's reaper keeps queued; the keys it releases past that are left to the sweep
 #: (a process releasing 100 distinct keys a second with the default two hours would queue
 #: 720,000: about 100 MB).
 REAP_QUEUE_MAX = 100_000
