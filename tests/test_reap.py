@@ -98,6 +98,26 @@ def test_a_released_key_keeps_its_record_for_its_keep_time_then_leaves_and_its_t
         lock.release()
 
 
+def test_a_lock_delay_outlives_the_removal_of_its_key(consul, prefix):
+    # A holder's session ends (destroyed: an invalidation), so Consul keeps the key from
+    # everyone for its lock-delay (3 s); a sweep with reap_after 0 removes the free key at
+    # once, and still nobody can take it before the lock-delay ends.
+    settings = _settings(consul, prefix, reap_after=0.0)
+    client = ConsulClient(settings)
+    key = prefix + "locks/delayed/.lock"
+    sid = client.session_create("holder", ttl=0, lock_delay=3, checks=[])
+    assert client.kv_lock(key, sid, b"{}", exists=False).acquired
+    client.session_destroy(sid)
+    freed = time.monotonic()
+    assert key in sweep(client, settings).removed
+    client.close()
+    lock = ConsulLock("locks/delayed/.lock", settings=settings)
+    assert not lock.acquire(blocking=False) and lock.last_holder is None  # refused: lock-delay
+    assert lock.acquire(timeout=10)
+    assert time.monotonic() - freed >= 3.0 - 0.1
+    lock.release()
+
+
 # -- contention -------------------------------------------------------------------------------------
 
 WAITER = textwrap.dedent(
