@@ -572,7 +572,8 @@ class Run:
 
         def open_slot(m: Mark) -> dict[str, Any] | None:
             data = None if m.covers(tick) else m.opened(tick, time.time())
-            return None if data is None else {**data, RUNNER_FIELD: self._runner}  # ours: no beat's sweep removes it
+            # Named as ours (no beat's sweep removes it); a completer named before stays.
+            return None if data is None else {RUNNER_FIELD: self._runner, **data}
 
         opened = change_mark(
             client,

@@ -17,6 +17,7 @@ import threading
 import time
 import urllib.error
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -362,6 +363,32 @@ def test_the_sweep_removes_the_state_and_mark_of_removed_entries_and_keeps_cron_
         assert sorted(done.removed) == sorted([state_prefix + "gone", marks + "gone", state_prefix + "shared"])
         left = set(_keys(consul, prefix))
         assert {state_prefix + "kept", marks + "kept", marks + "shared", marks + "cron-only", prefix + CLOCK_KEY} <= left
+    finally:
+        client.close()
+        leader.release()
+
+
+def test_a_slot_opened_by_the_cron_wrapper_names_it_and_the_sweep_keeps_that_mark(consul, prefix):
+    # The wrapper's command fails: its slot stays open in the mark, which names the wrapper
+    # (runner) although no slot completed. A beat once had an entry of that name: the sweep
+    # removes the beat's state of it, never the mark.
+    wrapper = str(Path(sys.executable).parent / "celery-consul-lock")
+    argv = [wrapper, "run", "--every", "3600", "--key", "locks/nightly", "--key-prefix", prefix, "--", "false"]
+    done = subprocess.run(argv, env={**os.environ, "CONSUL_HTTP_ADDR": consul.address}, capture_output=True, timeout=60)
+    assert done.returncode == 1, done.stderr
+    mark_key = prefix + MARKS_PREFIX + "nightly"
+    mark = _value(consul, mark_key)
+    assert mark["open"] and mark["runner"].startswith("celery-consul-lock run on "), mark
+    settings = _settings(consul, prefix, reap_after=0.0)
+    state_key = f"{prefix}celery-consul-lock/beat/proj/entries/nightly"
+    leader = ConsulLock("locks/proj/beat/.lock", settings=settings)
+    assert leader.acquire()
+    client = ConsulClient(settings)
+    try:
+        assert client.kv_put(state_key, b'{"last_run_at": null, "total_run_count": 1}')
+        cleanup = EntryCleanup(f"{prefix}celery-consul-lock/beat/proj/entries/", set, lambda: (leader.key, leader.session_id))
+        assert sweep(client, settings, entries=cleanup).removed == [state_key]
+        assert _value(consul, mark_key) == mark
     finally:
         client.close()
         leader.release()
