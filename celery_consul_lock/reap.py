@@ -47,7 +47,7 @@ import threading
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from . import native
 from .consul import LOCK_FLAG, ConsulClient, KVEntry, kv_delete_cas
@@ -59,6 +59,7 @@ __all__ = [
     "KEEP_FIELD",
     "EntryCleanup",
     "IndexClock",
+    "Kept",
     "Reaper",
     "SweepReport",
     "Sweeper",
@@ -141,7 +142,13 @@ class IndexClock:
         return json.dumps({"samples": [list(s) for s in self.samples]}).encode()
 
 
-def verdict(entry: KVEntry, now: float, reap_after: float, clock: IndexClock | None) -> str | None:
+#: Why a free-looking lock key stays: held by a session; flags not a lock's; its release
+#: record's keep time not over; freed (without a record) less than reap_after ago, or too
+#: recently for the index clock to date it.
+Kept = Literal["held", "not a lock", "in keep time", "recently freed"]
+
+
+def verdict(entry: KVEntry, now: float, reap_after: float, clock: IndexClock | None) -> Kept | None:
     """Why the lock key ``entry`` (as just read) must stay, or None if it may be deleted now
     (by check-and-set on its ModifyIndex). Without a clock, only keys with a keep time may go."""
     if entry.session:
@@ -150,11 +157,9 @@ def verdict(entry: KVEntry, now: float, reap_after: float, clock: IndexClock | N
         return "not a lock"
     until = kept_until(entry.value)
     if until is not None:
-        return None if until <= now else f"kept until {until:.0f}"
+        return None if until <= now else "in keep time"
     written = clock.written_by(entry.modify_index) if clock is not None else None
-    if written is None:
-        return "freed recently"
-    return None if written + reap_after <= now else f"free since about {written:.0f}"
+    return None if written is not None and written + reap_after <= now else "recently freed"
 
 
 def kept_until(value: bytes | None) -> float | None:
@@ -312,17 +317,12 @@ class SweepReport:
     the lock keys stayed (reason -> count)."""
 
     removed: list[str] = field(default_factory=list)
-    kept: dict[str, int] = field(default_factory=dict)
+    kept: dict[Kept, int] = field(default_factory=dict)
+    #: Keys read under the prefix (of every kind).
     keys: int = 0
 
-    def keep(self, why: str) -> None:
-        """Count a lock key kept for ``why`` (a :func:`verdict`), by kind."""
-        kind = _KINDS.get(why.split(" ", 1)[0], why)
-        self.kept[kind] = self.kept.get(kind, 0) + 1
-
-
-#: The kinds of :func:`verdict` a sweep report counts, by the reason's first word.
-_KINDS = {"held": "held", "kept": "in keep time", "freed": "recently freed", "free": "recently freed"}
+    def keep(self, why: Kept) -> None:
+        self.kept[why] = self.kept.get(why, 0) + 1
 
 
 def sweep(

@@ -23,7 +23,7 @@ import pytest
 
 from celery_consul_lock import ConsulLock, ConsulSettings, reap
 from celery_consul_lock.consul import LOCK_FLAG, ConsulClient, kv_set
-from celery_consul_lock.reap import CLOCK_KEY, EntryCleanup, sweep
+from celery_consul_lock.reap import CLOCK_KEY, CLOCK_SAMPLES, EntryCleanup, IndexClock, sweep
 from celery_consul_lock.testing import spawn
 from celery_consul_lock.ticks import MARKS_PREFIX
 
@@ -117,6 +117,23 @@ def test_a_lock_delay_outlives_the_removal_of_its_key(consul, prefix):
     assert lock.acquire(timeout=10)
     assert time.monotonic() - freed >= 3.0 - 0.1
     lock.release()
+
+
+def test_the_index_clock_dates_a_write_by_the_first_sample_at_or_after_it_and_stays_small():
+    # Pure logic: samples every 10 s for a day with reap_after 600 s (horizon 1,200 s).
+    clock = IndexClock()
+    for n in range(8640):
+        clock = clock.with_sample(100 + n, 1000.0 + 10 * n, 600.0) or clock
+    now = 1000.0 + 10 * 8639
+    assert len(clock.samples) <= CLOCK_SAMPLES + 2
+    # A write newer than every sample cannot be dated; one at or below a sample is dated by
+    # the first such sample, at most horizon / CLOCK_SAMPLES (20 s) + one interval late.
+    assert clock.written_by(100 + 8640) is None
+    assert now - 600 <= clock.written_by(100 + 8639 - 60) <= now - 600 + 20 + 10
+    # Older than the horizon: dated by the one sample kept from before it (old enough).
+    assert clock.written_by(100) <= now - 1200
+    # Never backwards: a sample with an index not above the newest one is not taken.
+    assert clock.with_sample(100, now + 1000, 600.0) is None
 
 
 # -- contention -------------------------------------------------------------------------------------
