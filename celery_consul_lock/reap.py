@@ -51,7 +51,7 @@ from typing import Any, Literal
 
 from . import native
 from .consul import LOCK_FLAG, ConsulClient, KVEntry, kv_delete_cas
-from .errors import ConsulLockError
+from .errors import ConsulLockError, ConsulUnavailable
 from .settings import ConsulSettings
 from .ticks import MARKS_PREFIX, RUNNER_FIELD
 
@@ -86,7 +86,9 @@ CLOCK_HORIZON = 2.0
 #: (a process releasing 100 distinct keys a second with the default two hours would queue
 #: 720,000: about 100 MB).
 REAP_QUEUE_MAX = 100_000
-#: After a reaper's request failed, wait this long before the next (the sweep is the backstop).
+#: While Consul is briefly unavailable (a leader election, an agent restart), the reaper tries
+#: its due keys again this much later; keys it cannot remove before its process ends are the
+#: sweep's.
 REAP_RETRY = 5.0
 #: Deletes per transaction in a sweep (Consul allows 64 operations in one).
 DELETES_PER_TXN = 64
@@ -243,11 +245,17 @@ class Reaper:
         clients: dict[ConsulSettings, ConsulClient] = {}
         while True:
             try:
-                for settings, key in self._next_due(q):
+                due = self._next_due(q)
+                while due:
+                    settings, key = due.pop(0)
                     if settings not in clients:
                         clients[settings] = ConsulClient(settings, native=True)
                     if not self._reap(clients[settings], key):
-                        native.sleep(REAP_RETRY)
+                        # Consul is briefly unavailable: this key and the rest of the batch
+                        # are tried again later, not each after its own timeout now.
+                        for later in [(settings, key), *due]:
+                            self.later(*later, time.time() + REAP_RETRY)
+                        due = []
             except Exception:
                 log.exception("the reaper thread crashed")
                 raise
@@ -275,15 +283,22 @@ class Reaper:
 
     @staticmethod
     def _reap(client: ConsulClient, key: str) -> bool:
-        """Delete ``key`` if it is free with its keep time passed; False if Consul failed."""
+        """Delete ``key`` if it is free with its keep time passed; False to try again later
+        (Consul briefly unavailable). Other refusals (an ACL) leave the key to the sweep."""
         try:
             _, entry = client.kv_get(key, consistent=True)
             if entry is None or verdict(entry, time.time(), 0.0, None) is not None:
                 return True  # gone, held again, or kept longer by a later release (its releaser's to remove)
             removed = client.kv_delete(key, cas=entry.modify_index)
+        except ConsulUnavailable as exc:
+            if exc.transient:
+                log.debug("could not remove the released key %s yet: %s", key, exc)
+                return False
+            log.info("could not remove the released key %s (the sweep will): %s", key, exc)
+            return True
         except ConsulLockError as exc:
             log.info("could not remove the released key %s (the sweep will): %s", key, exc)
-            return False
+            return True
         log.debug("removed the released key %s: %s", key, "done" if removed else "changed meanwhile, kept")
         return True
 

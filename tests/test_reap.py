@@ -27,7 +27,7 @@ from celery_consul_lock.reap import CLOCK_KEY, CLOCK_SAMPLES, EntryCleanup, Inde
 from celery_consul_lock.testing import spawn
 from celery_consul_lock.ticks import MARKS_PREFIX
 
-from .servers import ROOT, ConsulAgent, wait_for
+from .servers import ROOT, ConsulAgent, start_consul, wait_for
 from .test_command import consul_lock_cmd
 from .test_gevent import GREEN_ENV
 from .test_interop import _consul_bin, _kv
@@ -134,6 +134,27 @@ def test_the_index_clock_dates_a_write_by_the_first_sample_at_or_after_it_and_st
     assert clock.written_by(100) <= now - 1200
     # Never backwards: a sample with an index not above the newest one is not taken.
     assert clock.with_sample(100, now + 1000, 600.0) is None
+
+
+def test_a_released_key_is_removed_by_its_releaser_after_its_agent_was_frozen(tmp_path):
+    # The agent is frozen (SIGSTOP) from before the key's keep time ends until after it: the
+    # releaser's reads time out (timeout 1 s), it tries again later, and removes the key once
+    # the agent answers; nobody sweeps here.
+    agent = start_consul(tmp_path / "agent")
+    try:
+        agent.wait_ready()
+        settings = ConsulSettings(address=agent.address, lock_delay=2.0, reap_after=1.0, timeout=1.0)
+        lock = ConsulLock("locks/frozen/.lock", settings=settings)
+        assert lock.acquire() and lock.release()
+        due = _value(agent, "locks/frozen/.lock")["keep_until"]
+        agent.proc.signal(signal.SIGSTOP)
+        try:
+            wait_for(lambda: time.time() > due + 2.5, 10, "the keep time to end while the agent is frozen")
+        finally:
+            agent.proc.signal(signal.SIGCONT)
+        wait_for(lambda: _kv(agent, "locks/frozen/.lock") is None, 20, "the releaser to remove the key once it can")
+    finally:
+        agent.stop()
 
 
 # -- contention -------------------------------------------------------------------------------------
