@@ -161,7 +161,7 @@ def test_a_released_key_is_removed_by_its_releaser_after_its_agent_was_frozen(tm
 
 WAITER = textwrap.dedent(
     """
-    import json, sys, time
+    import json, random, sys, time
     from celery_consul_lock import ConsulLock, ConsulSettings
     address, prefix, key, rounds, out = sys.argv[1:6]
     settings = ConsulSettings(address=address, lock_delay=2.0, key_prefix=prefix, reap_after=0)
@@ -176,6 +176,7 @@ WAITER = textwrap.dedent(
                                 "recreated": lock.previous is None}) + "\\n")
             f.flush()
             lock.release()
+            time.sleep(random.random() / 10)  # the key is often free between holds: then it goes
     """
 )
 
@@ -283,11 +284,11 @@ def test_a_paused_holders_key_is_removed_only_by_the_rule_for_keys_freed_without
         wait_for(lambda: not (_kv(consul, key) or {}).get("Session"), 40, "Consul to end the paused holder's session")
         assert "keep_until" not in _value(consul, key)
         client = ConsulClient(settings)
+        first_at = time.time()  # the first sweep dates the key no earlier than this
         first = sweep(client, settings)
-        first_at = time.time()
         assert key not in first.removed and first.kept.get("recently freed") == 1, first
         wait_for(lambda: key in sweep(client, settings).removed, 20, "a sweep to remove the key freed without a record")
-        assert time.time() - first_at >= 2.0 - 0.05, "removed before reap_after had passed since it was seen free"
+        assert time.time() - first_at >= 2.0, "removed before reap_after had passed since it was seen free"
         client.close()
         holder.signal(signal.SIGCONT)
         wait_for(lambda: "released:" in holder.log_text(), 30, "the holder to notice its loss and release")
