@@ -77,7 +77,7 @@ STALL_ESCALATION_MAX = 4
 #: How often a beat sitting out a stall looks whether its loop has returned.
 STALL_POLL = 0.1
 #: Default interval of the leader's sweep of the key prefix (see :mod:`.reap`): each sweep
-#: reads the whole prefix once (about 5 ms per 1,000 keys on a dev agent), so every five
+#: reads the whole prefix once (20-40 ms per 1,000 keys, bench/reap_cost.py), so every five
 #: minutes costs nothing noticeable, and a key whose releaser is gone leaves at most that
 #: long after its keep time.
 DEFAULT_REAP_INTERVAL = 300.0

@@ -90,7 +90,11 @@ REAP_QUEUE_MAX = 100_000
 #: its due keys again this much later; keys it cannot remove before its process ends are the
 #: sweep's.
 REAP_RETRY = 5.0
-#: Deletes per transaction in a sweep (Consul allows 64 operations in one).
+#: When a released key comes due, the reaper waits this much longer for others, so that one
+#: transaction (one Raft write) removes them all: removing each on its own doubled the Raft
+#: writes of a workload of distinct keys and cost it 20% of its lock cycles (bench/reap_cost.py).
+REAP_BATCH_DELAY = 0.5
+#: Deletes per transaction (Consul allows 64 operations in one).
 DELETES_PER_TXN = 64
 
 
@@ -246,61 +250,70 @@ class Reaper:
         while True:
             try:
                 due = self._next_due(q)
-                while due:
-                    settings, key = due.pop(0)
+                native.sleep(REAP_BATCH_DELAY)  # let more come due: their deletes share a write
+                due += self._take_due(q)
+                by_settings: dict[ConsulSettings, list[str]] = {}
+                for settings, key in due:
+                    by_settings.setdefault(settings, []).append(key)
+                for settings, keys in by_settings.items():
                     if settings not in clients:
                         clients[settings] = ConsulClient(settings, native=True)
-                    if not self._reap(clients[settings], key):
-                        # Consul is briefly unavailable: this key and the rest of the batch
-                        # are tried again later, not each after its own timeout now.
-                        for later in [(settings, key), *due]:
-                            self.later(*later, time.time() + REAP_RETRY)
-                        due = []
+                    self._remove(clients[settings], settings, keys)
             except Exception:
                 log.exception("the reaper thread crashed")
                 raise
 
-    @staticmethod
-    def _next_due(q: _Queue) -> list[tuple[ConsulSettings, str]]:
+    def _next_due(self, q: _Queue) -> list[tuple[ConsulSettings, str]]:
         """Wait for the head of the queue to come due; returns the keys due now."""
         while True:
+            ready = self._take_due(q)
+            if ready:
+                return ready
             with q.mutex:
-                now = time.time()
-                ready = []
-                while q.heap and q.heap[0][0] <= now:
-                    _, _, settings, key = heapq.heappop(q.heap)
-                    at = q.due.get((settings, key))
-                    if at is not None and at > now:  # released again since: wait for the later time
-                        heapq.heappush(q.heap, (at, next(q.seq), settings, key))
-                    elif at is not None:
-                        del q.due[(settings, key)]
-                        ready.append((settings, key))
-                if ready:
-                    return ready
                 head = q.heap[0][0] if q.heap else None
+                if head is not None and head <= time.time():
+                    continue
                 q.wake.clear()
             q.wake.wait(None if head is None else max(0.0, head - time.time()))
 
     @staticmethod
-    def _reap(client: ConsulClient, key: str) -> bool:
-        """Delete ``key`` if it is free with its keep time passed; False to try again later
-        (Consul briefly unavailable). Other refusals (an ACL) leave the key to the sweep."""
+    def _take_due(q: _Queue) -> list[tuple[ConsulSettings, str]]:
+        """The keys due now, taken off the queue (a key released again since goes back, due
+        at its later time)."""
+        with q.mutex:
+            now = time.time()
+            ready = []
+            while q.heap and q.heap[0][0] <= now:
+                _, _, settings, key = heapq.heappop(q.heap)
+                at = q.due.get((settings, key))
+                if at is not None and at > now:
+                    heapq.heappush(q.heap, (at, next(q.seq), settings, key))
+                elif at is not None:
+                    del q.due[(settings, key)]
+                    ready.append((settings, key))
+            return ready
+
+    def _remove(self, client: ConsulClient, settings: ConsulSettings, keys: list[str]) -> None:
+        """Read each key and delete those still free with their keep time passed, many to a
+        transaction (a key gone, held again, or kept longer by a later release is left: the
+        later releaser removes it). While Consul is briefly unavailable, all are tried again
+        REAP_RETRY later; other refusals (an ACL) leave them to the sweep."""
         try:
-            _, entry = client.kv_get(key, consistent=True)
-            if entry is None or verdict(entry, time.time(), 0.0, None) is not None:
-                return True  # gone, held again, or kept longer by a later release (its releaser's to remove)
-            removed = client.kv_delete(key, cas=entry.modify_index)
-        except ConsulUnavailable as exc:
-            if exc.transient:
-                log.debug("could not remove the released key %s yet: %s", key, exc)
-                return False
-            log.info("could not remove the released key %s (the sweep will): %s", key, exc)
-            return True
+            doomed = []
+            for key in keys:
+                _, entry = client.kv_get(key, consistent=True)
+                if entry is not None and verdict(entry, time.time(), 0.0, None) is None:
+                    doomed.append(entry)
+            removed = _delete(client, doomed)
         except ConsulLockError as exc:
-            log.info("could not remove the released key %s (the sweep will): %s", key, exc)
-            return True
-        log.debug("removed the released key %s: %s", key, "done" if removed else "changed meanwhile, kept")
-        return True
+            if isinstance(exc, ConsulUnavailable) and exc.transient:
+                log.debug("could not remove %d released keys yet (tried again in %g s): %s", len(keys), REAP_RETRY, exc)
+                for key in keys:
+                    self.later(settings, key, time.time() + REAP_RETRY)
+            else:
+                log.info("could not remove %d released keys (the sweep will): %s", len(keys), exc)
+            return
+        log.debug("removed %d of %d released keys due (the others changed meanwhile)", len(removed), len(keys))
 
 
 _REAPER = Reaper()
