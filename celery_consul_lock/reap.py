@@ -24,7 +24,7 @@ When a free key may go (:func:`verdict`):
   below a sample's index was written before that sample's time.
 
 Who removes them: the process that released a key, when its keep time ends (:class:`Reaper`,
-a real OS thread per process); and a sweep (:func:`sweep`) of the whole key prefix for keys
+a real OS thread per process, removing the keys due together in one transaction); and a sweep (:func:`sweep`) of the whole key prefix for keys
 whose releaser is gone (recycled, crashed, a ``celery-consul-lock run``) or which were freed
 by a session's end: the beat leader runs one every ``consul_lock_beat_reap_interval``, and
 ``celery consul-lock reap`` runs one on demand. The beat leader also removes the tick mark and
