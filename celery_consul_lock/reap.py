@@ -24,14 +24,15 @@ When a free key may go (:func:`verdict`):
   below a sample's index was written before that sample's time.
 
 Who removes them: the process that released a key, when its keep time ends (:class:`Reaper`,
-a real OS thread per process, removing the keys due together in one transaction); and a sweep (:func:`sweep`) of the whole key prefix for keys
-whose releaser is gone (recycled, crashed, a ``celery-consul-lock run``) or which were freed
-by a session's end: the beat leader runs one every ``consul_lock_beat_reap_interval``, and
-``celery consul-lock reap`` runs one on demand. The beat leader also removes the tick mark and
-schedule state of entries that are in neither its config nor its runtime schedule once they
-have not been written for ``consul_lock_reap_after`` (a rolling deploy may still run an old
-config meanwhile), fenced by its leader lock; never a mark a ``celery-consul-lock run``
-wrapper has written (it carries ``runner``): a cron line is an entry no beat knows.
+a real OS thread per process, removing the keys due together in one transaction); and a
+sweep (:func:`sweep`) of the whole key prefix for keys whose releaser is gone (recycled,
+crashed, a ``celery-consul-lock run``) or which were freed by a session's end: the beat
+leader runs one every ``consul_lock_beat_reap_interval``, and ``celery consul-lock reap``
+runs one on demand. The beat leader also removes the tick mark and schedule state of entries
+that are in neither its config nor its runtime schedule once they have not been written for
+``consul_lock_reap_after`` (a rolling deploy may still run an old config meanwhile), fenced
+by its leader lock; never a mark a ``celery-consul-lock run`` wrapper has written (it
+carries ``runner``): a cron line is an entry no beat knows.
 
 Limit: keep times are compared with this host's clock; clocks skewed by more than a small
 part of ``consul_lock_reap_after`` shorten or lengthen them by the skew.
