@@ -223,7 +223,12 @@ class Reaper:
             if len(q.due) >= REAP_QUEUE_MAX:
                 if not q.full_logged:
                     q.full_logged = True
-                    log.warning("more than %d released keys queued for removal; the sweep removes the others", REAP_QUEUE_MAX)
+                    native.log(
+                        log,
+                        logging.WARNING,
+                        "over %d released keys queued; the sweep removes the rest",
+                        REAP_QUEUE_MAX,
+                    )
                 return
             q.due[ident] = at
             item = (at, next(q.seq), settings, key)
@@ -261,7 +266,7 @@ class Reaper:
                         clients[settings] = ConsulClient(settings, native=True)
                     self._remove(clients[settings], settings, keys)
             except Exception:
-                log.exception("the reaper thread crashed")
+                native.log(log, logging.ERROR, "the reaper thread crashed", exc_info=True)
                 raise
 
     def _next_due(self, q: _Queue) -> list[tuple[ConsulSettings, str]]:
@@ -308,13 +313,20 @@ class Reaper:
             removed = _delete(client, doomed)
         except ConsulLockError as exc:
             if isinstance(exc, ConsulUnavailable) and exc.transient:
-                log.debug("could not remove %d released keys yet (tried again in %g s): %s", len(keys), REAP_RETRY, exc)
+                native.log(
+                    log,
+                    logging.DEBUG,
+                    "could not remove %d released keys yet (tried again in %g s): %s",
+                    len(keys),
+                    REAP_RETRY,
+                    exc,
+                )
                 for key in keys:
                     self.later(settings, key, time.time() + REAP_RETRY)
             else:
-                log.info("could not remove %d released keys (the sweep will): %s", len(keys), exc)
+                native.log(log, logging.INFO, "could not remove %d released keys (the sweep will): %s", len(keys), exc)
             return
-        log.debug("removed %d of %d released keys due (the others changed meanwhile)", len(removed), len(keys))
+        native.log(log, logging.DEBUG, "removed %d of %d released keys due (others changed)", len(removed), len(keys))
 
 
 _REAPER = Reaper()
