@@ -215,27 +215,24 @@ class Reaper:
     def later(self, settings: ConsulSettings, key: str, at: float) -> None:
         """Remove ``key`` at ``at`` (epoch s), if it is free with a keep time passed then."""
         q, ident = self._q, (settings, key)
-        with q.mutex:
+        with q.mutex:  # a few statements, no I/O (not even a log line) while it is held
             queued = q.due.get(ident)
             if queued is not None:
                 q.due[ident] = max(queued, at)
                 return
             if len(q.due) >= REAP_QUEUE_MAX:
-                if not q.full_logged:
-                    q.full_logged = True
-                    native.log(
-                        log,
-                        logging.WARNING,
-                        "over %d released keys queued; the sweep removes the rest",
-                        REAP_QUEUE_MAX,
-                    )
-                return
-            q.due[ident] = at
-            item = (at, next(q.seq), settings, key)
-            heapq.heappush(q.heap, item)
-            start, q.running = not q.running, True
-            if q.heap[0] is item:  # due before everything else queued: wake the thread
-                q.wake.set()
+                warn, q.full_logged = not q.full_logged, True
+                start = False
+            else:
+                warn = False
+                q.due[ident] = at
+                item = (at, next(q.seq), settings, key)
+                heapq.heappush(q.heap, item)
+                if q.heap[0] is item:  # due before everything else queued: wake the thread
+                    q.wake.set()
+                start, q.running = not q.running, True
+        if warn:
+            native.log(log, logging.WARNING, "over %d released keys queued; the sweep removes the rest", REAP_QUEUE_MAX)
         if start:
             native.start_thread(self._run, (q,), "consul-lock-reaper")
 

@@ -157,6 +157,18 @@ def test_a_released_key_is_removed_by_its_releaser_after_its_agent_was_frozen(tm
         agent.stop()
 
 
+def test_a_full_reaper_queue_leaves_further_releases_to_the_sweep_and_says_so_once(monkeypatch, caplog):
+    # Pure logic (the keys are due in an hour: the reaper's thread only waits).
+    monkeypatch.setattr(reap, "REAP_QUEUE_MAX", 2)
+    reaper, settings, later = reap.Reaper(), ConsulSettings(), time.time() + 3600
+    for n in range(4):
+        reaper.later(settings, f"locks/q{n}/.lock", later)
+    reaper.later(settings, "locks/q0/.lock", later + 1)  # queued already: its time moves on
+    assert reaper.pending() == 2
+    warnings = [r for r in caplog.records if "the sweep removes the rest" in r.getMessage()]
+    assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+
+
 # -- contention -------------------------------------------------------------------------------------
 
 WAITER = textwrap.dedent(
