@@ -152,7 +152,7 @@ def test_a_released_key_is_removed_by_its_releaser_after_its_agent_was_frozen(tm
             wait_for(lambda: time.time() > due + 2.5, 10, "the keep time to end while the agent is frozen")
         finally:
             agent.proc.signal(signal.SIGCONT)
-        wait_for(lambda: _kv(agent, "locks/frozen/.lock") is None, 20, "the releaser to remove the key once it can")
+        wait_for(lambda: _kv(agent, "locks/frozen/.lock") is None, 20, "the releaser to remove it", procs=[agent.proc])
     finally:
         agent.stop()
 
@@ -291,7 +291,7 @@ def test_a_paused_holders_key_is_removed_only_by_the_rule_for_keys_freed_without
     key = prefix + "locks/paused/.lock"
     holder = spawn("holder", [sys.executable, "-c", holder_script, consul.address, prefix], tmp_path, cwd=ROOT)
     try:
-        wait_for(lambda: "held" in holder.log_text(), 20, "the holder to take the key")
+        wait_for(lambda: "held" in holder.log_text(), 20, "the holder to take the key", procs=[holder])
         holder.signal(signal.SIGSTOP)
         wait_for(lambda: not (_kv(consul, key) or {}).get("Session"), 40, "Consul to end the paused holder's session")
         assert "keep_until" not in _value(consul, key)
@@ -303,7 +303,7 @@ def test_a_paused_holders_key_is_removed_only_by_the_rule_for_keys_freed_without
         assert time.time() - first_at >= 2.0, "removed before reap_after had passed since it was seen free"
         client.close()
         holder.signal(signal.SIGCONT)
-        wait_for(lambda: "released:" in holder.log_text(), 30, "the holder to notice its loss and release")
+        wait_for(lambda: "released:" in holder.log_text(), 30, "the holder to notice its loss and release", procs=[holder])
         log = holder.log_text()
         assert "lost:" in log and "released: False" in log, log
         assert _kv(consul, key) is None, "the late release created the key again"
@@ -460,9 +460,9 @@ def test_the_beat_leader_sweeps_free_keys_and_removed_entries(harness, consul, p
     for entry in ("removed-entry", "heartbeat"):
         assert client.kv_put(state_prefix + entry, b'{"last_run_at": null, "total_run_count": 1}')
     client.close()
-    harness.beat(consul.address)
-    wait_for(lambda: _kv(consul, leftover) is None, 30, "the leader's sweep to remove the left-over key")
-    wait_for(lambda: _kv(consul, state_prefix + "removed-entry") is None, 30, "the removed entry's state to go")
+    beat = harness.beat(consul.address)
+    wait_for(lambda: _kv(consul, leftover) is None, 30, "the leader's sweep to remove the left-over key", procs=[beat])
+    wait_for(lambda: _kv(consul, state_prefix + "removed-entry") is None, 30, "the removed entry's state to go", procs=[beat])
     assert _kv(consul, state_prefix + "heartbeat") is not None, "the state of an entry the beat has was removed"
 
 
