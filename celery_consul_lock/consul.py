@@ -46,11 +46,11 @@ __all__ = [
     "Fenced",
     "KVEntry",
     "LockAttempt",
+    "kv_delete_cas",
     "kv_set",
     "kv_unlock",
     "renewal_client",
     "shared_client",
-    "thread_client",
 ]
 
 
@@ -160,6 +160,12 @@ def kv_set(key: str, value: bytes, *, index: int | None = None, flags: int | Non
     if flags is not None:
         op["Flags"] = flags
     return op
+
+
+def kv_delete_cas(key: str, index: int) -> dict[str, Any]:
+    """A write for :meth:`ConsulClient.kv_fenced` or :meth:`ConsulClient.txn`: delete ``key``
+    only if its ModifyIndex is still ``index``."""
+    return {"Verb": "delete-cas", "Key": key, "Index": index}
 
 
 def kv_unlock(key: str, session: str) -> dict[str, Any]:
@@ -858,10 +864,6 @@ def renewal_client(settings: ConsulSettings) -> ConsulClient:
     """The client the session renewers of the process share (real threads, real sockets,
     RENEWAL_CONNECTIONS connections): a renewal never waits behind a task's request."""
     return _CLIENTS.get(settings, "renewal")
-
-
-#: The former name of :func:`shared_client` (no longer one client per thread).
-thread_client = shared_client
 
 
 @functools.lru_cache(maxsize=1024)

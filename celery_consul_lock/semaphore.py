@@ -355,6 +355,9 @@ class ConsulSemaphore(ConsulLock):
 
     # -- releasing ----------------------------------------------------------------------
 
+    def _reap_later(self, until: float) -> None:
+        """Nothing to queue: the last holder to leave deletes the semaphore's keys itself."""
+
     def _release_once(self, client: ConsulClient, holding: Holding, value: bytes) -> bool:
         """Take us off ``.lock`` (deleting it when nobody is left, as ``consul lock`` does)
         and delete our contender key, in one transaction; first with ``.lock`` as our

@@ -485,7 +485,8 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         """The run's lock: a ConsulLock on ``key``, or with ``lock_limit`` above 1 a
         ConsulSemaphore whose prefix is ``key`` without its ``/.lock``."""
         if options.limit == 1:
-            return ConsulLock(key, settings=settings, name=self.name, value=value)
+            # The release record stays for the cooldown too: the next run reads it to keep it.
+            return ConsulLock(key, settings=settings, name=self.name, value=value, keep_released=options.cooldown)
         prefix = key[: -len(SEMAPHORE_KEY) - 1] if key.endswith(f"/{SEMAPHORE_KEY}") else key
         return ConsulSemaphore(prefix, options.limit, settings=settings, name=self.name, value=value)
 
