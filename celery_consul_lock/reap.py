@@ -51,7 +51,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from . import native
-from .consul import LOCK_FLAG, ConsulClient, KVEntry, kv_delete_cas
+from .consul import LOCK_FLAG, ConsulClient, KVEntry, kv_delete_cas, shared_client
 from .errors import ConsulLockError, ConsulUnavailable
 from .settings import ConsulSettings
 from .ticks import MARKS_PREFIX, RUNNER_FIELD
@@ -249,7 +249,6 @@ class Reaper:
                 q.running = False
 
     def _serve(self, q: _Queue) -> None:
-        clients: dict[ConsulSettings, ConsulClient] = {}
         while True:
             try:
                 due = self._next_due(q)
@@ -259,9 +258,9 @@ class Reaper:
                 for settings, key in due:
                     by_settings.setdefault(settings, []).append(key)
                 for settings, keys in by_settings.items():
-                    if settings not in clients:
-                        clients[settings] = ConsulClient(settings, native=True)
-                    self._remove(clients[settings], settings, keys)
+                    # The process's shared pool (its real-socket one under gevent): no
+                    # connection of the reaper's own beyond the pool's bound.
+                    self._remove(shared_client(settings), settings, keys)
             except Exception:
                 native.log(log, logging.ERROR, "the reaper thread crashed", exc_info=True)
                 raise
