@@ -13,7 +13,8 @@ import pytest
 from celery import Celery, Task
 from flask import Flask, current_app
 
-from celery_consul_lock import LockedFlaskTask
+from celery_consul_lock import ConsulLockError, LockedFlaskTask
+from celery_consul_lock.command import preflight
 
 from .servers import free_port
 from .test_startup import celery, project_env, refusal
@@ -99,3 +100,10 @@ def test_a_worker_of_an_app_without_the_link_does_not_start(tmp_path, redis_serv
         "celery-consul-lock: shop.report: LockedFlaskTask needs the Flask app to run in: set celery_app.flask_app = app "
         "where the Celery app is created (celery_init_app), or every run of them fails; the worker does not start"
     ), line
+
+
+def test_consul_lock_check_names_the_missing_link_as_the_worker_does():
+    _, report = flask_project(link=False, consul_lock_address=f"127.0.0.1:{free_port()}")  # refused before any request
+    missing = r"^shop\.report: LockedFlaskTask needs the Flask app to run in: set celery_app\.flask_app = app"
+    with pytest.raises(ConsulLockError, match=missing):
+        preflight(report.app, beat=False)
