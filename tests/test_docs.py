@@ -93,7 +93,8 @@ def test_the_make_targets_and_consul_lock_commands_the_docs_name_exist():
 
 def markdown_differences(text: str) -> list[str]:
     """Lines GitHub and the site (Python-Markdown) render differently: a list or a table right
-    after a paragraph line (the site needs a blank line between), a nested list item or a
+    after a paragraph line (the site needs a blank line between), a heading right after a table
+    (the site reads it as a row: its anchor is missing), a nested list item or a
     list item's code block or paragraph indented by 1 to 3 spaces (the site needs 4)."""
     found, fence, in_list, prev = [], False, False, ""
     for number, line in enumerate(text.split("\n"), 1):
@@ -113,6 +114,8 @@ def markdown_differences(text: str) -> list[str]:
             in_list = True
         elif line.startswith("|") and prev.strip() and not prev.startswith("|"):
             found.append(f"{number}: a blank line is needed before this table: {line.strip()[:50]}")
+        elif line.startswith("#") and prev.startswith("|"):
+            found.append(f"{number}: a blank line is needed between a table and this heading: {line.strip()[:50]}")
         elif line.strip() and not prev.strip():
             if re.match(r" {1,3}\S", line):
                 found.append(f"{number}: a list item's paragraph needs an indent of 4: {line.strip()[:50]}")
@@ -131,6 +134,7 @@ def test_the_markdown_check_finds_what_the_site_renders_differently():
     assert markdown_differences("Text.\n\n- item\n  - nested\n")[0].startswith("4: a nested list item")
     assert markdown_differences("- item\n\n  ```sh\n  make demo\n  ```\n")[0].startswith("3: a list item's code block")
     assert markdown_differences("Text:\n| a |\n|---|\n")[0].startswith("2: a blank line is needed before this table")
+    assert markdown_differences("| a |\n|---|\n| 1 |\n## Next\n")[0].startswith("4: a blank line is needed between a table")
     fine = "Text:\n\n- item\n  lazy continuation\n- item\n\n    ```sh\n    make demo\n    ```\n\n    More.\n"
     assert markdown_differences(fine) == []
 
