@@ -40,6 +40,7 @@ from celery.bin.base import CeleryCommand
 # not leader-elected: the worker may import nothing else of the beat.
 from . import beat as _beat_checks  # noqa: F401
 from .consul import SEMAPHORE_FLAG, ConsulClient, KVEntry, kv_set
+from .contrib.flask import MISSING_FLASK_APP, tasks_without_flask_app
 from .election import BeatConfig
 from .entries import NEVER, EntryDefinition, RuntimeSchedule, once, parse_at, parse_crontab, schedule_to_json
 from .errors import ConsulLockError, EntryConflict, EntryNotFound, InvalidEntry, InvalidSetting
@@ -292,6 +293,9 @@ def preflight(app: Any, *, beat: bool = True, progress: Callable[[str], None] = 
     Leaves nothing behind when it returns or raises."""
     app.loader.import_default_modules()  # the task modules (Django: autodiscovery), as a worker does
     settings = check_app(app)  # every setting and each locked task's options, as a worker checks them at start
+    unlinked = tasks_without_flask_app(app)  # as a worker checks it at start, too
+    if unlinked:
+        raise ConsulLockError(f"{', '.join(unlinked)}: {MISSING_FLASK_APP}, or every run of them fails in a worker")
     beat_config = BeatConfig.from_app(app) if beat else None
     locked = sorted(task.name for task in locked_tasks(app))
     client = ConsulClient(settings)

@@ -295,7 +295,10 @@ class Election:
 
     def stop(self) -> None:
         """Leave the election: release the lock (no lock-delay for the successor), destroy
-        the session, deregister the health check."""
+        the session, deregister the health check. A second call does nothing: Celery's beat
+        closes its scheduler twice at SIGTERM (its signal handler, then ``Service.start``)."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self.leading.clear()
         lock = self.lock

@@ -3,7 +3,7 @@
 A worker of an app with :class:`~celery_consul_lock.task.ConsulLockedTask` tasks (or with the
 agent watch) is checked at Celery's ``worker_init`` — its task modules imported, before it
 builds its consumer or says ``ready``; a leader-elected beat when its scheduler is made
-(:mod:`.beat`). Three things are checked:
+(:mod:`.beat`). Three things are checked, and in a worker a fourth:
 
 * **Every setting's value** (:func:`check_app`): the connection and session settings, the
   worker's availability settings, the app-wide task defaults, ``consul_lock_eager``, and each
@@ -28,6 +28,9 @@ builds its consumer or says ``ready``; a leader-elected beat when its scheduler 
   then under any policy: it could never lead. An agent that does not
   answer at all (down, no cluster leader yet) is an outage, not a setting: the worker's agent
   watch keeps it from consuming until the agent answers (:mod:`.availability`).
+* **Flask** (:func:`~.contrib.flask.tasks_without_flask_app`): a worker of an app with
+  ``LockedFlaskTask`` tasks but no ``celery_app.flask_app`` does not start (one line naming
+  the tasks): no app context is pushed in a worker, so every run of them would fail.
 
 Limit: a callable ``lock_key`` is checked only when it is called (by a run), and settings
 read by the user's own code (``ConsulLock(...)`` in a task body) only when that code runs.
@@ -45,6 +48,7 @@ from celery.signals import celeryd_after_setup, worker_init
 
 from .availability import AVAILABILITY_SETTINGS, PROBE_TIMEOUT, AvailabilityConfig, ConsulAgentWatch
 from .consul import ConsulClient
+from .contrib.flask import MISSING_FLASK_APP, tasks_without_flask_app
 from .election import BEAT_SETTINGS, BeatConfig
 from .errors import ConsulLockError, ConsulUnavailable, InvalidSetting
 from .settings import CELERY_PREFIX, CONSUL_SETTINGS, ConsulSettings, Setting, namespaced_name, written_name
@@ -204,6 +208,9 @@ def _check_worker(sender: Any = None, **_: Any) -> None:
         settings = check_app(app)
         if embedded:
             BeatConfig.from_app(app)
+    unlinked = tasks_without_flask_app(app)
+    if unlinked:
+        refuse("worker", f"{', '.join(unlinked)}: {MISSING_FLASK_APP}, or every run of them fails")
     if settings.fail_policy == "closed":
         policy = written_name(app.conf, CELERY_PREFIX + "fail_policy")
         refuse_a_foreign_agent("worker", settings, app.conf, f"with {policy} 'closed', every locked run would fail")

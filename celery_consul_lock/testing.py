@@ -89,14 +89,21 @@ NO_GRPC_HCL = "ports { grpc = -1 }"
 
 
 class BinaryNotFound(ConsulLockError, FileNotFoundError):
-    """No ``consul`` (or ``redis-server``) binary: names the variable and PATH it searched."""
+    """No ``consul`` (or ``redis-server``) binary: names the variable and PATH it searched, or
+    the variable's value (``given``) when that is not an executable file."""
 
-    def __init__(self, program: str, env_var: str) -> None:
-        super().__init__(program, env_var)
+    def __init__(self, program: str, env_var: str, given: str | None = None) -> None:
+        super().__init__(program, env_var, given)
         self.program = program
         self.env_var = env_var
+        self.given = given
 
     def __str__(self) -> str:
+        if self.given is not None:
+            return (
+                f"no `{self.program}` binary found: {self.env_var}={self.given!r} is not an executable file; "
+                f"set {self.env_var} to the binary's path, or unset it to use `{self.program}` on PATH"
+            )
         return (
             f"no `{self.program}` binary found: {self.env_var} is not set and `{self.program}` is not on PATH; "
             f"set {self.env_var} to the binary's path or put its directory on PATH"
@@ -118,9 +125,10 @@ class ProcessDied(AssertionError):
 
 
 def _binary(program: str, env_var: str) -> str:
-    found = os.environ.get(env_var) or shutil.which(program)
+    given = os.environ.get(env_var)
+    found = shutil.which(given or program)  # a path, or a name looked up on PATH
     if not found:
-        raise BinaryNotFound(program, env_var)
+        raise BinaryNotFound(program, env_var, given or None)
     return found
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from datetime import timedelta
 
 import pytest
@@ -125,3 +126,15 @@ def test_leader_signals_fire_and_a_failing_receiver_breaks_nothing(make_schedule
         ["instance", "reason", "scheduler"],
     ]
     assert seen[0]["scheduler"] == scheduler.beat_config.name and seen[1]["reason"] == "stopped"
+
+
+def test_closing_twice_leaves_the_election_once(make_scheduler, caplog):
+    """Celery's beat closes its scheduler twice at SIGTERM (its handler syncs, then
+    ``Service.start`` syncs again on the way out): the second close says nothing."""
+    scheduler = make_scheduler()
+    lead(scheduler)
+    with caplog.at_level(logging.INFO, logger="celery_consul_lock"):
+        scheduler.close()
+        scheduler.close()
+    left = [r.getMessage() for r in caplog.records if "left the election" in r.getMessage()]
+    assert left == [f"beat {scheduler.election.instance}: left the election (released the leader lock)"]

@@ -114,3 +114,11 @@ def test_no_consul_binary_is_an_error_naming_consul_bin_and_path(
     result.stdout.fnmatch_lines(["*BinaryNotFound: no `consul` binary found: CONSUL_BIN is not set*not on PATH*"])
     result.stdout.no_fnmatch_line("*ran without an agent*")
     result.stdout.no_fnmatch_line("*skipped*")
+
+
+def test_a_consul_bin_that_is_not_an_executable_is_an_error_naming_it(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """Not the bare FileNotFoundError of the agent's start: the variable and its value."""
+    missing = str(tmp_path / "nowhere" / "consul")
+    monkeypatch.setenv("CONSUL_BIN", missing)
+    with pytest.raises(BinaryNotFound, match=rf"CONSUL_BIN='{re.escape(missing)}' is not an executable file; set CONSUL_BIN"):
+        consul_binary()
