@@ -1,0 +1,841 @@
+"""Capacity: locked cycles per second a three-server Consul cluster sustains, and what limits it.
+
+Run: ``python bench/capacity.py [--quick] [--json PATH] [--plots DIR] [--churn]
+[--lockers 1,4,16,64] [--rounds N] [--seconds S] [--procs N]``
+(``make bench-capacity`` runs the full set with the plot, in the bench environment, which
+has matplotlib; without ``--plots`` the plain ``.venv`` does).
+
+The deployment it measures is Consul's standard one, on this machine: three *server* agents
+(127.0.0.11-13, ``raft_multiplier = 1`` as Consul advises for production, file-backed data
+directories: every Raft log write is fsynced to this machine's disk) and one *client* agent
+(127.0.0.21), the local agent every locker talks to, as an application host's processes do.
+
+1. **The curve.** At each count of concurrent lockers (``--lockers``, default 1, 4, 16, 64),
+   spread over ``--procs`` processes (default: as many as lockers, at most 4) of threads,
+   each locker runs cycles back to back on a key of its own for ``--seconds``, after a
+   warm-up, in three flows, in rotating order each round:
+
+   ours   ``ConsulLock.acquire(blocking=False)`` + ``release()``: the acquire transaction
+          and the ``?release=`` write, with the lock's bookkeeping and loss watching;
+   floor  the same two writes sent raw, ``PUT ?acquire=`` + ``PUT ?release=`` for a session
+          made beforehand, on one keep-alive connection per locker: what any Consul lock
+          costs, whoever writes it. **The ratio ours/floor of cycles per second** is the
+          number judged (target: >= 0.45 at 16 lockers);
+   plain  two plain KV writes (``PUT /v1/kv/KEY``), Consul's cheapest writes (reference).
+
+   Each locker has a key of its own (distinct keys): capacity is how many *independent*
+   locked tasks per second the cluster carries (per-customer jobs, many periodic tasks).
+   On one shared key the lockers would exclude each other, and the rate would be that of
+   one holder whatever the concurrency (two Raft commits in a row per cycle): the
+   1-locker point. The keys are reused from cycle to cycle, so the KV does not grow
+   during the run (growth is part 3).
+
+   Beside each point: p50/p95/p99 of a cycle's latency, and what each part used over the
+   measured seconds: CPU (cores: CPU seconds per second, from /proc/PID/stat) of each
+   server, the client agent, the lockers' processes and everything else on the machine;
+   the leader's Raft disk time (``consul.raft.leader.dispatchLog``: the write + fsync of a
+   batch of log entries, in Consul's own metrics) as a share of the wall time, and how many
+   entries each disk write carried; then **the limiting resource**: the machine's CPU when
+   all its cores are busy, else the leader's log fsync when it writes more than 80 % of the
+   time, else a locker process's CPU (one core: Python's GIL), else the client agent's, else
+   latency (each locker waits for its commits; more lockers would go faster).
+2. **Held locks.** A fresh process takes 0, 100 and 1000 distinct locks and holds them past
+   the loss watch's start: its memory (RSS), threads and TCP connections to the agent, per
+   held lock, and any lock lost or refused on the way (an agent allows 200 connections
+   per client address by default, ``limits.http_max_conns_per_client``).
+3. **Keys in KV.** The cycle latency at 1 locker, ours and floor, with 0, 10k and 100k other
+   keys under the lock prefix ``locks/``.
+4. ``--churn``: **session churn.** A real ``celery worker`` (prefork, 2 processes,
+   ``--max-tasks-per-child=1``: a new process for every task) of ``tests.proj`` on the
+   client agent runs a burst of locked no-ops (each process creates its session, the task
+   locks and releases, the process destroys its session as it exits), beside the same
+   burst of unlocked no-ops with the same recycling and of locked no-ops without it:
+   sessions created and destroyed per second (Consul's ``consul.fsm.session`` counts), the
+   cost per recycle, and the sessions left behind once the burst is done.
+
+The machine's disk fsync latency is probed first (a 4 KiB write + fdatasync in place, in
+the data directory's file system): Raft's writes cannot be faster than it. Every figure depends on
+this machine; ``--json`` keeps them all. Exits 1 if the ratio at 16 lockers misses its
+target or a part failed (errors, lost locks, sessions left behind).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import multiprocessing
+import os
+import re
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection as Pipe
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from common import save, write_json  # noqa: E402
+from lock_cost import Floor, Ours, Plain  # noqa: E402
+
+from celery_consul_lock import ConsulLock, close_sessions  # noqa: E402
+from celery_consul_lock.transport import Connection  # noqa: E402
+from tests.servers import ConsulAgent, ConsulCluster, start_client_agent, start_cluster  # noqa: E402
+
+#: locked cycles/s at 16 lockers >= this x the floor's (the issue's target).
+TARGET_RATIO = 0.45
+TARGET_LOCKERS = 16
+LOCKERS = (1, 4, 16, 64)
+#: Lockers are threads in at most this many processes (a process's Python code runs on one
+#: core at a time; more processes than cores only add switching).
+PROCS_MAX = 4
+FLOWS = ("ours", "floor", "plain")
+HELD = (0, 100, 1000)
+KEY_COUNTS = (0, 10_000, 100_000)
+#: Cumulative Raft and session counters, from every agent (Consul's Prometheus format).
+TELEMETRY_HCL = 'telemetry { prometheus_retention_time = "10m", disable_hostname = true }'
+CLIENT_BIND = "127.0.0.21"
+#: Held locks are counted after this long: every watcher has started (WATCH_DELAY is 0.5 s).
+HOLD_SETTLE = 2.0
+#: Consul's default limit of concurrent HTTP connections per client address.
+AGENT_CONN_LIMIT = 200
+#: Judgements of a point's limit.
+CPU_BUSY = 0.9
+DISK_BUSY = 0.8
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How long and how often everything runs."""
+
+    lockers: tuple[int, ...]
+    rounds: int
+    seconds: float
+    warmup: float
+    procs_max: int
+    held: tuple[int, ...]
+    key_counts: tuple[int, ...]
+    key_seconds: float
+    churn_tasks: int
+
+
+def plan_of(args: argparse.Namespace) -> Plan:
+    quick = args.quick
+    return Plan(
+        lockers=tuple(args.lockers),
+        rounds=args.rounds or (1 if quick else 3),
+        seconds=args.seconds or (3.0 if quick else 10.0),
+        warmup=1.0 if quick else 2.0,
+        procs_max=args.procs,
+        held=(0, 100, 1000),
+        key_counts=(0, 10_000) if quick else KEY_COUNTS,
+        key_seconds=3.0 if quick else 8.0,
+        churn_tasks=20 if quick else 60,
+    )
+
+
+# -- what each process and Consul used ----------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of ``pid`` so far (0 once it has gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields_ = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields_[11]) + int(fields_[12])) / CLK_TCK
+
+
+def machine_cpu() -> tuple[float, float]:
+    """(busy, iowait) CPU seconds of the whole machine so far, over all cores."""
+    with open("/proc/stat") as f:
+        values = [int(v) for v in f.readline().split()[1:]]
+    idle, iowait = values[3], values[4]
+    return (sum(values[:8]) - idle - iowait) / CLK_TCK, iowait / CLK_TCK
+
+
+def metrics(agent: ConsulAgent) -> dict[str, float]:
+    """The agent's metrics in Prometheus' text format: ``name{labels}`` -> value."""
+    with urllib.request.urlopen(agent.url + "/v1/agent/metrics?format=prometheus", timeout=10) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            try:
+                out[name] = float(value)
+            except ValueError:
+                continue
+    return out
+
+
+@dataclass
+class Snapshot:
+    """What every part had used at one moment."""
+
+    t: float
+    cpu: dict[str, float]
+    machine: tuple[float, float]
+    leader: dict[str, float]
+    followers: list[dict[str, float]]
+
+
+@dataclass
+class Topology:
+    """The cluster, the lockers' client agent, and which server leads."""
+
+    cluster: ConsulCluster
+    agent: ConsulAgent
+    leader: ConsulAgent = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.leader = self.cluster.leader_agent()
+
+    def snapshot(self, lockers: list[int]) -> Snapshot:
+        cpu = {a.node + ("*" if a is self.leader else ""): cpu_seconds(a.proc.pid) for a in self.cluster.agents}
+        cpu["client agent"] = cpu_seconds(self.agent.proc.pid)
+        cpu["lockers"] = sum(cpu_seconds(pid) for pid in lockers)
+        cpu["lockers max"] = max((cpu_seconds(pid) for pid in lockers), default=0.0)
+        followers = [metrics(a) for a in self.cluster.agents if a is not self.leader]
+        return Snapshot(time.monotonic(), cpu, machine_cpu(), metrics(self.leader), followers)
+
+
+def usage(before: Snapshot, after: Snapshot) -> dict[str, Any]:
+    """Cores each part used between two snapshots, the leader's disk share, the limit."""
+    wall = after.t - before.t
+    cores = {name: (after.cpu[name] - before.cpu[name]) / wall for name in after.cpu}
+    busy = (after.machine[0] - before.machine[0]) / wall
+    ours = sum(v for k, v in cores.items() if k != "lockers max")
+    cores["rest of the machine"] = max(0.0, busy - ours)
+    cores["machine"] = busy
+    cores["iowait"] = (after.machine[1] - before.machine[1]) / wall
+
+    def delta(name: str, a: dict[str, float] = after.leader, b: dict[str, float] = before.leader) -> float:
+        return a.get(name, 0.0) - b.get(name, 0.0)
+
+    disk_ms, writes = delta("consul_raft_leader_dispatchLog_sum"), delta("consul_raft_leader_dispatchLog_count")
+    commits = delta("consul_raft_commitTime_count")
+    store = [
+        (a.get("consul_raft_rpc_appendEntries_storeLogs_sum", 0.0) - b.get("consul_raft_rpc_appendEntries_storeLogs_sum", 0.0))
+        for a, b in zip(after.followers, before.followers, strict=True)
+    ]
+    raft = {
+        "leader_disk_share": disk_ms / 1000 / wall,
+        "leader_disk_ms_per_write": disk_ms / writes if writes else 0.0,
+        "entries_per_disk_write": commits / writes if writes else 0.0,
+        "commits_per_s": commits / wall,
+        "follower_disk_share_max": max(store, default=0.0) / 1000 / wall,
+    }
+    return {"cores": cores, "raft": raft, "limit": limit_of(cores, raft)}
+
+
+def limit_of(cores: dict[str, float], raft: dict[str, float]) -> str:
+    """The resource that stops a point going faster (see the module's doc)."""
+    ncpu = os.cpu_count() or 1
+    if cores["machine"] >= CPU_BUSY * ncpu:
+        parts = {k: v for k, v in cores.items() if k not in ("machine", "iowait", "lockers max")}
+        top = max(parts, key=lambda k: parts[k])
+        return f"machine CPU ({cores['machine']:.1f} of {ncpu} cores busy; most: {top} {parts[top]:.2f})"
+    if raft["leader_disk_share"] >= DISK_BUSY:
+        return f"leader's Raft log fsync (writing {raft['leader_disk_share']:.0%} of the time)"
+    if cores["lockers max"] >= CPU_BUSY:
+        return f"a locker process's CPU ({cores['lockers max']:.2f} core: Python's GIL)"
+    if cores["client agent"] >= CPU_BUSY:
+        return f"client agent CPU ({cores['client agent']:.2f} core)"
+    return "latency: lockers wait on their commits (neither CPU nor disk is full)"
+
+
+def fsync_probe(folder: Path, count: int = 100) -> dict[str, float]:
+    """Median and p90 milliseconds of a 4 KiB write + fdatasync in place in a file of
+    ``folder`` (as Raft's BoltDB log store writes its pages): Raft's floor on this disk."""
+    path = folder / "fsync-probe"
+    out = []
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        block = os.urandom(4096)
+        os.write(fd, block * 256)
+        os.fsync(fd)
+        for i in range(count):
+            t0 = time.perf_counter()
+            os.pwrite(fd, block, 4096 * (i % 256))
+            os.fdatasync(fd)
+            out.append((time.perf_counter() - t0) * 1000)
+    finally:
+        os.close(fd)
+        path.unlink()
+    q = statistics.quantiles(out, n=10)
+    return {"median_ms": statistics.median(out), "p90_ms": q[8]}
+
+
+# -- the lockers --------------------------------------------------------------------------------
+
+#: A locker's cycle: built in the locker's thread for its key; ``obj()`` runs one cycle,
+#: ``obj.close()`` ends it.
+MAKERS: dict[str, Callable[[ConsulAgent, str], Any]] = {
+    "ours": lambda agent, key: Ours(agent, f"{key}/.lock"),
+    "floor": Floor,
+    "plain": Plain,
+}
+
+
+def _locker_process(flow: str, agent: ConsulAgent, keys: list[str], start: float, stop: float, out: Pipe) -> None:
+    """A process of lockers (forked): one thread per key, cycling from ``start`` (all
+    threads at once) until ``stop`` (``time.monotonic()``); sends back the cycles'
+    (end, seconds) and the errors."""
+    samples: list[tuple[float, float]] = []
+    errors: list[str] = []
+    lock = threading.Lock()
+
+    def locker(key: str) -> None:
+        mine: list[tuple[float, float]] = []
+        try:
+            cycle = MAKERS[flow](agent, key)
+        except Exception as exc:
+            with lock:
+                errors.append(f"set-up: {exc!r}")
+            return
+        time.sleep(max(0.0, start - time.monotonic()))
+        try:
+            while True:
+                t0 = time.monotonic()
+                if t0 >= stop:
+                    break
+                try:
+                    cycle()
+                except Exception as exc:
+                    with lock:
+                        errors.append(repr(exc))
+                    continue
+                mine.append((time.monotonic(), time.monotonic() - t0))
+        finally:
+            cycle.close()
+            with lock:
+                samples.extend(mine)
+
+    threads = [threading.Thread(target=locker, args=(key,)) for key in keys]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    close_sessions()
+    out.send((samples, errors))
+    out.close()
+
+
+@dataclass
+class Point:
+    """One flow at one concurrency, one round."""
+
+    flow: str
+    lockers: int
+    procs: int
+    cycles_per_s: float
+    latencies_ms: list[float]
+    errors: list[str]
+    usage: dict[str, Any]
+
+
+def run_point(topo: Topology, flow: str, lockers: int, plan: Plan, seconds: float | None = None) -> Point:
+    """``lockers`` lockers of ``flow`` for the warm-up and ``seconds``; measured after the warm-up."""
+    seconds = seconds or plan.seconds
+    procs = min(lockers, plan.procs_max)
+    keys = [f"locks/capacity/{flow}-{i}" for i in range(lockers)]
+    ctx = multiprocessing.get_context("fork")
+    start = time.monotonic() + 0.5 + 0.02 * lockers  # every thread set up by then
+    measure_from, stop = start + plan.warmup, start + plan.warmup + seconds
+    children = []
+    for p in range(procs):
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_locker_process, args=(flow, topo.agent, keys[p::procs], start, stop, send), daemon=True)
+        proc.start()
+        send.close()
+        children.append((proc, recv))
+    pids = [proc.pid for proc, _ in children if proc.pid is not None]
+    time.sleep(max(0.0, measure_from - time.monotonic()))
+    before = topo.snapshot(pids)
+    time.sleep(max(0.0, stop - time.monotonic()))
+    after = topo.snapshot(pids)
+    samples: list[tuple[float, float]] = []
+    errors: list[str] = []
+    for proc, recv in children:
+        try:
+            got, errs = recv.recv()
+        except EOFError:
+            got, errs = [], [f"locker process {proc.pid} died without results"]
+        samples += got
+        errors += errs
+        proc.join(30)
+    measured = [s for end, s in samples if measure_from <= end <= stop]
+    return Point(
+        flow,
+        lockers,
+        procs,
+        len(measured) / seconds,
+        [s * 1000 for s in measured],
+        errors,
+        usage(before, after),
+    )
+
+
+def percentiles(ms: list[float]) -> dict[str, float]:
+    if len(ms) < 2:
+        return {"p50_ms": ms[0] if ms else float("nan"), "p95_ms": float("nan"), "p99_ms": float("nan"), "n": len(ms)}
+    q = statistics.quantiles(ms, n=100, method="inclusive")
+    return {"p50_ms": statistics.median(ms), "p95_ms": q[94], "p99_ms": q[98], "n": len(ms)}
+
+
+def curve(topo: Topology, plan: Plan) -> dict[int, dict[str, Any]]:
+    """Every flow at every concurrency, ``plan.rounds`` rounds in rotating order."""
+    out: dict[int, dict[str, Any]] = {}
+    orders = (FLOWS[r % 3 :] + FLOWS[: r % 3] for r in itertools.count())
+    for n in plan.lockers:
+        points: dict[str, list[Point]] = {f: [] for f in FLOWS}
+        for _ in range(plan.rounds):
+            for flow in next(orders):
+                points[flow].append(run_point(topo, flow, n, plan))
+        row: dict[str, Any] = {}
+        for flow, runs in points.items():
+            row[flow] = {
+                "cycles_per_s": statistics.median(p.cycles_per_s for p in runs),
+                "cycles_per_s_rounds": [p.cycles_per_s for p in runs],
+                **percentiles([ms for p in runs for ms in p.latencies_ms]),
+                "errors": sum(len(p.errors) for p in runs),
+                "first_errors": [e for p in runs for e in p.errors][:3],
+                "procs": runs[0].procs,
+                "usage": runs[len(runs) // 2].usage,  # the middle round's
+            }
+        ratios = [o.cycles_per_s / f.cycles_per_s for o, f in zip(points["ours"], points["floor"], strict=True) if f.cycles_per_s]
+        row["ratio_ours_floor"] = statistics.median(ratios) if ratios else 0.0
+        row["ratio_ours_plain"] = row["ours"]["cycles_per_s"] / row["plain"]["cycles_per_s"] if row["plain"]["cycles_per_s"] else 0.0
+        out[n] = row
+        print_curve_row(n, row)
+    return out
+
+
+def print_curve_header(plan: Plan) -> None:
+    print(
+        f"\n1. The curve: locked cycles/s (ours) beside the same two writes sent raw (floor) and two plain"
+        f"\n   KV writes (plain); median of {plan.rounds} round(s) of {plan.seconds:g} s after {plan.warmup:g} s warm-up."
+        f"\n   cores = CPU seconds per second of: the 3 servers (leader marked *), the client agent, the"
+        f"\n   lockers' processes, the rest of this machine; disk = share of the time the leader writes+fsyncs"
+        f"\n   its Raft log, entries/write = Raft entries carried by one such write (batching)."
+    )
+    print(f"\n{'lockers':>7} {'flow':6}{'cycles/s':>10}{'p50 ms':>8}{'p95 ms':>8}{'p99 ms':>8}{'err':>5}   limit")
+
+
+def print_curve_row(n: int, row: dict[str, Any]) -> None:
+    for flow in FLOWS:
+        r = row[flow]
+        print(
+            f"{n:>7} {flow:6}{r['cycles_per_s']:10.0f}{r['p50_ms']:8.2f}{r['p95_ms']:8.2f}{r['p99_ms']:8.2f}{r['errors']:5d}   "
+            f"{r['usage']['limit']}"
+        )
+        u = r["usage"]
+        cores = "  ".join(f"{k} {v:.2f}" for k, v in u["cores"].items() if k not in ("lockers max", "iowait"))
+        raft = u["raft"]
+        print(
+            f"{'':15}cores: {cores}\n{'':15}disk {raft['leader_disk_share']:.0%} "
+            f"({raft['leader_disk_ms_per_write']:.2f} ms/write, {raft['entries_per_disk_write']:.1f} entries/write, "
+            f"{raft['commits_per_s']:.0f} commits/s), iowait {u['cores']['iowait']:.2f}"
+        )
+    print(f"{'':15}ours/floor = {row['ratio_ours_floor']:.2f}   ours/plain = {row['ratio_ours_plain']:.2f}")
+
+
+# -- held locks ----------------------------------------------------------------------------------
+
+
+def rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def connections_to(host: str, port: int) -> int:
+    """Established TCP connections of this process to ``host:port`` (IPv4)."""
+    inodes = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            link = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    remote = f"{socket.inet_aton(host)[::-1].hex().upper()}:{port:04X}"
+    count = 0
+    with open("/proc/self/net/tcp") as f:
+        next(f)
+        for line in f:
+            cols = line.split()
+            if cols[2] == remote and cols[3] == "01" and cols[9] in inodes:
+                count += 1
+    return count
+
+
+def _held_process(agent: ConsulAgent, count: int, out: Pipe) -> None:
+    """Take ``count`` distinct locks (after one warm acquire + release), hold them past
+    HOLD_SETTLE, and send back what the process used."""
+    result: dict[str, Any] = {"held": count}
+    try:
+        warm = ConsulLock("locks/capacity/held-warm/.lock", address=agent.address)
+        warm.acquire(blocking=False)
+        warm.release()
+        base = {"rss_kib": rss_kib(), "threads": threading.active_count(), "conns": connections_to(agent.bind, agent.http_port)}
+        locks = [ConsulLock(f"locks/capacity/held-{i}/.lock", address=agent.address) for i in range(count)]
+        t0 = time.monotonic()
+        refused = []
+        for lock in locks:
+            try:
+                if not lock.acquire(blocking=False):
+                    refused.append(f"{lock.key}: held by {lock.last_holder}")
+            except Exception as exc:
+                refused.append(f"{lock.key}: {exc!r}")
+        result["acquire_s"] = time.monotonic() - t0
+        time.sleep(HOLD_SETTLE)
+        held = sum(lock.held for lock in locks)
+        result.update(
+            rss_kib=rss_kib(),
+            threads=threading.active_count(),
+            conns=connections_to(agent.bind, agent.http_port),
+            base=base,
+            still_held=held,
+            lost=[lock.lost_reason for lock in locks if lock.lost_reason][:3],
+            lost_count=sum(1 for lock in locks if lock.lost_reason),
+            refused=refused[:3],
+            refused_count=len(refused),
+        )
+        t0 = time.monotonic()
+        for lock in locks:
+            lock.release()
+        result["release_s"] = time.monotonic() - t0
+        close_sessions()
+    except Exception:
+        result["error"] = traceback.format_exc()
+    out.send(result)
+    out.close()
+
+
+def held_locks(topo: Topology, plan: Plan) -> list[dict[str, Any]]:
+    print(
+        f"\n2. Held locks: one process takes N distinct locks and holds them {HOLD_SETTLE:g} s (each held lock past"
+        f"\n   0.5 s is watched for loss); what the process uses beyond its state after one acquire + release."
+        f"\n   The agent allows {AGENT_CONN_LIMIT} connections per client address by default."
+    )
+    print(f"\n{'held':>6}{'RSS MiB':>9}{'KiB/lock':>10}{'threads':>9}{'conns':>7}{'conns/lock':>12}{'lost':>6}{'refused':>9}{'acquire s':>11}")
+    ctx = multiprocessing.get_context("fork")
+    rows = []
+    for count in plan.held:
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_held_process, args=(topo.agent, count, send), daemon=True)
+        proc.start()
+        send.close()
+        try:
+            r = recv.recv()
+        except EOFError:
+            r = {"held": count, "error": "the process died"}
+        proc.join(60)
+        rows.append(r)
+        if "error" in r:
+            print(f"{count:>6}  failed: {r['error']}")
+            continue
+        per = count or 1
+        r["kib_per_lock"] = (r["rss_kib"] - r["base"]["rss_kib"]) / per if count else 0.0
+        r["conns_per_lock"] = (r["conns"] - r["base"]["conns"]) / per if count else 0.0
+        print(
+            f"{count:>6}{r['rss_kib'] / 1024:9.1f}{r['kib_per_lock']:10.1f}{r['threads']:9d}{r['conns']:7d}"
+            f"{r['conns_per_lock']:12.3f}{r['lost_count']:6d}{r['refused_count']:9d}{r['acquire_s']:11.2f}"
+        )
+        for what in ("lost", "refused"):
+            if r[what]:
+                print(f"{'':6}first {what}: {r[what][0]}")
+    return rows
+
+
+# -- keys in KV -----------------------------------------------------------------------------------
+
+
+def fill(agent: ConsulAgent, start: int, stop: int) -> None:
+    """Write keys ``locks/capacity-fill/<i>`` for i in [start, stop), 64 per transaction."""
+    conn = Connection(agent.bind, agent.http_port)
+    value = "eyJ4IjoxfQ=="  # {"x":1}
+    try:
+        for i in range(start, stop, 64):
+            ops = ",".join(
+                f'{{"KV":{{"Verb":"set","Key":"locks/capacity-fill/{j}","Value":"{value}"}}}}' for j in range(i, min(i + 64, stop))
+            )
+            status, _, text = conn.request("PUT", "/v1/txn", f"[{ops}]".encode(), {}, 30.0)
+            if status != 200:
+                raise RuntimeError(f"filling keys failed: {status} {text[:200]!r}")
+    finally:
+        conn.close()
+
+
+def key_growth(topo: Topology, plan: Plan) -> list[dict[str, Any]]:
+    print(f"\n3. Keys in KV: 1 locker's cycle with N other keys under locks/ ({plan.key_seconds:g} s each flow).")
+    print(f"\n{'keys':>8}{'ours p50':>10}{'p99':>8}{'floor p50':>11}{'p99':>8}{'ours/floor':>12}{'fill s':>8}")
+    rows = []
+    have = 0
+    for count in plan.key_counts:
+        t0 = time.monotonic()
+        fill(topo.agent, have, count)
+        fill_s, have = time.monotonic() - t0, max(have, count)
+        row: dict[str, Any] = {"keys": count, "fill_s": fill_s}
+        for flow in ("ours", "floor"):
+            p = run_point(topo, flow, 1, plan, plan.key_seconds)
+            row[flow] = {"cycles_per_s": p.cycles_per_s, **percentiles(p.latencies_ms), "errors": len(p.errors)}
+        row["ratio_ours_floor"] = row["ours"]["p50_ms"] / row["floor"]["p50_ms"]
+        rows.append(row)
+        print(
+            f"{count:>8}{row['ours']['p50_ms']:10.2f}{row['ours']['p99_ms']:8.2f}{row['floor']['p50_ms']:11.2f}"
+            f"{row['floor']['p99_ms']:8.2f}{row['ratio_ours_floor']:12.2f}{fill_s:8.1f}"
+        )
+    return rows
+
+
+# -- session churn -------------------------------------------------------------------------------
+
+
+def churn(topo: Topology, plan: Plan, workdir: Path) -> dict[str, Any]:
+    """Bursts through real prefork workers recycled after every task (see the module's doc)."""
+    from celery.result import ResultSet
+
+    from tests.proj.app import app
+    from tests.servers import start_redis
+    from tests.workers import start_worker, worker_env
+
+    n = plan.churn_tasks
+    print(
+        f"\n4. Session churn: a celery worker (prefork, 2 processes) on the client agent runs {n} tasks sent at once;"
+        f"\n   with --max-tasks-per-child=1 every task runs in a new process (which creates, then destroys, its session)."
+    )
+    redis_server = start_redis(workdir)
+    app.conf.broker_url = app.conf.result_backend = redis_server.url
+    env = worker_env(redis_server.url, topo.agent.address, TEST_TTL="30")
+    cases = {
+        "unlocked, recycled": ("proj.noop", ["--max-tasks-per-child=1"]),
+        "locked, recycled": ("proj.locked_noop", ["--max-tasks-per-child=1"]),
+        "locked, not recycled": ("proj.locked_noop", []),
+    }
+    out: dict[str, Any] = {}
+    keys = itertools.count(10_000_000)
+    try:
+        for case, (task, extra) in cases.items():
+            worker = start_worker(app, workdir, env, concurrency=2, extra_args=extra)
+            try:
+                app.send_task(task, kwargs={"n": next(keys)}).get(timeout=60)  # warm: the pool is up
+                before = metrics(topo.leader)
+                t0 = time.monotonic()
+                results = ResultSet([app.send_task(task, kwargs={"n": next(keys)}) for _ in range(n)])
+                results.get(timeout=300, propagate=False)
+                wall = time.monotonic() - t0
+                after = metrics(topo.leader)
+                created = after.get('consul_fsm_session_count{op="create"}', 0) - before.get('consul_fsm_session_count{op="create"}', 0)
+                destroyed = after.get('consul_fsm_session_count{op="destroy"}', 0) - before.get(
+                    'consul_fsm_session_count{op="destroy"}', 0
+                )
+                left = leftover_sessions(topo.agent, worker, wait=5.0)
+                failed = sum(1 for r in results.results if r.failed())
+            finally:
+                worker.stop()
+            out[case] = {
+                "tasks": n,
+                "wall_s": wall,
+                "tasks_per_s": n / wall,
+                "sessions_created": created,
+                "sessions_destroyed": destroyed,
+                "created_per_s": created / wall,
+                "destroyed_per_s": destroyed / wall,
+                "left_behind": left,
+                "failed": failed,
+            }
+    finally:
+        redis_server.stop()
+    base, locked, kept = (out[c] for c in cases)
+    per_task = {c: out[c]["wall_s"] / n * 1000 for c in cases}
+    out["session_cost_per_recycle_ms"] = per_task["locked, recycled"] - per_task["unlocked, recycled"]
+    out["recycle_cost_ms"] = per_task["locked, recycled"] - per_task["locked, not recycled"]
+    print(f"\n{'case':22}{'tasks/s':>9}{'ms/task':>9}{'created/s':>11}{'destroyed/s':>13}{'left':>6}{'failed':>8}")
+    for case in cases:
+        r = out[case]
+        print(
+            f"{case:22}{r['tasks_per_s']:9.1f}{per_task[case]:9.1f}{r['created_per_s']:11.1f}{r['destroyed_per_s']:13.1f}"
+            f"{len(r['left_behind']):6d}{r['failed']:8d}"
+        )
+    print(
+        f"\nsession cost per recycle (locked recycled - unlocked recycled, per task) = {out['session_cost_per_recycle_ms']:.1f} ms;"
+        f"\nwhole recycle cost (locked recycled - locked not recycled) = {out['recycle_cost_ms']:.1f} ms; "
+        f"sessions left behind: {sum(len(out[c]['left_behind']) for c in cases)}"
+    )
+    del base, locked, kept
+    return out
+
+
+def leftover_sessions(agent: ConsulAgent, worker: Any, wait: float) -> list[str]:
+    """Our sessions (named ``celery-consul-lock HOST pid PID``) still at the agent ``wait``
+    seconds after a burst whose PID is none of ``worker``'s live processes."""
+    deadline = time.monotonic() + wait
+    while True:
+        live = {worker.pid, *worker.children()}
+        stale = []
+        for s in agent.api("/v1/session/list"):
+            m = re.search(r"^celery-consul-lock .* pid (\d+)$", s.get("Name", ""))
+            if m and int(m.group(1)) not in live:
+                stale.append(s["Name"])
+        if not stale or time.monotonic() > deadline:
+            return stale
+        time.sleep(0.2)
+
+
+# -- the plot ------------------------------------------------------------------------------------
+
+
+def plot(results: dict[str, Any], folder: Path) -> list[Path]:
+    """cycles/s and p50/p99 latency against lockers (PNG and SVG, Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = results["curve"]
+    xs = sorted(int(n) for n in rows)
+    fig, (rate, lat) = plt.subplots(1, 2, figsize=(12, 4.5))
+    colors = {"ours": "tab:blue", "floor": "tab:orange", "plain": "tab:gray"}
+    labels = {"ours": "ours (ConsulLock acquire + release)", "floor": "floor (raw ?acquire + ?release)", "plain": "2 plain KV PUTs"}
+    for flow in FLOWS:
+        rate.plot(xs, [rows[str(n)][flow]["cycles_per_s"] for n in xs], "o-", color=colors[flow], label=labels[flow])
+        lat.plot(xs, [rows[str(n)][flow]["p50_ms"] for n in xs], "o-", color=colors[flow], label=f"{flow} p50")
+        lat.plot(xs, [rows[str(n)][flow]["p99_ms"] for n in xs], "^--", color=colors[flow], alpha=0.6, label=f"{flow} p99")
+    for n in xs:
+        rate.annotate(f"{rows[str(n)]['ratio_ours_floor']:.2f}", (n, rows[str(n)]["ours"]["cycles_per_s"]), textcoords="offset points", xytext=(0, -14), ha="center", fontsize=8, color="tab:blue")
+    for ax in (rate, lat):
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(xs, [str(n) for n in xs])
+        ax.set_xlabel("concurrent lockers (distinct keys)")
+        ax.grid(alpha=0.3)
+    rate.set_ylabel("cycles per second (each: 2 KV writes)")
+    rate.set_title("throughput (numbers: ours/floor)")
+    lat.set_ylabel("ms per cycle")
+    lat.set_yscale("log")
+    lat.set_title("cycle latency")
+    rate.legend(fontsize=8)
+    lat.legend(fontsize=7, ncol=3)
+    consul = results["consul"]
+    fig.suptitle(
+        f"Consul v{consul['version']}: 3 servers (raft_multiplier 1, fsync {results['fsync']['median_ms']:.1f} ms) + 1 client agent, "
+        f"{os.cpu_count()} cores shared by all",
+        fontsize=10,
+    )
+    return save(fig, folder / "capacity")
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def lockers_list(text: str) -> list[int]:
+    values = [int(v) for v in text.split(",") if v.strip()]
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"--lockers must be positive integers separated by commas, got {text!r}")
+    return values
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="1 round of 3 s per point, keys up to 10k, 20 churn tasks")
+    parser.add_argument("--lockers", type=lockers_list, default=list(LOCKERS), help="concurrencies (default 1,4,16,64)")
+    parser.add_argument("--rounds", type=int, default=0, help="rounds per point (default 3, --quick 1)")
+    parser.add_argument("--seconds", type=float, default=0.0, help="measured seconds per point (default 10, --quick 3)")
+    parser.add_argument("--procs", type=int, default=PROCS_MAX, help=f"at most this many locker processes (default {PROCS_MAX})")
+    parser.add_argument("--churn", action="store_true", help="also measure session churn through a recycling celery worker")
+    parser.add_argument("--skip", default="", help="parts to skip, comma-separated: curve, held, keys")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to PATH as JSON")
+    parser.add_argument("--plots", type=Path, metavar="DIR", help="write capacity.png and capacity.svg into DIR (needs matplotlib)")
+    args = parser.parse_args(argv)
+    if args.rounds < 0 or args.seconds < 0 or args.procs < 1:
+        parser.error("--rounds and --seconds must not be negative, --procs at least 1")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    plan = plan_of(args)
+    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    results: dict[str, Any] = {"plan": plan.__dict__, "cores": os.cpu_count()}
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="capacity-") as tmp:
+        workdir = Path(tmp)
+        results["fsync"] = fsync_probe(workdir)
+        cluster = start_cluster(workdir, hcl=[TELEMETRY_HCL])
+        agent = None
+        try:
+            agent = start_client_agent(workdir, cluster, CLIENT_BIND, "bench-node", hcl=[TELEMETRY_HCL])
+            agent.wait_ready(timeout=60)
+            topo = Topology(cluster, agent)
+            config = topo.leader.api("/v1/agent/self")
+            results["consul"] = {
+                "version": config["Config"]["Version"],
+                "leader": topo.leader.node,
+                "data_dir": "file-backed (not -dev)",
+                "raft_election_timeout": config["DebugConfig"].get("ConsulRaftElectionTimeout"),
+            }
+            print(
+                f"Consul v{results['consul']['version']}: 3 servers (127.0.0.11-13, raft_multiplier 1: election timeout "
+                f"{results['consul']['raft_election_timeout']}, file-backed data dirs in {tmp}) and the lockers' client agent "
+                f"{agent.address}; leader {topo.leader.node}.\nThis machine: {os.cpu_count()} cores shared by all of them "
+                f"(and whatever else runs); 4 KiB write + fdatasync here: median {results['fsync']['median_ms']:.2f} ms, "
+                f"p90 {results['fsync']['p90_ms']:.2f} ms."
+            )
+            if "curve" not in skip:
+                print_curve_header(plan)
+                rows = curve(topo, plan)
+                results["curve"] = {str(n): r for n, r in rows.items()}
+                errors = sum(r[f]["errors"] for r in rows.values() for f in FLOWS)
+                ok = ok and errors == 0
+                if TARGET_LOCKERS in rows:
+                    ratio = rows[TARGET_LOCKERS]["ratio_ours_floor"]
+                    met = ratio >= TARGET_RATIO
+                    ok = ok and met
+                    print(
+                        f"\nAt {TARGET_LOCKERS} lockers: ours/floor = {ratio:.2f} cycles/s (target >= {TARGET_RATIO}): "
+                        f"{'MET' if met else 'MISSED'}. Limit of ours there: {rows[TARGET_LOCKERS]['ours']['usage']['limit']}."
+                    )
+            if "held" not in skip:
+                held = held_locks(topo, plan)
+                results["held"] = held
+                ok = ok and all("error" not in r and not r["lost_count"] and not r["refused_count"] for r in held)
+            if "keys" not in skip:
+                results["keys"] = key_growth(topo, plan)
+            if args.churn:
+                results["churn"] = churn(topo, plan, workdir)
+                ok = ok and not any(
+                    r["left_behind"] or r["failed"] for r in results["churn"].values() if isinstance(r, dict)
+                )
+        finally:
+            try:
+                close_sessions()
+            finally:
+                if agent is not None:
+                    agent.stop()
+                cluster.stop()
+    results["ok"] = ok
+    write_json(args.json, results)
+    if args.plots and "curve" in results:
+        for path in plot(results, args.plots):
+            print(f"wrote {path}")
+    print(f"\n{'OK' if ok else 'MISSED (see above)'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
