@@ -416,7 +416,9 @@ def curve(topo: Topology, plan: Plan) -> dict[int, dict[str, Any]]:
             }
         ratios = [o.cycles_per_s / f.cycles_per_s for o, f in zip(points["ours"], points["floor"], strict=True) if f.cycles_per_s]
         row["ratio_ours_floor"] = statistics.median(ratios) if ratios else 0.0
-        row["ratio_ours_plain"] = row["ours"]["cycles_per_s"] / row["plain"]["cycles_per_s"] if row["plain"]["cycles_per_s"] else 0.0
+        row["ratio_ours_plain"] = (
+            row["ours"]["cycles_per_s"] / row["plain"]["cycles_per_s"] if row["plain"]["cycles_per_s"] else 0.0
+        )
         out[n] = row
         print_curve_row(n, row)
     return out
@@ -532,7 +534,10 @@ def held_locks(topo: Topology, plan: Plan) -> list[dict[str, Any]]:
         f"\n   0.5 s is watched for loss); what the process uses beyond its state after one acquire + release."
         f"\n   The agent allows {AGENT_CONN_LIMIT} connections per client address by default."
     )
-    print(f"\n{'held':>6}{'RSS MiB':>9}{'KiB/lock':>10}{'threads':>9}{'conns':>7}{'conns/lock':>12}{'lost':>6}{'refused':>9}{'acquire s':>11}")
+    print(
+        f"\n{'held':>6}{'RSS MiB':>9}{'KiB/lock':>10}{'threads':>9}{'conns':>7}{'conns/lock':>12}"
+        f"{'lost':>6}{'refused':>9}{'acquire s':>11}"
+    )
     ctx = multiprocessing.get_context("fork")
     rows = []
     for count in plan.held:
@@ -572,7 +577,8 @@ def fill(agent: ConsulAgent, start: int, stop: int) -> None:
     try:
         for i in range(start, stop, 64):
             ops = ",".join(
-                f'{{"KV":{{"Verb":"set","Key":"locks/capacity-fill/{j}","Value":"{value}"}}}}' for j in range(i, min(i + 64, stop))
+                f'{{"KV":{{"Verb":"set","Key":"locks/capacity-fill/{j}","Value":"{value}"}}}}'
+                for j in range(i, min(i + 64, stop))
             )
             status, _, text = conn.request("PUT", "/v1/txn", f"[{ops}]".encode(), {}, 30.0)
             if status != 200:
@@ -640,7 +646,9 @@ def churn(topo: Topology, plan: Plan, workdir: Path) -> dict[str, Any]:
                 results.get(timeout=300, propagate=False)
                 wall = time.monotonic() - t0
                 after = metrics(topo.leader)
-                created = after.get('consul_fsm_session_count{op="create"}', 0) - before.get('consul_fsm_session_count{op="create"}', 0)
+                created = after.get('consul_fsm_session_count{op="create"}', 0) - before.get(
+                    'consul_fsm_session_count{op="create"}', 0
+                )
                 destroyed = after.get('consul_fsm_session_count{op="destroy"}', 0) - before.get(
                     'consul_fsm_session_count{op="destroy"}', 0
                 )
@@ -673,7 +681,8 @@ def churn(topo: Topology, plan: Plan, workdir: Path) -> dict[str, Any]:
             f"{len(r['left_behind']):6d}{r['failed']:8d}"
         )
     print(
-        f"\nsession cost per recycle (locked recycled - unlocked recycled, per task) = {out['session_cost_per_recycle_ms']:.1f} ms;"
+        "\nsession cost per recycle (locked recycled - unlocked recycled, per task) = "
+        f"{out['session_cost_per_recycle_ms']:.1f} ms;"
         f"\nwhole recycle cost (locked recycled - locked not recycled) = {out['recycle_cost_ms']:.1f} ms; "
         f"sessions left behind: {sum(len(out[c]['left_behind']) for c in cases)}"
     )
@@ -712,13 +721,25 @@ def plot(results: dict[str, Any], folder: Path) -> list[Path]:
     xs = sorted(int(n) for n in rows)
     fig, (rate, lat) = plt.subplots(1, 2, figsize=(12, 4.5))
     colors = {"ours": "tab:blue", "floor": "tab:orange", "plain": "tab:gray"}
-    labels = {"ours": "ours (ConsulLock acquire + release)", "floor": "floor (raw ?acquire + ?release)", "plain": "2 plain KV PUTs"}
+    labels = {
+        "ours": "ours (ConsulLock acquire + release)",
+        "floor": "floor (raw ?acquire + ?release)",
+        "plain": "2 plain KV PUTs",
+    }
     for flow in FLOWS:
         rate.plot(xs, [rows[str(n)][flow]["cycles_per_s"] for n in xs], "o-", color=colors[flow], label=labels[flow])
         lat.plot(xs, [rows[str(n)][flow]["p50_ms"] for n in xs], "o-", color=colors[flow], label=f"{flow} p50")
         lat.plot(xs, [rows[str(n)][flow]["p99_ms"] for n in xs], "^--", color=colors[flow], alpha=0.6, label=f"{flow} p99")
     for n in xs:
-        rate.annotate(f"{rows[str(n)]['ratio_ours_floor']:.2f}", (n, rows[str(n)]["ours"]["cycles_per_s"]), textcoords="offset points", xytext=(0, -14), ha="center", fontsize=8, color="tab:blue")
+        rate.annotate(
+            f"{rows[str(n)]['ratio_ours_floor']:.2f}",
+            (n, rows[str(n)]["ours"]["cycles_per_s"]),
+            textcoords="offset points",
+            xytext=(0, -14),
+            ha="center",
+            fontsize=8,
+            color="tab:blue",
+        )
     for ax in (rate, lat):
         ax.set_xscale("log", base=2)
         ax.set_xticks(xs, [str(n) for n in xs])
@@ -733,7 +754,8 @@ def plot(results: dict[str, Any], folder: Path) -> list[Path]:
     lat.legend(fontsize=7, ncol=3)
     consul = results["consul"]
     fig.suptitle(
-        f"Consul v{consul['version']}: 3 servers (raft_multiplier 1, fsync {results['fsync']['median_ms']:.1f} ms) + 1 client agent, "
+        f"Consul v{consul['version']}: 3 servers (raft_multiplier 1, fdatasync {results['fsync']['median_ms']:.1f} ms) "
+        "+ 1 client agent, "
         f"{os.cpu_count()} cores shared by all",
         fontsize=10,
     )
@@ -760,7 +782,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--churn", action="store_true", help="also measure session churn through a recycling celery worker")
     parser.add_argument("--skip", default="", help="parts to skip, comma-separated: curve, held, keys")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to PATH as JSON")
-    parser.add_argument("--plots", type=Path, metavar="DIR", help="write capacity.png and capacity.svg into DIR (needs matplotlib)")
+    parser.add_argument(
+        "--plots", type=Path, metavar="DIR", help="write capacity.png and capacity.svg into DIR (needs matplotlib)"
+    )
     args = parser.parse_args(argv)
     if args.rounds < 0 or args.seconds < 0 or args.procs < 1:
         parser.error("--rounds and --seconds must not be negative, --procs at least 1")
@@ -818,9 +842,7 @@ def main(argv: list[str] | None = None) -> int:
                 results["keys"] = key_growth(topo, plan)
             if args.churn:
                 results["churn"] = churn(topo, plan, workdir)
-                ok = ok and not any(
-                    r["left_behind"] or r["failed"] for r in results["churn"].values() if isinstance(r, dict)
-                )
+                ok = ok and not any(r["left_behind"] or r["failed"] for r in results["churn"].values() if isinstance(r, dict))
         finally:
             try:
                 close_sessions()

@@ -490,9 +490,7 @@ def start_cluster(workdir: Path, size: int = 3, *, hcl: Iterable[str] = ()) -> C
     return cluster
 
 
-def start_client_agent(
-    workdir: Path, cluster: ConsulCluster, bind: str, node: str, *, hcl: Iterable[str] = ()
-) -> ConsulAgent:
+def start_client_agent(workdir: Path, cluster: ConsulCluster, bind: str, node: str, *, hcl: Iterable[str] = ()) -> ConsulAgent:
     """A client agent (no ``-server``) on ``bind``, joined to ``cluster``: one simulated node
     of Consul's standard topology, whose processes talk to it; plus the agent configuration
     lines ``hcl``. ``agent.proc.restart()`` starts it again with the same node name, ports
