@@ -63,8 +63,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import multiprocessing
 import os
+import random
 import re
 import socket
 import statistics
@@ -88,7 +90,7 @@ from lock_cost import Floor, Ours, Plain  # noqa: E402
 
 from celery_consul_lock import ConsulLock, close_sessions  # noqa: E402
 from celery_consul_lock.transport import Connection  # noqa: E402
-from tests.servers import ConsulAgent, ConsulCluster, start_client_agent, start_cluster  # noqa: E402
+from tests.servers import ConsulAgent, ConsulCluster, RedisServer, start_client_agent, start_cluster, start_redis  # noqa: E402
 
 #: locked cycles/s at 16 lockers >= this x the floor's (the issue's target).
 TARGET_RATIO = 0.45
@@ -609,84 +611,153 @@ def key_growth(topo: Topology, plan: Plan) -> list[dict[str, Any]]:
     return rows
 
 
-# -- session churn -------------------------------------------------------------------------------
+# -- real Celery workers: session churn, locked tasks -------------------------------------------
+
+SESSIONS_CREATED = 'consul_fsm_session_count{op="create"}'
+SESSIONS_DESTROYED = 'consul_fsm_session_count{op="destroy"}'
 
 
-def churn(topo: Topology, plan: Plan, workdir: Path) -> dict[str, Any]:
-    """Bursts through real prefork workers recycled after every task (see the module's doc)."""
+@dataclass(frozen=True)
+class Burst:
+    """One case of a burst through a real worker of ``tests.proj``: ``task`` sent ``n`` times
+    at once (each with a key of its own) to a worker of ``pool`` x ``concurrency``."""
+
+    task: str
+    pool: str
+    concurrency: int
+    extra: tuple[str, ...] = ()
+
+
+def bursts(topo: Topology, workdir: Path, redis_url: str, cases: dict[str, Burst], n: int) -> dict[str, dict[str, Any]]:
+    """Each case in turn, on a fresh worker pointed at the client agent and ``redis_url``:
+    tasks/s, the sessions the cluster created and destroyed meanwhile, failed tasks, and
+    the sessions of processes no longer running that are left 5 s after the burst."""
     from celery.result import ResultSet
 
     from tests.proj.app import app
-    from tests.servers import start_redis
     from tests.workers import start_worker, worker_env
 
+    app.conf.broker_url = app.conf.result_backend = redis_url
+    env = worker_env(redis_url, topo.agent.address, TEST_TTL="30")
+    keys = itertools.count(random.randrange(10**9))
+    out: dict[str, dict[str, Any]] = {}
+    for case, b in cases.items():
+        worker = start_worker(app, workdir, env, pool=b.pool, concurrency=b.concurrency, extra_args=list(b.extra))
+        try:
+            # Warm: every pool process (or thread) has run a task once.
+            ResultSet([app.send_task(b.task, kwargs={"n": next(keys)}) for _ in range(b.concurrency)]).get(timeout=120)
+            before = metrics(topo.leader)
+            t0 = time.monotonic()
+            results = ResultSet([app.send_task(b.task, kwargs={"n": next(keys)}) for _ in range(n)])
+            results.get(timeout=600, propagate=False)
+            wall = time.monotonic() - t0
+            after = metrics(topo.leader)
+            left = leftover_sessions(topo.agent, worker, wait=5.0)
+            failed = sum(1 for r in results.results if r.failed())
+        finally:
+            worker.stop()
+        created = after.get(SESSIONS_CREATED, 0.0) - before.get(SESSIONS_CREATED, 0.0)
+        destroyed = after.get(SESSIONS_DESTROYED, 0.0) - before.get(SESSIONS_DESTROYED, 0.0)
+        out[case] = {
+            "tasks": n,
+            "wall_s": wall,
+            "tasks_per_s": n / wall,
+            "ms_per_task": wall / n * 1000,
+            "sessions_created_per_s": created / wall,
+            "sessions_destroyed_per_s": destroyed / wall,
+            "left_behind": left,
+            "failed": failed,
+        }
+    print(f"\n{'case':34}{'tasks/s':>9}{'ms/task':>9}{'sessions +/s':>14}{'-/s':>7}{'left':>6}{'failed':>8}")
+    for case, r in out.items():
+        print(
+            f"{case:34}{r['tasks_per_s']:9.1f}{r['ms_per_task']:9.1f}{r['sessions_created_per_s']:14.1f}"
+            f"{r['sessions_destroyed_per_s']:7.1f}{len(r['left_behind']):6d}{r['failed']:8d}"
+        )
+    return out
+
+
+class SessionCycle:
+    """A session's life as a recycled pool process lives it: ``PUT /v1/session/create``
+    then ``PUT /v1/session/destroy`` (two Raft writes), on one keep-alive connection."""
+
+    def __init__(self, agent: ConsulAgent, key: str) -> None:
+        self.conn = Connection(agent.bind, agent.http_port)
+        self.body = json.dumps({"Name": f"capacity {key}", "TTL": "30s"}).encode()
+
+    def __call__(self) -> None:
+        status, _, text = self.conn.request("PUT", "/v1/session/create", self.body, {}, 5.0)
+        if status != 200:
+            raise RuntimeError(f"session create answered {status}: {text[:100]!r}")
+        sid = json.loads(text)["ID"]
+        status, _, text = self.conn.request("PUT", f"/v1/session/destroy/{sid}", b"", {}, 5.0)
+        if status != 200:
+            raise RuntimeError(f"session destroy answered {status}: {text[:100]!r}")
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+MAKERS["session"] = SessionCycle
+
+
+def churn(topo: Topology, plan: Plan, workdir: Path, redis_url: str) -> dict[str, Any]:
+    """Session churn: what the cluster carries, and a real recycling worker (see the doc)."""
     n = plan.churn_tasks
     print(
-        f"\n4. Session churn: a celery worker (prefork, 2 processes) on the client agent runs {n} tasks sent at once;"
-        f"\n   with --max-tasks-per-child=1 every task runs in a new process (which creates, then destroys, its session)."
+        "\n4. Session churn. What the cluster carries: sessions created + destroyed back to back (two Raft"
+        f"\n   writes, as a recycled pool process does) by 1 and {TARGET_LOCKERS} lockers ({plan.key_seconds:g} s each):"
     )
-    redis_server = start_redis(workdir)
-    app.conf.broker_url = app.conf.result_backend = redis_server.url
-    env = worker_env(redis_server.url, topo.agent.address, TEST_TTL="30")
-    cases = {
-        "unlocked, recycled": ("proj.noop", ["--max-tasks-per-child=1"]),
-        "locked, recycled": ("proj.locked_noop", ["--max-tasks-per-child=1"]),
-        "locked, not recycled": ("proj.locked_noop", []),
-    }
-    out: dict[str, Any] = {}
-    keys = itertools.count(10_000_000)
-    try:
-        for case, (task, extra) in cases.items():
-            worker = start_worker(app, workdir, env, concurrency=2, extra_args=extra)
-            try:
-                app.send_task(task, kwargs={"n": next(keys)}).get(timeout=60)  # warm: the pool is up
-                before = metrics(topo.leader)
-                t0 = time.monotonic()
-                results = ResultSet([app.send_task(task, kwargs={"n": next(keys)}) for _ in range(n)])
-                results.get(timeout=300, propagate=False)
-                wall = time.monotonic() - t0
-                after = metrics(topo.leader)
-                created = after.get('consul_fsm_session_count{op="create"}', 0) - before.get(
-                    'consul_fsm_session_count{op="create"}', 0
-                )
-                destroyed = after.get('consul_fsm_session_count{op="destroy"}', 0) - before.get(
-                    'consul_fsm_session_count{op="destroy"}', 0
-                )
-                left = leftover_sessions(topo.agent, worker, wait=5.0)
-                failed = sum(1 for r in results.results if r.failed())
-            finally:
-                worker.stop()
-            out[case] = {
-                "tasks": n,
-                "wall_s": wall,
-                "tasks_per_s": n / wall,
-                "sessions_created": created,
-                "sessions_destroyed": destroyed,
-                "created_per_s": created / wall,
-                "destroyed_per_s": destroyed / wall,
-                "left_behind": left,
-                "failed": failed,
-            }
-    finally:
-        redis_server.stop()
-    base, locked, kept = (out[c] for c in cases)
-    per_task = {c: out[c]["wall_s"] / n * 1000 for c in cases}
-    out["session_cost_per_recycle_ms"] = per_task["locked, recycled"] - per_task["unlocked, recycled"]
-    out["recycle_cost_ms"] = per_task["locked, recycled"] - per_task["locked, not recycled"]
-    print(f"\n{'case':22}{'tasks/s':>9}{'ms/task':>9}{'created/s':>11}{'destroyed/s':>13}{'left':>6}{'failed':>8}")
-    for case in cases:
-        r = out[case]
+    out: dict[str, Any] = {"cluster": {}}
+    for lockers in (1, TARGET_LOCKERS):
+        p = run_point(topo, "session", lockers, plan, plan.key_seconds)
+        out["cluster"][str(lockers)] = {"sessions_per_s": p.cycles_per_s, **percentiles(p.latencies_ms), "errors": len(p.errors)}
         print(
-            f"{case:22}{r['tasks_per_s']:9.1f}{per_task[case]:9.1f}{r['created_per_s']:11.1f}{r['destroyed_per_s']:13.1f}"
-            f"{len(r['left_behind']):6d}{r['failed']:8d}"
+            f"{lockers:>5} lockers: {p.cycles_per_s:6.0f} sessions created and destroyed per second, p50 "
+            f"{percentiles(p.latencies_ms)['p50_ms']:.2f} ms per create + destroy, errors {len(p.errors)}; "
+            f"limit: {p.usage['limit']}"
         )
     print(
-        "\nsession cost per recycle (locked recycled - unlocked recycled, per task) = "
-        f"{out['session_cost_per_recycle_ms']:.1f} ms;"
-        f"\nwhole recycle cost (locked recycled - locked not recycled) = {out['recycle_cost_ms']:.1f} ms; "
-        f"sessions left behind: {sum(len(out[c]['left_behind']) for c in cases)}"
+        f"\n   A celery worker (prefork, 2 processes) on the client agent, {n} tasks sent at once; with"
+        "\n   --max-tasks-per-child=1 every task runs in a new process, which makes its session and destroys it as it exits:"
     )
-    del base, locked, kept
+    recycled = ("--max-tasks-per-child=1",)
+    cases = {
+        "unlocked, recycled": Burst("proj.noop", "prefork", 2, recycled),
+        "locked, recycled": Burst("proj.locked_noop", "prefork", 2, recycled),
+        "locked, not recycled": Burst("proj.locked_noop", "prefork", 2),
+    }
+    out["worker"] = bursts(topo, workdir, redis_url, cases, n)
+    per_task = {case: r["ms_per_task"] for case, r in out["worker"].items()}
+    out["session_cost_per_recycle_ms"] = per_task["locked, recycled"] - per_task["unlocked, recycled"]
+    out["recycle_cost_ms"] = per_task["locked, recycled"] - per_task["locked, not recycled"]
+    out["left_behind"] = sum(len(r["left_behind"]) for r in out["worker"].values())
+    out["failed"] = sum(r["failed"] for r in out["worker"].values())
+    print(
+        f"\nRecycling costs {out['recycle_cost_ms']:.0f} ms per task (locked recycled - locked not recycled), of which"
+        f"\nthe session (locked recycled - unlocked recycled) {out['session_cost_per_recycle_ms']:.0f} ms; sessions left"
+        f" behind: {out['left_behind']}.\nA recycle is bounded by the pool's process start, far below the session churn"
+        " the cluster carries."
+    )
+    return out
+
+
+def celery_tasks(topo: Topology, plan: Plan, workdir: Path, redis_url: str) -> dict[str, Any]:
+    """Locked no-ops against unlocked ones through a threads-pool worker of TARGET_LOCKERS."""
+    n = plan.churn_tasks * 10
+    print(
+        f"\n5. Through Celery: a worker with -P threads -c {TARGET_LOCKERS} on the client agent runs {n} no-op tasks"
+        "\n   sent at once: unlocked, and as ConsulLockedTask with a key per task (Celery's own cost is in both)."
+    )
+    cases = {
+        f"unlocked, threads x {TARGET_LOCKERS}": Burst("proj.noop", "threads", TARGET_LOCKERS),
+        f"locked, threads x {TARGET_LOCKERS}": Burst("proj.locked_noop", "threads", TARGET_LOCKERS),
+    }
+    out: dict[str, Any] = {"worker": bursts(topo, workdir, redis_url, cases, n)}
+    unlocked, locked = (r["tasks_per_s"] for r in out["worker"].values())
+    out["ratio_locked_unlocked"] = locked / unlocked
+    out["failed"] = sum(r["failed"] for r in out["worker"].values())
+    print(f"\nlocked/unlocked tasks per second = {out['ratio_locked_unlocked']:.2f}")
     return out
 
 
@@ -780,6 +851,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=0.0, help="measured seconds per point (default 10, --quick 3)")
     parser.add_argument("--procs", type=int, default=PROCS_MAX, help=f"at most this many locker processes (default {PROCS_MAX})")
     parser.add_argument("--churn", action="store_true", help="also measure session churn through a recycling celery worker")
+    parser.add_argument("--celery", action="store_true", help="also run locked tasks through a threads-pool celery worker")
     parser.add_argument("--skip", default="", help="parts to skip, comma-separated: curve, held, keys")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to PATH as JSON")
     parser.add_argument(
@@ -801,7 +873,8 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         results["fsync"] = fsync_probe(workdir)
         cluster = start_cluster(workdir, hcl=[TELEMETRY_HCL])
-        agent = None
+        agent: ConsulAgent | None = None
+        redis_server: RedisServer | None = None
         try:
             agent = start_client_agent(workdir, cluster, CLIENT_BIND, "bench-node", hcl=[TELEMETRY_HCL])
             agent.wait_ready(timeout=60)
@@ -840,13 +913,20 @@ def main(argv: list[str] | None = None) -> int:
                 ok = ok and all("error" not in r and not r["lost_count"] and not r["refused_count"] for r in held)
             if "keys" not in skip:
                 results["keys"] = key_growth(topo, plan)
+            if args.churn or args.celery:
+                redis_server = start_redis(workdir)
             if args.churn:
-                results["churn"] = churn(topo, plan, workdir)
-                ok = ok and not any(r["left_behind"] or r["failed"] for r in results["churn"].values() if isinstance(r, dict))
+                results["churn"] = churn(topo, plan, workdir, redis_server.url)
+                ok = ok and not results["churn"]["left_behind"] and not results["churn"]["failed"]
+            if args.celery:
+                results["celery"] = celery_tasks(topo, plan, workdir, redis_server.url)
+                ok = ok and not results["celery"]["failed"]
         finally:
             try:
                 close_sessions()
             finally:
+                if redis_server is not None:
+                    redis_server.stop()
                 if agent is not None:
                     agent.stop()
                 cluster.stop()
