@@ -843,9 +843,10 @@ def plot(results: dict[str, Any], folder: Path) -> list[Path]:
     rows = results["curve"]
     xs = sorted(int(n) for n in rows)
     fig, (rate, lat) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {"ours": "tab:blue", "floor": "tab:orange", "plain": "tab:gray"}
+    colors = {"ours": "tab:blue", "txn": "tab:green", "floor": "tab:orange", "plain": "tab:gray"}
     labels = {
         "ours": "ours (ConsulLock acquire + release)",
+        "txn": "txn (ours's two requests, raw)",
         "floor": "floor (raw ?acquire + ?release)",
         "plain": "2 plain KV PUTs",
     }
@@ -925,6 +926,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--plots", type=Path, metavar="DIR", help="write capacity.png and capacity.svg into DIR (needs matplotlib)"
     )
+    parser.add_argument("--replot", type=Path, metavar="JSON", help="only draw the plot of an earlier run's --json into --plots")
     args = parser.parse_args(argv)
     if args.rounds < 0 or args.seconds < 0 or args.procs < 1:
         parser.error("--rounds and --seconds must not be negative, --procs at least 1")
@@ -933,6 +935,10 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.replot:
+        for path in plot(json.loads(args.replot.read_text()), args.plots or Path(".")):
+            print(f"wrote {path}")
+        return 0
     plan = plan_of(args)
     skip = {s.strip() for s in args.skip.split(",") if s.strip()}
     results: dict[str, Any] = {"plan": plan.__dict__, "cores": os.cpu_count()}
