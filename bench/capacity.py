@@ -197,6 +197,8 @@ class Snapshot:
     machine: tuple[float, float]
     leader: dict[str, float]
     followers: list[dict[str, float]]
+    #: The client agent's HTTP request counts, by endpoint.
+    requests: dict[str, float]
 
 
 @dataclass
@@ -216,7 +218,8 @@ class Topology:
         cpu["lockers"] = sum(cpu_seconds(pid) for pid in lockers)
         cpu["lockers max"] = max((cpu_seconds(pid) for pid in lockers), default=0.0)
         followers = [metrics(a) for a in self.cluster.agents if a is not self.leader]
-        return Snapshot(time.monotonic(), cpu, machine_cpu(), metrics(self.leader), followers)
+        requests = {k: v for k, v in metrics(self.agent).items() if k.startswith("consul_http_") and k.endswith("_count")}
+        return Snapshot(time.monotonic(), cpu, machine_cpu(), metrics(self.leader), followers, requests)
 
 
 def usage(before: Snapshot, after: Snapshot) -> dict[str, Any]:
@@ -245,7 +248,12 @@ def usage(before: Snapshot, after: Snapshot) -> dict[str, Any]:
         "commits_per_s": commits / wall,
         "follower_disk_share_max": max(store, default=0.0) / 1000 / wall,
     }
-    return {"cores": cores, "raft": raft, "limit": limit_of(cores, raft)}
+    requests = {
+        k[len("consul_http_") : -len("_count")]: after.requests[k] - before.requests.get(k, 0.0)
+        for k in after.requests
+        if after.requests[k] - before.requests.get(k, 0.0) > 0
+    }
+    return {"cores": cores, "raft": raft, "limit": limit_of(cores, raft), "requests": requests}
 
 
 def limit_of(cores: dict[str, float], raft: dict[str, float]) -> str:
@@ -413,6 +421,8 @@ def run_point(topo: Topology, flow: str, lockers: int, plan: Plan, seconds: floa
     rate = len(measured) / seconds
     used = usage(before, after)
     used["cpu_ms_per_cycle"] = cpu_per_cycle(used["cores"], rate)
+    count = len([1 for end, _ in samples if before.t <= end <= after.t]) or 1
+    used["requests_per_cycle"] = {k: v / count for k, v in used.pop("requests").items()}
     return Point(flow, lockers, procs, rate, [s * 1000 for s in measured], errors, used)
 
 
@@ -502,7 +512,8 @@ def print_curve_row(n: int, row: dict[str, Any]) -> None:
             f"{raft['commits_per_s']:.0f} commits/s), iowait {u['cores']['iowait']:.2f}"
         )
         per = "  ".join(f"{k} {v:.2f}" for k, v in u["cpu_ms_per_cycle"].items())
-        print(f"{'':15}CPU ms per cycle: {per}")
+        reqs = "  ".join(f"{k} {v:.2f}" for k, v in sorted(u["requests_per_cycle"].items(), key=lambda kv: -kv[1]))
+        print(f"{'':15}CPU ms per cycle: {per}\n{'':15}requests per cycle at the agent: {reqs}")
     ratios = "   ".join(f"{a}/{b} = {row[f'ratio_{a}_{b}']:.2f}" for a, b in RATIOS)
     print(f"{'':15}{ratios}   ours cycles per floor write = {row['cycles_per_floor_write']:.3f}")
 
