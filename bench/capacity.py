@@ -1,9 +1,10 @@
 """Capacity: locked cycles per second a three-server Consul cluster sustains, and what limits it.
 
-Run: ``python bench/capacity.py [--quick] [--json PATH] [--plots DIR] [--churn]
-[--lockers 1,4,16,64] [--rounds N] [--seconds S] [--procs N]``
-(``make bench-capacity`` runs the full set with the plot, in the bench environment, which
-has matplotlib; without ``--plots`` the plain ``.venv`` does).
+Run: ``python bench/capacity.py [--quick] [--churn] [--celery] [--json PATH] [--plots DIR]
+[--lockers 1,4,16,64] [--rounds N] [--seconds S] [--procs N] [--skip curve,held,keys]``
+(``make bench-capacity`` runs everything with the plot, in the bench environment, which has
+matplotlib; without ``--plots`` the plain ``.venv`` does; ``--replot JSON --plots DIR`` only
+draws an earlier run's plot). About 15 minutes in full, 4 with ``--quick``.
 
 The deployment it measures is Consul's standard one, on this machine: three *server* agents
 (127.0.0.11-13, ``raft_multiplier = 1`` as Consul advises for production, file-backed data
@@ -50,18 +51,21 @@ directories: every Raft log write is fsynced to this machine's disk) and one *cl
    per client address by default, ``limits.http_max_conns_per_client``).
 3. **Keys in KV.** The cycle latency at 1 locker, ours and floor, with 0, 10k and 100k other
    keys under the lock prefix ``locks/``.
-4. ``--churn``: **session churn.** A real ``celery worker`` (prefork, 2 processes,
-   ``--max-tasks-per-child=1``: a new process for every task) of ``tests.proj`` on the
-   client agent runs a burst of locked no-ops (each process creates its session, the task
-   locks and releases, the process destroys its session as it exits), beside the same
-   burst of unlocked no-ops with the same recycling and of locked no-ops without it:
-   sessions created and destroyed per second (Consul's ``consul.fsm.session`` counts), the
-   cost per recycle, and the sessions left behind once the burst is done.
+4. ``--churn``: **session churn.** Sessions created + destroyed back to back through the
+   client agent, by 1 and 16 lockers: what the cluster carries. Then a real ``celery
+   worker`` (prefork, 2 processes, ``--max-tasks-per-child=1``: a new process for every
+   task) of ``tests.proj`` on the client agent runs a burst of locked no-ops (each process
+   creates its session, the task locks and releases, the process destroys its session as
+   it exits), beside the same burst of unlocked no-ops with the same recycling and of
+   locked no-ops without it: sessions created and destroyed per second (Consul's
+   ``consul.fsm.session`` counts), the cost per recycle, and the sessions left behind.
+5. ``--celery``: **through Celery.** A worker with ``-P threads -c 16`` on the client agent
+   runs a burst of no-ops, unlocked and as ``ConsulLockedTask`` with a key per task.
 
 The machine's disk fsync latency is probed first (a 4 KiB write + fdatasync in place, in
-the data directory's file system): Raft's writes cannot be faster than it. Every figure depends on
-this machine; ``--json`` keeps them all. Exits 1 if the ratio at 16 lockers misses its
-target or a part failed (errors, lost locks, sessions left behind).
+the data directory's file system): Raft's writes cannot be faster than it. Every figure
+depends on this machine; ``--json`` keeps them all. Exits 1 if the target at 16 lockers is
+missed or a part failed (errors, lost or refused locks, sessions left behind, failed tasks).
 """
 
 from __future__ import annotations
