@@ -204,7 +204,7 @@ def tick(self: Task, key: str) -> None:
 
 @app.task(bind=True, base=ConsulLockedTask, name="peers.tick_locked")
 def tick_locked(self: Task, key: str) -> None:
-    """Ours: the beat's tick ids make each run once (README: exactly once per scheduled tick)."""
+    """Ours: the beat's tick ids make each run once (docs/task.md: exactly once per scheduled tick)."""
     _tick(self, key)
 
 

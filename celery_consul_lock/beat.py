@@ -322,7 +322,7 @@ def _names_leader_elected(name: str, aliases: dict[str, str]) -> bool:
 def tick_of(entry: Any) -> Tick:
     """The tick id of the run of ``entry`` being sent now (before it is reserved): a run-now
     copy carries its own; a one-off entry's is its time; a solar entry's the event's time (to
-    the second) after its last run; see the README for crontab and interval entries."""
+    the second) after its last run; see docs/task.md for crontab and interval entries."""
     forced = getattr(entry, "consul_lock_tick", None)
     if isinstance(forced, Tick):
         return forced

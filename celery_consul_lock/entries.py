@@ -414,7 +414,7 @@ class RuntimeSchedule:
 
     def disable(self, name: str) -> None:
         """Disable an entry (runtime or config): no beat sends it until it is enabled; its
-        timing state is kept. Once this returns, the leader sends it no more (see the README)."""
+        timing state is kept. Once this returns, the leader sends it no more (see docs/beat.md)."""
         self._set_enabled(name, False)
 
     def _set_enabled(self, name: str, enabled: bool) -> None:

@@ -30,8 +30,8 @@ from .errors import InternalsChanged
 
 __all__ = ["TESTED", "check_celery_scheduler", "check_django_celery_beat", "check_heap_rebuilt", "require_names"]
 
-#: The releases ``make test-matrix`` runs the task and beat tests against (README, "Tested
-#: versions"): the oldest claimed in pyproject.toml and the newest at the time of the run.
+#: The releases ``make test-matrix`` runs the task and beat tests against (docs/development.md,
+#: "Tested versions"): the oldest claimed in pyproject.toml and the newest at the time of the run.
 TESTED = {"celery": "5.3.0 to 5.7.0", "django-celery-beat": "2.5.0 to 2.9.0"}
 
 _HEAP_WHY = "the leader-elected beat sets Scheduler._heap = None to make tick() rebuild the schedule heap"

@@ -5,9 +5,9 @@ Every setting is one :class:`Setting` row: its name (the Celery setting is
 that checks and converts a value, its default (a named constant below, with the reason for
 its value) and one line of documentation. Everything else derives from the rows: reading
 ``app.conf`` (:func:`read_celery`), the environment, the errors (:class:`InvalidSetting`
-naming the setting as the user wrote it and the value), and the README's configuration
-table (:func:`configuration_table`; ``tests/test_settings.py`` checks the README against it and prints
-the table to paste when they differ). The rows of :class:`ConsulSettings` are
+naming the setting as the user wrote it and the value), and the configuration table of the
+docs (:func:`configuration_table`; ``tests/test_settings.py`` checks docs/configuration.md against
+it and prints the table to paste when they differ). The rows of :class:`ConsulSettings` are
 :data:`CONSUL_SETTINGS`; the worker's (``availability.AVAILABILITY_SETTINGS``) and the beat's
 (``election.BEAT_SETTINGS``) are declared with the objects they configure.
 
@@ -263,13 +263,13 @@ class Setting:
     parse: Parser
     #: The value when nothing gives one (None: unset, the field's meaning says what then).
     default: Any
-    #: One line for the README's table.
+    #: One line for the configuration table (docs/configuration.md).
     doc: str
     #: Consul's environment variable that fills it when no setting does.
     env: str | None = None
-    #: How the README shows the default, when not the value itself ("system CAs").
+    #: How the configuration table shows the default, when not the value itself ("system CAs").
     shown_default: str | None = None
-    #: How the README shows the environment fallback, when not just ``env``.
+    #: How the configuration table shows the environment fallback, when not just ``env``.
     shown_env: str | None = None
     #: Never shown in errors (the token).
     secret: bool = False
@@ -379,7 +379,7 @@ def read_celery(conf: Any, declared: Iterable[Setting]) -> dict[str, Any]:
 
 
 def configuration_table(declared: Iterable[Setting]) -> str:
-    """The README's table of ``declared`` (markdown, one row per setting)."""
+    """The table of ``declared`` in docs/configuration.md (markdown, one row per setting)."""
     rows = ["| setting | environment fallback | default | |", "|---|---|---|---|"]
     for s in declared:
         env = s.shown_env or (f"`{s.env}`" if s.env else "")

@@ -145,7 +145,7 @@ EAGER_SETTINGS: tuple[Setting, ...] = (
         one_of(*EAGER_MODES),
         DEFAULT_EAGER,
         "eager (`task_always_eager`, `apply()`) and direct (`task()`) calls: `bypass` runs the body without a lock, "
-        "`consul` locks it as a worker does ([Eager and direct calls](#eager-and-direct-calls-your-projects-tests))",
+        "`consul` locks it as a worker does ([Eager and direct calls](task.md#eager-and-direct-calls-your-projects-tests))",
     ),
 )
 

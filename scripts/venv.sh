@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Create a virtualenv with the package installed editable and the developer tools (the `dev`
-# dependency group of pyproject.toml: tests, examples, lint and release check).
+# dependency group of pyproject.toml: tests, examples, lint and release check, the docs site).
 # usage: venv.sh PYTHON DIR [PIP_ARGS...]
 # PIP_ARGS are extra requirements installed with the package, e.g. 'celery==5.3.6' (make test-matrix).
 set -euo pipefail

@@ -1,6 +1,6 @@
 """ACL: a real agent with ``default_policy = "deny"``, bootstrapped here.
 
-The documented policy (README, "Consul ACL policy") works end to end; a token without
+The documented policy (docs/acl-tls.md, "Consul ACL policy") works end to end; a token without
 ``session:write`` or without ``key:write`` on the prefix gets an error naming that
 permission; the token never shows in a log line, a repr or an error.
 """
@@ -21,7 +21,7 @@ from .servers import start_consul, wait_for
 from .test_command import consul_lock_cmd
 from .workers import worker_env
 
-#: The minimal policy for workers and beats, as the README documents it.
+#: The minimal policy for workers and beats, as docs/acl-tls.md documents it.
 POLICY = """
 key_prefix "locks/" { policy = "write" }
 key_prefix "celery-consul-lock/" { policy = "write" }

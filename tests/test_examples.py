@@ -131,14 +131,15 @@ def test_analysis_flags_a_tick_run_twice_a_second_chain_and_passed_over_due_time
     assert analyse(silent_end).missed_count == 2
 
 
-def test_readme_quotes_the_example_files_as_they_are():
-    """Each README code block that starts with ``# example_project/<file>`` is a verbatim excerpt of it."""
-    readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```python\n# (example_project/\S+)\n(.*?)```", readme, re.S)
-    quoted = {path for path, _ in blocks}
+def test_the_docs_quote_the_example_files_as_they_are():
+    """Each code block of the README or a docs page that starts with ``# example_project/<file>``
+    is a verbatim excerpt of that file."""
+    quoted = set()
+    for page in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for path, text in re.findall(r"```python\n# (example_project/\S+)\n(.*?)```", page.read_text(), re.S):
+            quoted.add(path)
+            assert text in (ROOT / path).read_text(), f"{page.relative_to(ROOT)}'s quote of {path} differs from the file"
     assert {"example_project/django_site/proj/settings.py", "example_project/flask_app/backup_app/__init__.py"} <= quoted
-    for path, text in blocks:
-        assert text in (ROOT / path).read_text(), f"README's quote of {path} differs from the file"
 
 
 def test_the_report_explains_its_columns_and_a_first_tick_waiting_for_its_due_time_is_not_past_the_bound():

@@ -78,16 +78,15 @@ def test_a_users_tests_take_the_agent_from_the_plugin_beside_celerys_fixtures(py
         assert not [line for line in lines if "could not destroy session" in line], lines
 
 
-def readme_files() -> dict[str, str]:
-    """The code blocks of the README's "Testing your tasks" section, by the file their first
-    line names (``# conftest.py``)."""
-    readme = (ROOT / "README.md").read_text()
-    section = readme.split("\n## Testing your tasks\n", 1)[1].split("\n## ", 1)[0]
-    return {m[1]: m[2] for m in re.finditer(r"```python\n# (\S+\.py)\n(.*?)```", section, re.S)}
+def documented_files() -> dict[str, str]:
+    """The code blocks of docs/testing.md ("Testing your tasks"), by the file their first line
+    names (``# conftest.py``)."""
+    page = (ROOT / "docs" / "testing.md").read_text()
+    return {m[1]: m[2] for m in re.finditer(r"```python\n# (\S+\.py)\n(.*?)```", page, re.S)}
 
 
-def test_the_readmes_user_test_passes_as_written(pytester: pytest.Pytester) -> None:
-    files = readme_files()
+def test_the_documented_user_test_passes_as_written(pytester: pytest.Pytester) -> None:
+    files = documented_files()
     assert sorted(files) == ["conftest.py", "test_backup.py"], sorted(files)
     binaries()
     pytester.makeconftest(files["conftest.py"])

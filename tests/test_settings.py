@@ -327,16 +327,16 @@ def _declared_settings():
     return (*CONSUL_SETTINGS, *AVAILABILITY_SETTINGS, *BEAT_SETTINGS, *TASK_SETTINGS, *EAGER_SETTINGS)
 
 
-def test_the_readme_configuration_table_is_the_one_the_declarations_give():
-    """Each setting is declared once (settings.Setting); the README's table is generated from
-    the declarations, so a setting added, renamed or re-defaulted there must show here."""
+def test_the_docs_configuration_table_is_the_one_the_declarations_give():
+    """Each setting is declared once (settings.Setting); the table of docs/configuration.md is
+    generated from the declarations, so a setting added, renamed or re-defaulted there must show here."""
     from celery_consul_lock.settings import configuration_table
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    start = readme.index("| setting | environment fallback | default | |")
-    documented = readme[start : readme.index("\n\n", start) + 1]
+    page = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    start = page.index("| setting | environment fallback | default | |")
+    documented = page[start : page.index("\n\n", start) + 1]
     expected = configuration_table(_declared_settings())
-    assert documented == expected, f"README's configuration table is out of date; replace it with:\n{expected}"
+    assert documented == expected, f"docs/configuration.md's table is out of date; replace it with:\n{expected}"
 
 
 def test_every_declared_setting_is_read_from_celery_and_names_itself_when_refused():
@@ -397,15 +397,15 @@ def test_the_task_lock_options_are_declared_once_and_each_reaches_the_run():
     assert every_option.check_lock_options() == LockOptions(**given)
 
 
-def test_the_readme_lists_exactly_the_declared_task_lock_options():
+def test_the_docs_list_exactly_the_declared_task_lock_options():
     import re
     from dataclasses import fields
 
     from celery_consul_lock.task import LockOptions
 
-    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    start = readme.index("| option (task attribute / `@app.task(...)` argument) |")
-    rows = readme[start : readme.index("\n\n", start)].splitlines()[2:]
+    page = (Path(__file__).resolve().parent.parent / "docs" / "task.md").read_text()
+    start = page.index("| option (task attribute / `@app.task(...)` argument) |")
+    rows = page[start : page.index("\n\n", start)].splitlines()[2:]
     documented = {name for row in rows for name in re.findall(r"`(\w+)`", row.split("|")[1])}
     assert documented == {LockOptions.attribute(f.name) for f in fields(LockOptions)}
 

@@ -218,7 +218,7 @@ def test_a_blocking_acquire_does_not_wait_through_a_tls_failure(agent, tls, othe
 
 
 def test_a_wrong_ca_in_a_script_prints_the_message_not_an_ssl_traceback(agent, tls, other_ca):
-    # What a user sees running the README's first example with CONSUL_CACERT pointing at
+    # What a user sees running the first example of docs/lock.md with CONSUL_CACERT pointing at
     # the wrong CA: one ConsulUnavailable with the message, no ssl internals.
     env = {k: v for k, v in os.environ.items() if k not in CONSUL_ENV}
     env.update(tls_env(agent, tls), CONSUL_CACERT=str(other_ca.ca), PYTHONPATH=str(ROOT))
