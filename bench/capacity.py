@@ -152,7 +152,7 @@ def plan_of(args: argparse.Namespace) -> Plan:
         held=(0, 100, 1000),
         key_counts=(0, 10_000) if quick else KEY_COUNTS,
         key_seconds=3.0 if quick else 8.0,
-        churn_tasks=20 if quick else 60,
+        churn_tasks=30 if quick else 60,
     )
 
 
@@ -680,6 +680,8 @@ def key_growth(topo: Topology, plan: Plan) -> list[dict[str, Any]]:
 
 # -- real Celery workers: session churn, locked tasks -------------------------------------------
 
+#: A task's runtime as its worker logs it (``-l INFO``).
+SUCCEEDED = re.compile(r"Task (?P<name>[\w.]+)\[(?P<id>[0-9a-f-]+)\] succeeded in (?P<secs>[0-9.eE+-]+)s:")
 SESSIONS_CREATED = 'consul_fsm_session_count{op="create"}'
 SESSIONS_DESTROYED = 'consul_fsm_session_count{op="destroy"}'
 
@@ -721,6 +723,8 @@ def bursts(topo: Topology, workdir: Path, redis_url: str, cases: dict[str, Burst
             after = metrics(topo.leader)
             left = leftover_sessions(topo.agent, worker, wait=5.0)
             failed = sum(1 for r in results.results if r.failed())
+            ids = {r.id for r in results.results}
+            runtimes = [float(m["secs"]) * 1000 for m in SUCCEEDED.finditer(worker.log_text()) if m["id"] in ids]
         finally:
             worker.stop()
         created = after.get(SESSIONS_CREATED, 0.0) - before.get(SESSIONS_CREATED, 0.0)
@@ -730,15 +734,16 @@ def bursts(topo: Topology, workdir: Path, redis_url: str, cases: dict[str, Burst
             "wall_s": wall,
             "tasks_per_s": n / wall,
             "ms_per_task": wall / n * 1000,
+            "runtime_p50_ms": statistics.median(runtimes) if runtimes else float("nan"),
             "sessions_created_per_s": created / wall,
             "sessions_destroyed_per_s": destroyed / wall,
             "left_behind": left,
             "failed": failed,
         }
-    print(f"\n{'case':34}{'tasks/s':>9}{'ms/task':>9}{'sessions +/s':>14}{'-/s':>7}{'left':>6}{'failed':>8}")
+    print(f"\n{'case':26}{'tasks/s':>9}{'ms/task':>9}{'run p50 ms':>12}{'sessions +/s':>14}{'-/s':>7}{'left':>6}{'failed':>8}")
     for case, r in out.items():
         print(
-            f"{case:34}{r['tasks_per_s']:9.1f}{r['ms_per_task']:9.1f}{r['sessions_created_per_s']:14.1f}"
+            f"{case:26}{r['tasks_per_s']:9.1f}{r['ms_per_task']:9.1f}{r['runtime_p50_ms']:12.1f}{r['sessions_created_per_s']:14.1f}"
             f"{r['sessions_destroyed_per_s']:7.1f}{len(r['left_behind']):6d}{r['failed']:8d}"
         )
     return out
