@@ -111,7 +111,9 @@ LOCKERS = (1, 4, 16, 64)
 #: core at a time; more processes than cores only add switching).
 PROCS_MAX = 4
 FLOWS = ("ours", "txn", "floor", "plain")
+#: Locks one process holds at once in part 2.
 HELD = (0, 100, 1000)
+#: Other keys under the lock prefix in part 3 (--quick stops at 10k: filling takes a while).
 KEY_COUNTS = (0, 10_000, 100_000)
 #: Cumulative Raft and session counters, from every agent (Consul's Prometheus format).
 TELEMETRY_HCL = 'telemetry { prometheus_retention_time = "10m", disable_hostname = true }'
@@ -120,8 +122,11 @@ CLIENT_BIND = "127.0.0.21"
 HOLD_SETTLE = 2.0
 #: Consul's default limit of concurrent HTTP connections per client address.
 AGENT_CONN_LIMIT = 200
-#: Judgements of a point's limit.
+#: A point's limit is the machine's CPU when this share of its cores is busy (also: one
+#: locker process's or the client agent's, of one core) ...
 CPU_BUSY = 0.9
+#: ... or the leader's log fsync when it writes this share of the time (Raft batches the
+#: entries that arrive meanwhile, so a disk busy less than all the time still has headroom).
 DISK_BUSY = 0.8
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -142,6 +147,7 @@ class Plan:
 
 
 def plan_of(args: argparse.Namespace) -> Plan:
+    """The plan of a run: the command line's values, else the defaults (shorter with --quick)."""
     quick = args.quick
     return Plan(
         lockers=tuple(args.lockers),
@@ -149,8 +155,8 @@ def plan_of(args: argparse.Namespace) -> Plan:
         seconds=args.seconds or (3.0 if quick else 10.0),
         warmup=1.0 if quick else 2.0,
         procs_max=args.procs,
-        held=(0, 100, 1000),
-        key_counts=(0, 10_000) if quick else KEY_COUNTS,
+        held=HELD,
+        key_counts=KEY_COUNTS[:2] if quick else KEY_COUNTS,
         key_seconds=3.0 if quick else 8.0,
         churn_tasks=30 if quick else 60,
     )
