@@ -586,7 +586,7 @@ class ConsulLock:
             if current is None or self.lost_reason is not None or (holding is not None and holding is not current):
                 return
             self.lost_reason = reason
-        lost_log.warning("lock %s lost: %s", self.key, reason)
+        native.log(lost_log, logging.WARNING, "lock %s lost: %s", self.key, reason)
         if current.owner is None:
             self._tell_lost(current, reason)
         else:

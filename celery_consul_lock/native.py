@@ -13,6 +13,12 @@ statements (never across I/O: a greenlet that yields while holding it would bloc
 hub's thread for the other greenlets that want it), an :class:`Event` that greenlets
 ``set()`` and real threads ``wait()`` on, and :meth:`Owner.call`, which runs a function in
 a greenlet of the hub that owns the lock (what a loss's callbacks and signals need).
+
+Nothing else, and not ``logging`` either: a handler's lock made after the patching (every
+handler of a ``celery worker -P gevent``) is gevent's, and when two real threads (no hub in
+either) want it at once, the one left waiting is never woken (gevent 26.9: a lost wake-up;
+the watcher and the renewer that both see a destroyed session hit it). So our real threads
+log with :func:`log`, which hands the record to the hub that started them.
 """
 
 from __future__ import annotations
@@ -35,13 +41,14 @@ __all__ = [
     "create_connection",
     "green",
     "lock",
+    "log",
     "owner",
     "sleep",
     "ssl_context_class",
     "start_thread",
 ]
 
-log = logging.getLogger("celery_consul_lock.native")
+native_log = logging.getLogger("celery_consul_lock.native")
 
 #: What a forked child must reset (see at_fork), in registration order.
 _FORK_RESETS: list[Callable[[], None]] = []
@@ -59,7 +66,7 @@ def _reset_after_fork() -> None:
         try:
             reset()
         except Exception:
-            log.exception("resetting %r in a forked child failed", reset)
+            native_log.exception("resetting %r in a forked child failed", reset)
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)
@@ -130,11 +137,51 @@ class Event:
 
 
 def start_thread(target: Callable[..., None], args: tuple[Any, ...], name: str) -> None:
-    """Run ``target(*args)`` on a new real OS thread (a daemon: never joined at exit)."""
+    """Run ``target(*args)`` on a new real OS thread (a daemon: never joined at exit).
+    Under gevent the thread logs through the hub of the greenlet that started it (directly
+    or through real threads started in turn), see :func:`log`."""
     if green():
-        _original("_thread", "start_new_thread")(target, args)
+        owner = _THREAD_OWNERS.get(_real_ident()) or Owner()
+        _original("_thread", "start_new_thread")(_run_owned, (owner, target, args))
         return
     threading.Thread(target=target, args=args, name=name, daemon=True).start()
+
+
+#: Under gevent, the Owner of each live real thread we started, by its OS thread ident.
+_THREAD_OWNERS: dict[int, Owner] = {}
+at_fork(_THREAD_OWNERS.clear)  # a forked child has none of its parent's threads
+
+
+def _real_ident() -> int:
+    """The calling OS thread's ident (under gevent, ``threading.get_ident()`` names a greenlet)."""
+    return _original("_thread", "get_ident")() if green() else _thread.get_ident()
+
+
+def _run_owned(owner: Owner, target: Callable[..., None], args: tuple[Any, ...]) -> None:
+    ident = _real_ident()
+    _THREAD_OWNERS[ident] = owner
+    try:
+        target(*args)
+    finally:
+        _THREAD_OWNERS.pop(ident, None)
+
+
+def log(logger: logging.Logger, level: int, msg: str, *args: Any, exc_info: bool = False) -> None:
+    """``logger.log(level, msg, *args)`` that a real thread of ours may call under gevent: there
+    the record is handed to a greenlet of the hub that started the thread, and is emitted
+    when that hub next runs (a body that never yields delays it; the thread goes on at once).
+    Elsewhere (no gevent, or called from a greenlet) it logs here and now. ``exc_info=True``
+    takes the exception being handled, as ``logger.exception`` does."""
+    info = sys.exc_info() if exc_info else None
+    owner = _THREAD_OWNERS.get(_real_ident()) if _THREAD_OWNERS else None
+    if owner is None:
+        logger.log(level, msg, *args, exc_info=info)
+    else:
+        owner.call(_emit, logger, level, msg, args, info)
+
+
+def _emit(logger: logging.Logger, level: int, msg: str, args: tuple[Any, ...], info: Any) -> None:
+    logger.log(level, msg, *args, exc_info=info)
 
 
 def create_connection(address: tuple[str, int], timeout: float) -> socket.socket:
@@ -207,4 +254,4 @@ def _logged(func: Callable[..., None], args: tuple[Any, ...]) -> None:
     try:
         func(*args)
     except Exception:
-        log.exception("%r, handed back to the greenlets by a real thread, failed", func)
+        native_log.exception("%r, handed back to the greenlets by a real thread, failed", func)

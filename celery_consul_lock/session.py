@@ -166,7 +166,7 @@ class LockSession:
                 return
             self.lost_reason = reason
             self._stop.set()
-        log.warning("session %s lost: %s", self.id, reason)
+        native.log(log, logging.WARNING, "session %s lost: %s", self.id, reason)
         if self._owner is None:
             self._tell_users(reason)
         else:
@@ -249,16 +249,22 @@ class LockSession:
                     return
                 except ConsulLockError as exc:
                     if failing is None:
-                        renew_log.warning("renewing session %s failed, retrying until the fencing deadline: %s", sid, exc)
+                        native.log(
+                            renew_log,
+                            logging.WARNING,
+                            "renewing session %s failed, retrying until the fencing deadline: %s",
+                            sid,
+                            exc,
+                        )
                     failing = str(exc)
                     next_at = min(t0 + RENEW_RETRY, self.deadline)
                     continue
                 except Exception as exc:  # never let the renewer die silently
-                    renew_log.exception("renewer of session %s crashed", sid)
+                    native.log(renew_log, logging.ERROR, "renewer of session %s crashed", sid, exc_info=True)
                     self.lose(f"renewer crashed: {exc!r}")
                     return
                 if failing is not None:
-                    renew_log.warning("renewing session %s works again", sid)
+                    native.log(renew_log, logging.WARNING, "renewing session %s works again", sid)
                     failing = None
                 self._last_contact = t0
                 next_at = t0 + self.interval

@@ -113,7 +113,7 @@ class DelayedThreads:
         try:
             self._loop()
         except BaseException:  # never die silently: say so, and let the next schedule() restart us
-            watch_log.exception("the watch starter thread crashed")
+            native.log(watch_log, logging.ERROR, "the watch starter thread crashed", exc_info=True)
             with self._mutex:
                 self._running = False
             raise
@@ -183,7 +183,7 @@ def watch(settings: ConsulSettings, what: str, read: WatchRead, released: Releas
             except ConsulLockError as exc:
                 if released.wait(WATCH_RETRY):
                     return
-                watch_log.debug("watching %s failed, retrying: %s", what, exc)
+                native.log(watch_log, logging.DEBUG, "watching %s failed, retrying: %s", what, exc)
                 continue
             if released.is_set():
                 return
@@ -193,6 +193,6 @@ def watch(settings: ConsulSettings, what: str, read: WatchRead, released: Releas
             index = new_index if new_index >= index else 1
             index = max(index, 1)
     except Exception:
-        watch_log.exception("watcher of %s crashed", what)
+        native.log(watch_log, logging.ERROR, "watcher of %s crashed", what, exc_info=True)
     finally:
         client.close()

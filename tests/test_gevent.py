@@ -9,6 +9,9 @@ them, and abort_on_lock_lost throws into the body's own greenlet.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+import textwrap
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -17,7 +20,7 @@ import pytest
 
 from celery_consul_lock import is_skipped
 
-from .servers import wait_for
+from .servers import ROOT, wait_for
 from .test_command import consul_lock_cmd
 from .test_task import assert_no_overlap, intervals, runs
 from .workers import wait_results, worker_env
@@ -27,10 +30,8 @@ from .workers import wait_results, worker_env
 #: that nobody renews within 2 x TTL = 20 s.
 GREEN_ENV = {"TEST_TTL": "10", "TEST_LOCK_DELAY": "2"}
 #: How long after the key is freed the aborted body must have ended (its result stored).
-#: Alone it ends within 0.5 s; with a second test process beside it, three runs of this
-#: session took over 5 s (not reproduced in eight targeted runs, cause not yet found), so
-#: the bound leaves room for that while still failing a body that is never aborted.
-ABORT_BOUND = 15.0
+#: Alone it ends within 0.5 s; the rest is room for a loaded machine.
+ABORT_BOUND = 5.0
 
 
 def gevent_worker(workers, concurrency: int = 50, **kw):
@@ -65,8 +66,9 @@ def agent_connections(pid: int, port: int) -> int:
 @pytest.mark.parametrize("how", ["consul-lock release", "session destroy"])
 def test_abort_on_lock_lost_throws_into_the_right_greenlet_when_the_key_is_freed(proj, workers, r, consul, how):
     worker = gevent_worker(workers)
-    # Other greenlets of the same process hold locks of their own meanwhile (without abort).
-    others = [proj.green_keyed.delay(n, 6.0) for n in range(5)]
+    # Other greenlets of the same process hold locks of their own meanwhile (without abort),
+    # until the test says "go" (the release command can take seconds on a loaded machine).
+    others = [proj.green_keyed.delay(n, 60.0, until="others-go") for n in range(5)]
     result = proj.guarded.delay(60)
 
     def started():
@@ -86,6 +88,7 @@ def test_abort_on_lock_lost_throws_into_the_right_greenlet_when_the_key_is_freed
     took = time.monotonic() - freed
     assert result.state == "FAILURE" and type(result.result).__name__ == "LockLostAbort", (result.state, result.result)
     assert not [x for x in runs(r) if x["kind"] == "end" and x["task"] == "guarded"]
+    r.set("others-go", 1)
     # The abort hit only its own greenlet: the others ran on to their end (their lock was
     # lost with the shared session, which their `held` shows).
     assert wait_results(others, 30) == list(range(5))
@@ -181,3 +184,96 @@ def test_fifty_greenlets_lock_distinct_keys_and_one_shared_key_without_overlap(p
     worker.stop()
     wait_for(lambda: {s["ID"] for s in consul.api("/v1/session/list")} == before, 30, "the worker's session to be destroyed")
     assert json.dumps(records)  # records are JSON, for the failure message
+
+
+# -- logging from the real threads ------------------------------------------------------------
+
+#: The start of a child process patched by gevent, as a worker is: ``where(record)`` says
+#: whether a record was emitted on the main OS thread (the hub's). The handler, made after the
+#: patching like a worker's, has a gevent lock.
+GREEN_CHILD = """
+from gevent import monkey
+monkey.patch_all()
+import json, logging, os, time
+import gevent
+from celery_consul_lock import native
+
+real_ident = monkey.get_original("_thread", "get_ident")
+main_thread = real_ident()
+records = []
+
+
+class Where(logging.StreamHandler):
+    def emit(self, record):
+        records.append({"message": record.getMessage(), "main": real_ident() == main_thread})
+        super().emit(record)  # a write, as a worker's handlers do (the GIL is let go meanwhile)
+
+
+def until(predicate, timeout):
+    deadline = time.monotonic() + timeout
+    while not predicate() and time.monotonic() < deadline:
+        gevent.sleep(0.02)
+    return predicate()
+
+
+logging.getLogger("celery_consul_lock").addHandler(Where(open(os.devnull, "w")))
+logging.getLogger("celery_consul_lock").setLevel(logging.INFO)
+"""
+
+
+def run_green_child(script: str) -> dict:
+    """Run GREEN_CHILD + ``script`` in a child Python; the JSON it prints last."""
+    done = subprocess.run(
+        [sys.executable, "-c", GREEN_CHILD + textwrap.dedent(script)], cwd=ROOT, capture_output=True, text=True, timeout=90
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_two_real_threads_logging_at_once_under_gevent_both_go_on_and_every_record_is_emitted_on_the_hub():
+    """Two real threads that log at the same time through a handler with a gevent lock: the
+    one left waiting for that lock was never woken (gevent's lost wake-up between two threads
+    without a hub). native.log hands their records to the hub, so both run on, and nothing is
+    emitted on a real thread."""
+    out = run_green_child(
+        """
+        finished = []
+
+        def spam(n):
+            for i in range(500):
+                native.log(logging.getLogger("celery_consul_lock.test"), logging.INFO, "thread %s line %s", n, i)
+            finished.append(n)
+
+        gevent.sleep(0)  # the main hub exists before the threads, as in a worker
+        for n in range(2):
+            native.start_thread(spam, (n,), "spam")
+        until(lambda: len(finished) == 2 and len(records) == 1000, 30)
+        print(json.dumps({"finished": sorted(finished), "records": len(records), "off_hub": sum(not r["main"] for r in records)}))
+        """
+    )
+    assert out == {"finished": [0, 1], "records": 1000, "off_hub": 0}, out
+
+
+def test_the_watcher_and_the_renewer_report_a_destroyed_session_through_the_hub(consul, key):
+    """A destroyed session is seen by the renewer and, at about the same moment, by the lock's
+    watcher: both real threads, both logging a loss. Every record is emitted on the hub's thread
+    (where they cannot deadlock each other on a handler's gevent lock, which left the abort of
+    the first test undelivered)."""
+    out = run_green_child(
+        f"""
+        from celery_consul_lock import ConsulLock
+        from celery_consul_lock.consul import ConsulClient
+
+        lock = ConsulLock({key!r}, address={consul.address!r}, ttl=10, lock_delay=2)
+        assert lock.acquire()
+        ConsulClient(lock.settings).session_destroy(lock.session_id)
+        wanted = ("lock {key} lost: ", "session " + lock.session_id + " lost: ")
+        until(lambda: all(any(r["message"].startswith(w) for r in records) for w in wanted), 30)
+        print(json.dumps({{"lost": lock.lost.is_set(), "records": records}}))
+        """
+    )
+    messages = [r["message"] for r in out["records"]]
+    assert out["lost"], messages
+    assert any(m.startswith(f"lock {key} lost: ") for m in messages), messages
+    assert any(m.startswith("session ") and " lost: " in m for m in messages), messages
+    assert all(r["main"] for r in out["records"]), out["records"]

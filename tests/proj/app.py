@@ -377,11 +377,17 @@ def blocking(self, seconds: float = 25.0) -> str:
 
 
 @app.task(bind=True, base=ConsulLockedTask, name="proj.green_keyed", lock_key="locks/green-{n}/.lock")
-def green_keyed(self, n: int, seconds: float = 2.0) -> int:
-    """One key per argument; sleeps with ``time.sleep`` (a greenlet switch under gevent)."""
+def green_keyed(self, n: int, seconds: float = 2.0, until: str = "") -> int:
+    """One key per argument; sleeps with ``time.sleep`` (a greenlet switch under gevent) for
+    ``seconds``, or with ``until``, until that Redis key exists (``seconds`` at most)."""
     tick = getattr(self.request, "consul_lock_tick", None)
     record("start", task="green_keyed", key=self.lock.key, id=self.request.id, token=self.fencing_token, tick=tick)
-    time.sleep(seconds)
+    if until:
+        deadline = time.monotonic() + seconds
+        while not store().exists(until) and time.monotonic() < deadline:
+            time.sleep(0.05)
+    else:
+        time.sleep(seconds)
     record("end", task="green_keyed", key=self.lock.key, id=self.request.id, held=self.lock.held, tick=tick)
     return n
 
