@@ -950,16 +950,28 @@ def lockers_list(text: str) -> list[int]:
     return values
 
 
+#: The parts ``--skip`` can leave out.
+PARTS = ("curve", "held", "keys")
+
+
+def parts_list(text: str) -> set[str]:
+    parts = {p.strip() for p in text.split(",") if p.strip()}
+    unknown = sorted(parts - set(PARTS))
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown part(s) {unknown}: --skip takes {', '.join(PARTS)}")
+    return parts
+
+
 def parse(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="1 round of 3 s per point, keys up to 10k, 20 churn tasks")
+    parser.add_argument("--quick", action="store_true", help="1 round of 3 s per point, keys up to 10k, 30 churn tasks")
     parser.add_argument("--lockers", type=lockers_list, default=list(LOCKERS), help="concurrencies (default 1,4,16,64)")
     parser.add_argument("--rounds", type=int, default=0, help="rounds per point (default 3, --quick 1)")
     parser.add_argument("--seconds", type=float, default=0.0, help="measured seconds per point (default 10, --quick 3)")
     parser.add_argument("--procs", type=int, default=PROCS_MAX, help=f"at most this many locker processes (default {PROCS_MAX})")
     parser.add_argument("--churn", action="store_true", help="also measure session churn through a recycling celery worker")
     parser.add_argument("--celery", action="store_true", help="also run locked tasks through a threads-pool celery worker")
-    parser.add_argument("--skip", default="", help="parts to skip, comma-separated: curve, held, keys")
+    parser.add_argument("--skip", type=parts_list, default=set(), help="parts to skip, comma-separated: curve, held, keys")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to PATH as JSON")
     parser.add_argument(
         "--plots", type=Path, metavar="DIR", help="write capacity.png and capacity.svg into DIR (needs matplotlib)"
@@ -978,7 +990,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"wrote {path}")
         return 0
     plan = plan_of(args)
-    skip = {s.strip() for s in args.skip.split(",") if s.strip()}
+    skip = args.skip
     results: dict[str, Any] = {"plan": plan.__dict__, "cores": os.cpu_count()}
     ok = True
     with tempfile.TemporaryDirectory(prefix="capacity-") as tmp:
