@@ -10,8 +10,8 @@
 # pip resolves for them today, as a user gets them; "newest" upgrades everything on every run.
 # Celery 5.3.0's AsyncResult.__del__ reconnects to the result backend when a result is
 # garbage-collected, after the test's Redis has stopped, and raises there (not seen with
-# 5.7.0); pytest reports that as an unraisable-exception warning, which the oldest cells
-# ignore (no test's assertion is affected).
+# 5.7.0); pytest reports that as an unraisable-exception warning, which the oldest cell
+# ignores (no test's assertion is affected).
 set -uo pipefail
 set -f  # the pins hold brackets (celery[redis]): no globbing
 cd "$(dirname "$0")/.."

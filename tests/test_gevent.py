@@ -255,10 +255,10 @@ def test_two_real_threads_logging_at_once_under_gevent_both_go_on_and_every_reco
 
 
 def test_the_watcher_and_the_renewer_report_a_destroyed_session_through_the_hub(consul, key):
-    """A destroyed session is seen by the renewer and, at about the same moment, by the lock's
-    watcher: both real threads, both logging a loss. Every record is emitted on the hub's thread
-    (where they cannot deadlock each other on a handler's gevent lock, which left the abort of
-    the first test undelivered)."""
+    """A destroyed session: the renewer (a real thread) reports it, and the lock's loss is
+    reported by the watcher (another real thread) or through the session. Every record is
+    emitted on the hub's thread, where no two real threads meet on a handler's gevent lock
+    (that left a lost lock's abort undelivered, see the test above)."""
     out = run_green_child(
         f"""
         from celery_consul_lock import ConsulLock
@@ -266,8 +266,9 @@ def test_the_watcher_and_the_renewer_report_a_destroyed_session_through_the_hub(
 
         lock = ConsulLock({key!r}, address={consul.address!r}, ttl=10, lock_delay=2)
         assert lock.acquire()
-        ConsulClient(lock.settings).session_destroy(lock.session_id)
-        wanted = ("lock {key} lost: ", "session " + lock.session_id + " lost: ")
+        sid = lock.session_id
+        ConsulClient(lock.settings).session_destroy(sid)
+        wanted = ("lock {key} lost: ", "session " + sid + " lost: ")
         until(lambda: all(any(r["message"].startswith(w) for r in records) for w in wanted), 30)
         print(json.dumps({{"lost": lock.lost.is_set(), "records": records}}))
         """
