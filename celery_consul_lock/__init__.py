@@ -5,6 +5,7 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as _version
 
+from . import startup as _startup  # noqa: F401  # connects the checks at a worker's start
 from .contrib.flask import LockedFlaskTask
 from .entries import EntryDefinition, RuntimeSchedule, once
 from .errors import (

@@ -48,7 +48,7 @@ from . import signals
 from .consul import ConsulClient
 from .errors import ConsulLockError, ConsulUnavailable
 from .protocol import REQUEUE_HEADER, requeue_header, requeues
-from .settings import ConsulSettings, Setting, boolean, read_celery, seconds, whole
+from .settings import ConsulSettings, Setting, address_source, boolean, read_celery, seconds, whole
 
 if TYPE_CHECKING:
     from .protocol import Tick
@@ -240,7 +240,7 @@ class ConsulAgentWatch(bootsteps.StartStopStep):  # type: ignore[misc]  # Celery
 
     def start(self, parent: Any) -> None:
         if self.watch is None:
-            self.watch = _Watch(parent, self.settings, self.config.agent_probe_interval)
+            self.watch = _Watch(parent, self.settings, self.config.agent_probe_interval, address_source(parent.app.conf))
         self.watch.start()
 
     def stop(self, parent: Any) -> None:
@@ -255,9 +255,11 @@ class _Watch:
     """The watch's thread and state. Probing happens in the thread; stopping and resuming
     consumption in the consumer's own thread (``consumer.call_soon``), as kombu requires."""
 
-    def __init__(self, consumer: Any, settings: ConsulSettings, interval: float) -> None:
+    def __init__(self, consumer: Any, settings: ConsulSettings, interval: float, address_from: str = "") -> None:
         self.consumer = consumer
         self.settings = settings
+        #: Where the agent's address came from, for the start-up line (settings.address_source).
+        self.address_from = address_from
         self.interval = interval
         #: Pool processes run tasks in the consumer's own thread (solo): a pause it has
         #: been asked for happens before it takes the next message, so nobody need wait.
@@ -277,9 +279,34 @@ class _Watch:
             return
         self.stopping.clear()
         self.sock = self._listen()
+        self._probe_before_consuming()
         self.thread = threading.Thread(target=self._run, name="consul-agent-watch", daemon=True)
         self.thread.start()
         log.info("watching the Consul agent at %s every %g s", self.settings.base_url, self.interval)
+
+    def _probe_before_consuming(self) -> None:
+        """Probe once in the consumer's thread, before it takes its first message (the step
+        starts after the task consumer, before the event loop and ``ready``): a worker whose
+        agent does not answer at start does not consume until it does, as after an outage."""
+        client = ConsulClient(self.settings, timeout=min(self.settings.timeout, PROBE_TIMEOUT))
+        try:
+            reason = self._down_reason(client)
+        finally:
+            client.close()
+        if not reason:
+            return
+        with self.mutex:
+            was_down, self.down = self.down, True
+            if not was_down:
+                self.down_since = time.monotonic()
+        if not was_down:
+            queues = self._queue_names()
+            log.warning(
+                "Consul agent at %s does not answer (%s): this worker does not consume from %s until it answers (%s)",
+                self.settings.base_url, reason, ", ".join(queues) or "its queues", self.address_from,
+            )  # fmt: skip
+            signals.send(signals.worker_agent_unavailable, self.consumer, address=self.settings.base_url, reason=reason)
+        self._pause()
 
     def stop(self) -> None:
         self.stopping.set()
@@ -334,19 +361,28 @@ class _Watch:
                 self.waiters.append(sender)
 
     def _probe(self, client: ConsulClient) -> None:
-        try:
-            leader = client.status_leader()
-            reason = "" if leader else "it knows no cluster leader"
-        except ConsulUnavailable as exc:
-            # TLS is a configuration error, not an outage: tasks report it themselves.
-            reason = exc.detail if exc.transient else ""
-        except ConsulLockError as exc:
-            reason = str(exc)
+        reason = self._down_reason(client)
         if reason:
             self._went_down(reason)
         else:
             self._came_back()
         self._answer_waiters()
+
+    @staticmethod
+    def _down_reason(client: ConsulClient) -> str:
+        """Why the agent counts as down ("" if it answers with a leader)."""
+        try:
+            leader = client.status_leader()
+            return "" if leader else "it knows no cluster leader"
+        except ConsulUnavailable as exc:
+            # TLS is a configuration error, not an outage: tasks report it themselves.
+            return exc.detail if exc.transient else ""
+        except ConsulLockError as exc:
+            return str(exc)
+
+    def _queue_names(self) -> tuple[str, ...]:
+        task_consumer = self.consumer.task_consumer
+        return tuple(q.name for q in task_consumer.queues) if task_consumer else ()
 
     def _went_down(self, reason: str) -> None:
         with self.mutex:
@@ -355,7 +391,7 @@ class _Watch:
                     self.consumer.call_soon(self._pause)
                 return
             self.down, self.down_since = True, time.monotonic()
-        queues = tuple(q.name for q in self.consumer.task_consumer.queues) if self.consumer.task_consumer else ()
+        queues = self._queue_names()
         log.warning(
             "Consul agent at %s is unreachable (%s): this worker stops consuming from %s until it answers",
             self.settings.base_url, reason, ", ".join(queues) or "its queues",

@@ -54,6 +54,7 @@ from .errors import ConsulLockError
 from .internals import check_celery_scheduler, check_heap_rebuilt
 from .protocol import LEADER_HEADER, TICK_HEADER, Tick, crontab_tick, interval_tick, leader_header
 from .runtime import RuntimeEntries
+from .startup import check_app, refuse_a_foreign_agent, refused_at_start, warn_unknown_settings
 from .task import ConsulLockedTask
 
 __all__ = [
@@ -66,6 +67,7 @@ __all__ = [
     "LoopWatch",
     "embedded_beat_problem",
     "leader_elected",
+    "leader_elected_scheduler",
 ]
 
 log = logging.getLogger("celery_consul_lock.beat")
@@ -104,8 +106,14 @@ class LeaderElectedMixin:
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         check_celery_scheduler()  # loud at start if Celery changed the heap we rebuild
-        app = kwargs.get("app") or (args[0] if args else None)
-        self.beat_config = BeatConfig.from_app(app)
+        app: Any = kwargs.get("app") or (args[0] if args else None)
+        # A bad setting ends the beat here with one line, before it joins the election.
+        with refused_at_start("beat"):
+            self.beat_config = BeatConfig.from_app(app)
+            check_app(app)
+        refuse_a_foreign_agent("beat", self.beat_config.settings, app.conf, "it could never lead")
+        #: Set in an embedded beat (``worker -B``), whose worker warned about names already.
+        self.embedded = False
         self.election: Election | None = None
         self._seen_generation = 0
         self._setup_pending = False
@@ -218,6 +226,7 @@ class LeaderElectedMixin:
         election as at a warm shutdown (release, no lock-delay). Without it, a worker killed
         alone leaves its beat running as an orphan, leading on while the worker is restarted
         beside it. Linux only (``PR_SET_PDEATHSIG``); elsewhere it logs that it cannot."""
+        self.embedded = True
         worker = getattr(billiard.process.current_process(), "_parent_pid", None) or os.getppid()
         try:
             set_pdeathsig(WORKER_DEATH_SIGNAL)
@@ -233,6 +242,8 @@ class LeaderElectedMixin:
 
     def _start_election(self) -> Election:
         if self.election is None:
+            if not self.embedded:  # logging is set up by now (unlike in __init__)
+                warn_unknown_settings(self.app.conf)
             self.election = Election(self.beat_config, self._loop)
             self._defer_exit_during_sends()
             log.info(
@@ -286,13 +297,27 @@ def _check_embedded_beat(sender: Any = None, instance: Any = None, **_: Any) -> 
 celeryd_after_setup.connect(_check_embedded_beat, weak=False)
 
 
+def leader_elected_scheduler(scheduler: Any) -> bool:
+    """True if ``scheduler`` (a name as ``--scheduler`` takes it, or a class) is leader-elected
+    (one of ours, or a subclass); False also if it cannot be imported."""
+    try:
+        cls = symbol_by_name(scheduler, aliases=_aliases())  # type: ignore[no-untyped-call]  # kombu's is untyped
+    except Exception:
+        return False
+    return isinstance(cls, type) and issubclass(cls, LeaderElectedMixin)
+
+
+def _aliases() -> dict[str, str]:
+    return dict(load_extension_class_names(SCHEDULER_ALIASES))
+
+
 def embedded_beat_problem(app: Any, scheduler: Any, statedb: str | None) -> str | None:
     """Why a ``celery worker -B`` of ``app``, with the scheduler (name or class) and state
     database the worker was given, would run a beat that is not leader-elected where one is
     meant: every such worker would then send every tick. None if it is leader-elected, if the
     app shows no sign of this package (no ConsulLockedTask task, no ``-S consul``), or if the
     scheduler cannot be imported here (the beat will report that itself)."""
-    aliases = dict(load_extension_class_names(SCHEDULER_ALIASES))
+    aliases = _aliases()
     try:
         cls = symbol_by_name(scheduler, aliases=aliases)  # type: ignore[no-untyped-call]  # kombu's is untyped
     except Exception:

@@ -43,7 +43,7 @@ from .errors import ConsulLockError, EntryConflict, EntryNotFound, InvalidEntry,
 from .lock import LockHolder
 from .semaphore import SEMAPHORE_KEY, SemaphoreState
 from .settings import ConsulSettings, parse_seconds
-from .task import ConsulLockedTask, eager_mode
+from .startup import check_app, locked_tasks, unknown_settings
 from .ticks import MARKS_PREFIX, key_part
 
 __all__ = ["collect_status", "consul_lock", "preflight"]
@@ -286,13 +286,10 @@ def preflight(app: Any, *, beat: bool = True, progress: Callable[[str], None] = 
     scratch keys under the prefix. Returns a one-line summary; raises ConsulLockError (the
     message names the setting, the address or the missing permission) at the first failure.
     Leaves nothing behind when it returns or raises."""
-    settings = ConsulSettings.from_celery(app.conf)
-    eager_mode(app.conf)
-    beat_config = BeatConfig.from_app(app) if beat else None
     app.loader.import_default_modules()  # the task modules (Django: autodiscovery), as a worker does
-    locked = sorted(name for name, task in app.tasks.items() if isinstance(task, ConsulLockedTask))
-    for name in locked:
-        app.tasks[name].check_lock_options()
+    settings = check_app(app)  # every setting and each locked task's options, as a worker checks them at start
+    beat_config = BeatConfig.from_app(app) if beat else None
+    locked = sorted(task.name for task in locked_tasks(app))
     client = ConsulClient(settings)
     try:
         progress(f"reaching {settings.base_url}")
@@ -440,6 +437,8 @@ def release(ctx: click.Context, key: str, yes: bool) -> None:
 def check(ctx: click.Context, no_beat: bool, verbose: bool) -> None:
     """Preflight: settings, agent, permissions. Exits 1 at the first problem."""
     progress = (lambda text: click.echo(f"  {text}", err=True)) if verbose else (lambda _: None)
+    for message in unknown_settings(ctx.obj.app.conf):
+        click.echo(f"consul-lock check: warning: {message}", err=True)
     try:
         summary = preflight(ctx.obj.app, beat=not no_beat, progress=progress)
     except InvalidSetting as exc:

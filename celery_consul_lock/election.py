@@ -34,7 +34,7 @@ from .consul import ConsulClient, thread_client
 from .errors import ConsulLockError, InvalidSetting
 from .lock import LOCK_DELAY_RETRY, ConsulLock
 from .session import LockSession, renewal_interval
-from .settings import ConsulSettings, Setting, one_of, read_celery, seconds, text, validate_key
+from .settings import ConsulSettings, Setting, as_written, one_of, read_celery, seconds, text, validate_key
 
 __all__ = ["BeatConfig", "Election", "ElectionState", "LoopWatch", "MissedPolicy"]
 
@@ -119,14 +119,17 @@ class BeatConfig:
 
     @classmethod
     def from_app(cls, app: Any) -> BeatConfig:
+        """Read and validate the beat's settings from ``app.conf``; InvalidSetting names the
+        setting as the user wrote it (``CELERY_CONSUL_LOCK_BEAT_CHECK_TTL`` under Django)."""
         conf = app.conf
-        beat = read_celery(conf, BEAT_SETTINGS)
-        base = ConsulSettings.from_celery(conf)
-        settings = ConsulSettings.resolve({"lock_delay": beat["beat_lock_delay"]}, env={}, names="consul_lock_beat_{}")
-        settings = base.replace(lock_delay=settings.lock_delay)
-        name = beat["beat_name"] or app.main or "celery"
-        config = cls(str(name), settings, beat["beat_check_ttl"], beat["beat_missed"], beat["beat_stall_timeout"])
-        config.validate()
+        with as_written(conf):
+            beat = read_celery(conf, BEAT_SETTINGS)
+            base = ConsulSettings.from_celery(conf)
+            settings = ConsulSettings.resolve({"lock_delay": beat["beat_lock_delay"]}, env={}, names="consul_lock_beat_{}")
+            settings = base.replace(lock_delay=settings.lock_delay)
+            name = beat["beat_name"] or app.main or "celery"
+            config = cls(str(name), settings, beat["beat_check_ttl"], beat["beat_missed"], beat["beat_stall_timeout"])
+            config.validate()
         return config
 
     def validate(self) -> None:

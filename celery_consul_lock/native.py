@@ -16,9 +16,10 @@ a greenlet of the hub that owns the lock (what a loss's callbacks and signals ne
 
 Nothing else, and not ``logging`` either: a handler's lock made after the patching (every
 handler of a ``celery worker -P gevent``) is gevent's, and when two real threads (no hub in
-either) want it at once, the one left waiting is never woken (gevent 26.9: a lost wake-up;
-the watcher and the renewer that both see a destroyed session hit it). So our real threads
-log with :func:`log`, which hands the record to the hub that started them.
+either) want it at once, the one left waiting is never woken (gevent 26.9: a lost wake-up,
+akin to gevent issue #2013; the watcher and the renewer that both see a destroyed session hit
+it). So our real threads log with :func:`log`, which hands the record to the hub that started
+them.
 """
 
 from __future__ import annotations

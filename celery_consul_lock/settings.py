@@ -23,8 +23,10 @@ Where each value comes from, first match wins:
 
 An explicit token therefore wins over ``CONSUL_HTTP_TOKEN`` (the Consul client libraries do
 the opposite; this package never lets them read the environment). Bad values raise
-:class:`~celery_consul_lock.errors.InvalidSetting` naming the setting and the value,
-never the token.
+:class:`~celery_consul_lock.errors.InvalidSetting` naming the setting as the user wrote it
+(:func:`written_name`: ``CELERY_CONSUL_LOCK_TTL`` under Django's namespace, the environment
+variable when the value came from there) and the value, never the token. Workers and beats
+check every setting when they start (:mod:`celery_consul_lock.startup`).
 """
 
 from __future__ import annotations
@@ -32,7 +34,8 @@ from __future__ import annotations
 import math
 import os
 import re
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, get_args
 
@@ -42,13 +45,19 @@ __all__ = [
     "CONSUL_SETTINGS",
     "ConsulSettings",
     "Setting",
+    "address_source",
+    "as_written",
     "configuration_table",
+    "namespaced_name",
     "parse_bool",
     "parse_seconds",
     "read_celery",
     "validate_key",
+    "written_name",
 ]
 
+#: What every Celery setting of this package starts with (``consul_lock_ttl``).
+CELERY_PREFIX = "consul_lock_"
 #: Consul's own default agent address.
 DEFAULT_ADDRESS = "127.0.0.1:8500"
 #: The Go client's default session TTL; renewals at TTL/3 leave two spare renewals.
@@ -188,13 +197,25 @@ def address(value: Any) -> str:
 
 
 def key_prefix(value: Any) -> str:
-    """Text put in front of every key; with a key after it, a key Consul accepts."""
+    """A folder of Consul's KV store put in front of every key: empty, or ending with ``/``
+    (``myapp/``), and with a key after it, a key Consul accepts.
+
+    ``myapp`` is refused, not corrected to ``myapp/``: the prefix is what the user's ACL
+    policy (``key_prefix "myapp/"``), ``consul kv get -recurse`` and the other programs
+    sharing the keys (``celery-consul-lock run --key-prefix``, a script's ``ConsulLock``)
+    name, so the keys must sit exactly where the setting says; a one-character fix at start
+    beats keys quietly moved, or left at ``myapplocks/...``."""
     prefix = text(value)
-    if prefix:
-        try:
-            validate_key(prefix + "x")
-        except InvalidSetting as exc:
-            raise Invalid(exc.reason) from None
+    if not prefix:
+        return prefix
+    if prefix.startswith("/"):
+        raise Invalid("a key prefix must not start with '/' (Consul's keys have no leading slash)")
+    if not prefix.endswith("/"):
+        raise Invalid(f"a key prefix must end with '/', or the keys would be {prefix + 'locks/...'!r}; write {prefix + '/'!r}")
+    try:
+        validate_key(prefix + "x")
+    except InvalidSetting as exc:
+        raise Invalid(exc.reason.replace("a lock key", "a key prefix")) from None
     return prefix
 
 
@@ -276,7 +297,7 @@ class Setting:
 
     @property
     def celery_name(self) -> str:
-        return f"consul_lock_{self.name}"
+        return CELERY_PREFIX + self.name
 
     def parsed(self, value: Any, setting: str | None = None) -> Any:
         """``value`` converted, or InvalidSetting naming ``setting`` (default: the field name)."""
@@ -337,7 +358,13 @@ CONSUL_SETTINGS: tuple[Setting, ...] = (
         shown_default="none",
     ),
     Setting("datacenter", text, None, "datacenter", shown_default="the agent's"),
-    Setting("key_prefix", key_prefix, "", "put before every key, e.g. `myapp/`"),
+    Setting(
+        "key_prefix",
+        key_prefix,
+        "",
+        "a folder put before every key: `myapp/`. Without its trailing `/` it is refused, not corrected: your ACL "
+        "policy and `consul kv` name the prefix as you wrote it, so keys never move behind your back",
+    ),
     Setting(
         "ttl",
         seconds(at_least=TTL_MIN, at_most=TTL_MAX, why=_TTL_RANGE),
@@ -370,12 +397,69 @@ _BY_NAME = {s.name: s for s in CONSUL_SETTINGS}
 
 def read_celery(conf: Any, declared: Iterable[Setting]) -> dict[str, Any]:
     """The ``declared`` settings from a Celery app's ``conf`` (``consul_lock_<name>``),
-    parsed, the default where unset; InvalidSetting names ``consul_lock_<name>``."""
+    parsed, the default where unset; InvalidSetting names the setting as the user wrote it
+    (:func:`written_name`)."""
     values = {}
-    for setting in declared:
-        value = conf.get(setting.celery_name)
-        values[setting.name] = setting.default if value is None else setting.parsed(value, setting.celery_name)
+    with as_written(conf):
+        for setting in declared:
+            value = conf.get(setting.celery_name)
+            values[setting.name] = setting.default if value is None else setting.parsed(value, setting.celery_name)
     return values
+
+
+def written_name(conf: Any, name: str) -> str:
+    """The Celery setting ``name`` (``consul_lock_ttl``) as the app's configuration spells it.
+
+    An app configured with ``app.config_from_object(obj, namespace="CELERY")`` (Django's
+    way) reads ``consul_lock_ttl`` from ``obj.CELERY_CONSUL_LOCK_TTL``: that is the name
+    returned, unless the value was set without the namespace (``app.conf.consul_lock_ttl =
+    ...``, which Celery also reads). Any other name (an environment variable, a task's
+    option) is returned as it is. ``conf`` is a loaded ``app.conf``."""
+    prefix: str = getattr(conf, "prefix", None) or ""
+    if not prefix or not name.startswith(CELERY_PREFIX):
+        return name
+    namespaced = namespaced_name(name, prefix)
+    for mapping in getattr(conf, "maps", [])[:-1]:  # the last one is Celery's own defaults
+        if namespaced in mapping:
+            return namespaced
+        if name in mapping:
+            return name
+    return namespaced
+
+
+def namespaced_name(name: str, prefix: str) -> str:
+    """``name`` as Celery looks it up in a configuration read with the namespace ``prefix``
+    (``CELERY_``: ``CELERY_CONSUL_LOCK_TTL``; Celery matches the namespace's case); ``name``
+    itself without one."""
+    if not prefix:
+        return name
+    return (prefix + name).upper() if prefix.isupper() else (prefix + name).lower()
+
+
+def address_source(conf: Any, env: Mapping[str, str] | None = None) -> str:
+    """Where the agent's address of an app comes from, for a message: ``address from
+    CELERY_CONSUL_LOCK_ADDRESS`` (as written), ``address from CONSUL_HTTP_ADDR``, or ``the
+    default address; set ...`` naming both."""
+    env = os.environ if env is None else env
+    name = written_name(conf, CELERY_PREFIX + "address")
+    if conf.get(CELERY_PREFIX + "address") is not None:
+        return f"address from {name}"
+    if env.get("CONSUL_HTTP_ADDR"):
+        return "address from CONSUL_HTTP_ADDR"
+    return f"the default address; set {name} or CONSUL_HTTP_ADDR"
+
+
+@contextmanager
+def as_written(conf: Any) -> Iterator[None]:
+    """Re-raise an InvalidSetting from inside naming its setting as ``conf`` spells it
+    (:func:`written_name`): ``CELERY_CONSUL_LOCK_TTL=5 is invalid`` under Django."""
+    try:
+        yield
+    except InvalidSetting as exc:
+        name = written_name(conf, exc.setting)
+        if name == exc.setting:
+            raise
+        raise InvalidSetting(name, exc.value, exc.reason) from None
 
 
 def configuration_table(declared: Iterable[Setting]) -> str:
@@ -446,7 +530,8 @@ class ConsulSettings:
         """Read ``consul_lock_*`` from a Celery app's ``conf``, then the environment."""
         given = {s.name: conf.get(s.celery_name) for s in CONSUL_SETTINGS}
         given.update({k: v for k, v in overrides.items() if v is not None})
-        return cls.resolve(given, names="consul_lock_{}")
+        with as_written(conf):
+            return cls.resolve(given, names=CELERY_PREFIX + "{}")
 
     @classmethod
     def resolve(

@@ -307,13 +307,21 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         """This task's own lock options, validated as a run would use them, without a run:
         each option, and a key template against the body's signature (every field it names
         must be one of the body's parameters, or ``task``; every index one of its
-        positional ones). Raises InvalidSetting naming the task, the setting and the value.
+        positional ones), and its ``lock_ttl``, ``lock_delay`` and ``lock_fail_policy`` with
+        the app's settings. Raises InvalidSetting naming the task, the setting and the value.
 
         Limit: a callable key can only be checked by calling it, and an index is checked
         against the body's parameters, not against how a caller will pass them."""
         options = self.lock_options(_NO_REQUEST)
         if isinstance(options.key, str):
             _check_key_template(options.key, _signature(self.run), f"{self.name}.lock_key")
+        app_settings = ConsulSettings.from_celery(self.app.conf)  # read afresh: a check caches nothing
+        try:
+            app_settings.replace(ttl=options.ttl, lock_delay=options.lock_delay, fail_policy=options.fail_policy)
+        except InvalidSetting as exc:
+            if exc.setting not in ("ttl", "lock_delay", "fail_policy"):
+                raise  # the app's own setting, named already
+            raise InvalidSetting(f"{self.name}.{LockOptions.attribute(exc.setting)}", exc.value, exc.reason) from None
         return options
 
     def lock_settings(self, options: LockOptions) -> ConsulSettings:

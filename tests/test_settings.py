@@ -94,7 +94,14 @@ def test_durations_accept_numbers_and_go_style_strings():
         ({}, {"CONSUL_HTTP_ADDR": "not an address"}, "CONSUL_HTTP_ADDR='not an address' is invalid: expected host:port"),
         ({}, {"CONSUL_HTTP_SSL_VERIFY": "perhaps"}, "CONSUL_HTTP_SSL_VERIFY='perhaps' is invalid: expected true or false"),
         ({}, {"CONSUL_CACERT": "/no/such/ca.pem"}, "CONSUL_CACERT='/no/such/ca.pem' is invalid: no such file"),
-        ({"key_prefix": "/abs"}, {}, "consul_lock_key_prefix='/abs' is invalid: a lock key must not start or end with '/'"),
+        ({"key_prefix": "/abs/"}, {}, "consul_lock_key_prefix='/abs/' is invalid: a key prefix must not start with '/'"),
+        (
+            {"key_prefix": "mysite"},
+            {},
+            "consul_lock_key_prefix='mysite' is invalid: a key prefix must end with '/', or the keys would be "
+            "'mysitelocks/...'; write 'mysite/'",
+        ),
+        ({"key_prefix": "my site/"}, {}, "consul_lock_key_prefix='my site/' is invalid: a key prefix must not contain spaces"),
         ({"session_checks": 5}, {}, "consul_lock_session_checks=5 is invalid: must be a list of Consul check IDs"),
         ({"scheme": "ftp"}, {}, "consul_lock_scheme='ftp' is invalid: expected 'http' or 'https'"),
         ({"colour": "blue"}, {}, "consul_lock_colour='blue' is invalid: unknown setting"),
@@ -319,12 +326,10 @@ def test_requeue_and_agent_watch_defaults_and_durations():
 
 
 def _declared_settings():
-    from celery_consul_lock.availability import AVAILABILITY_SETTINGS
-    from celery_consul_lock.election import BEAT_SETTINGS
-    from celery_consul_lock.settings import CONSUL_SETTINGS
-    from celery_consul_lock.task import EAGER_SETTINGS, TASK_SETTINGS
+    """Every declared setting: the list the start-up checks judge names against."""
+    from celery_consul_lock.startup import ALL_SETTINGS
 
-    return (*CONSUL_SETTINGS, *AVAILABILITY_SETTINGS, *BEAT_SETTINGS, *TASK_SETTINGS, *EAGER_SETTINGS)
+    return ALL_SETTINGS
 
 
 def test_the_docs_configuration_table_is_the_one_the_declarations_give():

@@ -173,21 +173,22 @@ def test_consul_down_requeues_without_eating_retries_then_fails_past_its_bound(p
 
 
 def test_a_run_whose_agent_is_down_is_handed_back_and_runs_once_the_agent_answers(proj, workers, r, tmp_path):
-    """The worker takes a message while its agent is down, before its watch has probed (the
-    first probe comes one interval after start): the run wakes the watch, which stops the
-    worker consuming, then sends its copy back. The copy waits in the queue (no other
-    worker) until the agent answers and the worker consumes again, then runs once."""
+    """The agent dies between two of the watch's probes (10 s apart here) and the worker at
+    once takes a message: the run wakes the watch, which stops the worker consuming, then
+    sends its copy back. The copy waits in the queue (no other worker) until the agent
+    answers and the worker consumes again, then runs once. (A worker whose agent is down
+    when it starts takes nothing until it answers: tests/test_startup.py.)"""
     agent = start_consul(tmp_path / "down", node="down")
     try:
         wait_consul_ready(agent)
-        agent.stop()
+        (worker,) = workers(1, concurrency=1, consul_address=agent.address, env={"TEST_AGENT_PROBE_INTERVAL": "10"})
+        agent.proc.kill()  # at once: the message below is taken long before the next probe
         result = proj.backup.delay(0.1)
-        (worker,) = workers(1, concurrency=1, consul_address=agent.address, env={"TEST_AGENT_PROBE_INTERVAL": "3"})
         handed = "(requeue 1 of at most 100; this worker stopped consuming"
         wait_for(lambda: handed in worker.log_text(), 20, "the run to hand its message back")
         agent.proc.restart()
         wait_consul_ready(agent)
-        assert result.get(timeout=30) == "done"
+        assert result.get(timeout=45) == "done"
     finally:
         agent.stop()
     log = worker.log_text()
