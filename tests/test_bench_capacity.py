@@ -4,28 +4,17 @@ with `make bench-capacity`, never in `make test`."""
 
 from __future__ import annotations
 
-import importlib.util
 import socket
-import sys
 
 import pytest
 
-from .servers import ROOT
+from .servers import bench_module
 
 
 @pytest.fixture(scope="module")
 def capacity():
-    bench = str(ROOT / "bench")
-    sys.path.insert(0, bench)
-    try:
-        spec = importlib.util.spec_from_file_location("bench_capacity", ROOT / "bench" / "capacity.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
+    with bench_module("capacity") as module:
         yield module
-    finally:
-        sys.modules.pop("bench_capacity", None)
-        sys.path.remove(bench)
 
 
 def test_bad_lockers_or_parts_are_refused_before_anything_starts(capacity, capsys) -> None:
