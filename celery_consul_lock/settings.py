@@ -419,12 +419,11 @@ def written_name(conf: Any, name: str) -> str:
     if not prefix or not name.startswith(CELERY_PREFIX):
         return name
     namespaced = namespaced_name(name, prefix)
-    for mapping in getattr(conf, "maps", [])[:-1]:  # the last one is Celery's own defaults
-        if namespaced in mapping:
-            return namespaced
-        if name in mapping:
-            return name
-    return namespaced
+    # Where the value Celery reads is written (the last map: Celery's own defaults). Both
+    # spellings may be set, and Celery versions differ on which wins: the one holding it.
+    written = [(key, m[key]) for m in getattr(conf, "maps", [])[:-1] for key in (namespaced, name) if key in m]
+    current = conf.get(name)
+    return next((key for key, value in written if value is current), written[0][0] if written else namespaced)
 
 
 def namespaced_name(name: str, prefix: str) -> str:

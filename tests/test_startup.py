@@ -169,15 +169,19 @@ def test_a_namespaced_name_in_an_app_without_a_namespace_is_warned():
 
 def test_a_bad_value_is_named_as_the_django_user_wrote_it(tmp_path, monkeypatch):
     monkeypatch.delenv("CONSUL_HTTP_ADDR", raising=False)
-    app = namespaced_app(tmp_path, monkeypatch, "CELERY_CONSUL_LOCK_TTL = 5\nCELERY_CONSUL_LOCK_BEAT_CHECK_TTL = 0.5\n")
+    app = namespaced_app(tmp_path, monkeypatch, "CELERY_CONSUL_LOCK_TTL = 5\n")
     with pytest.raises(InvalidSetting) as info:
         ConsulSettings.from_celery(app.conf)
     assert str(info.value).startswith("CELERY_CONSUL_LOCK_TTL=5 is invalid: Consul accepts a session TTL"), str(info.value)
-    app.conf.consul_lock_ttl = 20  # set in code: named as set, and the beat's own setting as written
+    # The beat's own settings too; and one set in code without the namespace is named as set.
+    app = namespaced_app(tmp_path, monkeypatch, "CELERY_CONSUL_LOCK_BEAT_CHECK_TTL = 0.5\n")
     with pytest.raises(InvalidSetting) as info:
         BeatConfig.from_app(app)
     assert str(info.value).startswith("CELERY_CONSUL_LOCK_BEAT_CHECK_TTL=0.5 is invalid: must be at least 1 s")
-    assert written_name(app.conf, "consul_lock_ttl") == "consul_lock_ttl"
+    app.conf.consul_lock_timeout = 0
+    with pytest.raises(InvalidSetting) as info:
+        ConsulSettings.from_celery(app.conf)
+    assert str(info.value).startswith("consul_lock_timeout=0 is invalid: expected seconds, more than 0"), str(info.value)
     assert written_name(app.conf, "CONSUL_HTTP_ADDR") == "CONSUL_HTTP_ADDR"
 
 
