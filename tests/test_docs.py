@@ -133,3 +133,12 @@ def test_the_markdown_check_finds_what_the_site_renders_differently():
     assert markdown_differences("Text:\n| a |\n|---|\n")[0].startswith("2: a blank line is needed before this table")
     fine = "Text:\n\n- item\n  lazy continuation\n- item\n\n    ```sh\n    make demo\n    ```\n\n    More.\n"
     assert markdown_differences(fine) == []
+
+
+def test_the_api_reference_shows_every_public_name():
+    """docs/api.md has a `::: celery_consul_lock.<name>` entry for each name of `__all__`, so a
+    name added to the public API shows in the reference (`__version__` is a string)."""
+    import celery_consul_lock
+
+    shown = set(re.findall(r"^::: celery_consul_lock\.(\w+)\s*$", (ROOT / "docs" / "api.md").read_text(), re.M))
+    assert set(celery_consul_lock.__all__) - {"__version__"} - shown == set()
