@@ -53,9 +53,11 @@ from .entries import RuntimeSchedule, once
 from .errors import ConsulLockError
 from .internals import check_celery_scheduler, check_heap_rebuilt
 from .protocol import LEADER_HEADER, TICK_HEADER, Tick, crontab_tick, interval_tick, leader_header
+from .reap import EntryCleanup, Sweeper
 from .runtime import RuntimeEntries
 from .startup import check_app, refuse_a_foreign_agent, refused_at_start, warn_unknown_settings
 from .task import ConsulLockedTask
+from .ticks import key_part
 
 __all__ = [
     "LEADER_HEADER",
@@ -121,6 +123,7 @@ class LeaderElectedMixin:
         self._exit_pending = False
         self._loop = LoopWatch()
         self._send_failed = False
+        self._sweeper: Sweeper | None = None
         super().__init__(*args, **kwargs)
 
     # -- guarded Scheduler methods -------------------------------------------------------------
@@ -138,6 +141,7 @@ class LeaderElectedMixin:
         with self._loop.step():
             elected = election.generation != self._seen_generation
             if elected:
+                self._start_sweeper()
                 self._seen_generation = election.generation
                 if self._setup_pending:
                     self._setup_pending = False
@@ -196,6 +200,8 @@ class LeaderElectedMixin:
             else:
                 super().close()  # type: ignore[misc]  # sync is guarded above
         finally:
+            if self._sweeper is not None:
+                self._sweeper.stop()
             if self.election is not None:
                 self.election.stop()
 
@@ -238,7 +244,21 @@ class LeaderElectedMixin:
             raise SystemExit(1)
         log.info("beat: embedded in worker pid %s: leaves the election when that worker ends, also if it is killed", worker)
 
+    def reap_entries(self) -> EntryCleanup | None:
+        """What the leader's sweep cleans besides free lock keys: the tick marks and state of
+        removed entries (see :mod:`.reap`), for a scheduler that keeps state in Consul."""
+        return None
+
     # -- internals -----------------------------------------------------------------------------
+
+    def _start_sweeper(self) -> None:
+        """Once first elected: sweep the key prefix every consul_lock_beat_reap_interval while
+        leading (see :mod:`.reap`)."""
+        if self._sweeper is None:
+            config = self.beat_config
+            leading = self._leading
+            self._sweeper = Sweeper(config.settings, config.reap_interval, leading, self.reap_entries())
+            self._sweeper.start()
 
     def _start_election(self) -> Election:
         if self.election is None:
@@ -445,6 +465,25 @@ class ConsulLeaderScheduler(LeaderElectedMixin, Scheduler):  # type: ignore[misc
         if self.runtime is not None:
             self.runtime.stop()
         super().close()
+
+    def reap_entries(self) -> EntryCleanup:
+        return EntryCleanup(self.beat_config.state_prefix, self._entry_segments, self._fence)
+
+    def _entry_segments(self) -> set[str] | None:
+        """The KV key segments of every entry this beat has: config entries, runtime ones
+        (disabled ones too: their timing is kept), what the schedule holds now; None until
+        the runtime schedule has been read (then a removed entry cannot be told apart)."""
+        runtime = self.runtime
+        if runtime is None or runtime.snapshot is None:
+            return None
+        names = {*self.schedule.copy(), *(self.app.conf.beat_schedule or {}), *runtime.snapshot.entries}
+        return {key_part(name) for name in names}
+
+    def _fence(self) -> tuple[str, str] | None:
+        """(leader lock key, session) while leading: what the sweep's deletes are fenced by."""
+        lock = self.election.lock if self.election is not None else None
+        sid = lock.session_id if lock is not None and self._leading() else None
+        return (lock.key, sid) if lock is not None and sid is not None else None
 
     # -- runtime schedule ----------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from typing import Any
 
 from celery.schedules import schedule as interval_schedule
 
-from .consul import kv_set, thread_client
+from .consul import kv_set, shared_client
 from .election import BeatConfig
 from .lock import ConsulLock
 from .ticks import key_part
@@ -45,7 +45,7 @@ class ScheduleState:
         Consul (entries whose definition changed start afresh; under ``missed="skip"`` an
         interval entry that missed more than one run starts from ``now``). Returns how many
         entries Consul keeps state for; raises ConsulLockError when it cannot be read."""
-        client = thread_client(self.config.settings)
+        client = shared_client(self.config.settings)
         stored = {e.key: e for e in client.kv_keys(self.config.state_prefix)}
         for name, entry in schedule.items():
             kv = stored.get(self.key(name))
@@ -63,7 +63,7 @@ class ScheduleState:
 
     def read(self, name: str) -> dict[str, Any] | None:
         """The stored state of entry ``name`` (a consistent read), or None."""
-        _, kv = thread_client(self.config.settings).kv_get(self.key(name), consistent=True)
+        _, kv = shared_client(self.config.settings).kv_get(self.key(name), consistent=True)
         data = json.loads(kv.value) if kv is not None and kv.value else None
         return data if isinstance(data, dict) else None
 
@@ -85,7 +85,7 @@ class ScheduleState:
                 }
             )
             writes.append(kv_set(self.key(entry.name), value.encode()))
-        client = thread_client(self.config.settings)
+        client = shared_client(self.config.settings)
         done = client.kv_fenced(lock.key, sid, writes, action="recording the schedule state", resource="the keys involved")
         return (True, None) if done.ok else (False, list(done.errors))
 

@@ -1,5 +1,5 @@
-"""``celery -A proj consul-lock status|release|check``: see who holds what, free a stuck lock,
-check a deployment before it goes live.
+"""``celery -A proj consul-lock status|release|reap|check``: see who holds what, free a stuck
+lock, remove free lock keys, check a deployment before it goes live.
 
 Registered through the ``celery.commands`` entry point, so it reads the same Celery settings
 (``consul_lock_*``, then ``CONSUL_HTTP_*``) as the workers and beats of ``proj``.
@@ -10,6 +10,9 @@ Registered through the ``celery.commands`` entry point, so it reads the same Cel
   session it showed the operator, never another one. Destroying that session also frees every
   other key the session holds, so those are listed first. The holder is not stopped: it notices
   the loss within its fencing window, but work it already started may still be running.
+- ``reap`` sweeps the key prefix now, as the beat leader does every
+  ``consul_lock_beat_reap_interval`` (see :mod:`.reap`): it removes the free lock keys whose
+  keep time has passed and prints each (``--dry-run``: only prints them).
 - ``check`` is a preflight for deploys. It validates the settings, reaches the agent, and
   tries on scratch keys every permission the workers and beats need. It exits 1 with the first
   failure, or 0 with a one-line summary. It cleans up after itself, also when it fails.
@@ -41,6 +44,7 @@ from .election import BeatConfig
 from .entries import NEVER, EntryDefinition, RuntimeSchedule, once, parse_at, parse_crontab, schedule_to_json
 from .errors import ConsulLockError, EntryConflict, EntryNotFound, InvalidEntry, InvalidSetting
 from .lock import LockHolder
+from .reap import sweep
 from .semaphore import SEMAPHORE_KEY, SemaphoreState
 from .settings import ConsulSettings, parse_seconds
 from .startup import check_app, locked_tasks, unknown_settings
@@ -428,6 +432,27 @@ def release(ctx: click.Context, key: str, yes: bool) -> None:
     now_held = f"; it is held again, by session {after.session[:8]}" if after is not None and after.session else ""
     delay = f" Consul lets no one take it for {lock_delay:g} s (the session's lock-delay)." if lock_delay else ""
     click.echo(f"Released {entry.key}: session {sid} destroyed{now_held}.{delay}")
+
+
+@consul_lock.command(cls=CeleryCommand)
+@click.option("--dry-run", is_flag=True, help="Remove nothing: print what would be removed.")
+@click.pass_context
+def reap(ctx: click.Context, dry_run: bool) -> None:
+    """Remove the free lock keys under the key prefix whose keep time has passed."""
+    try:
+        settings = ConsulSettings.from_celery(ctx.obj.app.conf)
+        client = ConsulClient(settings)
+        try:
+            report = sweep(client, settings, dry_run=dry_run)
+        finally:
+            client.close()
+    except ConsulLockError as exc:
+        _fail(str(exc))
+    verb = "would remove" if dry_run else "removed"
+    for key in report.removed:
+        click.echo(f"{verb} {key}")
+    kept = ", ".join(f"{count} {why}" for why, count in sorted(report.kept.items())) or "none"
+    click.echo(f"{verb} {len(report.removed)} of {report.keys} keys under {settings.key_prefix!r}; lock keys kept: {kept}")
 
 
 @consul_lock.command(cls=CeleryCommand)

@@ -1,8 +1,12 @@
 """The one door to Consul: every HTTP call this package makes goes through :class:`ConsulClient`.
 
 One road: each method builds its request (path, query, body), sends it with
-:meth:`ConsulClient._request` over the thread's one keep-alive
-:class:`~celery_consul_lock.transport.Connection`, and reads the answer. Every failure on the
+:meth:`ConsulClient._request` over a keep-alive
+:class:`~celery_consul_lock.transport.Connection` lent by the client's
+:class:`~celery_consul_lock.transport.ConnectionPool` for that one request, and reads the
+answer. A process shares one client per settings (:func:`shared_client`, at most
+``max_connections`` connections); the session renewers share one of their own
+(:func:`renewal_client`), so a renewal never queues behind a task's request. Every failure on the
 way, from a refused connection to an answer no Consul agent gives, becomes one of our errors
 through one table, :data:`FAILURES` (as httpx maps its transport's exceptions): adding a case
 is one line there. The token travels as a header on the connection (so it is in no URL, log
@@ -23,7 +27,6 @@ import functools
 import json
 import re
 import ssl
-import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypeVar
@@ -33,7 +36,7 @@ from . import native
 from .errors import ACLDenied, ConsulLockError, ConsulUnavailable, NotConsul, SessionGone
 from .settings import ConsulSettings
 from .tls import tls_context, tls_failure
-from .transport import Connection, Headers, NotHTTP
+from .transport import ConnectionPool, Headers, Interrupted, NotHTTP
 
 __all__ = [
     "FAILURES",
@@ -43,9 +46,11 @@ __all__ = [
     "Fenced",
     "KVEntry",
     "LockAttempt",
+    "kv_delete_cas",
     "kv_set",
     "kv_unlock",
-    "thread_client",
+    "renewal_client",
+    "shared_client",
 ]
 
 
@@ -76,6 +81,10 @@ TXN_MAX_OPS = 64
 DEFAULT_BLOCKING_WAIT = 300.0
 
 _T = TypeVar("_T")
+
+#: Connections of the client the session renewers of a process share (see renewal_client):
+#: a renewal waits behind renewals only, and one slow renewal does not hold up the others.
+RENEWAL_CONNECTIONS = 2
 
 #: Answers that are not failures when nothing else is said: 200 only.
 _OK = (200,)
@@ -153,27 +162,36 @@ def kv_set(key: str, value: bytes, *, index: int | None = None, flags: int | Non
     return op
 
 
+def kv_delete_cas(key: str, index: int) -> dict[str, Any]:
+    """A write for :meth:`ConsulClient.kv_fenced` or :meth:`ConsulClient.txn`: delete ``key``
+    only if its ModifyIndex is still ``index``."""
+    return {"Verb": "delete-cas", "Key": key, "Index": index}
+
+
 def kv_unlock(key: str, session: str) -> dict[str, Any]:
     """A write for :meth:`ConsulClient.kv_fenced`: free ``key`` if ``session`` holds it."""
     return {"Verb": "unlock", "Key": key, "Session": session}
 
 
 class ConsulClient:
-    """A connection to one agent, with our error handling around every call.
+    """Up to ``connections`` keep-alive connections to one agent, with our error handling
+    around every call; safe to share between threads (each request borrows a connection
+    for its own duration, see :class:`~celery_consul_lock.transport.ConnectionPool`).
 
-    Not shared between threads: each thread that talks to Consul (callers, the renewer,
-    each watcher) uses its own, so a blocking query never holds up a renewal. ``native``:
-    for a real OS thread under gevent (see :mod:`.native`), over a real socket.
+    Most code uses the process's :func:`shared_client`. ``native``: for real OS threads
+    under gevent (see :mod:`.native`), over real sockets.
     """
 
-    def __init__(self, settings: ConsulSettings, *, timeout: float | None = None, native: bool = False) -> None:
+    def __init__(
+        self, settings: ConsulSettings, *, timeout: float | None = None, native: bool = False, connections: int = 1
+    ) -> None:
         self.settings = settings
         self.address = settings.base_url
         self.timeout = settings.timeout if timeout is None else timeout
         # The token goes in a header of every request, never in a URL.
         self._headers = {"X-Consul-Token": settings.token} if settings.token else {}
         context = tls_context(settings, native) if settings.scheme == "https" else None
-        self._conn = Connection(settings.host, settings.port, ssl_context=context, native=native)
+        self._pool = ConnectionPool(settings.host, settings.port, size=connections, ssl_context=context, native=native)
         self._dc = f"dc={quote(settings.datacenter)}" if settings.datacenter else ""
         self._txn_target = self._target("/v1/txn")
 
@@ -181,7 +199,19 @@ class ConsulClient:
         return f"<ConsulClient {self.address}>"
 
     def close(self) -> None:
-        self._conn.close()
+        self._pool.close()
+
+    def connections_in_use(self) -> int:
+        """How many of the client's connections are lent to a request now."""
+        return self._pool.busy()
+
+    def interrupt(self) -> None:
+        """From another thread: end the request in progress (a blocking query) with
+        :class:`ConsulUnavailable` at once, and every later one, until :meth:`resume`."""
+        self._pool.interrupt()
+
+    def resume(self) -> None:
+        self._pool.resume()
 
     # -- sessions -------------------------------------------------------------------
 
@@ -461,9 +491,15 @@ class ConsulClient:
         connection become our errors through :data:`FAILURES`.
         """
         try:
-            status, headers, content = self._conn.request(
-                method, target, body, self._headers, self.timeout if timeout is None else timeout
-            )
+            pool, conn = self._pool, None
+            try:  # taken inside the try: an asynchronous exception (an abort) loses no connection
+                conn = pool.take()
+                status, headers, content = conn.request(
+                    method, target, body, self._headers, self.timeout if timeout is None else timeout
+                )
+            finally:
+                if conn is not None:
+                    pool.give(conn)
             why = _foreign_answer(status, headers, content)
             if why is not None:
                 raise _Foreign(f"{why}: {self._excerpt(content)}" if content else why)
@@ -553,6 +589,7 @@ FAILURES: tuple[tuple[type[Exception], Callable[[Any, Call], bool] | None, Calla
     # -- the connection (ssl.SSLError and TimeoutError are OSErrors: before OSError)
     (ssl.SSLError, None, lambda e, c: ConsulUnavailable(c.address, c.action, tls_failure(e, c.client.settings), transient=False)),
     (TimeoutError, None, _unreachable("no answer within the timeout")),
+    (Interrupted, None, _unreachable("the request was interrupted (by this process)")),
     (ConnectionRefusedError, None, _unreachable("connection refused")),
     (OSError, None, lambda e, c: ConsulUnavailable(c.address, c.action, f"{type(e).__name__}: {e}")),
     # -- Consul's refusals
@@ -788,32 +825,45 @@ def _quick_lock_answer(answer: str, exists: bool) -> LockAttempt | None:
     return LockAttempt(True, int(indexes[-1]), previous=previous.group(1) if previous else None)
 
 
-class _ThreadClients(threading.local):
-    clients: dict[ConsulSettings, ConsulClient]
+class _Clients:
+    """The process's shared clients, one per (settings, kind); forgotten in a forked child
+    (it must not reuse its parent's keep-alive sockets)."""
 
     def __init__(self) -> None:
-        self.clients = {}
+        self._reset()
+        native.at_fork(self._reset)
+
+    def _reset(self) -> None:
+        self._mutex = native.lock()  # also taken by real threads under gevent; held briefly
+        self._clients: dict[tuple[ConsulSettings, str], ConsulClient] = {}
+
+    def get(self, settings: ConsulSettings, kind: str) -> ConsulClient:
+        client = self._clients.get((settings, kind))
+        if client is None:
+            with self._mutex:
+                client = self._clients.get((settings, kind))
+                if client is None:
+                    real = kind != "shared"
+                    size = RENEWAL_CONNECTIONS if kind == "renewal" else settings.max_connections
+                    client = self._clients[(settings, kind)] = ConsulClient(settings, native=real, connections=size)
+        return client
 
 
-_THREAD_CLIENTS = _ThreadClients()
+_CLIENTS = _Clients()
 
 
-def _forget_thread_clients() -> None:
-    # A forked child must not reuse the parent's keep-alive sockets.
-    global _THREAD_CLIENTS
-    _THREAD_CLIENTS = _ThreadClients()
+def shared_client(settings: ConsulSettings) -> ConsulClient:
+    """The process's client for ``settings``: at most ``settings.max_connections``
+    connections to the agent, lent to one request at a time, shared by every thread (or
+    greenlet) of the process. Under gevent, real OS threads share another one, of real
+    sockets (see :mod:`.native`)."""
+    return _CLIENTS.get(settings, "shared-real" if native.real_thread() else "shared")
 
 
-native.at_fork(_forget_thread_clients)
-
-
-def thread_client(settings: ConsulSettings) -> ConsulClient:
-    """This thread's keep-alive connection for ``settings`` (one per thread and process)."""
-    clients = _THREAD_CLIENTS.clients
-    client = clients.get(settings)
-    if client is None:
-        client = clients[settings] = ConsulClient(settings)
-    return client
+def renewal_client(settings: ConsulSettings) -> ConsulClient:
+    """The client the session renewers of the process share (real threads, real sockets,
+    RENEWAL_CONNECTIONS connections): a renewal never waits behind a task's request."""
+    return _CLIENTS.get(settings, "renewal")
 
 
 @functools.lru_cache(maxsize=1024)

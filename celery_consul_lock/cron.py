@@ -44,13 +44,13 @@ from typing import Any, Literal, NoReturn
 from croniter import CroniterError, croniter
 from dateutil.tz import tzlocal
 
-from .consul import ConsulClient, thread_client
+from .consul import ConsulClient, shared_client
 from .errors import ConsulLockError, ConsulUnavailable, InvalidSetting, LockConflict
 from .lock import ConsulLock
 from .protocol import Tick
 from .session import LockSession
 from .settings import ConsulSettings, parse_seconds, validate_key
-from .ticks import Mark, change_mark, key_part, read_mark
+from .ticks import RUNNER_FIELD, Mark, change_mark, key_part, read_mark
 
 __all__ = [
     "EXIT_BAD_ARGUMENTS",
@@ -567,14 +567,20 @@ class Run:
     def _open(self) -> Mark | str:
         """Mark the slot open (see :meth:`.ticks.Mark.opened`); returns the mark, or why the
         slot must not run."""
-        client = thread_client(self.settings)
+        client = shared_client(self.settings)
         entry, tick = self.options.entry, self.tick
+
+        def open_slot(m: Mark) -> dict[str, Any] | None:
+            data = None if m.covers(tick) else m.opened(tick, time.time())
+            # Named as ours (no beat's sweep removes it); a completer named before stays.
+            return None if data is None else {RUNNER_FIELD: self._runner, **data}
+
         opened = change_mark(
             client,
             self.settings,
             entry,
             read_mark(client, self.settings, entry),
-            lambda m: None if m.covers(tick) else m.opened(tick, time.time()),
+            open_slot,
             lock_key=self.lock.key,
             session=self.lock.session_id or "",
         )
@@ -582,6 +588,11 @@ class Run:
             raise _LostBeforeStart(self.lock.lost_reason or "its session no longer holds the key")
         self.mark = opened
         return opened.verdict(tick) or opened
+
+    @property
+    def _runner(self) -> str:
+        """How this wrapper names itself in the marks it writes."""
+        return f"{PROG} on {socket.gethostname()} pid {os.getpid()}"
 
     def _completed_by(self) -> str:
         """Who completed the entry's latest completed slot, as far as its mark says."""
@@ -591,9 +602,9 @@ class Run:
         return who if due == str(self.tick).rpartition("@")[2] else f"{who} (for the latest completed slot, {due})"
 
     def _record(self, mark: Mark) -> Mark | None:
-        extra = {"task_id": None, "runner": f"{PROG} on {socket.gethostname()} pid {os.getpid()}"}
+        extra = {"task_id": None, RUNNER_FIELD: self._runner}
         return change_mark(
-            thread_client(self.settings),
+            shared_client(self.settings),
             self.settings,
             self.options.entry,
             mark,
@@ -692,7 +703,7 @@ class Run:
     def _end(self) -> None:
         """Release the lock (no lock-delay for the next holder), destroy the session, remove
         the health check; each step logs rather than raises."""
-        client = thread_client(self.settings)
+        client = shared_client(self.settings)
         self.lock.release()
         self.session.destroy(client)
         self.check.remove(client)

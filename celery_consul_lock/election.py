@@ -30,7 +30,7 @@ from typing import Any, Literal, get_args
 
 from . import signals
 from .backoff import Backoff
-from .consul import ConsulClient, thread_client
+from .consul import ConsulClient, shared_client
 from .errors import ConsulLockError, InvalidSetting
 from .lock import LOCK_DELAY_RETRY, ConsulLock
 from .session import LockSession, renewal_interval
@@ -76,6 +76,11 @@ STALL_SEND_ALLOWANCE = 3.0
 STALL_ESCALATION_MAX = 4
 #: How often a beat sitting out a stall looks whether its loop has returned.
 STALL_POLL = 0.1
+#: Default interval of the leader's sweep of the key prefix (see :mod:`.reap`): each sweep
+#: reads the whole prefix once (20-40 ms per 1,000 keys, bench/reap_cost.py), so every five
+#: minutes costs nothing noticeable, and a key whose releaser is gone leaves at most that
+#: long after its keep time.
+DEFAULT_REAP_INTERVAL = 300.0
 
 
 #: The beat's settings (see :class:`~celery_consul_lock.settings.Setting`); BeatConfig.validate
@@ -98,6 +103,13 @@ BEAT_SETTINGS: tuple[Setting, ...] = (
         "the leader steps down when its scheduler loop has been inside one tick or send this long; at least "
         "`consul_lock_timeout` + 3 s",
     ),
+    Setting(
+        "beat_reap_interval",
+        seconds(above=0, why="expected seconds, more than 0"),
+        DEFAULT_REAP_INTERVAL,
+        "how often the leader sweeps the key prefix for free lock keys and the state of removed entries "
+        "([KV layout](concepts.md#kv-layout))",
+    ),
 )
 
 
@@ -116,6 +128,8 @@ class BeatConfig:
     #: Longest time the leader's scheduler loop may stay inside one tick or send before the
     #: leader stops passing its health check and steps down.
     stall_timeout: float = DEFAULT_STALL_TIMEOUT
+    #: How often the leader sweeps the key prefix (see :mod:`.reap`).
+    reap_interval: float = DEFAULT_REAP_INTERVAL
 
     @classmethod
     def from_app(cls, app: Any) -> BeatConfig:
@@ -128,7 +142,14 @@ class BeatConfig:
             settings = ConsulSettings.resolve({"lock_delay": beat["beat_lock_delay"]}, env={}, names="consul_lock_beat_{}")
             settings = base.replace(lock_delay=settings.lock_delay)
             name = beat["beat_name"] or app.main or "celery"
-            config = cls(str(name), settings, beat["beat_check_ttl"], beat["beat_missed"], beat["beat_stall_timeout"])
+            config = cls(
+                str(name),
+                settings,
+                beat["beat_check_ttl"],
+                beat["beat_missed"],
+                beat["beat_stall_timeout"],
+                beat["beat_reap_interval"],
+            )
             config.validate()
         return config
 
@@ -372,7 +393,7 @@ class Election:
         # the election thread, which Consul now answers "invalid session", is not reported
         # as a session lost.
         session.retire("retired by the beat")
-        client = thread_client(self.config.settings)
+        client = shared_client(self.config.settings)
         if registered and service_id is not None:
             try:
                 client.agent_check_fail(f"service:{service_id}")

@@ -42,7 +42,7 @@ from celery.schedules import BaseSchedule, crontab, solar
 from celery.schedules import schedule as interval_schedule
 
 from .backoff import Backoff
-from .consul import ConsulClient, KVEntry, thread_client
+from .consul import ConsulClient, KVEntry, shared_client
 from .election import BeatConfig
 from .errors import ConsulLockError, EntryConflict, EntryNotFound, InvalidEntry
 from .protocol import Tick
@@ -342,8 +342,8 @@ class RuntimeSchedule:
         return frozenset((self.app.conf.beat_schedule or {}) if self.app is not None else ())
 
     def client(self) -> ConsulClient:
-        """This thread's connection to the agent."""
-        return thread_client(self.settings)
+        """The process's shared client (see :func:`~celery_consul_lock.consul.shared_client`)."""
+        return shared_client(self.settings)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -538,6 +538,9 @@ class ScheduleWatch:
 
     def __init__(self, store: RuntimeSchedule) -> None:
         self.store = store
+        # A connection of its own: its blocking query must not hold one of the process's
+        # shared connections for up to WATCH_WAIT.
+        self._client = ConsulClient(store.settings)
         self.changed = threading.Event()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"consul-beat-schedule-{store.beat_name}", daemon=True)
@@ -553,7 +556,7 @@ class ScheduleWatch:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                idx, _ = self.store.client().kv_list(self.store.prefix, index=index or None, wait=WATCH_WAIT)
+                idx, _ = self._client.kv_list(self.store.prefix, index=index or None, wait=WATCH_WAIT)
             except Exception as exc:  # never die silently: log once per outage, retry with backoff
                 if not isinstance(exc, ConsulLockError):
                     log.exception("runtime schedule: watch error; retrying")
@@ -570,3 +573,4 @@ class ScheduleWatch:
                 self.changed.set()
             index = idx if idx >= index and idx > 0 else 0  # an index that went back: start over
             self._stop.wait(max(0.0, WATCH_MIN_INTERVAL - (time.monotonic() - started)))
+        self._client.close()

@@ -33,13 +33,14 @@ from typing import Any
 
 from . import native
 from .backoff import Backoff
-from .consul import LOCK_FLAG, ConsulClient, KVEntry, LockAttempt, thread_client
+from .consul import LOCK_FLAG, ConsulClient, KVEntry, LockAttempt, shared_client
 from .errors import ConsulLockError, ConsulUnavailable, LockConflict, LockLost, LockTimeout, SessionGone
 from .holder import KeyIdent, LocalKeys, LockHolder, holder_of, read_holder
 from .liveness import identity
+from .reap import KEEP_FIELD, keep_until, kept_until, reap_later
 from .session import LockSession, retire_if_unused, shared_session
 from .settings import ConsulSettings
-from .watch import ReleaseFlag, watch_later
+from .watch import ReleaseFlag, follow, judge_lock, wait_for_change
 
 __all__ = ["ConsulLock", "LockHolder"]
 
@@ -103,6 +104,10 @@ class ConsulLock:
     By default the lock uses its process's shared session, so an acquire + release costs
     two KV writes; ``private_session=True`` gives it a session of its own for each
     acquisition, destroyed after release.
+
+    A released key stays in Consul with its release record until ``keep_until`` (at least
+    ``reap_after`` after the release, and ``keep_released`` if that is longer), then this
+    process removes it if nobody took it meanwhile (see :mod:`.reap`).
     """
 
     def __init__(
@@ -115,6 +120,7 @@ class ConsulLock:
         private_session: bool = False,
         session: LockSession | None = None,
         on_lost: Callable[[ConsulLock, str], None] | None = None,
+        keep_released: float = 0.0,
         settings: ConsulSettings | None = None,
         **setting_values: Any,
     ) -> None:
@@ -128,6 +134,9 @@ class ConsulLock:
         self.value = dict(value or {})
         self.timeout = timeout
         self.private_session = private_session
+        #: After a release, the key keeps its release record at least this long (seconds),
+        #: and at least ``settings.reap_after``; then it may be removed (see :mod:`.reap`).
+        self.keep_released = keep_released
         #: A session owned by the caller, used instead of the shared or a private one and
         #: never destroyed by the lock.
         self.given_session = session
@@ -213,7 +222,9 @@ class ConsulLock:
         process is shutting down mid-run) the value is kept without ``released_at``: the
         key is free at once, and the next acquirer sees an unfinished holder, as if it died.
         With ``restore=True`` (a holding that did nothing) the key gets back the value it had
-        before our acquire, so the next acquirer sees the holder before us.
+        before our acquire, so the next acquirer sees the holder before us. Every release but
+        a restore also adds ``keep_until`` (see :mod:`.reap`): the record stays until then,
+        after which this process removes the key if it is still free.
         """
         with self._mutex:
             holding = self._holding
@@ -226,12 +237,17 @@ class ConsulLock:
             return False
         if restore and holding.previous:
             value = base64.b64decode(holding.previous)
-        elif finished:
-            value = b'{"released_at":"%s",%s' % (_utc_now_ms(), value[1:])
-        client = thread_client(self.settings)
+            until = kept_until(value)
+        else:
+            until = keep_until(time.time(), max(self.settings.reap_after, self.keep_released))
+            released = b'"released_at":"%s",' % _utc_now_ms() if finished else b""
+            value = b'{%s"%s":%.3f,%s' % (released, KEEP_FIELD.encode(), until, value[1:])
+        client = shared_client(self.settings)
         ok = False
         try:
             ok = self._release_in_consul(client, holding, value)
+            if ok and until is not None:
+                self._reap_later(until)
         finally:
             session.unhold(self)
             self._free_local()
@@ -277,6 +293,10 @@ class ConsulLock:
                 release_log.warning("%s was no longer held by our session when released (lost: %s)", self.key, self.lost_reason)
             return ok
 
+    def _reap_later(self, until: float) -> None:
+        """Queue the key just released for removal at ``until`` (epoch s), its keep time."""
+        reap_later(self.settings, self.key, until)
+
     def _release_once(self, client: ConsulClient, holding: Holding, value: bytes) -> bool:
         """One try at freeing what ``holding`` took in Consul; True if it was still ours."""
         return client.kv_release(self.key, holding.sid, value)
@@ -318,7 +338,12 @@ class ConsulLock:
         """The key's ModifyIndex written by our acquire, read atomically with it: every
         later holder's is larger, so a resource that remembers the largest token it saw can
         refuse a deposed holder. None before the first acquire (after a release: the last
-        acquire's)."""
+        acquire's).
+
+        It keeps growing when a released key is removed (:mod:`.reap`) and created again:
+        a ModifyIndex is the Raft index of the write, one counter for the whole datacenter
+        that only grows, not a count kept in the key (as ``LockIndex`` is, which restarts
+        at 1 in a new key and which a plain PUT resets)."""
         holding = self._holding
         return holding.token if holding is not None else None
 
@@ -371,7 +396,7 @@ class ConsulLock:
     def holder(cls, key: str, *, settings: ConsulSettings | None = None, **setting_values: Any) -> LockHolder | None:
         """Who holds ``key`` now (a consistent read), or None if nobody does."""
         settings = settings or ConsulSettings.resolve(setting_values)
-        return read_holder(thread_client(settings), settings.full_key(key))
+        return read_holder(shared_client(settings), settings.full_key(key))
 
     # -- acquiring ----------------------------------------------------------------------
 
@@ -417,7 +442,7 @@ class ConsulLock:
         holding shares: a usable session (a new one when the last was lost), retries through
         a brief Consul outage while the caller waits, and a bound on sessions that Consul
         says are gone (``attempt_once`` raises :class:`SessionGone`)."""
-        client = thread_client(self.settings)
+        client = shared_client(self.settings)
         session = self._new_session()
         session_failures = 0
         backoff = Backoff(RETRY_MIN, RETRY_MAX)
@@ -490,10 +515,10 @@ class ConsulLock:
             self._gave_up(client, entry, session)
             return False
         if entry is not None and entry.session:
-            # Held: wait for the key to change, with a blocking query.
+            # Held: wait for the key to change, told by the process's watcher.
             wait = WAIT_MAX if left is None else min(WAIT_MAX, left)
             acquire_log.debug("%s is held by session %s; waiting up to %.1f s", self.key, entry.session, wait)
-            client.kv_get(self.key, index=max(entry.modify_index, index, 1), wait=wait)
+            wait_for_change(self.settings, self.key, index, [entry], wait)
         else:
             # Free but inside a lock-delay: Consul says nothing of when it ends.
             acquire_log.debug("%s is in lock-delay; retrying in %.2f s", self.key, LOCK_DELAY_RETRY)
@@ -554,8 +579,10 @@ class ConsulLock:
         acquire_log.debug("acquired %s (session %s)", self.key, holding.sid)
 
     def _watch_later(self, holding: Holding) -> None:
-        """Start watching the holding's key for loss (see :mod:`.watch`)."""
-        watch_later(self.settings, self.key, holding.sid, holding.released, functools.partial(self._mark_lost, holding=holding))
+        """Have the process's watcher follow the holding's key for loss (see :mod:`.watch`)."""
+        judge = functools.partial(judge_lock, key=self.key, sid=holding.sid)
+        lost = functools.partial(self._mark_lost, holding=holding)
+        follow(self.settings, self.key, holding.token or 0, judge, holding.released, lost)
 
     def _current(self) -> Holding | None:
         """The holding not yet released, or None."""

@@ -11,7 +11,8 @@ ones otherwise (this module never imports gevent; it looks for it in ``sys.modul
 What may cross between a real thread and the greenlets: a :func:`lock` held for a few
 statements (never across I/O: a greenlet that yields while holding it would block the whole
 hub's thread for the other greenlets that want it), an :class:`Event` that greenlets
-``set()`` and real threads ``wait()`` on, and :meth:`Owner.call`, which runs a function in
+``set()`` and real threads ``wait()`` on, a :class:`Wakeup` that anyone sets and its one waiter
+(a thread or a greenlet) waits on, and :meth:`Owner.call`, which runs a function in
 a greenlet of the hub that owns the lock (what a loss's callbacks and signals need).
 
 Nothing else, and not ``logging`` either: a handler's lock made after the patching (every
@@ -38,12 +39,14 @@ from typing import Any
 __all__ = [
     "Event",
     "Owner",
+    "Wakeup",
     "at_fork",
     "create_connection",
     "green",
     "lock",
     "log",
     "owner",
+    "real_thread",
     "sleep",
     "ssl_context_class",
     "start_thread",
@@ -77,6 +80,13 @@ def green() -> bool:
     """True when gevent has monkey-patched ``threading`` in this process."""
     monkey = sys.modules.get("gevent.monkey")
     return monkey is not None and bool(monkey.is_module_patched("threading"))
+
+
+def real_thread() -> bool:
+    """True under gevent in a real OS thread that runs no gevent hub (one of ours, see
+    :func:`start_thread`): there, blocking the thread blocks nobody else, and only real
+    sockets and real locks may be used."""
+    return green() and sys.modules["gevent._hub_local"].get_hub_if_exists() is None
 
 
 def _original(module: str, name: str) -> Any:
@@ -135,6 +145,36 @@ class Event:
         if self._gate.acquire(timeout=-1 if timeout is None else max(0.0, timeout)):
             self._gate.release()  # let the next waiter through too
         return self._flag
+
+
+class Wakeup:
+    """One wake-up for one waiter: :meth:`wait` from the thread or greenlet that made it,
+    :meth:`set` from anywhere (a real thread, another thread, a greenlet of the same hub).
+    Under gevent, a greenlet waits without blocking its hub, and a set from a real thread
+    reaches it through its hub (:meth:`Owner.call`). ``value``: what the setter hands over."""
+
+    __slots__ = ("_event", "_owner", "value")
+
+    def __init__(self) -> None:
+        self.value: Any = None
+        if green() and not real_thread():
+            self._owner: Owner | None = Owner()
+            self._event: Any = threading.Event()  # gevent's, since threading is patched
+        else:
+            self._owner = None
+            self._event = Event()
+
+    def set(self) -> None:
+        if self._owner is None:
+            self._event.set()
+        else:
+            self._owner.call(self._event.set)
+
+    def is_set(self) -> bool:
+        return bool(self._event.is_set())
+
+    def wait(self, timeout: float | None) -> bool:
+        return bool(self._event.wait(timeout))
 
 
 def start_thread(target: Callable[..., None], args: tuple[Any, ...], name: str) -> None:

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any
 
-from .consul import LOCK_FLAG, thread_client
+from .consul import LOCK_FLAG, shared_client
 from .errors import ConsulLockError, LockConflict
 from .holder import LockHolder
 from .settings import ConsulSettings
@@ -67,7 +67,7 @@ def reserve(settings: ConsulSettings, key: str, task_id: str, *, ttl: float, nam
     """Reserve ``key`` (full, prefix applied) for the message ``task_id``, or report who holds
     it. Raises LockConflict for a key that is not a lock, ConsulLockError when Consul cannot
     be asked."""
-    client = thread_client(settings)
+    client = shared_client(settings)
     value = json.dumps(
         {
             "task_id": task_id,
@@ -149,6 +149,6 @@ def _seconds_until(when: Any) -> float:
 
 def _destroy(settings: ConsulSettings, sid: str) -> None:
     try:
-        thread_client(settings).session_destroy(sid)
+        shared_client(settings).session_destroy(sid)
     except ConsulLockError as exc:  # its TTL ends it
         log.warning("could not destroy reservation session %s (its TTL ends it): %s", sid, exc)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
-from .consul import thread_client
+from .consul import shared_client
 from .entries import NEVER, EntryDefinition, RunRequest, RuntimeSchedule, ScheduleSnapshot, ScheduleWatch, once
 from .errors import ConsulLockError
 from .protocol import Tick
@@ -186,7 +186,7 @@ class RuntimeEntries:
     def done(self, request: RunRequest, fence: tuple[str, str] | None) -> None:
         """Delete a handled run-now request (fenced by the leader's session when ``fence`` =
         (lock key, session) is given)."""
-        client = thread_client(self.store.settings)
+        client = shared_client(self.store.settings)
         try:
             if fence is None:
                 client.kv_delete(request.key, cas=request.index)

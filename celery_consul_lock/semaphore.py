@@ -46,13 +46,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .consul import SEMAPHORE_FLAG, ConsulClient, KVEntry, thread_client
+from .consul import SEMAPHORE_FLAG, ConsulClient, KVEntry, shared_client
 from .errors import ConsulLockError, InvalidSetting, SemaphoreConflict, SemaphoreLimitConflict, SessionGone
 from .holder import LockHolder, holder_of
 from .lock import LOCK_DELAY_RETRY, WAIT_MAX, ConsulLock, Holding
 from .session import LockSession
 from .settings import ConsulSettings
-from .watch import WATCH_WAIT, watch_later
+from .watch import Snapshot, follow, wait_for_change
 
 __all__ = ["SEMAPHORE_KEY", "ConsulSemaphore", "SemaphoreState"]
 
@@ -230,7 +230,7 @@ class ConsulSemaphore(ConsulLock):
         """The semaphore at ``prefix`` as stored now (a consistent read)."""
         settings = settings or ConsulSettings.resolve(setting_values)
         key = settings.full_key(f"{prefix.rstrip('/')}/{SEMAPHORE_KEY}")
-        _, entries = thread_client(settings).kv_list(key[: -len(SEMAPHORE_KEY)], consistent=True)
+        _, entries = shared_client(settings).kv_list(key[: -len(SEMAPHORE_KEY)], consistent=True)
         return SemaphoreState.parse(key, entries)
 
     @classmethod
@@ -238,7 +238,7 @@ class ConsulSemaphore(ConsulLock):
         """Who holds the semaphore's slots now (each from its contender key; for holders
         that write no value there, such as ``consul lock -n``, from their session)."""
         settings = settings or ConsulSettings.resolve(setting_values)
-        client = thread_client(settings)
+        client = shared_client(settings)
         state = cls.state(prefix, settings=settings)
         return [holder_of(client, state.contenders[sid]) for sid in sorted(state.holders) if sid in state.contenders]
 
@@ -264,16 +264,9 @@ class ConsulSemaphore(ConsulLock):
     # -- acquiring ----------------------------------------------------------------------
 
     def _acquire_in_consul(self, deadline: float | None) -> bool:
-        wait_index = 0  # while full: the prefix's index to wait past
-
         def attempt_once(client: ConsulClient, session: LockSession, sid: str) -> bool | None:
-            nonlocal wait_index
             left = None if deadline is None else deadline - time.monotonic()
-            if wait_index and (left is None or left > 0):
-                wait = WAIT_MAX if left is None else min(WAIT_MAX, left)
-                index, entries = client.kv_list(self._dir, index=wait_index, wait=wait)
-            else:
-                index, entries = client.kv_list(self._dir)
+            index, entries = client.kv_list(self._dir)
             state = SemaphoreState.parse(self.key, entries)
             if state.limit is not None and state.limit != self.limit:
                 raise SemaphoreLimitConflict(self.key, state.limit, self.limit)
@@ -283,9 +276,9 @@ class ConsulSemaphore(ConsulLock):
                     self._gave_up_full(client, session, state)
                     return False
                 acquire_log.debug("%s is full (%d of %d); waiting", self.prefix, len(others), self.limit)
-                wait_index = max(index, 1)
+                # Until the prefix changes, told by the process's watcher.
+                wait_for_change(self.settings, self._dir, index, entries, WAIT_MAX if left is None else min(WAIT_MAX, left))
                 return None
-            wait_index = 0
             return self._enter(client, session, sid, state, others | {sid})
 
         try:
@@ -293,7 +286,7 @@ class ConsulSemaphore(ConsulLock):
         except BaseException:
             own = self._own_session  # made for this acquire: not left renewing after an error
             if own is not None and own.holding() == 0:
-                own.destroy(thread_client(self.settings))
+                own.destroy(shared_client(self.settings))
             raise
 
     @property
@@ -357,10 +350,13 @@ class ConsulSemaphore(ConsulLock):
 
     def _watch_later(self, holding: Holding) -> None:
         lost = functools.partial(self._mark_lost, holding=holding)
-        read = functools.partial(self._watch_read, sid=holding.sid)
-        watch_later(self.settings, self.prefix, holding.sid, holding.released, lost, read)
+        judge = functools.partial(self._judge_slot, sid=holding.sid)
+        follow(self.settings, self._dir, holding.token or 0, judge, holding.released, lost)
 
     # -- releasing ----------------------------------------------------------------------
+
+    def _reap_later(self, until: float) -> None:
+        """Nothing to queue: the last holder to leave deletes the semaphore's keys itself."""
 
     def _release_once(self, client: ConsulClient, holding: Holding, value: bytes) -> bool:
         """Take us off ``.lock`` (deleting it when nobody is left, as ``consul lock`` does)
@@ -408,21 +404,21 @@ class ConsulSemaphore(ConsulLock):
 
     # -- watching -----------------------------------------------------------------------
 
-    def _watch_read(self, client: ConsulClient, index: int, *, sid: str) -> tuple[int, str | None]:
-        """The watcher's read: our slot is lost when ``.lock`` is gone or no longer a
-        semaphore's, or no longer lists our session among its live holders."""
-        new_index, entries = client.kv_list(self._dir, index=index, wait=WATCH_WAIT, consistent=True)
+    def _judge_slot(self, snapshot: Snapshot, *, sid: str) -> str | None:
+        """The watcher's rule for a slot, on an answer that lists the prefix: lost when
+        ``.lock`` is gone or no longer a semaphore's, or no longer lists our session among
+        its live holders."""
         try:
-            state = SemaphoreState.parse(self.key, entries)
+            state = SemaphoreState.parse(self.key, list(snapshot.at(self._dir)))
         except ConsulLockError as exc:
-            return new_index, str(exc)
+            return str(exc)
         if state.limit is None:
-            return new_index, f"the semaphore's key {self.key} was deleted"
+            return f"the semaphore's key {self.key} was deleted"
         if sid in state.holders:
-            return new_index, None
+            return None
         if sid in state.listed:
-            return new_index, "our contender key lost its session (our session destroyed or invalidated?)"
-        return new_index, "we were removed from the semaphore's holders"
+            return "our contender key lost its session (our session destroyed or invalidated?)"
+        return "we were removed from the semaphore's holders"
 
 
 def validate_limit(name: str, limit: object) -> int:

@@ -32,7 +32,7 @@ from typing import Protocol
 
 from . import native
 from .backoff import Backoff
-from .consul import ConsulClient
+from .consul import ConsulClient, renewal_client, shared_client
 from .errors import ConsulLockError, ConsulUnavailable, SessionGone
 from .settings import ConsulSettings
 
@@ -229,47 +229,44 @@ class LockSession:
     # -- renewer ----------------------------------------------------------------------
 
     def _renew_loop(self) -> None:
-        client = ConsulClient(self.settings, native=True)
+        client = renewal_client(self.settings)  # connections of the renewers' own
         sid = self.id
         failing: str | None = None
         next_at = self._last_contact + self.interval
-        try:
-            while not self._stop.wait(max(0.0, min(next_at, self.deadline) - time.monotonic())):
-                t0 = time.monotonic()
-                left = self.deadline - t0
-                if left <= 0:
-                    self.lose(f"no successful renewal for {self.window - self.margin:.1f} s (self-fenced; last error: {failing})")
-                    return
-                try:
-                    if self.heartbeat is not None:
-                        self.heartbeat(client)
-                    client.session_renew(sid or "", timeout=min(self.settings.timeout, left))
-                except SessionGone:
-                    self.lose("Consul no longer knows the session (destroyed, expired or invalidated by a check)")
-                    return
-                except ConsulLockError as exc:
-                    if failing is None:
-                        native.log(
-                            renew_log,
-                            logging.WARNING,
-                            "renewing session %s failed, retrying until the fencing deadline: %s",
-                            sid,
-                            exc,
-                        )
-                    failing = str(exc)
-                    next_at = min(t0 + RENEW_RETRY, self.deadline)
-                    continue
-                except Exception as exc:  # never let the renewer die silently
-                    native.log(renew_log, logging.ERROR, "renewer of session %s crashed", sid, exc_info=True)
-                    self.lose(f"renewer crashed: {exc!r}")
-                    return
-                if failing is not None:
-                    native.log(renew_log, logging.WARNING, "renewing session %s works again", sid)
-                    failing = None
-                self._last_contact = t0
-                next_at = t0 + self.interval
-        finally:
-            client.close()
+        while not self._stop.wait(max(0.0, min(next_at, self.deadline) - time.monotonic())):
+            t0 = time.monotonic()
+            left = self.deadline - t0
+            if left <= 0:
+                self.lose(f"no successful renewal for {self.window - self.margin:.1f} s (self-fenced; last error: {failing})")
+                return
+            try:
+                if self.heartbeat is not None:
+                    self.heartbeat(client)
+                client.session_renew(sid or "", timeout=min(self.settings.timeout, left))
+            except SessionGone:
+                self.lose("Consul no longer knows the session (destroyed, expired or invalidated by a check)")
+                return
+            except ConsulLockError as exc:
+                if failing is None:
+                    native.log(
+                        renew_log,
+                        logging.WARNING,
+                        "renewing session %s failed, retrying until the fencing deadline: %s",
+                        sid,
+                        exc,
+                    )
+                failing = str(exc)
+                next_at = min(t0 + RENEW_RETRY, self.deadline)
+                continue
+            except Exception as exc:  # never let the renewer die silently
+                native.log(renew_log, logging.ERROR, "renewer of session %s crashed", sid, exc_info=True)
+                self.lose(f"renewer crashed: {exc!r}")
+                return
+            if failing is not None:
+                native.log(renew_log, logging.WARNING, "renewing session %s works again", sid)
+                failing = None
+            self._last_contact = t0
+            next_at = t0 + self.interval
 
 
 @dataclass
@@ -313,7 +310,6 @@ class _Leftovers:
             self._cond.notify()
 
     def _run(self) -> None:
-        clients: dict[ConsulSettings, ConsulClient] = {}
         backoff = Backoff(LEFTOVER_RETRY_MIN, LEFTOVER_RETRY_MAX)
         try:
             while True:
@@ -322,9 +318,7 @@ class _Leftovers:
                         self._cond.wait()
                     pending = list(self._pending)
                 for leftover in pending:
-                    if leftover.settings not in clients:
-                        clients[leftover.settings] = ConsulClient(leftover.settings)
-                    if self._try(clients[leftover.settings], leftover):
+                    if self._try(shared_client(leftover.settings), leftover):
                         with self._cond:
                             self._pending.remove(leftover)
                 with self._cond:
@@ -417,7 +411,6 @@ def close_session(session: LockSession) -> None:
     _POOL.drop(session)
     if session.id is None:
         return
-    client = ConsulClient(session.settings)
 
     def release_all() -> None:
         with session._mutex:
@@ -430,10 +423,7 @@ def close_session(session: LockSession) -> None:
                 except Exception:
                     log.exception("releasing %r before destroying its session failed", user)
 
-    try:
-        session.destroy(client, release_all)
-    finally:
-        client.close()
+    session.destroy(shared_client(session.settings), release_all)
 
 
 _POOL = SessionPool()

@@ -75,6 +75,21 @@ DEFAULT_SESSION_CHECKS: tuple[str, ...] = ("serfHealth",)
 #: self-fencing deadline, so a hung agent can never stall one past it.
 DEFAULT_TIMEOUT = 5.0
 TIMEOUT_MAX = 60.0
+#: Connections a process keeps to its agent for its requests (threads and greenlets share
+#: them, one request at a time each). A lock's request takes a millisecond or two on a local
+#: agent, so 16 serve thousands of requests a second; and a host's worker processes share
+#: the agent's limit of 200 connections per client address (http_max_conns_per_client):
+#: nine processes of 16 + 4 (renewals, watcher, agent watch) each stay under it. (A prefork
+#: child runs one task at a time and opens one of them.)
+DEFAULT_MAX_CONNECTIONS = 16
+#: How long a released lock key keeps its release record before it is removed (see
+#: :mod:`.reap`). The next acquirer reads that record: a copy of a message redelivered after
+#: its run finished is skipped only while it is there. Redis redelivers a message that was
+#: not acknowledged one visibility timeout (default 3600 s) after it was taken, i.e. within
+#: an hour of the run's start, and the redelivered copy may then wait behind a backlog: two
+#: hours cover the hour and as much again. The same delay applies to a free key with no
+#: record (its holder's session ended) and to the state of a removed periodic entry.
+DEFAULT_REAP_AFTER = 7200.0
 
 #: Consul's server-side bounds on a session TTL.
 TTL_MIN, TTL_MAX = 10.0, 86400.0
@@ -391,6 +406,21 @@ CONSUL_SETTINGS: tuple[Setting, ...] = (
         DEFAULT_TIMEOUT,
         "HTTP timeout of each request (renewals are cut shorter to the fencing deadline)",
     ),
+    Setting(
+        "max_connections",
+        whole(1, "expected a whole number of connections, at least 1"),
+        DEFAULT_MAX_CONNECTIONS,
+        "connections a process opens to the agent for its requests, shared by its threads or greenlets "
+        "(plus at most two for session renewals and one for the watcher: "
+        "[Connections and the watcher](concepts.md#connections-and-the-watcher))",
+    ),
+    Setting(
+        "reap_after",
+        seconds(at_least=0, why="expected a number of seconds >= 0"),
+        DEFAULT_REAP_AFTER,
+        "a free lock key, and the tick mark and beat state of a removed entry, are removed from KV this long after "
+        "their last use ([KV layout](concepts.md#kv-layout)); at least the broker's redelivery window",
+    ),
 )
 _BY_NAME = {s.name: s for s in CONSUL_SETTINGS}
 
@@ -504,6 +534,8 @@ class ConsulSettings:
     fail_policy: FailPolicy = DEFAULT_FAIL_POLICY
     session_checks: tuple[str, ...] = DEFAULT_SESSION_CHECKS
     timeout: float = DEFAULT_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    reap_after: float = DEFAULT_REAP_AFTER
 
     def __hash__(self) -> int:
         # Settings key the per-thread clients and the session pool, looked up on every

@@ -37,7 +37,7 @@ from celery.signals import worker_process_shutdown, worker_shutdown
 
 from . import native, signals
 from .availability import AvailabilityConfig, requeue_or_raise
-from .consul import thread_client
+from .consul import shared_client
 from .errors import ConsulUnavailable, InvalidSetting, LockHeld, LockLost
 from .lock import ConsulLock, LockHolder
 from .protocol import (
@@ -485,7 +485,8 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         """The run's lock: a ConsulLock on ``key``, or with ``lock_limit`` above 1 a
         ConsulSemaphore whose prefix is ``key`` without its ``/.lock``."""
         if options.limit == 1:
-            return ConsulLock(key, settings=settings, name=self.name, value=value)
+            # The release record stays for the cooldown too: the next run reads it to keep it.
+            return ConsulLock(key, settings=settings, name=self.name, value=value, keep_released=options.cooldown)
         prefix = key[: -len(SEMAPHORE_KEY) - 1] if key.endswith(f"/{SEMAPHORE_KEY}") else key
         return ConsulSemaphore(prefix, options.limit, settings=settings, name=self.name, value=value)
 
@@ -564,7 +565,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         """Mark ``tick`` open before its body runs (a later retry or redelivery of it must
         run even if a later tick completes meanwhile). Returns the mark, or why the tick
         must not run."""
-        client = thread_client(settings)
+        client = shared_client(settings)
         opened = change_mark(  # writes nothing when the mark says the tick must not run
             client,
             settings,
@@ -655,7 +656,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         sid = lock.session_id
         extra = {"task_id": task_id}
         written = sid is not None and change_mark(
-            thread_client(settings),
+            shared_client(settings),
             settings,
             tick.entry,
             mark,

@@ -34,6 +34,10 @@ log = logging.getLogger("celery_consul_lock.ticks")
 
 #: Where the marks live, under the key prefix.
 MARKS_PREFIX = "celery-consul-lock/ticks/"
+#: The field in which a ``celery-consul-lock run`` wrapper names itself in the marks it opens
+#: and completes: a mark with it belongs to a cron line (no beat knows its entry), and the
+#: beat's sweep never removes it (see :mod:`.reap`).
+RUNNER_FIELD = "runner"
 
 #: How long a tick stays open (started, not completed) in its entry's mark: a retry or
 #: redelivery of it arriving later than this after its first start, once a later tick has

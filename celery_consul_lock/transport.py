@@ -6,10 +6,15 @@ matters: ``requests`` spends about 1 ms a request here and ``http.client`` (thro
 This speaks just the HTTP/1.1 that Consul's agent answers: one request at a time on one
 connection, ``Content-Length`` or chunked bodies, reconnecting when the agent closed an
 idle connection. TLS goes through :mod:`ssl` with the context the caller builds.
+
+:class:`ConnectionPool` shares a few such connections between the threads (or greenlets) of
+a process: a request takes one for its own duration only, so the connections a process
+keeps open to its agent are bounded by the pool's size, not by its number of threads.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import socket
 import ssl
@@ -17,7 +22,7 @@ from typing import BinaryIO
 
 from . import native as _native
 
-__all__ = ["MAX_HEADER_BYTES", "Connection", "Headers", "NotHTTP", "read_response"]
+__all__ = ["MAX_HEADER_BYTES", "Connection", "ConnectionPool", "Headers", "Interrupted", "NotHTTP", "read_response"]
 
 #: Never read a header block larger than this (Consul's are a few hundred bytes).
 MAX_HEADER_BYTES = 64 * 1024
@@ -37,7 +42,8 @@ class Headers(dict[str, str]):
 
 
 class Connection:
-    """One keep-alive connection; not thread-safe (one per thread).
+    """One keep-alive connection; one request at a time (a :class:`ConnectionPool` lends it
+    to one caller at a time).
 
     ``native=True``: a real OS socket even under gevent's monkey-patching, for the real
     threads of :mod:`.native` (give it an ``ssl_context`` of ``native.ssl_context_class()``).
@@ -49,20 +55,38 @@ class Connection:
         self.native = native
         self._sock: socket.socket | None = None
         self._file: object | None = None
+        #: Set by interrupt(): every request raises Interrupted until resume().
+        self._interrupted = False
         self._host_header = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
 
     def __del__(self) -> None:
-        # A thread's connection dies with the thread: close it quietly.
+        # A dropped pool's connections (a forked child's copies, a private client) close quietly.
         self.close()
 
     def close(self) -> None:
+        # No module globals here: the process's shared pools are dropped at interpreter exit,
+        # after the modules' globals (contextlib) are gone.
         sock, file, self._sock, self._file = self._sock, self._file, None, None
-        if file is not None:
-            with contextlib.suppress(OSError):
-                file.close()  # type: ignore[attr-defined]
+        for closable in (file, sock):
+            if closable is not None:
+                try:  # noqa: SIM105 (no contextlib at interpreter exit, see above)
+                    closable.close()  # type: ignore[attr-defined]
+                except OSError:
+                    pass
+
+    def interrupt(self) -> None:
+        """From another thread: make the request in progress (a blocking query) end now,
+        and every later one, with :class:`Interrupted`, until :meth:`resume`. The socket
+        is shut down, not closed: the request's own thread closes it."""
+        self._interrupted = True
+        sock = self._sock
         if sock is not None:
             with contextlib.suppress(OSError):
-                sock.close()
+                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the raw socket's, also under TLS
+
+    def resume(self) -> None:
+        """Let requests through again after :meth:`interrupt`."""
+        self._interrupted = False
 
     def request(
         self, method: str, target: str, body: bytes | None, headers: dict[str, str], timeout: float
@@ -91,18 +115,21 @@ class Connection:
             reused = self._sock is not None
             sock = self._sock or self._connect(timeout)
             try:
+                if self._interrupted:  # checked once the socket is known: interrupt() shuts it down
+                    raise Interrupted("the request was interrupted")
                 if sock.gettimeout() != timeout:
                     sock.settimeout(timeout)
                 sock.sendall(payload)
                 status, resp_headers, content, close = read_response(self._file, method)  # type: ignore[arg-type]
-            except (ConnectionResetError, BrokenPipeError, _ClosedEarly):
+            except BaseException as exc:
                 self.close()
+                if self._interrupted and isinstance(exc, Exception):
+                    raise Interrupted("the request was interrupted") from None
+                if not isinstance(exc, (ConnectionResetError, BrokenPipeError, _ClosedEarly)):
+                    raise
                 if reused and attempt == 1:
                     continue
                 raise ConnectionResetError("the agent closed the connection without answering") from None
-            except BaseException:
-                self.close()
-                raise
             if close:
                 self.close()
             return status, resp_headers, content
@@ -190,6 +217,85 @@ def _read_chunked(f: BinaryIO) -> bytes:
             raise ConnectionError("connection closed in the middle of a chunked response")
         if end not in (b"\r\n", b"\n"):
             raise NotHTTP(end[:80])
+
+
+class ConnectionPool:
+    """Up to ``size`` keep-alive connections to one agent, shared by the threads (or the
+    greenlets) of a process: :meth:`take` lends one to a caller for one request, and
+    :meth:`give` takes it back. When all are lent, a caller waits for the first one given
+    back (first come, first served), however long: every request has a timeout, so every
+    wait ends. Connections are opened when first needed and the most recently used are
+    lent first, so a process that makes few requests at a time keeps few open.
+
+    ``native``: the connections are real OS sockets under gevent, and a waiter blocks its
+    OS thread (for the real threads of :mod:`.native`); otherwise a waiting greenlet yields
+    to the others.
+    """
+
+    def __init__(
+        self, host: str, port: int, *, size: int, ssl_context: ssl.SSLContext | None = None, native: bool = False
+    ) -> None:
+        self.size = size
+        self._mutex = _native.lock()
+        #: Connections not lent now; the last one given back is lent first.
+        self._idle = [Connection(host, port, ssl_context=ssl_context, native=native) for _ in range(size)]
+        self._all = tuple(self._idle)
+        #: Callers waiting for a connection, in arrival order (each gets the one given back).
+        self._waiters: collections.deque[_native.Wakeup] = collections.deque()
+
+    def take(self) -> Connection:
+        """A connection for one request; give it back with :meth:`give` (in a ``finally``)."""
+        with self._mutex:
+            if self._idle:
+                return self._idle.pop()
+            waiter = _native.Wakeup()
+            self._waiters.append(waiter)
+        try:
+            waiter.wait(None)
+        except BaseException:  # killed while waiting (a greenlet, an abort): lose no connection
+            with self._mutex:
+                handed = waiter.value
+                if handed is None:
+                    self._waiters.remove(waiter)
+            if handed is not None:
+                self.give(handed)
+            raise
+        return waiter.value  # type: ignore[no-any-return]
+
+    def give(self, conn: Connection) -> None:
+        """Take back a connection lent by :meth:`take`: to the first waiter, else idle."""
+        with self._mutex:
+            if not self._waiters:
+                self._idle.append(conn)
+                return
+            waiter = self._waiters.popleft()
+            waiter.value = conn
+        waiter.set()
+
+    def busy(self) -> int:
+        """How many connections are lent now."""
+        return self.size - len(self._idle)
+
+    def interrupt(self) -> None:
+        """:meth:`Connection.interrupt` every connection (see there)."""
+        for conn in self._all:
+            conn.interrupt()
+
+    def resume(self) -> None:
+        for conn in self._all:
+            conn.resume()
+
+    def close(self) -> None:
+        """Close the connections not lent now (a lent one stays usable: it is closed when
+        its caller is done, or when the pool is dropped)."""
+        with self._mutex:
+            idle = list(self._idle)
+        for conn in idle:
+            conn.close()
+
+
+class Interrupted(ConnectionError):
+    """A request ended by :meth:`Connection.interrupt` (from another thread)."""
 
 
 class NotHTTP(Exception):

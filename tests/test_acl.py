@@ -170,3 +170,20 @@ def test_celery_consul_lock_run_works_with_the_documented_policy_and_names_a_mis
     assert no_service.returncode == 69 and not (tmp_path / "not-ran").exists(), no_service_err
     assert "service:write" in no_service_err and "celery-consul-lock-run" in no_service_err, no_service_err
     assert tokens["full"] not in full_err and tokens["no-service"] not in no_service_err
+
+
+def test_the_documented_policy_lets_a_sweep_remove_free_lock_keys(acl_agent):
+    # The sweep lists the whole (empty) prefix: Consul leaves out what the token cannot read,
+    # and the keys under locks/ and the index clock under celery-consul-lock/ are writable.
+    from celery_consul_lock.consul import LOCK_FLAG, ConsulClient
+    from celery_consul_lock.reap import CLOCK_KEY, sweep
+
+    agent, tokens = acl_agent
+    settings = ConsulSettings(address=agent.address, token=tokens["full"], lock_delay=2)
+    client = ConsulClient(settings)
+    try:
+        assert client.kv_put("locks/acl-swept/.lock", b'{"keep_until": 1}', flags=LOCK_FLAG)  # released long ago
+        assert "locks/acl-swept/.lock" in sweep(client, settings).removed
+        assert client.kv_get(CLOCK_KEY)[1] is not None
+    finally:
+        client.close()

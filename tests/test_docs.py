@@ -92,8 +92,8 @@ def test_the_make_targets_and_consul_lock_commands_the_docs_name_exist():
 
 
 def markdown_differences(text: str) -> list[str]:
-    """Lines GitHub and the site (Python-Markdown) render differently: a list or a table right
-    after a paragraph line (the site needs a blank line between), a nested list item or a
+    """Lines GitHub and the site (Python-Markdown) render differently: a heading, a list or a
+    table right after a paragraph or table line (the site needs a blank line between), a nested list item or a
     list item's code block or paragraph indented by 1 to 3 spaces (the site needs 4)."""
     found, fence, in_list, prev = [], False, False, ""
     for number, line in enumerate(text.split("\n"), 1):
@@ -105,7 +105,9 @@ def markdown_differences(text: str) -> list[str]:
         if fence:
             continue
         item = re.match(r"( *)([-*+]|\d+\.) ", line)
-        if item:
+        if line.startswith("#") and prev.strip():
+            found.append(f"{number}: a blank line is needed before this heading: {line.strip()[:50]}")
+        elif item:
             if prev.strip() and not in_list:
                 found.append(f"{number}: a blank line is needed before this list: {line.strip()[:50]}")
             if 0 < len(item[1]) < 4:
@@ -131,6 +133,7 @@ def test_the_markdown_check_finds_what_the_site_renders_differently():
     assert markdown_differences("Text.\n\n- item\n  - nested\n")[0].startswith("4: a nested list item")
     assert markdown_differences("- item\n\n  ```sh\n  make demo\n  ```\n")[0].startswith("3: a list item's code block")
     assert markdown_differences("Text:\n| a |\n|---|\n")[0].startswith("2: a blank line is needed before this table")
+    assert markdown_differences("| a |\n|---|\n## Next\n")[0].startswith("3: a blank line is needed before this heading")
     fine = "Text:\n\n- item\n  lazy continuation\n- item\n\n    ```sh\n    make demo\n    ```\n\n    More.\n"
     assert markdown_differences(fine) == []
 

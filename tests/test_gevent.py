@@ -1,7 +1,7 @@
 """ConsulLockedTask in a real `celery worker -P gevent -c 50`, over a real Redis and Consul.
 
 Under the gevent pool every task body is a greenlet of one process, and ``threading``,
-``socket`` and ``time`` are monkey-patched. The session renewer and the lock watchers run on
+``socket`` and ``time`` are monkey-patched. The session renewer and the process's watcher run on
 real OS threads (celery_consul_lock/native.py), so a body that never yields cannot starve
 them, and abort_on_lock_lost throws into the body's own greenlet.
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from celery_consul_lock import is_skipped
+from celery_consul_lock.settings import DEFAULT_MAX_CONNECTIONS
 
 from .servers import ROOT, wait_for
 from .test_command import consul_lock_cmd
@@ -175,10 +176,9 @@ def test_fifty_greenlets_lock_distinct_keys_and_one_shared_key_without_overlap(p
     assert len({v for v in keyed_values if isinstance(v, int)}) == 30  # every key ran at least once
     during = {s["ID"] for s in consul.api("/v1/session/list")} - before
     assert len(during) == 1, during  # one session for the whole worker, shared by its greenlets
-    # Connections: one keep-alive per greenlet that talks to Consul (at most the
-    # concurrency), one per watcher (a lock held for over 0.5 s), the renewer's and the
-    # agent watch's.
-    bound = 2 * concurrency + 5
+    # Connections: the pool the greenlets share (consul_lock_max_connections), the renewers'
+    # (two at most), the watcher's and the agent watch's; not one per greenlet or held lock.
+    bound = DEFAULT_MAX_CONNECTIONS + 4
     print(f"peak connections to the agent: {peak} (bound {bound})")
     assert 0 < peak <= bound, peak
     worker.stop()

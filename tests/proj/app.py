@@ -55,6 +55,12 @@ if os.environ.get("TEST_SOFT_SHUTDOWN_TIMEOUT"):  # Celery 5.5+: a cold shutdown
     app.conf.worker_soft_shutdown_timeout = float(os.environ["TEST_SOFT_SHUTDOWN_TIMEOUT"])
 
 app.conf.consul_lock_beat_name = os.environ.get("TEST_BEAT_NAME", "proj")
+if os.environ.get("TEST_KEY_PREFIX"):  # a test's own part of the KV store
+    app.conf.consul_lock_key_prefix = os.environ["TEST_KEY_PREFIX"]
+if os.environ.get("TEST_REAP_AFTER"):
+    app.conf.consul_lock_reap_after = float(os.environ["TEST_REAP_AFTER"])
+if os.environ.get("TEST_REAP_INTERVAL"):
+    app.conf.consul_lock_beat_reap_interval = float(os.environ["TEST_REAP_INTERVAL"])
 if os.environ.get("TEST_BEAT_STALL_TIMEOUT"):
     app.conf.consul_lock_beat_stall_timeout = float(os.environ["TEST_BEAT_STALL_TIMEOUT"])
 if os.environ.get("TEST_BEAT_INTERVAL"):

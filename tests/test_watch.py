@@ -1,0 +1,54 @@
+"""The watcher's pure rules: which folder it reads, what an answer lists at a path, and when an
+answer may judge a holding or wake a waiter (only when known to be newer than what they saw)."""
+
+from __future__ import annotations
+
+from celery_consul_lock.consul import KVEntry
+from celery_consul_lock.watch import Snapshot, Waiter, common_prefix, judge_lock
+
+
+def entry(key: str, modify_index: int, session: str | None = "s1") -> KVEntry:
+    return KVEntry(key, b"", 0, session, 1, modify_index, 1)
+
+
+def test_the_watched_prefix_is_the_longest_common_folder():
+    assert common_prefix(["locks/a/.lock"]) == "locks/a/"
+    assert common_prefix(["locks/a/.lock", "locks/b/.lock"]) == "locks/"
+    assert common_prefix(["locks/report-1/.lock", "locks/report-2/.lock"]) == "locks/"  # a folder, not "locks/report-"
+    assert common_prefix(["locks/a/.lock", "sem/x/"]) == ""  # nothing in common: the whole KV store
+    assert common_prefix(["mylock", "mylock2"]) == "mylock"  # no folder at all: the common start
+
+
+def test_an_answer_lists_a_key_exactly_and_a_folder_with_everything_under_it():
+    snap = Snapshot.of(
+        "locks/", 10, 1, [entry("locks/b/.lock", 5), entry("locks/a/x", 3), entry("locks/a/.lock", 4), entry("locks/a0", 2)]
+    )
+    assert [e.key for e in snap.at("locks/a/")] == ["locks/a/.lock", "locks/a/x"]  # not locks/a0
+    assert [e.key for e in snap.at("locks/a/.lock")] == ["locks/a/.lock"]
+    assert snap.get("locks/c/.lock") is None and snap.covers("locks/c/.lock") and not snap.covers("other/x")
+
+
+def test_a_lock_is_lost_when_its_key_is_deleted_freed_or_taken():
+    snap = Snapshot.of(
+        "locks/", 10, 1, [entry("locks/a/.lock", 9, "ours"), entry("locks/b/.lock", 9, None), entry("locks/c/.lock", 9, "theirs")]
+    )
+    assert judge_lock(snap, key="locks/a/.lock", sid="ours") is None
+    assert "freed" in (judge_lock(snap, key="locks/b/.lock", sid="ours") or "")
+    assert "theirs" in (judge_lock(snap, key="locks/c/.lock", sid="ours") or "")
+    assert judge_lock(snap, key="locks/d/.lock", sid="ours") == "the key was deleted"
+
+
+def test_a_waiter_is_woken_only_by_an_answer_known_to_be_newer_than_what_it_read():
+    # The waiter read locks/a/.lock at ModifyIndex 7, Consul's index 20, when the watcher had
+    # started 3 queries.
+    waiter = Waiter("locks/a/.lock", 20, since=3, seen=frozenset({("locks/a/.lock", 7)}))
+    older = Snapshot.of("locks/", 15, 3, [])  # from before the waiter's read: the key not there yet
+    assert not waiter.changed(older)  # else the waiter would read again and again, the answer unchanged
+    same = Snapshot.of("locks/", 20, 4, [entry("locks/a/.lock", 7)])  # a later query, nothing changed
+    assert not waiter.changed(same)
+    released = Snapshot.of("locks/", 25, 3, [entry("locks/a/.lock", 25, None)])  # newer by its index
+    assert waiter.changed(released)
+    deleted = Snapshot.of("locks/", 18, 4, [])  # a query started after the waiter: newer whatever its index
+    assert waiter.changed(deleted)
+    elsewhere = Snapshot.of("locks/b/", 30, 9, [])  # does not cover the key: says nothing of it
+    assert not waiter.changed(elsewhere)
