@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 # addresses stay in one process); PARALLEL= runs the suite in one process.
 PARALLEL ?= -n 2 --dist loadfile
 
-.PHONY: demo demo-cron test test-suite test-matrix lint docs bench bench-peers servers venv clean
+.PHONY: demo demo-cron test test-suite test-matrix lint docs bench bench-peers bench-capacity servers venv clean
 
 # make demo EXAMPLE=flask (default: django); DEMO_ARGS="--seconds 30" and the like.
 EXAMPLE ?= django
@@ -60,6 +60,13 @@ bench: $(VENV)/.installed $(SERVERS)
 PEERS_ARGS ?=
 bench-peers: $(VENV_BENCH)/.installed $(SERVERS)
 	$(VENV_BENCH)/bin/python bench/peers.py --json docs/bench/peers.json --plots docs/bench $(PEERS_ARGS)
+
+# Locked cycles per second on a three-server cluster with a client agent, beside the raw-write
+# floor, what limits each point, held locks, keys in KV, session churn and locked tasks through
+# a worker (docs: Capacity and sizing); CAPACITY_ARGS="--quick" for the short run (~4 minutes).
+CAPACITY_ARGS ?=
+bench-capacity: $(VENV_BENCH)/.installed $(SERVERS)
+	$(VENV_BENCH)/bin/python bench/capacity.py --churn --celery --json docs/bench/capacity.json --plots docs/bench $(CAPACITY_ARGS)
 
 servers: $(SERVERS)
 venv: $(VENV)/.installed

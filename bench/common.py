@@ -59,6 +59,18 @@ def write_json(path: Path | None, data: dict[str, Any]) -> None:
         path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def save(fig: Any, stem: Path) -> list[Path]:
+    """Write the matplotlib figure ``fig`` as ``stem``.png and ``stem``.svg, and close it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    out = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
+    for path in out:
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return out
+
+
 def stats(samples: list[float]) -> dict[str, float]:
     """Median, p90, mean and min in milliseconds of samples in seconds."""
     ms = [s * 1000 for s in samples]

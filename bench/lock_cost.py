@@ -63,9 +63,10 @@ class Plain:
     Consul's cheapest writes, below what any lock can cost (acquire and release also
     check the session in Consul's state store)."""
 
-    def __init__(self, agent: ConsulAgent) -> None:
+    def __init__(self, agent: ConsulAgent, key: str = FLOOR_KEY) -> None:
         self.conn = Connection(agent.bind, agent.http_port)
         self.body = FLOOR_VALUE.encode()
+        self.key = key
 
     def put(self, target: str) -> None:
         status, _, text = self.conn.request("PUT", target, self.body, {}, 5.0)
@@ -73,8 +74,8 @@ class Plain:
             raise RuntimeError(f"PUT {target} failed: {status} {text!r}")
 
     def __call__(self) -> None:
-        self.put(f"/v1/kv/{FLOOR_KEY}")
-        self.put(f"/v1/kv/{FLOOR_KEY}")
+        self.put(f"/v1/kv/{self.key}")
+        self.put(f"/v1/kv/{self.key}")
 
     def close(self) -> None:
         self.conn.close()
@@ -86,16 +87,16 @@ class Floor(Plain):
     connection (the package's own lean HTTP/1.1 connection, so the ratio isolates what
     the lock adds: its bookkeeping and the client library)."""
 
-    def __init__(self, agent: ConsulAgent) -> None:
-        super().__init__(agent)
+    def __init__(self, agent: ConsulAgent, key: str = FLOOR_KEY) -> None:
+        super().__init__(agent, key)
         # Never renewed: a TTL longer than any run (on a loaded machine a run took over the
         # 2 x 60 s an earlier TTL lasted, and the floor's acquire failed with "invalid session").
         _, _, text = self.conn.request("PUT", "/v1/session/create", b'{"TTL": "3600s", "LockDelay": "0s"}', {}, 5.0)
         self.session = json.loads(text)["ID"]
 
     def __call__(self) -> None:
-        self.put(f"/v1/kv/{FLOOR_KEY}/.lock?acquire={self.session}&flags={LOCK_FLAG}")
-        self.put(f"/v1/kv/{FLOOR_KEY}/.lock?release={self.session}&flags={LOCK_FLAG}")
+        self.put(f"/v1/kv/{self.key}/.lock?acquire={self.session}&flags={LOCK_FLAG}")
+        self.put(f"/v1/kv/{self.key}/.lock?release={self.session}&flags={LOCK_FLAG}")
 
     def close(self) -> None:
         self.conn.request("PUT", f"/v1/session/destroy/{self.session}", b"", {}, 5.0)
@@ -105,14 +106,17 @@ class Floor(Plain):
 class Ours:
     """ConsulLock acquire + release, the lock object and the shared session reused."""
 
-    def __init__(self, agent: ConsulAgent) -> None:
-        self.lock = ConsulLock(LOCK_KEY, address=agent.address)
+    def __init__(self, agent: ConsulAgent, key: str = LOCK_KEY) -> None:
+        self.lock = ConsulLock(key, address=agent.address)
 
     def __call__(self) -> None:
         if not self.lock.acquire(blocking=False):
-            raise RuntimeError(f"could not acquire {LOCK_KEY}: held by {self.lock.last_holder}")
+            raise RuntimeError(f"could not acquire {self.lock.key}: held by {self.lock.last_holder}")
         if not self.lock.release():
-            raise RuntimeError(f"release of {LOCK_KEY} was not confirmed")
+            raise RuntimeError(f"release of {self.lock.key} was not confirmed")
+
+    def close(self) -> None:
+        """Nothing to close: the session is the process's (close_sessions ends it)."""
 
 
 class Script:

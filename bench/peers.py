@@ -81,7 +81,7 @@ for path in (str(ROOT), str(BENCH)):
         sys.path.insert(0, path)
 
 import redis  # noqa: E402
-from common import start_server_agent, write_json  # noqa: E402
+from common import save, start_server_agent, write_json  # noqa: E402
 
 from celery_consul_lock.testing import Proc, spawn  # noqa: E402
 from tests.servers import ConsulAgent, start_redis, wait_for  # noqa: E402
@@ -912,18 +912,6 @@ def targets(results: dict[str, Any]) -> list[tuple[str, bool | None, str]]:
                     f"ours {added[OURS]:.2f} ms vs {fastest} {peers[fastest]:.2f} ms: {ratio:.1f}x",
                 )
             )
-    return out
-
-
-def save(fig: Any, stem: Path) -> list[Path]:
-    """Write ``fig`` as ``stem``.png and ``stem``.svg, and close it."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    out = [stem.with_suffix(".png"), stem.with_suffix(".svg")]
-    for path in out:
-        fig.savefig(path, dpi=110)
-    plt.close(fig)
     return out
 
 

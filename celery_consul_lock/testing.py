@@ -471,9 +471,12 @@ class ConsulCluster:
             agent.stop()
 
 
-def start_cluster(workdir: Path, size: int = 3) -> ConsulCluster:
+def start_cluster(workdir: Path, size: int = 3, *, hcl: Iterable[str] = ()) -> ConsulCluster:
     """``size`` servers on 127.0.0.11 onwards (Linux routes all of 127/8 to lo), with data
-    directories in ``workdir`` and ``raft_multiplier = 1``; returns once each is ready."""
+    directories in ``workdir`` (file-backed: every Raft write is fsynced, as in production)
+    and ``raft_multiplier = 1`` (Consul's advice for production servers: the fastest leader
+    failure detection), plus the agent configuration lines ``hcl`` (e.g. ``telemetry``);
+    returns once each is ready."""
     binds = [f"127.0.0.{11 + i}" for i in range(size)]
     serf = {b: free_port(b) for b in binds}
     agents = []
@@ -483,8 +486,8 @@ def start_cluster(workdir: Path, size: int = 3) -> ConsulCluster:
             ports = {"http": free_port(bind), "serf_lan": serf[bind], "serf_wan": free_port(bind), "server": free_port(bind)}
             joins = [f"-retry-join={b}:{serf[b]}" for b in binds if b != bind]
             extra = ["-server", f"-bootstrap-expect={size}", f"-data-dir={_data_dir(workdir, node)}", *joins]
-            hcl = [SESSION_TTL_MIN_HCL, "performance { raft_multiplier = 1 }"]
-            agents.append(_start_agent(workdir, node=node, bind=bind, ports=ports, hcl=hcl, extra=extra))
+            config = [SESSION_TTL_MIN_HCL, "performance { raft_multiplier = 1 }", *hcl]
+            agents.append(_start_agent(workdir, node=node, bind=bind, ports=ports, hcl=config, extra=extra))
         cluster = ConsulCluster(agents)
         for agent in agents:
             agent.wait_ready(timeout=CLUSTER_READY_TIMEOUT)
@@ -495,17 +498,18 @@ def start_cluster(workdir: Path, size: int = 3) -> ConsulCluster:
     return cluster
 
 
-def start_client_agent(workdir: Path, cluster: ConsulCluster, bind: str, node: str) -> ConsulAgent:
+def start_client_agent(workdir: Path, cluster: ConsulCluster, bind: str, node: str, *, hcl: Iterable[str] = ()) -> ConsulAgent:
     """A client agent (no ``-server``) on ``bind``, joined to ``cluster``: one simulated node
-    of Consul's standard topology, whose processes talk to it. ``agent.proc.restart()``
-    starts it again with the same node name, ports and data directory. Returns at once."""
+    of Consul's standard topology, whose processes talk to it; plus the agent configuration
+    lines ``hcl``. ``agent.proc.restart()`` starts it again with the same node name, ports
+    and data directory. Returns at once."""
     ports = {"http": free_port(bind), "serf_lan": free_port(bind), "serf_wan": free_port(bind)}
     joins = [f"-retry-join={a.bind}:{a.ports['serf_lan']}" for a in cluster.agents]
     # Stopped at a test's end: exit at once rather than leave the cluster gracefully (about
     # 5 s per agent); the servers mark the node failed, which no later test looks at.
-    hcl = ["leave_on_terminate = false"]
+    config = ["leave_on_terminate = false", *hcl]
     return _start_agent(
-        workdir, node=node, bind=bind, ports=ports, hcl=hcl, extra=[f"-data-dir={_data_dir(workdir, node)}", *joins]
+        workdir, node=node, bind=bind, ports=ports, hcl=config, extra=[f"-data-dir={_data_dir(workdir, node)}", *joins]
     )
 
 

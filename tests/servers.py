@@ -8,14 +8,18 @@ Consul.
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
 import os
 import socket
 import ssl
 import subprocess
 import sys
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 from celery_consul_lock.testing import (
     CONSUL_BIN_ENV,
@@ -45,6 +49,7 @@ __all__ = [
     "TLSConsulAgent",
     "TLSFiles",
     "WebServer",
+    "bench_module",
     "binaries",
     "free_port",
     "have_loopback_aliases",
@@ -76,6 +81,25 @@ def binaries() -> tuple[str, str]:
             if name in (CONSUL_BIN_ENV, REDIS_BIN_ENV) and not os.environ.get(name):
                 os.environ[name] = value
     return consul_binary(), redis_binary()
+
+
+@contextlib.contextmanager
+def bench_module(name: str) -> Iterator[ModuleType]:
+    """``bench/<name>.py`` imported as the module ``bench_<name>``, with ``bench/`` on sys.path
+    for its own imports (``common``), for a test of a benchmark's own logic; both undone after."""
+    bench = str(ROOT / "bench")
+    sys.path.insert(0, bench)
+    module_name = f"bench_{name}"
+    try:
+        spec = importlib.util.spec_from_file_location(module_name, ROOT / "bench" / f"{name}.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop(module_name, None)
+        sys.path.remove(bench)
 
 
 def wait_consul_ready(agent: ConsulAgent, timeout: float = 30, token: str | None = None) -> None:

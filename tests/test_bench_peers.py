@@ -4,28 +4,17 @@ duplicated and missed ticks, and the JSON schema of issue 18. The benchmark itse
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 
 import pytest
 
-from .servers import ROOT
+from .servers import bench_module
 
 
 @pytest.fixture(scope="module")
 def peers():
-    bench = str(ROOT / "bench")
-    sys.path.insert(0, bench)
-    try:
-        spec = importlib.util.spec_from_file_location("bench_peers", ROOT / "bench" / "peers.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[spec.name] = module  # dataclasses look their module up there
-        spec.loader.exec_module(module)
+    with bench_module("peers") as module:
         yield module
-    finally:
-        sys.modules.pop("bench_peers", None)
-        sys.path.remove(bench)
 
 
 def test_an_unknown_round_setting_or_part_is_refused_before_anything_starts(peers, capsys) -> None:
