@@ -45,7 +45,7 @@ from croniter import CroniterError, croniter
 from dateutil.tz import tzlocal
 
 from .consul import ConsulClient, shared_client
-from .errors import ConsulLockError, ConsulUnavailable, InvalidSetting, LockConflict
+from .errors import ConsulLockError, ConsulUnavailable, InvalidSetting, LockConflict, name_settings
 from .lock import ConsulLock
 from .protocol import Tick
 from .session import LockSession
@@ -367,6 +367,7 @@ def parse_args(argv: Sequence[str], env: Mapping[str, str] | None = None) -> tup
         schedule: Schedule = CronSchedule(args.cron) if args.cron is not None else _every(args.every)
         given = {"ttl": args.ttl, "lock_delay": args.lock_delay, "key_prefix": args.key_prefix}
         settings = ConsulSettings.resolve(given, names="--{}", env=os.environ if env is None else env)
+        name_settings(address="CONSUL_HTTP_ADDR", token="CONSUL_HTTP_TOKEN")  # no Celery settings here
         key = _lock_key(args.key, command[0])
         settings.full_key(key)
         entry = args.entry if args.entry is not None else _entry_of(key)

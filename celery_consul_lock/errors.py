@@ -99,6 +99,22 @@ class EntryNotFound(ConsulLockError):
 # -- reaching Consul (consul.FAILURES maps every failure of a request to one of these) ----------
 
 
+#: Where this process's Consul address and token are set, as its errors name them
+#: (:func:`name_settings`).
+_SETTING_NAMES: dict[str, str] = {}
+ADDRESS_NAMES = "consul_lock_address / CONSUL_HTTP_ADDR"
+TOKEN_NAMES = "consul_lock_token / CONSUL_HTTP_TOKEN"
+
+
+def name_settings(*, address: str = ADDRESS_NAMES, token: str = TOKEN_NAMES) -> None:
+    """Name where this process's Consul address and token are set, in every error message
+    from now on (``"CELERY_CONSUL_LOCK_ADDRESS / CONSUL_HTTP_ADDR"``): a worker and a beat
+    name the settings as the app's configuration spells them (Django's namespace), the cron
+    wrapper names Consul's variables (it has no Celery settings). Process-wide: one app's
+    settings per process."""
+    _SETTING_NAMES.update(address=address, token=token)
+
+
 class ConsulUnavailable(ConsulLockError):
     """The Consul agent could not be reached (refused, timed out, no leader, TLS failure).
 
@@ -117,9 +133,10 @@ class ConsulUnavailable(ConsulLockError):
     def __str__(self) -> str:
         return self.message()
 
-    def message(self, address_from: str = "consul_lock_address / CONSUL_HTTP_ADDR") -> str:
-        """The message, naming ``address_from`` as where the address is set (the console
-        script ``celery-consul-lock run`` passes ``CONSUL_HTTP_ADDR``: it has no Celery settings)."""
+    def message(self, address_from: str | None = None) -> str:
+        """The message, naming ``address_from`` as where the address is set (default: as
+        :func:`name_settings` last named it)."""
+        address_from = address_from or _SETTING_NAMES["address"]
         text = f"Consul agent at {self.address} is unreachable while {self.action}: {self.detail}."
         if self.transient:
             text += f" Check that the agent runs there, or point {address_from} at it."
@@ -140,7 +157,8 @@ class NotConsul(ConsulUnavailable):
         self.args = (address, action, answer)
         self.answer = answer
 
-    def message(self, address_from: str = "consul_lock_address / CONSUL_HTTP_ADDR") -> str:
+    def message(self, address_from: str | None = None) -> str:
+        address_from = address_from or _SETTING_NAMES["address"]
         return (
             f"the server at {self.address} is not a Consul agent: while {self.action}, it answered {self.answer}. "
             f"Point {address_from} at a Consul agent's HTTP API."
@@ -164,13 +182,13 @@ class ACLDenied(ConsulLockError):
         if self.token_unknown:
             return (
                 f"Consul at {self.address} refused {self.action}: it does not know the ACL token "
-                "(ACL not found: mistyped, deleted or expired). Set consul_lock_token / "
-                "CONSUL_HTTP_TOKEN to a token that exists."
+                f"(ACL not found: mistyped, deleted or expired). Set {_SETTING_NAMES['token']} to a token "
+                "that exists."
             )
         return (
             f"Consul at {self.address} denied {self.action}: the ACL token needs "
-            f"{self.permission} on {self.resource!r} (set consul_lock_token / CONSUL_HTTP_TOKEN "
-            "to a token whose policy grants it)."
+            f"{self.permission} on {self.resource!r} (set {_SETTING_NAMES['token']} to a token whose "
+            "policy grants it)."
         )
 
 

@@ -50,7 +50,7 @@ from .availability import AVAILABILITY_SETTINGS, PROBE_TIMEOUT, AvailabilityConf
 from .consul import ConsulClient
 from .contrib.flask import MISSING_FLASK_APP, tasks_without_flask_app
 from .election import BEAT_SETTINGS, BeatConfig
-from .errors import ConsulLockError, ConsulUnavailable, InvalidSetting
+from .errors import ConsulLockError, ConsulUnavailable, InvalidSetting, name_settings
 from .settings import CELERY_PREFIX, CONSUL_SETTINGS, ConsulSettings, Setting, namespaced_name, written_name
 from .task import EAGER_SETTINGS, TASK_SETTINGS, ConsulLockedTask, eager_mode, task_defaults
 
@@ -95,7 +95,8 @@ def locked_tasks(app: Any) -> list[ConsulLockedTask]:
 def check_app(app: Any) -> ConsulSettings:
     """Read and validate every setting of ``app`` the way its workers use them, and each
     locked task's own options; the app's connection settings. Raises InvalidSetting naming
-    the first refused one as the user wrote it."""
+    the first refused one as the user wrote it. From then on, this process's errors name the
+    address and token settings as the app spells them (:func:`~.errors.name_settings`)."""
     conf = app.conf
     settings = ConsulSettings.from_celery(conf)
     AvailabilityConfig.from_celery(conf)
@@ -103,7 +104,17 @@ def check_app(app: Any) -> ConsulSettings:
     eager_mode(conf)
     for task in locked_tasks(app):
         task.check_lock_options()
+    name_settings(
+        address=_written_with_env(conf, "address", "CONSUL_HTTP_ADDR"),
+        token=_written_with_env(conf, "token", "CONSUL_HTTP_TOKEN"),
+    )
     return settings
+
+
+def _written_with_env(conf: Any, name: str, env: str) -> str:
+    """``CELERY_CONSUL_LOCK_ADDRESS / CONSUL_HTTP_ADDR``: the setting as ``conf`` spells it, and
+    the environment variable that stands in for it."""
+    return f"{written_name(conf, CELERY_PREFIX + name)} / {env}"
 
 
 @contextmanager
@@ -249,7 +260,7 @@ def _warn_worker(sender: Any = None, instance: Any = None, conf: Any = None, **_
 def _described(problem: ConsulUnavailable, conf: Any) -> str:
     """``problem``'s message naming the address setting as the app spells it, without its
     final full stop (a line goes on after it)."""
-    return problem.message(f"{written_name(conf, CELERY_PREFIX + 'address')} / CONSUL_HTTP_ADDR").rstrip(".")
+    return problem.message(_written_with_env(conf, "address", "CONSUL_HTTP_ADDR")).rstrip(".")
 
 
 worker_init.connect(_check_worker, weak=False)

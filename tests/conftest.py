@@ -17,6 +17,7 @@ import pytest
 import redis
 
 from celery_consul_lock import ConsulSettings, close_sessions
+from celery_consul_lock.errors import name_settings
 
 from .beats import Harness
 from .servers import ConsulAgent, ConsulCluster, RedisServer, WebServer, binaries, start_cluster, start_redis, start_web_server
@@ -146,9 +147,11 @@ def key(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture(autouse=True)
 def _end_sessions() -> Iterator[None]:
-    """Each test ends with this process's shared sessions destroyed."""
+    """Each test ends with this process's shared sessions destroyed, and its errors naming
+    the settings by their default names again (a test may have checked a Django app)."""
     yield
     close_sessions()
+    name_settings()
 
 
 @pytest.fixture

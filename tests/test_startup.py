@@ -20,9 +20,11 @@ import pytest
 from celery import Celery
 
 from celery_consul_lock import ConsulSettings, InvalidSetting
+from celery_consul_lock.consul import ConsulClient
 from celery_consul_lock.election import BeatConfig
+from celery_consul_lock.errors import ACLDenied, ConsulUnavailable, name_settings
 from celery_consul_lock.settings import written_name
-from celery_consul_lock.startup import unknown_settings
+from celery_consul_lock.startup import check_app, unknown_settings
 from celery_consul_lock.testing import Proc, spawn, start_beat, start_consul
 
 from .servers import wait_for
@@ -183,6 +185,23 @@ def test_a_bad_value_is_named_as_the_django_user_wrote_it(tmp_path, monkeypatch)
         ConsulSettings.from_celery(app.conf)
     assert str(info.value).startswith("consul_lock_timeout=0 is invalid: expected seconds, more than 0"), str(info.value)
     assert written_name(app.conf, "CONSUL_HTTP_ADDR") == "CONSUL_HTTP_ADDR"
+
+
+def test_after_the_start_up_check_errors_name_the_address_and_token_settings_as_the_django_user_wrote_them(tmp_path, monkeypatch):
+    """A run-time error (an agent gone, an ACL refusal) says where to fix it with the names the
+    user wrote: CELERY_CONSUL_LOCK_ADDRESS under Django, not consul_lock_address."""
+    monkeypatch.delenv("CONSUL_HTTP_ADDR", raising=False)
+    app = namespaced_app(tmp_path, monkeypatch, "CELERY_CONSUL_LOCK_ADDRESS = '127.0.0.1:1'\n")
+    settings = check_app(app)
+    with pytest.raises(ConsulUnavailable) as info:
+        ConsulClient(settings).agent_self()
+    assert "point CELERY_CONSUL_LOCK_ADDRESS / CONSUL_HTTP_ADDR at it" in str(info.value), str(info.value)
+    denied = str(ACLDenied(settings.base_url, "acquiring k", "key:write", "k"))
+    assert "set CELERY_CONSUL_LOCK_TOKEN / CONSUL_HTTP_TOKEN to a token" in denied, denied
+    # The cron wrapper has no Celery settings: it names Consul's variables alone.
+    name_settings(address="CONSUL_HTTP_ADDR", token="CONSUL_HTTP_TOKEN")
+    denied = str(ACLDenied(settings.base_url, "acquiring k", "key:write", "k", token_unknown=True))
+    assert "Set CONSUL_HTTP_TOKEN to a token that exists" in denied and "consul_lock" not in denied, denied
 
 
 # -- a worker -----------------------------------------------------------------------------------
