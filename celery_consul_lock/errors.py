@@ -99,11 +99,11 @@ class EntryNotFound(ConsulLockError):
 # -- reaching Consul (consul.FAILURES maps every failure of a request to one of these) ----------
 
 
-#: Where this process's Consul address and token are set, as its errors name them
-#: (:func:`name_settings`).
-_SETTING_NAMES: dict[str, str] = {}
+#: Where a process's Consul address and token are set, as its errors name them by default.
 ADDRESS_NAMES = "consul_lock_address / CONSUL_HTTP_ADDR"
 TOKEN_NAMES = "consul_lock_token / CONSUL_HTTP_TOKEN"
+#: ... and as this process's errors name them now (:func:`name_settings`).
+_SETTING_NAMES: dict[str, str] = {"address": ADDRESS_NAMES, "token": TOKEN_NAMES}
 
 
 def name_settings(*, address: str = ADDRESS_NAMES, token: str = TOKEN_NAMES) -> None:
@@ -111,7 +111,8 @@ def name_settings(*, address: str = ADDRESS_NAMES, token: str = TOKEN_NAMES) -> 
     from now on (``"CELERY_CONSUL_LOCK_ADDRESS / CONSUL_HTTP_ADDR"``): a worker and a beat
     name the settings as the app's configuration spells them (Django's namespace), the cron
     wrapper names Consul's variables (it has no Celery settings). Process-wide: one app's
-    settings per process."""
+    settings per process. Without arguments: back to the default, the Celery setting names
+    without a namespace and Consul's variables."""
     _SETTING_NAMES.update(address=address, token=token)
 
 
