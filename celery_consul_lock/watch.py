@@ -25,7 +25,6 @@ from __future__ import annotations
 import bisect
 import collections
 import logging
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -374,13 +373,14 @@ class _Watchers:
     def _reset(self) -> None:
         self._mutex = native.lock()
         self._watchers: dict[ConsulSettings, Watcher] = {}
-        self._pid = os.getpid()
 
     def get(self, settings: ConsulSettings) -> Watcher:
         watcher = self._watchers.get(settings)
         if watcher is None:
-            with self._mutex:
-                watcher = self._watchers.setdefault(settings, Watcher(settings))
+            with self._mutex:  # looked up again: a racing caller may have made it meanwhile
+                watcher = self._watchers.get(settings)
+                if watcher is None:
+                    watcher = self._watchers[settings] = Watcher(settings)
         return watcher
 
 
