@@ -1,23 +1,33 @@
 """The process's watcher: one per settings, following every held key and every waiter.
 
 After a lock has been held for a moment (WATCH_DELAY), it is *followed*: the watcher makes
-consistent blocking reads of the longest common folder of everything it follows (one
-``GET /v1/kv/PREFIX?recurse&index=N&consistent``) and judges every followed holding from each
-answer: a lock is lost when its key is deleted, freed or taken by another session (the Go
-client's lock monitor), a semaphore's slot by its own rule. Waiters (a lock or a semaphore
-waiting for a held key to change) subscribe to the same watcher and are woken when what
-they saw changes, instead of each holding a connection in a blocking query of its own.
+consistent blocking reads of a few folders that together cover everything it follows (one
+``GET /v1/kv/FOLDER?recurse&index=N&consistent`` per folder, at most WATCH_QUERIES of them)
+and judges every followed holding from the answer of the folder it is under: a lock is lost
+when its key is deleted, freed or taken by another session (the Go client's lock monitor), a
+semaphore's slot by its own rule. Waiters (a lock or a semaphore waiting for a held key to
+change) subscribe to the same watcher and are woken when what they saw changes, instead of
+each holding a connection in a blocking query of its own.
 
-So a process keeps one watcher thread and one connection per settings however many locks
-it holds or waits for (before: one thread and one connection per held lock). The price:
-each answer lists every key under the prefix, so its size grows with the keys there, and
-under a high write rate under the prefix the watcher reads at most once per WATCH_INTERVAL.
-Keep the locks of an application under one folder (``locks/`` by default): locks in folders
-with nothing in common make the prefix the whole KV store.
+The folders (:func:`watch_folders`): each followed path's folder, cut to the same depth, as
+deep as keeps them at most WATCH_QUERIES (``locks/a/`` and ``reports/b/`` are read as two
+folders, not as the whole KV store; ``locks/1/`` to ``locks/9/`` as ``locks/``). So a process
+keeps at most WATCH_QUERIES connections and WATCH_QUERIES + 1 threads for watching however
+many locks it holds or waits for (before #16: one thread and one connection per held lock).
+The price: each answer lists every key under its folder, so its size grows with the keys
+there, and under a high write rate under a folder the watcher reads it at most once per
+WATCH_INTERVAL. Only paths in more than WATCH_QUERIES top-level folders make it read the
+whole KV store.
 
-When a key outside the prefix is followed, the query in progress is interrupted (its socket
-shut down, see :meth:`~celery_consul_lock.transport.Connection.interrupt`) and started again
-over the wider prefix. The watcher is a real OS thread (see :mod:`.native`), also under gevent.
+The threads: a *planner*, which takes holdings as they come due, chooses the folders and
+judges every answer, and one *reader* per folder, each with a connection of its own. When
+a path outside every folder being read is followed (a holding come due, a waiter), the
+folders are chosen again at once: a reader whose new folder its query in progress does not
+cover is interrupted (its socket shut down, see
+:meth:`~celery_consul_lock.transport.Connection.interrupt`) and starts again, a reader for a
+new folder is started. Folders are narrowed lazily, at a reader's next query. All are real
+OS threads (see :mod:`.native`), also under gevent; a reader with no folder for WATCH_IDLE
+closes its connection and ends.
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ import bisect
 import collections
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 from . import native
@@ -36,16 +46,17 @@ from .settings import ConsulSettings
 
 __all__ = [
     "WATCH_DELAY",
+    "WATCH_QUERIES",
     "Followed",
     "FollowedHolding",
     "ReleaseFlag",
     "Snapshot",
     "Waiter",
     "Watcher",
-    "common_prefix",
     "follow",
     "judge_lock",
     "wait_for_change",
+    "watch_folders",
     "watched",
 ]
 
@@ -56,16 +67,24 @@ watch_log = logging.getLogger("celery_consul_lock.lock.watch")
 #: lock's loss is still caught by its session (renewals and the fencing deadline), only a
 #: deleted or stolen key goes unseen for that long.
 WATCH_DELAY = 0.5
-#: The watcher's blocking-query wait (a change under the prefix ends it early).
+#: The watcher's blocking-query wait (a change under the folder ends it early).
 WATCH_WAIT = 60.0
 #: After a failed read, try again after this (the Go client's MonitorRetryTime); the
 #: session's fencing deadline covers longer outages.
 WATCH_RETRY = 1.0
-#: At most one read per this, however fast keys under the prefix change: a loss is seen
-#: at most this much later than it would be by a query of its own.
+#: At most one read of a folder per this, however fast keys under it change: a loss is
+#: seen at most this much later than it would be by a query of its own.
 WATCH_INTERVAL = 0.2
-#: A watcher with nothing to follow closes its connection after this long.
+#: A reader with no folder to read closes its connection and ends after this long (the
+#: planner, with nothing to follow, ends too).
 WATCH_IDLE = 60.0
+#: At most this many folders are read at once, each by a blocking query on a connection and
+#: a thread of its own: locks in a few unrelated folders (your lock keys, a semaphore's
+#: folder, a lock under another prefix) are then read without the whole KV store. Three so
+#: that a worker process stays within consul_lock_max_connections + 6 connections (pool,
+#: two renewals, these, the agent watch): nine processes of 16 + 6 stay under the agent's
+#: 200 per client address (see settings.DEFAULT_MAX_CONNECTIONS).
+WATCH_QUERIES = 3
 
 
 class ReleaseFlag:
@@ -176,191 +195,331 @@ class Waiter(Followed):
         return self.newer(snapshot) and _fingerprint(snapshot.at(self.path)) != self.seen
 
 
-def common_prefix(paths: Sequence[str]) -> str:
-    """The longest folder (up to and including a ``/``) that every path starts with; when
-    they share no folder, their longest common start (``""``: the whole KV store). Cut at a
-    folder so that keys added next to the ones followed need no new query."""
-    first, last = min(paths), max(paths)
-    n = 0
-    while n < min(len(first), len(last)) and first[n] == last[n]:
-        n += 1
-    common = first[:n]
-    cut = common.rfind("/")
-    return common[: cut + 1] if cut >= 0 else common
+def folder_of(path: str) -> str:
+    """The folder a followed ``path`` is read under: a folder (ending in ``/``) itself, a
+    key's folder (``locks/a/`` for ``locks/a/.lock``), a key outside every folder itself."""
+    if path.endswith("/"):
+        return path
+    cut = path.rfind("/")
+    return path[: cut + 1] if cut >= 0 else path
+
+
+def _cut(folder: str, depth: int) -> str:
+    """``folder`` cut after its ``depth``-th ``/`` (itself when it has fewer)."""
+    at = -1
+    for _ in range(depth):
+        at = folder.find("/", at + 1)
+        if at < 0:
+            return folder
+    return folder[: at + 1]
+
+
+def _outermost(prefixes: Iterable[str]) -> list[str]:
+    """The prefixes that no other one starts (sorted): reading them reads the others too."""
+    kept: list[str] = []
+    for prefix in sorted(set(prefixes)):
+        if not kept or not prefix.startswith(kept[-1]):
+            kept.append(prefix)
+    return kept
+
+
+def watch_folders(paths: Iterable[str], limit: int = WATCH_QUERIES) -> tuple[str, ...]:
+    """The folders to read so that every path in ``paths`` is under one of them (sorted;
+    ``()`` for no paths): the paths' folders, all cut at the deepest depth that leaves at
+    most ``limit`` of them, or ``("",)`` (the whole KV store) when even their top-level
+    folders are more than ``limit``.
+
+    One depth for all, rather than merging the two closest folders again and again: it costs
+    one pass per depth (a few), and when folders must be merged the answer is the same
+    as the pairwise merge's for the usual shapes (``locks/<task>/`` beside a few other
+    folders). Folders as deep as possible, because an answer lists every key under its
+    folder (released keys stay for hours, see :mod:`.reap`)."""
+    folders = _outermost(folder_of(path) for path in paths)
+    if len(folders) <= limit:
+        return tuple(folders)
+    for depth in range(max(f.count("/") for f in folders) - 1, 0, -1):
+        cut = _outermost(_cut(f, depth) for f in folders)
+        if len(cut) <= limit:
+            return tuple(cut)
+    return ("",)
+
+
+@dataclass(eq=False)
+class _Reader:
+    """One of the watcher's blocking queries: a real thread and a connection of its own,
+    reading the ``folder`` the planner gives it (under the watcher's mutex, like every field)."""
+
+    client: ConsulClient
+    #: Set by the planner when it gives a new folder (ends a wait between reads).
+    wake: native.Event = field(default_factory=native.Event)
+    #: The folder to read (None: none; the thread ends after WATCH_IDLE of this).
+    folder: str | None = None
+    #: The folder of the request in progress (None: none), and whether it must restart.
+    reading: str | None = None
+    restart: bool = False
+    running: bool = False
+    #: The last answer, and whether the planner has judged it.
+    snapshot: Snapshot | None = None
+    fresh: bool = False
+
+    def interrupt(self) -> None:
+        """End the request in progress (see ConsulClient.interrupt); it starts again."""
+        if self.reading is not None and not self.restart:
+            self.restart = True
+            self.client.interrupt()
 
 
 class Watcher:
-    """The process's watcher for one settings (see the module's docstring): a real thread
-    started with the first holding or waiter, and one connection of its own (closed after
-    WATCH_IDLE with nothing to follow)."""
+    """The process's watcher for one settings (see the module's docstring): a planner thread
+    started with the first holding or waiter, and up to WATCH_QUERIES readers."""
 
     def __init__(self, settings: ConsulSettings) -> None:
         self.settings = settings
         self._mutex = native.lock()  # held for a few statements only (also by greenlets)
-        self._wake = native.Event()
-        self._client = ConsulClient(settings, native=True)
+        self._wake = native.Event()  # the planner's
+        self._readers = tuple(_Reader(ConsulClient(settings, native=True)) for _ in range(WATCH_QUERIES))
         #: Holdings not yet due (in the order they come due: all wait WATCH_DELAY).
         self._pending: collections.deque[FollowedHolding] = collections.deque()
         self._held: list[FollowedHolding] = []
         self._waiters: list[Waiter] = []
-        #: The prefix of the query in progress (None: none), and whether it must restart.
-        self._reading: str | None = None
-        self._restart = False
-        #: Queries started so far, and the last answer.
+        #: The folders given to the readers; whether a path followed is outside all of them
+        #: (choose again now), and whether one was dropped (choose again, maybe narrower).
+        self._folders: tuple[str, ...] = ()
+        self._outside = False
+        self._dropped = False
+        #: Queries started so far (by every reader).
         self._started = 0
-        self._snapshot: Snapshot | None = None
-        self._running = False
+        self._running = False  # the planner
 
     # -- from the callers ------------------------------------------------------------------
 
     @property
-    def reading(self) -> str | None:
-        """The prefix of the query in progress; None between queries and while idle."""
-        return self._reading
+    def reading(self) -> tuple[str, ...]:
+        """The folders of the queries in progress (sorted); ``()`` between queries and idle."""
+        with self._mutex:
+            return tuple(sorted(r.reading for r in self._readers if r.reading is not None))
 
     def follow(self, holding: FollowedHolding) -> None:
         with self._mutex:
             holding.since = self._started
-            idle = not (self._pending or self._held or self._waiters)
+            first = not self._pending  # else the planner already wakes when the first comes due
             self._pending.append(holding)
-            self._cover(holding.path)
             start = self._start()
-        if idle:
+        if first:
             self._wake.set()
         if start:
-            native.start_thread(self._run, (), "consul-lock-watcher")
+            native.start_thread(self._plan, (), "consul-lock-watcher")
 
     def wait(self, waiter: Waiter, timeout: float | None) -> None:
         """Block until ``waiter`` sees a change, or ``timeout`` seconds (None: ever)."""
         with self._mutex:
-            # Set first: the last answer came from a query started before this waiter, so it
-            # tells a change only if its index shows it newer than what the waiter read.
+            # Set first: the last answers came from queries started before this waiter, so
+            # they tell a change only if their index shows them newer than what it read.
             waiter.since = self._started
-            snapshot = self._snapshot
-            if snapshot is not None and waiter.changed(snapshot):
+            if any(r.snapshot is not None and waiter.changed(r.snapshot) for r in self._readers):
                 return
             self._waiters.append(waiter)
-            self._cover(waiter.path)
+            # Under a folder given to a reader, its query in progress covers the waiter (that
+            # folder or a wider one it narrows from), or its next one starts after now.
+            outside = not self._covered(waiter.path)
+            self._outside = self._outside or outside
             start = self._start()
-        self._wake.set()
+        if outside:
+            self._wake.set()
         if start:
-            native.start_thread(self._run, (), "consul-lock-watcher")
+            native.start_thread(self._plan, (), "consul-lock-watcher")
         try:
             waiter.wakeup.wait(timeout)
         finally:
             with self._mutex:
                 if waiter in self._waiters:
                     self._waiters.remove(waiter)
+                    self._dropped = True
 
-    def _cover(self, path: str) -> None:
-        """Under the mutex: restart the query in progress if it does not cover ``path``."""
-        if self._reading is not None and not path.startswith(self._reading) and not self._restart:
-            self._restart = True
-            self._client.interrupt()
+    def _covered(self, path: str) -> bool:
+        """Under the mutex: whether ``path`` is under a folder given to a reader."""
+        return any(path.startswith(folder) for folder in self._folders)
 
     def _start(self) -> bool:
-        """Under the mutex: True when the thread must be started (it is not running)."""
+        """Under the mutex: True when the planner must be started (it is not running)."""
         start, self._running = not self._running, True
         return start
 
-    # -- the thread ------------------------------------------------------------------------
+    # -- the planner -----------------------------------------------------------------------
 
-    def _run(self) -> None:
+    def _plan(self) -> None:
         try:
-            self._loop()
+            self._plan_loop()
         except BaseException:  # never die silently: say so, wake the waiters, let the next caller restart us
             native.log(watch_log, logging.ERROR, "the watcher of %s crashed", self.settings.base_url, exc_info=True)
             with self._mutex:
                 self._running = False
-                waiters = list(self._waiters)
-            for waiter in waiters:
-                waiter.wakeup.set()
+            self._wake_waiters("")
             raise
 
-    def _loop(self) -> None:
-        index, prefix, last = 0, None, 0.0
+    def _plan_loop(self) -> None:
+        idle_since: float | None = None
         while True:
             with self._mutex:
-                paths = self._follow_due()
-                self._reading = None if not paths else common_prefix(paths)
-                self._restart = False
-                self._client.resume()
-                if self._reading is not None:
-                    self._started += 1
-                reading, query = self._reading, self._started
                 self._wake.clear()
+                due = self._follow_due()
+                if self._outside or self._dropped:
+                    self._assign(watch_folders(x.path for x in (*self._held, *self._waiters)))
+                starts = [r for r in self._readers if r.folder is not None and not r.running]
+                for reader in starts:
+                    reader.running = True
+                answers = [r.snapshot for r in self._readers if r.fresh and r.snapshot is not None]
+                latest = [r.snapshot for r in self._readers if due and r.snapshot is not None]
+                for reader in self._readers:
+                    reader.fresh = False
                 next_due = self._pending[0].due if self._pending else None
-            self._judge()
-            if reading is None:
-                self._idle(next_due)
-                continue
-            if reading != prefix:
-                index, prefix = 0, reading  # a new prefix: its first answer comes at once
-                native.log(watch_log, logging.DEBUG, "watching %r", prefix or "the whole KV store")
-            native.sleep(max(0.0, last + WATCH_INTERVAL - time.monotonic()))
-            last = time.monotonic()
-            try:
-                new_index, entries = self._client.kv_list(prefix, index=index or None, wait=WATCH_WAIT, consistent=True)
-            except ConsulLockError as exc:
-                with self._mutex:
-                    restart, self._reading = self._restart, None
-                if not restart:
-                    native.log(watch_log, logging.DEBUG, "watching %r failed, retrying: %s", prefix, exc)
-                    self._wake_all()  # waiters read again themselves (and see the error)
-                    self._wake.wait(WATCH_RETRY)
-                continue
-            with self._mutex:
-                self._reading = None
-                self._snapshot = Snapshot.of(prefix, new_index, query, entries)
-            index = max(1, new_index if new_index >= index else 1)
+                idle = not (self._pending or self._held or self._waiters)
+                if idle and idle_since is not None and time.monotonic() - idle_since >= WATCH_IDLE:
+                    self._running = False
+                    return
+            for reader in starts:
+                native.start_thread(self._read, (reader,), "consul-lock-watch-reader")
+            self._judge(answers, due, latest)
+            if not idle:
+                idle_since = None
+                self._wake.wait(None if next_due is None else max(0.0, next_due - time.monotonic()))
+            else:
+                idle_since = time.monotonic() if idle_since is None else idle_since
+                self._wake.wait(WATCH_IDLE)
 
-    def _follow_due(self) -> list[str]:
-        """Under the mutex: holdings due are followed from now on, released ones dropped;
-        returns the paths to read (pending holdings included, so no restart when they come
-        due)."""
+    def _follow_due(self) -> list[FollowedHolding]:
+        """Under the mutex: holdings due are followed from now on (noting one outside the
+        folders read; returned), released ones dropped. Pending holdings are not read for:
+        a lock released before WATCH_DELAY costs no query."""
         # Everything due within half a delay is taken at once: under a high acquire rate the
-        # watcher wakes once per half delay, not once per acquire.
+        # planner wakes once per half delay, not once per acquire.
         horizon = time.monotonic() + WATCH_DELAY / 2
+        due = []
         while self._pending and (self._pending[0].due <= horizon or self._pending[0].released.is_set()):
             holding = self._pending.popleft()
             if not holding.released.is_set():
-                self._held.append(holding)
-        self._held = [h for h in self._held if not h.released.is_set()]
-        if not (self._held or self._waiters):
-            return []
-        return [x.path for x in (*self._held, *self._waiters, *self._pending)]
+                due.append(holding)
+                if not self._outside and not self._covered(holding.path):
+                    self._outside = True
+        held = [h for h in self._held if not h.released.is_set()]
+        if len(held) != len(self._held):
+            self._held, self._dropped = held, True
+        self._held.extend(due)
+        return due
 
-    def _judge(self) -> None:
-        """Judge every followed holding and waiter by the last answer."""
-        with self._mutex:
-            snapshot = self._snapshot
-            if snapshot is None:
-                return
-            held, waiters = list(self._held), list(self._waiters)
-        for holding in held:
+    def _assign(self, folders: tuple[str, ...]) -> None:
+        """Under the mutex: give each of ``folders`` to a reader. A reader keeps its folder if
+        it is still wanted; one whose query in progress covers a new folder takes it at its
+        next query; any other reader given a new folder, or none, is interrupted."""
+        self._outside = self._dropped = False
+        if folders == self._folders:
+            return
+        self._folders = folders
+        free = [r for r in self._readers if r.folder not in folders]
+        for folder in folders:
+            if any(r.folder == folder for r in self._readers):
+                continue
+            reader = next((r for r in free if r.reading is not None and folder.startswith(r.reading)), None)
+            reader = reader or next((r for r in free if r.reading is None), free[0])
+            free.remove(reader)
+            reader.folder = folder
+            if reader.reading is not None and not folder.startswith(reader.reading):
+                reader.interrupt()
+            reader.wake.set()
+        for reader in free:
+            reader.folder = None
+            reader.interrupt()  # its connection is not held in a query nobody needs
+            reader.wake.set()
+
+    def _judge(self, answers: list[Snapshot], due: list[FollowedHolding], latest: list[Snapshot]) -> None:
+        """Judge the holdings and waiters under each new answer's folder, and the holdings
+        just come ``due`` by the ``latest`` answers (a key deleted while it was pending)."""
+        if answers:
+            with self._mutex:
+                held, waiters = list(self._held), list(self._waiters)
+            for holding in held:
+                self._judge_one(holding, answers)
+            for waiter in waiters:
+                if any(waiter.changed(s) for s in answers):
+                    waiter.wakeup.set()
+        for holding in due:
+            self._judge_one(holding, latest)
+
+    def _judge_one(self, holding: FollowedHolding, snapshots: list[Snapshot]) -> None:
+        for snapshot in snapshots:
             reason = holding.judge(snapshot) if holding.newer(snapshot) else None
-            if reason is not None and not holding.released.is_set():
-                with self._mutex:
-                    self._held.remove(holding)
-                # On a thread of its own: the callbacks a loss runs (the user's on_lost too)
-                # must not hold up the judging of every other lock of the process.
-                native.start_thread(holding.lost, (reason,), "consul-lock-lost")
-        for waiter in waiters:
-            if waiter.changed(snapshot):
-                waiter.wakeup.set()
+            if reason is None:
+                continue
+            with self._mutex:
+                if holding.released.is_set() or holding not in self._held:
+                    return
+                self._held.remove(holding)
+                self._dropped = True
+            # On a thread of its own: the callbacks a loss runs (the user's on_lost too) must
+            # not hold up the judging of every other lock of the process.
+            native.start_thread(holding.lost, (reason,), "consul-lock-lost")
+            return
 
-    def _wake_all(self) -> None:
+    def _wake_waiters(self, folder: str) -> None:
+        """Wake the waiters under ``folder`` (they read again themselves, and see an error)."""
         with self._mutex:
-            waiters = list(self._waiters)
+            waiters = [w for w in self._waiters if w.path.startswith(folder)]
         for waiter in waiters:
             waiter.wakeup.set()
 
-    def _idle(self, next_due: float | None) -> None:
-        """Nothing to read for: wait for a caller, or for the next holding to come due;
-        close the connection after WATCH_IDLE of this."""
-        timeout = WATCH_IDLE if next_due is None else max(0.0, next_due - time.monotonic())
-        if not self._wake.wait(timeout) and next_due is None:
-            self._client.close()
+    # -- the readers -----------------------------------------------------------------------
+
+    def _read(self, reader: _Reader) -> None:
+        try:
+            self._read_loop(reader)
+        except BaseException:  # never die silently: the planner starts it again when it next plans
+            native.log(watch_log, logging.ERROR, "a reader of the watcher of %s crashed", self.settings.base_url, exc_info=True)
+            with self._mutex:
+                reader.running, folder, reader.reading = False, reader.folder, None
+            self._wake_waiters(folder or "")
+            raise
+
+    def _read_loop(self, reader: _Reader) -> None:
+        index, folder, last = 0, None, 0.0
+        while True:
+            with self._mutex:
+                reader.client.resume()
+                reader.restart = False
+                reader.wake.clear()
+                wanted = reader.reading = reader.folder
+                if wanted is not None:
+                    self._started += 1
+                query = self._started
+            if wanted is None:
+                if reader.wake.wait(WATCH_IDLE):
+                    continue
+                with self._mutex:
+                    if reader.folder is None:  # closed here, so that no new thread races it
+                        reader.client.close()
+                        reader.running = False
+                        return
+                continue
+            if wanted != folder:
+                index, folder = 0, wanted  # a new folder: its first answer comes at once
+                native.log(watch_log, logging.DEBUG, "watching %r", folder or "the whole KV store")
+            native.sleep(max(0.0, last + WATCH_INTERVAL - time.monotonic()))
+            last = time.monotonic()
+            try:
+                new_index, entries = reader.client.kv_list(folder, index=index or None, wait=WATCH_WAIT, consistent=True)
+            except ConsulLockError as exc:
+                with self._mutex:
+                    restart, reader.reading = reader.restart, None
+                if not restart:
+                    native.log(watch_log, logging.DEBUG, "watching %r failed, retrying: %s", folder, exc)
+                    self._wake_waiters(folder)
+                    reader.wake.wait(WATCH_RETRY)
+                continue
+            snapshot = Snapshot.of(folder, new_index, query, entries)
+            with self._mutex:
+                reader.reading = None
+                reader.snapshot, reader.fresh = snapshot, True
+            self._wake.set()
+            index = max(1, new_index if new_index >= index else 1)
 
 
 class _Watchers:
@@ -407,6 +566,7 @@ def wait_for_change(settings: ConsulSettings, path: str, index: int, seen: Seque
     _WATCHERS.get(settings).wait(waiter, timeout)
 
 
-def watched(settings: ConsulSettings) -> str | None:
-    """The prefix the process's watcher for ``settings`` is reading now (None: none)."""
+def watched(settings: ConsulSettings) -> tuple[str, ...]:
+    """The folders the process's watcher for ``settings`` is reading now (sorted; ``()``:
+    none)."""
     return _WATCHERS.get(settings).reading

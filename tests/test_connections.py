@@ -1,6 +1,7 @@
 """Connections per process stay bounded however many locks its threads or greenlets hold or
 wait for (issue #16): requests share a pool of ``consul_lock_max_connections`` connections,
-and one watcher per process follows every held key and every waiter.
+and one watcher per process follows every held key and every waiter (over at most
+WATCH_QUERIES folders, see tests/test_watch_folders.py).
 
 Scenarios against a real dev agent: 150 tasks of a real `celery worker -P threads -c 150`
 (and `-P gevent -c 150`) each holding a distinct lock; several locks of this process lost one
@@ -19,7 +20,7 @@ from pathlib import Path
 from celery_consul_lock import ConsulLock
 from celery_consul_lock.consul import ConsulClient
 from celery_consul_lock.settings import DEFAULT_MAX_CONNECTIONS
-from celery_consul_lock.watch import WATCH_DELAY, watched
+from celery_consul_lock.watch import WATCH_DELAY, WATCH_QUERIES, watched
 
 from .servers import wait_for
 from .test_gevent import GREEN_ENV, agent_connections
@@ -27,8 +28,9 @@ from .test_task import runs
 from .workers import wait_results
 
 #: What a worker process may have open to its agent besides the pool: the renewers' client
-#: (one connection in use, two at most), the watcher's, the agent watch's probe.
-OTHERS = 4
+#: (one connection in use, two at most), the watcher's (one per folder it reads, at most
+#: WATCH_QUERIES; the tasks here all lock under locks/, one folder), the agent watch's probe.
+OTHERS = 2 + WATCH_QUERIES + 1
 #: Within this of a key being deleted or freed behind its holder's back, the holder knows
 #: (the old per-lock watchers' tests allowed 10 s; the watcher reads at most every 0.2 s).
 LOSS_BOUND = 5.0
@@ -103,7 +105,7 @@ def test_one_watcher_tells_only_the_holding_lost_behind_its_back(settings, consu
         assert lock.acquire(blocking=False)
     try:
         # Followed from WATCH_DELAY on, all over one query of their common folder.
-        wait_for(lambda: watched(settings) == f"{folder}/", 5 + WATCH_DELAY, "the watcher to read the locks' folder")
+        wait_for(lambda: watched(settings) == (f"{folder}/",), 5 + WATCH_DELAY, "the watcher to read the locks' folder")
         added = agent_connections(os.getpid(), port_of(consul)) - before
         # One deleted, one freed by its own session's ID from elsewhere: each lost with its
         # reason, within the bound; the other six stay held.
@@ -122,26 +124,26 @@ def test_one_watcher_tells_only_the_holding_lost_behind_its_back(settings, consu
         assert all(lock.held and not lock.lost.is_set() for lock in others), [lock.lost_reason for lock in others]
         print(f"lost {deleted_after:.2f} s after the delete, {freed_after:.2f} s after the free; {added} connections added")
         # For 8 held locks: a pooled connection (one request at a time here), the renewer's
-        # and the watcher's (per-lock watchers made it 8 more).
+        # and the watcher's one query of their folder (per-lock watchers made it 8 more).
         assert added <= 3, added
     finally:
         for lock in locks:
             lock.release()
 
 
-def test_a_key_outside_the_watched_folder_widens_the_watch_at_once(settings, consul):
+def test_a_key_in_another_folder_gets_a_query_of_its_own_at_once(settings, consul):
     base = f"locks/widen-{uuid.uuid4().hex[:8]}"
     narrow = ConsulLock(f"{base}/a/deep/.lock", settings=settings)
     wide = ConsulLock(f"{base}/b/.lock", settings=settings)
     assert narrow.acquire(blocking=False)
     try:
-        wait_for(lambda: watched(settings) == f"{base}/a/deep/", 5 + WATCH_DELAY, "the watcher to read the first folder")
+        wait_for(lambda: watched(settings) == (f"{base}/a/deep/",), 5 + WATCH_DELAY, "the watcher to read the first folder")
         # A blocking query over {base}/a/deep/ is in progress, and nothing changes there: it
-        # would answer after WATCH_WAIT (60 s). The new key's folder is outside it, so it is
-        # interrupted and started again over {base}/.
+        # would answer after WATCH_WAIT (60 s). The new key's folder is outside it: once
+        # followed, it is read by a query of its own (not the two as their common {base}/).
         assert wide.acquire(blocking=False)
-        wait_for(lambda: watched(settings) == f"{base}/", 5, "the watcher to read the common folder")
-        time.sleep(WATCH_DELAY)  # not an assertion: the new lock is followed from WATCH_DELAY on
+        folders = (f"{base}/a/deep/", f"{base}/b/")
+        wait_for(lambda: watched(settings) == folders, 5 + WATCH_DELAY, f"the watcher to read {folders}")
         consul.api(f"/v1/kv/{wide.key}", "DELETE")
         wait_for(wide.lost.is_set, LOSS_BOUND, "the key in the new folder to be seen deleted")
         assert wide.lost_reason == "the key was deleted" and narrow.held
@@ -177,7 +179,7 @@ def test_fifty_waiters_share_the_watcher_and_each_gets_its_key(settings, consul)
     try:
         for t in threads:
             t.start()
-        wait_for(lambda: watched(settings) == f"{folder}/", 10, "the waiters to be followed by the watcher")
+        wait_for(lambda: watched(settings) == (f"{folder}/",), 10, "the waiters to be followed by the watcher")
         time.sleep(1.0)  # not an assertion: let every waiter reach its wait
         added = agent_connections(os.getpid(), port_of(consul)) - before
         print(f"50 waiters: {added} connections added (the other holder's client included)")

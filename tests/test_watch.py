@@ -1,22 +1,35 @@
-"""The watcher's pure rules: which folder it reads, what an answer lists at a path, and when an
+"""The watcher's pure rules: which folders it reads, what an answer lists at a path, and when an
 answer may judge a holding or wake a waiter (only when known to be newer than what they saw)."""
 
 from __future__ import annotations
 
 from celery_consul_lock.consul import KVEntry
-from celery_consul_lock.watch import Snapshot, Waiter, common_prefix, judge_lock
+from celery_consul_lock.watch import Snapshot, Waiter, judge_lock, watch_folders
 
 
 def entry(key: str, modify_index: int, session: str | None = "s1") -> KVEntry:
     return KVEntry(key, b"", 0, session, 1, modify_index, 1)
 
 
-def test_the_watched_prefix_is_the_longest_common_folder():
-    assert common_prefix(["locks/a/.lock"]) == "locks/a/"
-    assert common_prefix(["locks/a/.lock", "locks/b/.lock"]) == "locks/"
-    assert common_prefix(["locks/report-1/.lock", "locks/report-2/.lock"]) == "locks/"  # a folder, not "locks/report-"
-    assert common_prefix(["locks/a/.lock", "sem/x/"]) == ""  # nothing in common: the whole KV store
-    assert common_prefix(["mylock", "mylock2"]) == "mylock"  # no folder at all: the common start
+def test_the_watched_folders_are_the_paths_folders_cut_as_deep_as_keeps_them_within_the_limit():
+    assert watch_folders([]) == ()
+    assert watch_folders(["locks/a/.lock"]) == ("locks/a/",)
+    assert watch_folders(["locks/a/.lock", "locks/a/.lock", "locks/a/x"]) == ("locks/a/",)
+    # Folders with nothing in common: each read on its own, not the whole KV store.
+    assert watch_folders(["locks/a/.lock", "reports/b/.lock", "sem/x/"], 3) == ("locks/a/", "reports/b/", "sem/x/")
+    # A folder under another one followed is read with it.
+    assert watch_folders(["sem/x/", "sem/x/y/.lock", "sem/.lock"], 3) == ("sem/",)
+    # More than the limit: all cut at the deepest depth that leaves at most the limit.
+    assert watch_folders([f"locks/report-{n}/.lock" for n in range(9)] + ["jobs/b/.lock"], 3) == ("jobs/", "locks/")
+    app = ["app/locks/1/.lock", "app/locks/2/.lock", "app/locks/3/.lock", "app/sem/x/"]
+    assert watch_folders(app, 3) == ("app/locks/", "app/sem/")
+    assert watch_folders(app, 4) == ("app/locks/1/", "app/locks/2/", "app/locks/3/", "app/sem/x/")
+    assert watch_folders(["a/x/.lock", "a/y/.lock"], 1) == ("a/",)
+    # Keys in no folder: the key itself (a prefix: "mylock" also lists "mylock2").
+    assert watch_folders(["mylock", "mylock2", "locks/a/.lock"], 3) == ("locks/a/", "mylock")
+    # More top-level folders than the limit: only then the whole KV store.
+    assert watch_folders(["a/x/.lock", "b/x/.lock", "c/x/.lock", "d/x/.lock"], 3) == ("",)
+    assert watch_folders(["a/x/.lock", "b/x/.lock", "top"], 2) == ("",)
 
 
 def test_an_answer_lists_a_key_exactly_and_a_folder_with_everything_under_it():

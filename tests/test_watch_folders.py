@@ -1,0 +1,198 @@
+"""The process's watcher reads a few folders, each on a connection of its own, never the whole
+KV store for locks in folders with nothing in common (issue #16): a lock under ``locks/`` and
+one under ``reports/`` are read as two folders, the many keys elsewhere in KV stay unread, and
+the loss of either lock is still seen within the watcher's bound.
+
+Scenarios against a real dev agent holding 5,000 unrelated keys in a folder of their own: two
+locks in unrelated folders; more folders than WATCH_QUERIES, merged as they come; a waiter
+for a key in a folder nothing else of the process is under. Every read the watcher makes is
+recorded (the client's ``kv_list`` wrapped, its answer untouched).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pytest
+
+from celery_consul_lock import ConsulLock, ConsulSettings
+from celery_consul_lock.consul import ConsulClient, kv_set
+from celery_consul_lock.watch import WATCH_DELAY, WATCH_QUERIES, watched
+
+from .servers import wait_for
+
+#: Keys elsewhere in KV, which no answer of the watcher may list.
+NOISE_KEYS = 5000
+#: Within this of a key being deleted or freed behind its holder's back, the holder knows
+#: (the watcher reads at most every 0.2 s; room for a loaded machine).
+LOSS_BOUND = 5.0
+
+
+@pytest.fixture(scope="module")
+def noise(consul) -> Iterator[str]:
+    """A folder of NOISE_KEYS keys of 100 bytes that nothing here locks (written 64 to a
+    transaction); its name, with the ``/``."""
+    folder = f"noise-{uuid.uuid4().hex[:8]}/"
+    client = ConsulClient(ConsulSettings(address=consul.address))
+    value = b"x" * 100
+    for start in range(0, NOISE_KEYS, 64):
+        ok, _, errors = client.txn([{"KV": kv_set(f"{folder}k{n}", value)} for n in range(start, min(start + 64, NOISE_KEYS))])
+        assert ok, errors
+    yield folder
+    consul.api(f"/v1/kv/{folder}?recurse", "DELETE")
+    client.close()
+
+
+@dataclass
+class Read:
+    """One kv_list call of a client: the settings it was made with, its prefix, and how many
+    entries it answered (-1: no answer, e.g. interrupted)."""
+
+    settings: ConsulSettings
+    prefix: str
+    entries: int = -1
+
+
+@pytest.fixture
+def reads(monkeypatch: pytest.MonkeyPatch) -> list[Read]:
+    """Every ``ConsulClient.kv_list`` call of this process from now on (the watcher's reads)."""
+    seen: list[Read] = []
+    real = ConsulClient.kv_list
+
+    def kv_list(self: ConsulClient, prefix: str, **kw):
+        read = Read(self.settings, prefix)
+        seen.append(read)
+        index, entries = real(self, prefix, **kw)
+        read.entries = len(entries)
+        return index, entries
+
+    monkeypatch.setattr(ConsulClient, "kv_list", kv_list)
+    return seen
+
+
+def own(reads: list[Read], settings: ConsulSettings) -> list[Read]:
+    return [r for r in reads if r.settings == settings]
+
+
+def assert_never_read(reads: list[Read], settings: ConsulSettings, noise: str) -> None:
+    """No read made with ``settings`` covered ``noise`` (the whole KV store included)."""
+    mine = own(reads, settings)
+    assert mine, "the watcher made no read at all"
+    covering = [r for r in mine if noise.startswith(r.prefix)]
+    assert not covering, f"the watcher read {covering[0].prefix!r} ({covering[0].entries} entries), which lists {noise}"
+    most = max(r.entries for r in mine)
+    print(f"{len(mine)} reads of {sorted({r.prefix for r in mine})}; at most {most} entries in an answer")
+    assert most < 50, most
+
+
+def lose(lock: ConsulLock, consul, how: str) -> float:
+    """Delete ``lock``'s key (``how`` "delete") or free it by its own session's ID from
+    elsewhere ("free"); wait until its holder knows; returns how long that took."""
+    at = time.monotonic()
+    if how == "delete":
+        consul.api(f"/v1/kv/{lock.key}", "DELETE")
+    else:
+        consul.api(f"/v1/kv/{lock.key}?release={lock.session_id}", "PUT", {})
+    wait_for(lock.lost.is_set, LOSS_BOUND, f"the loss of {lock.key} ({how}) to be seen")
+    return time.monotonic() - at
+
+
+def test_locks_in_two_unrelated_folders_are_read_each_on_its_own_not_with_the_keys_elsewhere(settings, consul, noise, reads):
+    settings = settings.replace(max_connections=5)  # a watcher of this test's own
+    tag = uuid.uuid4().hex[:8]
+    a = ConsulLock(f"locks/{tag}/.lock", settings=settings)
+    b = ConsulLock(f"reports-{tag}/b/.lock", settings=settings)
+    assert a.acquire(blocking=False) and b.acquire(blocking=False)
+    try:
+        # Their common folder is the whole KV store (and its 5,000 other keys): the watcher
+        # reads their two folders instead, one query each.
+        folders = (f"locks/{tag}/", f"reports-{tag}/b/")
+        wait_for(lambda: watched(settings) == folders, 5 + WATCH_DELAY, f"the watcher to read {folders}")
+        took_a = lose(a, consul, "delete")
+        assert a.lost_reason == "the key was deleted" and b.held
+        took_b = lose(b, consul, "free")
+        assert "freed behind our back" in (b.lost_reason or "")
+        print(f"lost {took_a:.2f} s after the delete, {took_b:.2f} s after the free")
+        assert_never_read(reads, settings, noise)
+    finally:
+        a.release()
+        b.release()
+
+
+def test_more_folders_than_the_watcher_reads_are_merged_as_they_come_and_every_loss_is_seen(settings, consul, noise, reads):
+    settings = settings.replace(max_connections=6)
+    tag = uuid.uuid4().hex[:8]
+    keys = [f"{tag}/f{n}/.lock" for n in range(WATCH_QUERIES + 2)] + [f"{tag}-other/x/.lock"]
+    locks = [ConsulLock(key, settings=settings) for key in keys]
+    try:
+        # One at a time, each followed before the next: the watcher goes from one folder to
+        # WATCH_QUERIES, then merges (a query in progress interrupted and started again).
+        for lock in locks:
+            assert lock.acquire(blocking=False)
+            folder = lock.key.rsplit("/", 1)[0] + "/"
+            wait_for(
+                lambda folder=folder: any(folder.startswith(w) for w in watched(settings)),
+                5 + WATCH_DELAY,
+                f"the watcher to read a folder over {folder}",
+            )
+        final = tuple(sorted((f"{tag}/", f"{tag}-other/")))
+        wait_for(lambda: watched(settings) == final, 5, f"the watcher to read {final}")
+        # Each lost in turn, by a delete or a free; the others stay held.
+        for n, lock in enumerate(locks):
+            took = lose(lock, consul, "delete" if n % 2 else "free")
+            print(f"{lock.key} lost {took:.2f} s after it was {'deleted' if n % 2 else 'freed'}")
+            assert all(other.held for other in locks[n + 1 :]), [other.lost_reason for other in locks]
+        assert_never_read(reads, settings, noise)
+        assert len({r.prefix for r in own(reads, settings)}) > WATCH_QUERIES  # it did go through several plans
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def test_a_waiter_for_a_key_in_a_new_folder_is_woken_by_its_release_there(settings, consul, noise, reads):
+    settings = settings.replace(max_connections=7)
+    tag = uuid.uuid4().hex[:8]
+    mine = ConsulLock(f"{tag}-a/x/.lock", settings=settings)
+    assert mine.acquire(blocking=False)
+    other = ConsulClient(settings)
+    sid = other.session_create("the other holder", ttl=30, lock_delay=2, checks=[])
+    wanted = f"{tag}-b/y/.lock"
+    assert other.kv_lock(wanted, sid, b'{"name":"other"}', exists=False).acquired
+    got: list[float] = []
+    errors: list[BaseException] = []
+
+    def wait() -> None:
+        lock = ConsulLock(wanted, settings=settings)
+        try:
+            if lock.acquire(timeout=60):
+                got.append(time.monotonic())
+                lock.release()
+        except BaseException as exc:  # shown by the assertion below
+            errors.append(exc)
+
+    try:
+        # The watcher reads {tag}-a/x/, where nothing changes: its query would answer after
+        # 60 s. The waiter's folder is outside it, so a query of that folder starts now.
+        wait_for(lambda: watched(settings) == (f"{tag}-a/x/",), 5 + WATCH_DELAY, "the watcher to read the held lock's folder")
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        folders = (f"{tag}-a/x/", f"{tag}-b/y/")
+        wait_for(lambda: watched(settings) == folders, 5, f"the watcher to read {folders}")
+        assert not got and not errors
+        released_at = time.monotonic()
+        assert other.kv_release(wanted, sid, b"")
+        waiter.join(LOSS_BOUND + 5)
+        assert not errors, errors
+        assert got, "the waiter never got the key"
+        print(f"the waiter got the key {got[0] - released_at:.2f} s after its release")
+        assert got[0] - released_at < LOSS_BOUND
+        assert mine.held
+        assert_never_read(reads, settings, noise)
+    finally:
+        mine.release()
+        other.session_destroy(sid)
+        other.close()
