@@ -455,6 +455,7 @@ class Watcher:
                     return
                 self._held.remove(holding)
                 self._dropped = True
+            self._wake.set()  # the planner plans again at once: its folder may be needed no more
             # On a thread of its own: the callbacks a loss runs (the user's on_lost too) must
             # not hold up the judging of every other lock of the process.
             native.start_thread(holding.lost, (reason,), "consul-lock-lost")

@@ -196,3 +196,27 @@ def test_a_waiter_for_a_key_in_a_new_folder_is_woken_by_its_release_there(settin
         mine.release()
         other.session_destroy(sid)
         other.close()
+
+
+def test_locks_released_before_they_are_followed_cost_no_read(settings, consul, reads):
+    settings = settings.replace(max_connections=8)
+    tag = uuid.uuid4().hex[:8]
+    held = ConsulLock(f"{tag}-held/x/.lock", settings=settings)
+    assert held.acquire(blocking=False)
+    try:
+        wait_for(lambda: watched(settings) == (f"{tag}-held/x/",), 5 + WATCH_DELAY, "the watcher to read the held lock's folder")
+        # 20 locks, each in a folder of its own and released well before WATCH_DELAY: the
+        # watcher reads none of their folders, nor one over them, and the query in progress
+        # is not interrupted for them (before: each interrupted it and it started again).
+        for n in range(20):
+            short = ConsulLock(f"{tag}-short-{n}/.lock", settings=settings)
+            assert short.acquire(blocking=False)
+            short.release()
+        time.sleep(2 * WATCH_DELAY)  # not an assertion: any read on their account happens by now
+        mine = own(reads, settings)
+        assert {r.prefix for r in mine} == {f"{tag}-held/x/"}, mine
+        # Its first read (answered at once) and the blocking query still in progress.
+        assert len(mine) == 2, mine
+        assert watched(settings) == (f"{tag}-held/x/",)
+    finally:
+        held.release()
