@@ -48,6 +48,7 @@ __all__ = [
     "owner",
     "real_thread",
     "sleep",
+    "socket_class",
     "ssl_context_class",
     "start_thread",
 ]
@@ -243,6 +244,12 @@ def create_connection(address: tuple[str, int], timeout: float) -> socket.socket
             error = exc
             sock.close()
     raise error or OSError(f"getaddrinfo returned nothing for {host}")
+
+
+def socket_class() -> type[socket.socket]:
+    """The ``socket.socket`` of the sockets :func:`create_connection` makes (gevent replaces
+    the class, and its methods refuse a real socket)."""
+    return _original("socket", "socket") if green() else socket.socket
 
 
 def ssl_context_class() -> type[ssl.SSLContext]:

@@ -81,8 +81,11 @@ class Connection:
         self._interrupted = True
         sock = self._sock
         if sock is not None:
+            # The raw socket's shutdown, also under TLS; a real socket's under gevent (gevent's
+            # socket class is not a real socket's, and its shutdown raises AttributeError).
+            raw = _native.socket_class() if self.native else socket.socket
             with contextlib.suppress(OSError):
-                socket.socket.shutdown(sock, socket.SHUT_RDWR)  # the raw socket's, also under TLS
+                raw.shutdown(sock, socket.SHUT_RDWR)
 
     def resume(self) -> None:
         """Let requests through again after :meth:`interrupt`."""

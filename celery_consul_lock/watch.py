@@ -26,8 +26,8 @@ folders are chosen again at once: a reader whose new folder its query in progres
 cover is interrupted (its socket shut down, see
 :meth:`~celery_consul_lock.transport.Connection.interrupt`) and starts again, a reader for a
 new folder is started. Folders are narrowed lazily, at a reader's next query. All are real
-OS threads (see :mod:`.native`), also under gevent; a reader with no folder for WATCH_IDLE
-closes its connection and ends.
+OS threads (see :mod:`.native`), also under gevent; a reader left with no folder closes its
+connection at once and ends after WATCH_IDLE.
 """
 
 from __future__ import annotations
@@ -75,8 +75,8 @@ WATCH_RETRY = 1.0
 #: At most one read of a folder per this, however fast keys under it change: a loss is
 #: seen at most this much later than it would be by a query of its own.
 WATCH_INTERVAL = 0.2
-#: A reader with no folder to read closes its connection and ends after this long (the
-#: planner, with nothing to follow, ends too).
+#: A reader with no folder to read ends after this long (its connection is closed at once),
+#: and so does the planner with nothing to follow.
 WATCH_IDLE = 60.0
 #: At most this many folders are read at once, each by a blocking query on a connection and
 #: a thread of its own: locks in a few unrelated folders (your lock keys, a semaphore's
@@ -252,7 +252,8 @@ class _Reader:
     client: ConsulClient
     #: Set by the planner when it gives a new folder (ends a wait between reads).
     wake: native.Event = field(default_factory=native.Event)
-    #: The folder to read (None: none; the thread ends after WATCH_IDLE of this).
+    #: The folder to read (None: none; the connection is closed at once, the thread ends
+    #: after WATCH_IDLE of this).
     folder: str | None = None
     #: The folder of the request in progress (None: none), and whether it must restart.
     reading: str | None = None
@@ -492,11 +493,11 @@ class Watcher:
                     self._started += 1
                 query = self._started
             if wanted is None:
+                reader.client.close()  # at once: the watcher's connections are those it reads on
                 if reader.wake.wait(WATCH_IDLE):
                     continue
                 with self._mutex:
-                    if reader.folder is None:  # closed here, so that no new thread races it
-                        reader.client.close()
+                    if reader.folder is None:
                         reader.running = False
                         return
                 continue

@@ -24,6 +24,7 @@ from celery_consul_lock.consul import ConsulClient, kv_set
 from celery_consul_lock.watch import WATCH_DELAY, WATCH_QUERIES, watched
 
 from .servers import wait_for
+from .test_gevent import run_green_child
 
 #: Keys elsewhere in KV, which no answer of the watcher may list.
 NOISE_KEYS = 5000
@@ -220,3 +221,35 @@ def test_locks_released_before_they_are_followed_cost_no_read(settings, consul, 
         assert watched(settings) == (f"{tag}-held/x/",)
     finally:
         held.release()
+
+
+def test_under_gevent_a_query_on_a_real_socket_is_interrupted_at_once(consul, key):
+    """The watcher's queries run on real sockets in real threads, also under gevent, and are
+    interrupted when their folder changes: shutting such a socket down went through gevent's
+    socket class and raised AttributeError (the watcher crashed, losses went unseen)."""
+    out = run_green_child(
+        f"""
+        from celery_consul_lock import ConsulSettings
+        from celery_consul_lock.consul import ConsulClient
+
+        client = ConsulClient(ConsulSettings(address={consul.address!r}), native=True)
+        index, _ = client.kv_get({key!r})
+        ended = []
+
+        def block():
+            try:
+                client.kv_get({key!r}, index=max(index, 1), wait=30)
+                ended.append("answered")
+            except Exception as exc:
+                ended.append(str(exc))
+
+        native.start_thread(block, (), "block")
+        gevent.sleep(0.5)  # the query reaches the agent
+        at = time.monotonic()
+        client.interrupt()
+        until(lambda: ended, 10)
+        print(json.dumps({{"ended": ended, "after": time.monotonic() - at}}))
+        """
+    )
+    assert len(out["ended"]) == 1 and "interrupted" in out["ended"][0], out
+    assert out["after"] < 2, out
