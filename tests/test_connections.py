@@ -28,8 +28,11 @@ from .test_task import runs
 from .workers import wait_results
 
 #: What a worker process may have open to its agent besides the pool: the renewers' client
-#: (one connection in use, two at most), the watcher's (one per folder it reads, at most
-#: WATCH_QUERIES; the tasks here all lock under locks/, one folder), the agent watch's probe.
+#: (one connection in use, two at most), the watcher's, the agent watch's probe. The
+#: watcher's: one per folder it reads, at most WATCH_QUERIES. The 150 keys here are all under
+#: locks/, read as that one folder once many are followed; but while the first come due
+#: (a slow burst of acquires, on a loaded machine) two or three of their own folders may be
+#: read apart for a moment. Measured: pool 16 + renewal 1 + watcher 3 + agent watch 1 = 21.
 OTHERS = 2 + WATCH_QUERIES + 1
 #: Within this of a key being deleted or freed behind its holder's back, the holder knows
 #: (the old per-lock watchers' tests allowed 10 s; the watcher reads at most every 0.2 s).

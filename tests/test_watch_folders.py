@@ -253,3 +253,37 @@ def test_under_gevent_a_query_on_a_real_socket_is_interrupted_at_once(consul, ke
     )
     assert len(out["ended"]) == 1 and "interrupted" in out["ended"][0], out
     assert out["after"] < 2, out
+
+
+def test_under_gevent_a_lock_in_another_folder_than_the_watched_one_is_acquired_and_its_loss_seen(consul):
+    """A greenlet acquires a lock outside the folder the watcher reads: its folder is read
+    too, and its loss seen. Before, the acquire itself interrupted the watcher's query and
+    raised AttributeError (gevent's socket shutdown on a real socket): in a gevent worker,
+    a run whose lock came in a new folder after the first was followed failed."""
+    tag = uuid.uuid4().hex[:8]
+    out = run_green_child(
+        f"""
+        from celery_consul_lock import ConsulLock
+        from celery_consul_lock.watch import watched
+
+        a = ConsulLock("{tag}-a/x/.lock", address={consul.address!r}, lock_delay=2)
+        b = ConsulLock("{tag}-b/y/.lock", address={consul.address!r}, lock_delay=2)
+        assert a.acquire()
+        read_a = until(lambda: watched(a.settings) == ("{tag}-a/x/",), 10)
+        try:
+            b.acquire()
+            error = None
+        except Exception as exc:
+            error = repr(exc)
+        both = until(lambda: watched(a.settings) == ("{tag}-a/x/", "{tag}-b/y/"), 10)
+        at = time.monotonic()
+        import urllib.request
+        urllib.request.urlopen(urllib.request.Request("http://{consul.address}/v1/kv/{tag}-b/y/.lock", method="DELETE")).read()
+        lost = until(b.lost.is_set, 10)
+        print(json.dumps({{"read_a": read_a, "error": error, "both": both, "lost": lost, "reason": b.lost_reason,
+                          "after": time.monotonic() - at, "a_held": a.held}}))
+        """
+    )
+    assert out["read_a"] and out["error"] is None, out
+    assert out["both"] and out["lost"] and out["reason"] == "the key was deleted" and out["a_held"], out
+    assert out["after"] < LOSS_BOUND, out
