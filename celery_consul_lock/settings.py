@@ -79,8 +79,8 @@ TIMEOUT_MAX = 60.0
 #: them, one request at a time each). A lock's request takes a millisecond or two on a local
 #: agent, so 16 serve thousands of requests a second; and a host's worker processes share
 #: the agent's limit of 200 connections per client address (http_max_conns_per_client):
-#: nine processes of 16 + 4 (renewals, watcher, agent watch) each stay under it. (A prefork
-#: child runs one task at a time and opens one of them.)
+#: nine processes of 16 + 6 (two renewals, three watcher queries, agent watch) each stay under
+#: it (198). (A prefork child runs one task at a time and opens one of them.)
 DEFAULT_MAX_CONNECTIONS = 16
 #: How long a released lock key keeps its release record before it is removed (see
 #: :mod:`.reap`). The next acquirer reads that record: a copy of a message redelivered after
