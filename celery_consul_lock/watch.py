@@ -393,10 +393,12 @@ class Watcher:
         folders read; returned), released ones dropped. Pending holdings are not read for:
         a lock released before WATCH_DELAY costs no query."""
         # Everything due within half a delay is taken at once: under a high acquire rate the
-        # planner wakes once per half delay, not once per acquire.
+        # planner wakes once per half delay, not once per acquire. Released holdings are
+        # dropped only when due: dropping them earlier would empty the queue, and the next
+        # follow() would then wake the planner again (one wake per short lock).
         horizon = time.monotonic() + WATCH_DELAY / 2
         due = []
-        while self._pending and (self._pending[0].due <= horizon or self._pending[0].released.is_set()):
+        while self._pending and self._pending[0].due <= horizon:
             holding = self._pending.popleft()
             if not holding.released.is_set():
                 due.append(holding)
