@@ -418,20 +418,18 @@ class Watcher:
         if folders == self._folders:
             return
         self._folders = folders
+        new = [f for f in folders if all(r.folder != f for r in self._readers)]
         free = [r for r in self._readers if r.folder not in folders]
-        for folder in folders:
-            if any(r.folder == folder for r in self._readers):
-                continue
+        for folder in list(new):  # first those whose query in progress covers a new folder
             reader = next((r for r in free if r.reading is not None and folder.startswith(r.reading)), None)
-            reader = reader or next((r for r in free if r.reading is None), free[0])
-            free.remove(reader)
-            reader.folder = folder
-            if reader.reading is not None and not folder.startswith(reader.reading):
-                reader.interrupt()
-            reader.wake.set()
-        for reader in free:
-            reader.folder = None
-            reader.interrupt()  # its connection is not held in a query nobody needs
+            if reader is not None:
+                new.remove(folder)
+                free.remove(reader)
+                reader.folder = folder
+        free.sort(key=lambda r: r.reading is not None)  # then the idle ones
+        for n, reader in enumerate(free):
+            reader.folder = new[n] if n < len(new) else None
+            reader.interrupt()  # a query of another folder, or of one nobody needs now
             reader.wake.set()
 
     def _judge(self, answers: list[Snapshot], due: list[FollowedHolding], latest: list[Snapshot]) -> None:
