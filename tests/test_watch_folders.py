@@ -11,6 +11,7 @@ recorded (the client's ``kv_list`` wrapped, its answer untouched).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
@@ -24,7 +25,8 @@ from celery_consul_lock.consul import ConsulClient, kv_set
 from celery_consul_lock.watch import WATCH_DELAY, WATCH_QUERIES, watched
 
 from .servers import wait_for
-from .test_gevent import run_green_child
+from .test_connections import port_of
+from .test_gevent import agent_connections, run_green_child
 
 #: Keys elsewhere in KV, which no answer of the watcher may list.
 NOISE_KEYS = 5000
@@ -287,3 +289,18 @@ def test_under_gevent_a_lock_in_another_folder_than_the_watched_one_is_acquired_
     assert out["read_a"] and out["error"] is None, out
     assert out["both"] and out["lost"] and out["reason"] == "the key was deleted" and out["a_held"], out
     assert out["after"] < LOSS_BOUND, out
+
+
+def test_the_watchers_connection_closes_once_nothing_is_left_to_follow(settings, consul):
+    settings = settings.replace(max_connections=9)
+    port = port_of(consul)
+    lock = ConsulLock(f"locks/close-{uuid.uuid4().hex[:8]}/.lock", settings=settings)
+    assert lock.acquire(blocking=False)
+    wait_for(lambda: watched(settings), 5 + WATCH_DELAY, "the watcher to read the lock's folder")
+    holding = agent_connections(os.getpid(), port)
+    lock.release()
+    # The release changes the folder: the answer wakes the planner, which finds nothing left
+    # to follow and ends the query; its reader closes the connection at once (before: the
+    # watcher kept it a minute).
+    wait_for(lambda: watched(settings) == (), 5, "the watcher to stop reading")
+    wait_for(lambda: agent_connections(os.getpid(), port) <= holding - 1, 5, "the watcher's connection to close")
