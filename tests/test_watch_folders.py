@@ -6,7 +6,10 @@ the loss of either lock is still seen within the watcher's bound.
 Scenarios against a real dev agent holding 5,000 unrelated keys in a folder of their own: two
 locks in unrelated folders; more folders than WATCH_QUERIES, merged as they come; a waiter
 for a key in a folder nothing else of the process is under. Every read the watcher makes is
-recorded (the client's ``kv_list`` wrapped, its answer untouched).
+recorded (the client's ``kv_list`` wrapped, its answer untouched). Then: locks released before
+they are followed cost no read; under gevent, a query on a real socket is interrupted and a
+lock in a new folder is acquired and watched; the watcher's connection closes when nothing is
+left to follow.
 """
 
 from __future__ import annotations
