@@ -195,7 +195,7 @@ class Waiter(Followed):
         return self.newer(snapshot) and _fingerprint(snapshot.at(self.path)) != self.seen
 
 
-def folder_of(path: str) -> str:
+def _folder_of(path: str) -> str:
     """The folder a followed ``path`` is read under: a folder (ending in ``/``) itself, a
     key's folder (``locks/a/`` for ``locks/a/.lock``), a key outside every folder itself."""
     if path.endswith("/"):
@@ -234,7 +234,7 @@ def watch_folders(paths: Iterable[str], limit: int = WATCH_QUERIES) -> tuple[str
     as the pairwise merge's for the usual shapes (``locks/<task>/`` beside a few other
     folders). Folders as deep as possible, because an answer lists every key under its
     folder (released keys stay for hours, see :mod:`.reap`)."""
-    folders = _outermost(folder_of(path) for path in paths)
+    folders = _outermost(_folder_of(path) for path in paths)
     if len(folders) <= limit:
         return tuple(folders)
     for depth in range(max(f.count("/") for f in folders) - 1, 0, -1):
