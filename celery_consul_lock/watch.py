@@ -247,9 +247,10 @@ def watch_folders(paths: Iterable[str], limit: int = WATCH_QUERIES) -> tuple[str
 @dataclass(eq=False)
 class _Reader:
     """One of the watcher's blocking queries: a real thread and a connection of its own,
-    reading the ``folder`` the planner gives it (under the watcher's mutex, like every field)."""
+    reading the ``folder`` the planner gives it (under the watcher's mutex, like every field
+    but ``client``, made by the planner before it first starts the thread)."""
 
-    client: ConsulClient
+    client: ConsulClient | None = None
     #: Set by the planner when it gives a new folder (ends a wait between reads).
     wake: native.Event = field(default_factory=native.Event)
     #: The folder to read (None: none; the connection is closed at once, the thread ends
@@ -265,7 +266,7 @@ class _Reader:
 
     def interrupt(self) -> None:
         """End the request in progress (see ConsulClient.interrupt); it starts again."""
-        if self.reading is not None and not self.restart:
+        if self.reading is not None and self.client is not None and not self.restart:
             self.restart = True
             self.client.interrupt()
 
@@ -278,7 +279,7 @@ class Watcher:
         self.settings = settings
         self._mutex = native.lock()  # held for a few statements only (also by greenlets)
         self._wake = native.Event()  # the planner's
-        self._readers = tuple(_Reader(ConsulClient(settings, native=True)) for _ in range(WATCH_QUERIES))
+        self._readers = tuple(_Reader() for _ in range(WATCH_QUERIES))
         #: Holdings not yet due (in the order they come due: all wait WATCH_DELAY).
         self._pending: collections.deque[FollowedHolding] = collections.deque()
         self._held: list[FollowedHolding] = []
@@ -379,7 +380,8 @@ class Watcher:
                     self._running = False
                     return
             for reader in starts:
-                native.start_thread(self._read, (reader,), "consul-lock-watch-reader")
+                reader.client = reader.client or ConsulClient(self.settings, native=True)
+                native.start_thread(self._read, (reader, reader.client), "consul-lock-watch-reader")
             self._judge(answers, due, latest)
             if not idle:
                 idle_since = None
@@ -471,9 +473,9 @@ class Watcher:
 
     # -- the readers -----------------------------------------------------------------------
 
-    def _read(self, reader: _Reader) -> None:
+    def _read(self, reader: _Reader, client: ConsulClient) -> None:
         try:
-            self._read_loop(reader)
+            self._read_loop(reader, client)
         except BaseException:  # never die silently: the planner starts it again when it next plans
             native.log(watch_log, logging.ERROR, "a reader of the watcher of %s crashed", self.settings.base_url, exc_info=True)
             with self._mutex:
@@ -481,11 +483,11 @@ class Watcher:
             self._wake_waiters(folder or "")
             raise
 
-    def _read_loop(self, reader: _Reader) -> None:
+    def _read_loop(self, reader: _Reader, client: ConsulClient) -> None:
         index, folder, last = 0, None, 0.0
         while True:
             with self._mutex:
-                reader.client.resume()
+                client.resume()
                 reader.restart = False
                 reader.wake.clear()
                 wanted = reader.reading = reader.folder
@@ -493,7 +495,7 @@ class Watcher:
                     self._started += 1
                 query = self._started
             if wanted is None:
-                reader.client.close()  # at once: the watcher's connections are those it reads on
+                client.close()  # at once: the watcher's connections are those it reads on
                 if reader.wake.wait(WATCH_IDLE):
                     continue
                 with self._mutex:
@@ -507,7 +509,7 @@ class Watcher:
             native.sleep(max(0.0, last + WATCH_INTERVAL - time.monotonic()))
             last = time.monotonic()
             try:
-                new_index, entries = reader.client.kv_list(folder, index=index or None, wait=WATCH_WAIT, consistent=True)
+                new_index, entries = client.kv_list(folder, index=index or None, wait=WATCH_WAIT, consistent=True)
             except ConsulLockError as exc:
                 with self._mutex:
                     restart, reader.reading = reader.restart, None
