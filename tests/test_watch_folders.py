@@ -55,12 +55,14 @@ def noise(consul) -> Iterator[str]:
 
 @dataclass
 class Read:
-    """One kv_list call of a client: the settings it was made with, its prefix, and how many
-    entries it answered (-1: no answer, e.g. interrupted)."""
+    """One kv_list call of a client: the settings it was made with, its prefix, how many
+    entries it answered (-1: no answer, e.g. interrupted), and when it started and ended."""
 
     settings: ConsulSettings
     prefix: str
     entries: int = -1
+    start: float = 0.0
+    end: float = float("inf")
 
 
 @pytest.fixture
@@ -70,9 +72,12 @@ def reads(monkeypatch: pytest.MonkeyPatch) -> list[Read]:
     real = ConsulClient.kv_list
 
     def kv_list(self: ConsulClient, prefix: str, **kw):
-        read = Read(self.settings, prefix)
+        read = Read(self.settings, prefix, start=time.monotonic())
         seen.append(read)
-        index, entries = real(self, prefix, **kw)
+        try:
+            index, entries = real(self, prefix, **kw)
+        finally:
+            read.end = time.monotonic()
         read.entries = len(entries)
         return index, entries
 
@@ -84,15 +89,27 @@ def own(reads: list[Read], settings: ConsulSettings) -> list[Read]:
     return [r for r in reads if r.settings == settings]
 
 
+def most_at_once(reads: list[Read]) -> int:
+    """How many of ``reads`` were in progress at the same time, at most."""
+    events = sorted([(r.start, 1) for r in reads] + [(r.end, -1) for r in reads], key=lambda e: (e[0], e[1]))
+    now = most = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
+
+
 def assert_never_read(reads: list[Read], settings: ConsulSettings, noise: str) -> None:
-    """No read made with ``settings`` covered ``noise`` (the whole KV store included)."""
+    """No read made with ``settings`` covered ``noise`` (the whole KV store included), and
+    never more than WATCH_QUERIES of them at once."""
     mine = own(reads, settings)
     assert mine, "the watcher made no read at all"
     covering = [r for r in mine if noise.startswith(r.prefix)]
     assert not covering, f"the watcher read {covering[0].prefix!r} ({covering[0].entries} entries), which lists {noise}"
-    most = max(r.entries for r in mine)
-    print(f"{len(mine)} reads of {sorted({r.prefix for r in mine})}; at most {most} entries in an answer")
+    most, at_once = max(r.entries for r in mine), most_at_once(mine)
+    print(f"{len(mine)} reads of {sorted({r.prefix for r in mine})}; at most {most} entries in an answer, {at_once} at once")
     assert most < 50, most
+    assert at_once <= WATCH_QUERIES, at_once
 
 
 def lose(lock: ConsulLock, consul, how: str) -> float:
