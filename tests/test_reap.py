@@ -24,7 +24,7 @@ import pytest
 from celery_consul_lock import ConsulLock, ConsulSettings, reap
 from celery_consul_lock.consul import LOCK_FLAG, ConsulClient, kv_set
 from celery_consul_lock.reap import CLOCK_KEY, CLOCK_SAMPLES, EntryCleanup, IndexClock, sweep
-from celery_consul_lock.testing import spawn
+from celery_consul_lock.testing import spawn, start_beat
 from celery_consul_lock.ticks import MARKS_PREFIX
 
 from .servers import ROOT, ConsulAgent, start_consul, wait_for
@@ -445,6 +445,40 @@ def test_a_slot_opened_by_the_cron_wrapper_names_it_and_the_sweep_keeps_that_mar
         leader.release()
 
 
+def test_the_sweep_removes_only_the_marks_naming_its_beat_of_entries_it_no_longer_has(consul, prefix):
+    # A scheduler that keeps no state in Consul (the persistent one, Django's): its sweep
+    # goes by the beat each mark names.
+    settings = _settings(consul, prefix, reap_after=1.0)
+    marks = prefix + MARKS_PREFIX
+    base = {"due": "2026-01-01T00:00:00", "epoch": 1.0, "task_id": "t-1", "open": {}, "done": [1.0]}
+    writes = {
+        "kept": {**base, "beat": "proj"},  # an entry the beat has
+        "gone": {**base, "beat": "proj"},  # removed from its schedule
+        "unnamed": base,  # an older version's mark: nobody can tell whose
+        "elsewhere": {**base, "beat": "other-beat"},
+        "shared": {**base, "beat": None},  # two beats wrote it
+        "cron": {**base, "beat": "proj", "runner": "celery-consul-lock run on host pid 1"},
+    }
+    client = ConsulClient(settings)
+    for name, value in writes.items():
+        assert client.kv_put(marks + name, json.dumps(value).encode())
+    leader = ConsulLock("locks/proj/beat/.lock", settings=settings)
+    assert leader.acquire()
+    cleanup = EntryCleanup(None, lambda: {"kept"}, lambda: (leader.key, leader.session_id), beat="proj")
+    try:
+        assert sweep(client, settings, entries=cleanup).removed == [], "removed before reap_after since its last write"
+        time.sleep(1.2)  # past reap_after since the first sweep's clock sample
+        unsure = EntryCleanup(None, lambda: None, lambda: (leader.key, leader.session_id), beat="proj")
+        assert sweep(client, settings, entries=unsure).removed == [], "removed while the beat could not tell its entries"
+        assert sweep(client, settings, entries=cleanup, dry_run=True).removed == [marks + "gone"]
+        assert _kv(consul, marks + "gone") is not None
+        assert sweep(client, settings, entries=cleanup).removed == [marks + "gone"]
+        assert {marks + name for name in writes if name != "gone"} <= set(_keys(consul, prefix))
+    finally:
+        client.close()
+        leader.release()
+
+
 def test_the_beat_leader_sweeps_free_keys_and_removed_entries(harness, consul, prefix):
     # A free key left by a process that is gone (no keep time: its session ended), and the
     # state of two entries, one no longer in the schedule, all written before the beat
@@ -464,6 +498,161 @@ def test_the_beat_leader_sweeps_free_keys_and_removed_entries(harness, consul, p
     wait_for(lambda: _kv(consul, leftover) is None, 30, "the leader's sweep to remove the left-over key", procs=[beat])
     wait_for(lambda: _kv(consul, state_prefix + "removed-entry") is None, 30, "the removed entry's state to go", procs=[beat])
     assert _kv(consul, state_prefix + "heartbeat") is not None, "the state of an entry the beat has was removed"
+
+
+def _named_mark(consul: ConsulAgent, key: str, beat: str) -> dict | None:
+    """The mark at ``key`` once it exists and names ``beat``."""
+    mark = _kv(consul, key)
+    return _value(consul, key) if mark and _value(consul, key).get("beat") == beat else None
+
+
+class KeyWrites:
+    """Follows one key from a thread (polled every 0.05 s) from before its last write until
+    it is removed: when its ModifyIndex was last seen changing, and when it was gone."""
+
+    def __init__(self, consul: ConsulAgent, key: str) -> None:
+        self.consul, self.key = consul, key
+        self.index: int | None = None
+        self.last_write = self.gone_at = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            kv = _kv(self.consul, self.key)
+            if kv is None:
+                self.gone_at = time.monotonic()
+                return
+            if kv["ModifyIndex"] != self.index:
+                self.index, self.last_write = kv["ModifyIndex"], time.monotonic()
+
+    def wait_removed(self, reap_after: float, timeout: float, procs) -> None:
+        """Wait for the removal; fail if it came less than ``reap_after`` after the last write."""
+        try:
+            wait_for(lambda: self.gone_at, timeout, f"the sweep to remove {self.key}", procs=procs)
+        finally:
+            self._stop.set()
+        quiet = self.gone_at - self.last_write
+        assert quiet >= reap_after - 0.2, f"removed {quiet:.2f} s after its last write (reap_after {reap_after})"
+
+
+def test_a_persistent_scheduler_beat_removes_the_marks_of_entries_gone_from_beat_schedule(
+    consul, prefix, workers, redis_server, tmp_path
+):
+    # A LeaderPersistentScheduler beat runs entry "old-entry" (every 1 s): its runs' marks
+    # name the beat. Restarted with only "heartbeat" (every hour: not sent meanwhile), its
+    # sweep (every 0.5 s) removes old-entry's mark once unwritten for reap_after (2 s); the
+    # mark of the entry it has, an unnamed mark and another beat's stay, though older.
+    beat_name, reap_after = f"ps-{uuid.uuid4().hex[:6]}", 2.0
+    marks = prefix + MARKS_PREFIX
+    common = {
+        "TEST_KEY_PREFIX": prefix,
+        "TEST_REAP_AFTER": str(reap_after),
+        "TEST_REAP_INTERVAL": "0.5",
+        "TEST_BEAT_NAME": beat_name,
+    }
+    (worker,) = workers(1, env=common)
+    base = {"due": "2026-01-01T00:00:00", "epoch": 1.0, "task_id": "t-1", "open": {}, "done": [1.0]}
+    client = ConsulClient(_settings(consul, prefix, reap_after))
+    for name, value in {
+        "heartbeat": {**base, "beat": beat_name},
+        "unnamed": base,
+        "elsewhere": {**base, "beat": "other"},
+    }.items():
+        assert client.kv_put(marks + name, json.dumps(value).encode())
+    client.close()
+    beat_env = worker_env(redis_server.url, consul.address, **common)
+    scheduler = "celery_consul_lock.beat:LeaderPersistentScheduler"
+    first = start_beat(
+        "first",
+        tmp_path,
+        {**beat_env, "TEST_BEAT_ENTRY": "old-entry", "TEST_BEAT_INTERVAL": "1"},
+        app_path="tests.proj.app",
+        scheduler=scheduler,
+        cwd=ROOT,
+    )
+    try:
+        wait_for(
+            lambda: _named_mark(consul, marks + "old-entry", beat_name),
+            60,
+            "old-entry's mark naming the beat",
+            procs=[first, worker],
+        )
+        writes = KeyWrites(consul, marks + "old-entry")  # from before its last write
+    finally:
+        first.stop()
+    second = start_beat(
+        "second", tmp_path, {**beat_env, "TEST_BEAT_INTERVAL": "3600"}, app_path="tests.proj.app", scheduler=scheduler, cwd=ROOT
+    )
+    try:
+        wait_for(lambda: "elected leader" in second.log_text(), 60, "the second beat to lead", procs=[second])
+        writes.wait_removed(reap_after, 60, [second, worker])
+        assert {marks + n for n in ("heartbeat", "unnamed", "elsewhere")} <= set(_keys(consul, prefix))
+    finally:
+        second.stop()
+
+
+DJANGO_ORM = textwrap.dedent(
+    """
+    import sys
+    import django
+    django.setup()
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+    action, name = sys.argv[1:3]
+    if action == "add-disabled":
+        every, _ = IntervalSchedule.objects.get_or_create(every=3600, period=IntervalSchedule.SECONDS)
+        PeriodicTask.objects.create(name=name, task="proj.heartbeat", interval=every, enabled=False)
+    else:
+        assert PeriodicTask.objects.filter(name=name).delete()[0] == 1
+    """
+)
+
+
+def test_a_django_database_scheduler_beat_removes_the_marks_of_deleted_periodic_tasks(
+    consul, prefix, workers, redis_server, tmp_path
+):
+    # django-celery-beat's LeaderDatabaseScheduler runs "heartbeat" (every 1 s, from
+    # CELERY_BEAT_SCHEDULE); a disabled periodic task and an unnamed mark exist beside it.
+    # Once "heartbeat" is deleted from the database (as the admin does), the leader's sweep
+    # removes its mark after reap_after (2 s); the disabled task's mark stays, and so does
+    # the unnamed one.
+    beat_name, reap_after = f"dj-{uuid.uuid4().hex[:6]}", 2.0
+    marks = prefix + MARKS_PREFIX
+    (worker,) = workers(1, env={"TEST_KEY_PREFIX": prefix, "TEST_REAP_AFTER": str(reap_after)})
+    env = worker_env(
+        redis_server.url,
+        consul.address,
+        TEST_SQLITE=str(tmp_path / "db.sqlite3"),
+        DJANGO_SETTINGS_MODULE="tests.djproj.settings",
+        TEST_BEAT_NAME=beat_name,
+        TEST_CONSUL_LOCK_KEY_PREFIX=prefix,
+        TEST_CONSUL_LOCK_REAP_AFTER=str(reap_after),
+        TEST_CONSUL_LOCK_BEAT_REAP_INTERVAL="0.5",
+    )
+    subprocess.run([sys.executable, "-m", "django", "migrate", "-v", "0"], env=env, cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-c", DJANGO_ORM, "add-disabled", "disabled-entry"], env=env, cwd=ROOT, check=True)
+    base = {"due": "2026-01-01T00:00:00", "epoch": 1.0, "task_id": "t-1", "open": {}, "done": [1.0]}
+    client = ConsulClient(_settings(consul, prefix, reap_after))
+    assert client.kv_put(marks + "disabled-entry", json.dumps({**base, "beat": beat_name}).encode())
+    assert client.kv_put(marks + "unnamed", json.dumps(base).encode())
+    client.close()
+    scheduler = "celery_consul_lock.contrib.django_celery_beat:LeaderDatabaseScheduler"
+    beat = start_beat("dj", tmp_path, env, app_path="tests.djproj.celery_app", scheduler=scheduler, cwd=ROOT)
+    try:
+        wait_for(
+            lambda: _named_mark(consul, marks + "heartbeat", beat_name),
+            60,
+            "heartbeat's mark naming the beat",
+            procs=[beat, worker],
+        )
+        writes = KeyWrites(consul, marks + "heartbeat")  # from before its last write
+        subprocess.run([sys.executable, "-c", DJANGO_ORM, "delete", "heartbeat"], env=env, cwd=ROOT, check=True)
+        writes.wait_removed(reap_after, 60, [beat, worker])
+        assert {marks + "disabled-entry", marks + "unnamed"} <= set(_keys(consul, prefix))
+        assert "could not read the periodic tasks" not in beat.log_text()
+    finally:
+        beat.stop()
 
 
 # -- the command --------------------------------------------------------------------------------------
