@@ -17,11 +17,12 @@ import threading
 import time
 import urllib.error
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from celery_consul_lock import ConsulLock, ConsulSettings, reap
+from celery_consul_lock import ConsulLock, ConsulSemaphore, ConsulSettings, reap
 from celery_consul_lock.consul import LOCK_FLAG, ConsulClient, kv_set
 from celery_consul_lock.reap import CLOCK_KEY, CLOCK_SAMPLES, EntryCleanup, IndexClock, sweep
 from celery_consul_lock.testing import spawn, start_beat
@@ -653,6 +654,133 @@ def test_a_django_database_scheduler_beat_removes_the_marks_of_deleted_periodic_
         assert "could not read the periodic tasks" not in beat.log_text()
     finally:
         beat.stop()
+
+
+# -- semaphores --------------------------------------------------------------------------------------
+
+SEMAPHORE_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from celery_consul_lock import ConsulSemaphore, ConsulSettings
+    address, prefix, flag = sys.argv[1:4]
+    settings = ConsulSettings(address=address, lock_delay=1.0, ttl=10, key_prefix=prefix)
+    shared = ConsulSemaphore("sem/shared", 2, settings=settings, name="doomed")
+    alone = ConsulSemaphore("sem/alone", 1, settings=settings, name="doomed")
+    assert shared.acquire(timeout=10) and alone.acquire(timeout=10)
+    open(flag, "w").close()
+    time.sleep(3600)
+    """
+)
+
+
+def test_a_sigkilled_semaphore_holders_contender_keys_and_emptied_lock_are_swept_and_live_ones_stay(consul, prefix, tmp_path):
+    # A process holds a slot of "sem/shared" (limit 2, beside a live holder here) and of
+    # "sem/alone" (limit 1), and is SIGKILLed: Consul ends its session by its TTL, freeing its
+    # contender keys. Nobody takes the semaphores again. A sweep removes both dead contender
+    # keys once reap_after (1 s) has passed since then, and "sem/alone"'s .lock (no live
+    # holder, no contender left); the live holder's contender key and "sem/shared"'s .lock stay.
+    settings = _settings(consul, prefix, reap_after=1.0)
+    live = ConsulSemaphore("sem/shared", 2, settings=settings)
+    holder = spawn(
+        "holder", [sys.executable, "-c", SEMAPHORE_HOLDER, consul.address, prefix, str(tmp_path / "held")], tmp_path, cwd=ROOT
+    )
+    client = ConsulClient(settings)
+    try:
+        wait_for(lambda: (tmp_path / "held").exists(), 30, "the holder to take its slots", procs=[holder])
+        assert live.acquire(timeout=10)
+        dead = [k for k in _keys(consul, prefix) if k.rsplit("/", 1)[1] not in (".lock", live.session_id)]
+        assert len(dead) == 2, _keys(consul, prefix)
+        holder.kill()
+        wait_for(lambda: not any((_kv(consul, k) or {}).get("Session") for k in dead), 45, "Consul to end the killed session")
+        first = sweep(client, settings)
+        assert first.removed == [], "removed before reap_after since its session ended"
+        assert first.kept.get("recently freed") == 2 and first.kept.get("held", 0) >= 2, first.kept
+        alone_lock = f"{prefix}sem/alone/.lock"
+        done = wait_for(lambda: sweep(client, settings).removed, 20, "a sweep to remove the dead contender keys")
+        assert sorted(done) == sorted([*dead, alone_lock]), done
+        left = set(_keys(consul, prefix))
+        assert {f"{prefix}sem/shared/.lock", f"{prefix}sem/shared/{live.session_id}"} <= left
+        assert not [k for k in left if k.startswith(f"{prefix}sem/alone/")]
+        assert live.held and live.check() is None
+        # The semaphores work on: "sem/alone" starts afresh, "sem/shared" counts one holder.
+        again = ConsulSemaphore("sem/alone", 1, settings=settings, private_session=True)
+        assert again.acquire(blocking=False) and again.release()
+        assert [h.session for h in ConsulSemaphore.holders("sem/shared", settings=settings)] == [live.session_id]
+    finally:
+        client.close()
+        live.release()
+        holder.stop()
+
+
+def _dead_holder(consul: ConsulAgent, settings: ConsulSettings, prefix: str) -> str:
+    """A holder of ``prefix`` (limit 1) whose session ends: its contender key stays, free,
+    and .lock lists it. Returns the contender key."""
+    dead = ConsulSemaphore(prefix, 1, settings=settings, private_session=True)
+    assert dead.acquire(timeout=10)
+    key = dead.fence_key
+    consul.api(f"/v1/session/destroy/{dead.session_id}", "PUT")  # as a TTL's end does
+    wait_for(lambda: not _kv(consul, key).get("Session"), 10, "the contender key to lose its session")
+    return key
+
+
+class ListThen(ConsulClient):
+    """A client that runs ``then`` once right after its next prefix listing answered: to put
+    another client's write between a sweep's read and its deletes."""
+
+    then: Callable[[], None] | None = None
+
+    def kv_list(self, prefix: str, **kw) -> tuple[int, list]:
+        answer = super().kv_list(prefix, **kw)
+        then, self.then = self.then, None
+        if then is not None:
+            then()
+        return answer
+
+
+def test_an_admission_between_the_sweeps_read_and_its_deletes_keeps_its_slot(consul, prefix):
+    # The sweep reads the semaphore with only a dead holder (reap_after 0: its key may go at
+    # once); then a contender is admitted (its .lock check-and-set wins); then the sweep
+    # deletes: the dead key goes, .lock's delete fails its check-and-set and the slot stays.
+    settings = _settings(consul, prefix, reap_after=0.0)
+    dead_key = _dead_holder(consul, settings, "sem/raced")
+    lock_key = f"{prefix}sem/raced/.lock"
+    sem = ConsulSemaphore("sem/raced", 1, settings=settings)
+    client = ListThen(settings)
+    client.then = lambda: sem.acquire(timeout=10) or pytest.fail("the contender was not admitted")
+    try:
+        report = sweep(client, settings)
+        assert sem.held and dead_key in report.removed and lock_key not in report.removed, report
+        assert json.loads(base64.b64decode(_kv(consul, lock_key)["Value"]))["Holders"] == {sem.session_id: True}
+        assert _kv(consul, sem.fence_key)["Session"] == sem.session_id
+        assert sweep(client, settings).removed == [] and sem.held and sem.check() is None
+    finally:
+        client.close()
+        sem.release()
+
+
+def test_a_sweep_between_an_admissions_read_and_its_write_makes_it_retry_and_take_the_slot(consul, prefix):
+    # The contender reads the semaphore (a dead holder listed); a sweep removes the dead key
+    # and .lock; the contender's transaction then fails its .lock check-and-set, it reads
+    # again and is admitted into a .lock created afresh.
+    settings = _settings(consul, prefix, reap_after=0.0)
+    dead_key = _dead_holder(consul, settings, "sem/raced")
+    lock_key = f"{prefix}sem/raced/.lock"
+    swept: list[list[str]] = []
+
+    class SweptBeforeWriting(ConsulSemaphore):
+        def _enter(self, client, session, sid, state, holders):
+            if not swept:
+                swept.append(sweep(ConsulClient(settings), settings).removed)
+            return super()._enter(client, session, sid, state, holders)
+
+    sem = SweptBeforeWriting("sem/raced", 1, settings=settings)
+    try:
+        assert sem.acquire(timeout=10)
+        assert sorted(swept[0]) == sorted([dead_key, lock_key]), swept
+        assert json.loads(base64.b64decode(_kv(consul, lock_key)["Value"]))["Holders"] == {sem.session_id: True}
+        assert sem.held and _kv(consul, dead_key) is None
+    finally:
+        sem.release()
 
 
 # -- the command --------------------------------------------------------------------------------------
