@@ -396,25 +396,31 @@ def test_the_sweep_removes_the_state_and_mark_of_removed_entries_and_keeps_cron_
         state_prefix + "shared": state,  # removed, but a cron line shares its mark
         marks + "shared": cron_mark,
         marks + "cron-only": {"open": {"1.0": 1.0}, "runner": "celery-consul-lock run on host pid 1"},
+        marks + "late": {**task_mark, "beat": "proj"},  # a late retry's mark, its state removed before
+        state_prefix + "foreign": state,  # removed here, but its mark is another beat's now
+        marks + "foreign": {**task_mark, "beat": "other-beat"},
     }
     client = ConsulClient(settings)
     puts = [kv_set(k, json.dumps(v).encode()) for k, v in writes.items()]
     assert client.kv_fenced(leader.key, leader.session_id, puts, action="writing a beat's state").ok
-    cleanup = EntryCleanup(state_prefix, lambda: {"kept"}, lambda: (leader.key, leader.session_id))
+    cleanup = EntryCleanup(state_prefix, lambda: {"kept"}, lambda: (leader.key, leader.session_id), beat="proj")
     try:
         first = sweep(client, settings, entries=cleanup)
         assert first.removed == [], "removed before reap_after passed since their last write"
         # A sweeper that does not hold the leader lock removes nothing.
         other = ConsulLock("locks/other/.lock", settings=settings, private_session=True)
         assert other.acquire()
-        deposed = EntryCleanup(state_prefix, lambda: {"kept"}, lambda: (leader.key, other.session_id))
+        deposed = EntryCleanup(state_prefix, lambda: {"kept"}, lambda: (leader.key, other.session_id), beat="proj")
         time.sleep(1.2)  # past reap_after since the first sweep's clock sample
         assert sweep(client, settings, entries=deposed).removed == []
         other.release()
         done = sweep(client, settings, entries=cleanup)
-        assert sorted(done.removed) == sorted([state_prefix + "gone", marks + "gone", state_prefix + "shared"])
+        assert sorted(done.removed) == sorted(
+            [state_prefix + "gone", marks + "gone", state_prefix + "shared", marks + "late", state_prefix + "foreign"]
+        )
         left = set(_keys(consul, prefix))
         assert {state_prefix + "kept", marks + "kept", marks + "shared", marks + "cron-only", prefix + CLOCK_KEY} <= left
+        assert marks + "foreign" in left
     finally:
         client.close()
         leader.release()
