@@ -28,11 +28,15 @@ a real OS thread per process, removing the keys due together in one transaction)
 sweep (:func:`sweep`) of the whole key prefix for keys whose releaser is gone (recycled,
 crashed, a ``celery-consul-lock run``) or which were freed by a session's end: the beat
 leader runs one every ``consul_lock_beat_reap_interval``, and ``celery consul-lock reap``
-runs one on demand. The beat leader also removes the tick mark and schedule state of entries
-that are in neither its config nor its runtime schedule once they have not been written for
-``consul_lock_reap_after`` (a rolling deploy may still run an old config meanwhile), fenced
-by its leader lock; never a mark a ``celery-consul-lock run`` wrapper has written (it
-carries ``runner``): a cron line is an entry no beat knows.
+runs one on demand. Every sweep also removes semaphores' contender keys no session holds,
+``consul_lock_reap_after`` after their last write, and then each ``.lock`` left with no live
+holder and no contender key (the Go client's ``Semaphore.Destroy`` rules, check-and-set on
+the index read: an admission racing it either retries or keeps its slot). The beat leader
+also removes the tick marks naming its beat (:data:`.ticks.BEAT_FIELD`), and the schedule
+state, of entries it no longer has (:class:`EntryCleanup`) once they have not been written
+for ``consul_lock_reap_after`` (a rolling deploy may still run an old config meanwhile),
+fenced by its leader lock; never a mark a ``celery-consul-lock run`` wrapper has written (it
+carries ``runner``: a cron line is an entry no beat knows) or one naming another beat.
 
 Limit: keep times are compared with this host's clock; clocks skewed by more than a small
 part of ``consul_lock_reap_after`` shorten or lengthen them by the skew.
