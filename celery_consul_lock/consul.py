@@ -738,7 +738,7 @@ _LOCK_REFUSALS = (
 def _read_lock(status: int, headers: Headers, content: bytes, exists: bool) -> LockAttempt:
     """kv_lock's answer: taken (the usual answer, read quickly), or why not."""
     if status == 200:
-        taken = _quick_lock_answer(content.decode("utf-8", "replace"), exists)
+        taken = _quick_lock_answer(content, exists)
         if taken is not None:
             return taken
     ok, results, errors = _read_txn(status, headers, content)
@@ -770,6 +770,8 @@ def _kv_path(key: str) -> str:
 #: How a Consul answer's JSON body can begin (an object, a list, a string, true, false,
 #: null, a number).
 _JSON_START = frozenset(bytes([b]) for b in b'{["tfn-0123456789')
+#: How Consul's usual answers begin, unindented: an object, a list, true or false.
+_JSON_FIRST = frozenset((b"{", b"[", b"t", b"f"))
 
 
 def _foreign_answer(status: int, headers: Headers, content: bytes) -> str | None:
@@ -777,7 +779,10 @@ def _foreign_answer(status: int, headers: Headers, content: bytes) -> str | None
     (checked on 1.8.7) answers every call this adapter makes with: a JSON body typed
     ``application/json``; a short ``text/plain`` error; no body at all (agent endpoints);
     or, for a key that does not exist, an empty 404 carrying ``X-Consul-Index``."""
-    media = str(headers.get("content-type") or "").partition(";")[0].strip().lower()
+    media = headers.get("content-type")
+    if media == "application/json" and status == 200 and content[:1] in _JSON_FIRST:
+        return None  # nearly every answer: decided without the checks below
+    media = str(media or "").partition(";")[0].strip().lower()
     if content:
         if media not in ("application/json", "text/plain"):
             return f"HTTP {status} typed {media or 'nothing'}"
@@ -803,26 +808,29 @@ def _excerpt(body: str | bytes, token: str | None) -> str:
 #: The two fields a taken lock needs from the transaction's answer. Keys and sessions are
 #: JSON strings there (a quote inside is escaped) and values base64, so only the entries'
 #: own fields match. (Dev agents indent their answers, servers do not.)
-_FLAGS = re.compile(r'"Flags":\s*(\d+)')
-_MODIFY_INDEX = re.compile(r'"ModifyIndex":\s*(\d+)')
-_VALUE = re.compile(r'"Value":\s*"([A-Za-z0-9+/=]*)"')
+_FLAGS = re.compile(rb'"Flags":\s*(\d+)')
+_MODIFY_INDEX = re.compile(rb'"ModifyIndex":\s*(\d+)')
+_VALUE = re.compile(rb'"Value":\s*"([A-Za-z0-9+/=]*)"')
 
 
-def _quick_lock_answer(answer: str, exists: bool) -> LockAttempt | None:
+def _quick_lock_answer(answer: bytes, exists: bool) -> LockAttempt | None:
     """The usual answer to kv_lock's transaction, read without decoding it all (decoding
     costs more than the rest of an acquire's bookkeeping): taken, with the fencing token,
     the key a lock before. None, to decode it fully, when the key was something else (flags
     of another kind: the caller needs the whole entry to put it back) or the answer does
     not have the expected shape (one entry from ``get`` if it ran, one from ``lock``)."""
-    flags, indexes = _FLAGS.findall(answer), _MODIFY_INDEX.findall(answer)
     expected = 2 if exists else 1
-    if len(flags) != expected or len(indexes) != expected:
+    if answer.count(b'"Flags":') != expected or answer.count(b'"ModifyIndex":') != expected:
         return None
-    if exists and int(flags[0]) not in (0, LOCK_FLAG):
+    flags = _FLAGS.search(answer)
+    if flags is None or (exists and int(flags.group(1)) not in (0, LOCK_FLAG)):
+        return None
+    index = _MODIFY_INDEX.search(answer, answer.rindex(b'"ModifyIndex":'))
+    if index is None:
         return None
     # The lock's own result has "Value": null, so the one string value is the previous one.
     previous = _VALUE.search(answer) if exists else None
-    return LockAttempt(True, int(indexes[-1]), previous=previous.group(1) if previous else None)
+    return LockAttempt(True, int(index.group(1)), previous=previous.group(1).decode() if previous else None)
 
 
 class _Clients:

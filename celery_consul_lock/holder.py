@@ -99,6 +99,7 @@ class LocalKeys(Generic[_Owner]):
     def _reset(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._held: dict[KeyIdent, _Owner] = {}
+        self._waiting = 0  # claims waiting in _cond.wait: free() notifies only if any
 
     def claim(self, ident: KeyIdent, owner: _Owner, deadline: float | None) -> _Owner | None:
         """Claim ``ident`` for ``owner`` by ``deadline``; returns None, or the other owner."""
@@ -107,7 +108,11 @@ class LocalKeys(Generic[_Owner]):
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return self._held[ident]
-                self._cond.wait(left)
+                self._waiting += 1
+                try:
+                    self._cond.wait(left)
+                finally:
+                    self._waiting -= 1
             self._held[ident] = owner
             return None
 
@@ -115,7 +120,8 @@ class LocalKeys(Generic[_Owner]):
         with self._cond:
             if self._held.get(ident) is owner:
                 del self._held[ident]
-                self._cond.notify_all()
+                if self._waiting:
+                    self._cond.notify_all()
 
 
 def read_holder(client: ConsulClient, key: str) -> LockHolder | None:

@@ -570,7 +570,8 @@ class ConsulLock:
         with self._mutex:
             self._holding = holding
             self.lost_reason = None
-            self.lost.clear()
+            if self.lost.is_set():
+                self.lost.clear()
             self.last_holder = None
         session.hold(self)
         if session.lost_reason is not None:  # lost between ensure() and hold()

@@ -600,7 +600,7 @@ class ConsulSettings:
         if "scheme" not in values and env.get("CONSUL_HTTP_SSL") and parse_bool("CONSUL_HTTP_SSL", env["CONSUL_HTTP_SSL"]):
             values["scheme"], sources["scheme"] = "https", "CONSUL_HTTP_SSL"
         try:
-            return cls(**values)
+            return _interned(cls(**values))
         except InvalidSetting as exc:
             # Re-name the setting after where its value came from, with the value as given.
             value = "<redacted>" if _BY_NAME[exc.setting].secret else values.get(exc.setting, exc.value)
@@ -609,7 +609,7 @@ class ConsulSettings:
     def replace(self, **changes: Any) -> ConsulSettings:
         """A copy with some fields changed, validated again."""
         changes = {k: v for k, v in changes.items() if v is not None}
-        return replace(self, **changes) if changes else self
+        return _interned(replace(self, **changes)) if changes else self
 
     # -- derived ----------------------------------------------------------------------
 
@@ -657,3 +657,16 @@ class ConsulSettings:
             raise InvalidSetting(
                 "client_cert" if self.client_key else "client_key", None, "client_cert and client_key must be given together"
             )
+
+
+#: One instance per distinct settings resolved in this process (up to INTERNED_MAX): the
+#: process's clients, sessions and watchers are looked up by settings on every acquire and
+#: release, and the same object answers those lookups at once, without comparing every field.
+_INTERNED: dict[ConsulSettings, ConsulSettings] = {}
+INTERNED_MAX = 256
+
+
+def _interned(settings: ConsulSettings) -> ConsulSettings:
+    if len(_INTERNED) >= INTERNED_MAX:
+        return _INTERNED.get(settings, settings)
+    return _INTERNED.setdefault(settings, settings)

@@ -319,9 +319,11 @@ class Watcher:
         returns the paths to read (pending holdings included, so no restart when they come
         due)."""
         # Everything due within half a delay is taken at once: under a high acquire rate the
-        # watcher wakes once per half delay, not once per acquire.
+        # watcher wakes once per half delay, not once per acquire. Released holdings are
+        # dropped only when due: dropping them earlier would empty the queue, and the next
+        # follow() would then wake the thread again (one wake per short lock).
         horizon = time.monotonic() + WATCH_DELAY / 2
-        while self._pending and (self._pending[0].due <= horizon or self._pending[0].released.is_set()):
+        while self._pending and self._pending[0].due <= horizon:
             holding = self._pending.popleft()
             if not holding.released.is_set():
                 self._held.append(holding)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import threading
@@ -166,27 +167,32 @@ def test_lock_txn_reports_a_wrong_guess_of_existence_and_writes_nothing(client, 
 
 
 def test_the_quick_reading_of_a_lock_answer_agrees_with_decoding_it(client, key):
-    """kv_lock reads the usual answer with two patterns instead of decoding the JSON; on the
-    real answers of both forms (create, then re-take), it must find what decoding finds."""
+    """kv_lock reads the usual answer with a few byte patterns instead of decoding the JSON;
+    on the real answers of both forms (create, then re-take), it must find what decoding
+    finds, also for a key whose name holds the very field names it looks for."""
     from celery_consul_lock.consul import _LOCK_TXN, _quick_lock_answer
 
     sid = client.session_create("q", ttl=10, lock_delay=0, checks=[])
-    quoted = json.dumps(f'{key}"x')  # a key with a quote in it, escaped in the answer
+    odd = f'{key}"x "Flags": 7, "ModifyIndex": 9, "Value": "QQ=="'  # quotes in it, escaped in the answer
+    quoted = json.dumps(odd)
+    value = base64.b64encode(b"previous").decode()
     try:
         for exists in (False, True):
-            body = _LOCK_TXN % ("get" if exists else "check-not-exists", quoted, quoted, "", LOCK_FLAG, json.dumps(sid))
-            code, content = client._request(
+            body = _LOCK_TXN % ("get" if exists else "check-not-exists", quoted, quoted, value, LOCK_FLAG, json.dumps(sid))
+            code, answer = client._request(
                 "PUT", client._txn_target, body.encode(), "test", "key:write", key, read=lambda s, h, c: (s, c)
             )
-            answer = content.decode()
             assert code == 200, answer
             results = json.loads(answer)["Results"]
             quick = _quick_lock_answer(answer, exists)
             assert quick is not None and quick.acquired and quick.conflict is None
             assert quick.modify_index == results[-1]["KV"]["ModifyIndex"] > 0
-            assert client.kv_release(f'{key}"x', sid, b"")
+            assert quick.previous == (results[0]["KV"]["Value"] if exists else None)
+            assert client.kv_release(odd, sid, b"previous")
+        assert quick.previous == value
         # Another kind of key (a semaphore's flags): not read quickly, decoded instead.
-        assert _quick_lock_answer(re.sub(rf'"Flags":(\s*){LOCK_FLAG}', r'"Flags":\g<1>7', answer, count=1), True) is None
-        assert _quick_lock_answer('{"Results":[],"Errors":null}', True) is None
+        other = re.sub(rb'"Flags":(\s*)%d' % LOCK_FLAG, rb'"Flags":\g<1>7', answer, count=1)
+        assert _quick_lock_answer(other, True) is None
+        assert _quick_lock_answer(b'{"Results":[],"Errors":null}', True) is None
     finally:
         client.session_destroy(sid)
