@@ -379,6 +379,18 @@ def test_a_forked_child_starts_with_an_empty_reaper_queue(consul, prefix):
 # -- the beat's entries -----------------------------------------------------------------------------
 
 
+#: A tick mark's value as a completed run leaves it (see ticks.Mark).
+MARK = {"due": "2026-01-01T00:00:00", "epoch": 1.0, "task_id": "t-1", "open": {}, "done": [1.0]}
+
+
+def _put_marks(consul: ConsulAgent, prefix: str, marks: dict[str, dict]) -> None:
+    """Write the tick marks ``marks`` (entry -> value) under ``prefix``."""
+    client = ConsulClient(ConsulSettings(address=consul.address))
+    for name, value in marks.items():
+        assert client.kv_put(prefix + MARKS_PREFIX + name, json.dumps(value).encode())
+    client.close()
+
+
 def test_the_sweep_removes_the_state_and_mark_of_removed_entries_and_keeps_cron_marks(consul, prefix):
     settings = _settings(consul, prefix, reap_after=1.0)
     state_prefix = f"{prefix}celery-consul-lock/beat/proj/entries/"
@@ -457,18 +469,16 @@ def test_the_sweep_removes_only_the_marks_naming_its_beat_of_entries_it_no_longe
     # goes by the beat each mark names.
     settings = _settings(consul, prefix, reap_after=1.0)
     marks = prefix + MARKS_PREFIX
-    base = {"due": "2026-01-01T00:00:00", "epoch": 1.0, "task_id": "t-1", "open": {}, "done": [1.0]}
     writes = {
-        "kept": {**base, "beat": "proj"},  # an entry the beat has
-        "gone": {**base, "beat": "proj"},  # removed from its schedule
-        "unnamed": base,  # an older version's mark: nobody can tell whose
-        "elsewhere": {**base, "beat": "other-beat"},
-        "shared": {**base, "beat": None},  # two beats wrote it
-        "cron": {**base, "beat": "proj", "runner": "celery-consul-lock run on host pid 1"},
+        "kept": {**MARK, "beat": "proj"},  # an entry the beat has
+        "gone": {**MARK, "beat": "proj"},  # removed from its schedule
+        "unnamed": MARK,  # an older version's mark: nobody can tell whose
+        "elsewhere": {**MARK, "beat": "other-beat"},
+        "shared": {**MARK, "beat": None},  # two beats wrote it
+        "cron": {**MARK, "beat": "proj", "runner": "celery-consul-lock run on host pid 1"},
     }
+    _put_marks(consul, prefix, writes)
     client = ConsulClient(settings)
-    for name, value in writes.items():
-        assert client.kv_put(marks + name, json.dumps(value).encode())
     leader = ConsulLock("locks/proj/beat/.lock", settings=settings)
     assert leader.acquire()
     cleanup = EntryCleanup(None, lambda: {"kept"}, lambda: (leader.key, leader.session_id), beat="proj")
@@ -507,10 +517,15 @@ def test_the_beat_leader_sweeps_free_keys_and_removed_entries(harness, consul, p
     assert _kv(consul, state_prefix + "heartbeat") is not None, "the state of an entry the beat has was removed"
 
 
-def _named_mark(consul: ConsulAgent, key: str, beat: str) -> dict | None:
-    """The mark at ``key`` once it exists and names ``beat``."""
-    mark = _kv(consul, key)
-    return _value(consul, key) if mark and _value(consul, key).get("beat") == beat else None
+def _follow_named_mark(consul: ConsulAgent, key: str, beat: str, procs) -> KeyWrites:
+    """Wait for the mark at ``key`` to name ``beat`` (written by a run of that beat's tick),
+    then follow its writes from there: from before its last one."""
+
+    def named() -> bool:
+        return _kv(consul, key) is not None and _value(consul, key).get("beat") == beat
+
+    wait_for(named, 60, f"{key} to name the beat {beat}", procs=procs)
+    return KeyWrites(consul, key)
 
 
 class KeyWrites:
@@ -560,15 +575,9 @@ def test_a_persistent_scheduler_beat_removes_the_marks_of_entries_gone_from_beat
         "TEST_BEAT_NAME": beat_name,
     }
     (worker,) = workers(1, env=common)
-    base = {"due": "2026-01-01T00:00:00", "epoch": 1.0, "task_id": "t-1", "open": {}, "done": [1.0]}
-    client = ConsulClient(_settings(consul, prefix, reap_after))
-    for name, value in {
-        "heartbeat": {**base, "beat": beat_name},
-        "unnamed": base,
-        "elsewhere": {**base, "beat": "other"},
-    }.items():
-        assert client.kv_put(marks + name, json.dumps(value).encode())
-    client.close()
+    _put_marks(
+        consul, prefix, {"heartbeat": {**MARK, "beat": beat_name}, "unnamed": MARK, "elsewhere": {**MARK, "beat": "other"}}
+    )
     beat_env = worker_env(redis_server.url, consul.address, **common)
     scheduler = "celery_consul_lock.beat:LeaderPersistentScheduler"
     first = start_beat(
@@ -580,13 +589,7 @@ def test_a_persistent_scheduler_beat_removes_the_marks_of_entries_gone_from_beat
         cwd=ROOT,
     )
     try:
-        wait_for(
-            lambda: _named_mark(consul, marks + "old-entry", beat_name),
-            60,
-            "old-entry's mark naming the beat",
-            procs=[first, worker],
-        )
-        writes = KeyWrites(consul, marks + "old-entry")  # from before its last write
+        writes = _follow_named_mark(consul, marks + "old-entry", beat_name, [first, worker])
     finally:
         first.stop()
     second = start_beat(
@@ -639,21 +642,11 @@ def test_a_django_database_scheduler_beat_removes_the_marks_of_deleted_periodic_
     )
     subprocess.run([sys.executable, "-m", "django", "migrate", "-v", "0"], env=env, cwd=ROOT, check=True)
     subprocess.run([sys.executable, "-c", DJANGO_ORM, "add-disabled", "disabled-entry"], env=env, cwd=ROOT, check=True)
-    base = {"due": "2026-01-01T00:00:00", "epoch": 1.0, "task_id": "t-1", "open": {}, "done": [1.0]}
-    client = ConsulClient(_settings(consul, prefix, reap_after))
-    assert client.kv_put(marks + "disabled-entry", json.dumps({**base, "beat": beat_name}).encode())
-    assert client.kv_put(marks + "unnamed", json.dumps(base).encode())
-    client.close()
+    _put_marks(consul, prefix, {"disabled-entry": {**MARK, "beat": beat_name}, "unnamed": MARK})
     scheduler = "celery_consul_lock.contrib.django_celery_beat:LeaderDatabaseScheduler"
     beat = start_beat("dj", tmp_path, env, app_path="tests.djproj.celery_app", scheduler=scheduler, cwd=ROOT)
     try:
-        wait_for(
-            lambda: _named_mark(consul, marks + "heartbeat", beat_name),
-            60,
-            "heartbeat's mark naming the beat",
-            procs=[beat, worker],
-        )
-        writes = KeyWrites(consul, marks + "heartbeat")  # from before its last write
+        writes = _follow_named_mark(consul, marks + "heartbeat", beat_name, [beat, worker])
         subprocess.run([sys.executable, "-c", DJANGO_ORM, "delete", "heartbeat"], env=env, cwd=ROOT, check=True)
         writes.wait_removed(reap_after, 60, [beat, worker])
         assert {marks + "disabled-entry", marks + "unnamed"} <= set(_keys(consul, prefix))
