@@ -9,6 +9,7 @@ import base64
 import itertools
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -32,6 +33,7 @@ from .servers import ROOT, ConsulAgent, start_consul, wait_for
 from .test_command import consul_lock_cmd
 from .test_gevent import GREEN_ENV
 from .test_interop import _consul_bin, _kv
+from .test_semaphore import cli
 from .test_task import runs
 from .workers import wait_results, worker_env
 
@@ -711,10 +713,10 @@ def test_a_sigkilled_semaphore_holders_contender_keys_and_emptied_lock_are_swept
         holder.stop()
 
 
-def _dead_holder(consul: ConsulAgent, settings: ConsulSettings, prefix: str) -> str:
-    """A holder of ``prefix`` (limit 1) whose session ends: its contender key stays, free,
-    and .lock lists it. Returns the contender key."""
-    dead = ConsulSemaphore(prefix, 1, settings=settings, private_session=True)
+def _dead_holder(consul: ConsulAgent, settings: ConsulSettings, prefix: str, limit: int = 1) -> str:
+    """A holder of ``prefix`` whose session ends: its contender key stays, free, and .lock
+    lists it. Returns the contender key."""
+    dead = ConsulSemaphore(prefix, limit, settings=settings, private_session=True)
     assert dead.acquire(timeout=10)
     key = dead.fence_key
     consul.api(f"/v1/session/destroy/{dead.session_id}", "PUT")  # as a TTL's end does
@@ -780,6 +782,36 @@ def test_a_sweep_between_an_admissions_read_and_its_write_makes_it_retry_and_tak
         assert sem.held and _kv(consul, dead_key) is None
     finally:
         sem.release()
+
+
+def test_consul_lock_semaphore_holders_never_see_their_keys_removed(consul, prefix, tmp_path):
+    # Two loops of four `consul lock -n 2 -verbose` runs each (the Go client's semaphore: it
+    # writes its contender key, then .lock by check-and-set; `Release` leaves an empty .lock)
+    # while sweeps run back to back with reap_after 0, beside a dead holder of ours: every
+    # run completes without "Lock lost", the sweeps remove the dead key and emptied .lock
+    # keys between the runs, and at the end nothing of the semaphore is left.
+    settings = _settings(consul, prefix, reap_after=0.0)
+    dead_key = _dead_holder(consul, settings, "sem/cli", limit=2)
+    one = " ".join(shlex.quote(a) for a in cli(consul, f"{prefix}sem/cli", 2, "sleep 0.3; echo child-done", "-verbose"))
+    loop = f"for i in 1 2 3 4; do {one} || exit $?; sleep 0.$((RANDOM % 3)); done"
+    stop, removed = threading.Event(), []
+    sweeper = _sweeping(settings, stop, removed)
+    loops = [spawn(f"cli-loop{i}", ["bash", "-c", loop], tmp_path) for i in range(2)]
+    try:
+        codes = [p.wait(90) for p in loops]
+    finally:
+        stop.set()
+        sweeper.join(10)
+        for p in loops:
+            p.stop()
+    logs = [p.log_text() for p in loops]
+    assert codes == [0, 0] and all("Lock lost" not in t and t.count("child-done") == 4 for t in logs), logs
+    lock_key = f"{prefix}sem/cli/.lock"
+    assert dead_key in removed and lock_key in removed, removed
+    client = ConsulClient(settings)
+    sweep(client, settings)
+    client.close()
+    assert not [k for k in _keys(consul, prefix) if k.startswith(f"{prefix}sem/cli/")]
 
 
 # -- the command --------------------------------------------------------------------------------------
