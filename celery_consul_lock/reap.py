@@ -368,7 +368,7 @@ class EntryCleanup:
 @dataclass
 class SweepReport:
     """What a sweep did: keys removed (or, in a dry run, that would be), and why others of
-    the lock keys stayed (reason -> count)."""
+    the lock and semaphore keys stayed (reason -> count)."""
 
     removed: list[str] = field(default_factory=list)
     kept: dict[Kept, int] = field(default_factory=dict)
