@@ -1,7 +1,7 @@
 """Capacity: locked cycles per second a three-server Consul cluster sustains, and what limits it.
 
 Run: ``python bench/capacity.py [--quick] [--churn] [--celery] [--json PATH] [--plots DIR]
-[--lockers 1,4,16,64] [--rounds N] [--seconds S] [--procs N] [--skip curve,held,keys]``
+[--lockers 1,4,16,64] [--rounds N] [--seconds S] [--procs N] [--skip curve,held,keys,rate]``
 (``make bench-capacity`` runs everything with the plot, in the bench environment, which has
 matplotlib; without ``--plots`` the plain ``.venv`` does; ``--replot JSON --plots DIR`` only
 draws an earlier run's plot). About 15 minutes in full, 4 with ``--quick``.
@@ -51,7 +51,13 @@ directories: every Raft log write is fsynced to this machine's disk) and one *cl
    per client address by default, ``limits.http_max_conns_per_client``).
 3. **Keys in KV.** The cycle latency at 1 locker, ours and floor, with 0, 10k and 100k other
    keys under the lock prefix ``locks/``.
-4. ``--churn``: **session churn.** Sessions created + destroyed back to back through the
+4. **The servers' cost at equal rates.** ours at 16 and 8 lockers, txn at 16, 8 and 6: the
+   servers' CPU per cycle against the cycle rate. A lower rate costs the servers more per
+   cycle whatever the requests (Raft carries fewer entries per log write, and their fixed
+   work per second is shared by fewer cycles), so a flow that is slower for another reason
+   also looks dearer to the servers; this part tells the two apart (txn's cost fitted at
+   ours' rate, as a + b / rate).
+5. ``--churn``: **session churn.** Sessions created + destroyed back to back through the
    client agent, by 1 and 16 lockers: what the cluster carries. Then a real ``celery
    worker`` (prefork, 2 processes, ``--max-tasks-per-child=1``: a new process for every
    task) of ``tests.proj`` on the client agent runs a burst of locked no-ops (each process
@@ -59,7 +65,7 @@ directories: every Raft log write is fsynced to this machine's disk) and one *cl
    it exits), beside the same burst of unlocked no-ops with the same recycling and of
    locked no-ops without it: sessions created and destroyed per second (Consul's
    ``consul.fsm.session`` counts), the cost per recycle, and the sessions left behind.
-5. ``--celery``: **through Celery.** A worker with ``-P threads -c 16`` on the client agent
+6. ``--celery``: **through Celery.** A worker with ``-P threads -c 16`` on the client agent
    runs a burst of no-ops, unlocked and as ``ConsulLockedTask`` with a key per task.
 
 The machine's disk fsync latency is probed first (a 4 KiB write + fdatasync in place, in
@@ -953,6 +959,59 @@ def judge(rows: dict[int, dict[str, Any]]) -> bool:
     return met
 
 
+# -- the servers' cost at equal rates ---------------------------------------------------------
+
+#: (flow, lockers) pairs of part 4: ours and its two requests sent raw (txn), each at several
+#: concurrencies, so that their rates overlap.
+RATE_POINTS = (("ours", 16), ("txn", 16), ("ours", 8), ("txn", 8), ("txn", 6))
+
+
+def equal_rates(topo: Topology, plan: Plan) -> dict[str, Any]:
+    """The servers' CPU per cycle against the cycle rate, for ours and for the same requests
+    sent raw: tells a cost of our requests (ours above txn at the same rate) from a cost of a
+    lower rate (Raft batches fewer entries per log write, and the servers' fixed work is
+    shared by fewer cycles)."""
+    print(
+        "\n4. The servers' CPU per cycle against the rate: ours and txn at several concurrencies "
+        f"({plan.rounds} round(s) of {plan.seconds:g} s each)."
+    )
+    print(f"{'flow':>6} {'lockers':>7} {'cycles/s':>9} {'servers ms/cycle':>17} {'entries/write':>14}")
+    rows = []
+    for _ in range(plan.rounds):
+        for flow, n in RATE_POINTS:
+            p = run_point(topo, flow, n, plan)
+            per = p.usage["cpu_ms_per_cycle"]
+            row = {
+                "flow": flow,
+                "lockers": n,
+                "cycles_per_s": p.cycles_per_s,
+                "servers_ms_per_cycle": per.get("servers", float("nan")),
+                "entries_per_write": p.usage["raft"]["entries_per_disk_write"],
+            }
+            rows.append(row)
+            print(f"{flow:>6} {n:7d} {p.cycles_per_s:9.0f} {row['servers_ms_per_cycle']:17.2f} {row['entries_per_write']:14.1f}")
+    ours = [r for r in rows if r["flow"] == "ours" and r["lockers"] == TARGET_LOCKERS]
+    txn = [r for r in rows if r["flow"] == "txn"]
+    rate = statistics.median(r["cycles_per_s"] for r in ours)
+    mine = statistics.median(r["servers_ms_per_cycle"] for r in ours)
+    theirs = cost_at(rate, [(r["cycles_per_s"], r["servers_ms_per_cycle"]) for r in txn if r["cycles_per_s"]])
+    print(
+        f"At ours' rate at {TARGET_LOCKERS} lockers ({rate:.0f} cycles/s) the servers spend {mine:.2f} ms per cycle of ours "
+        f"and {theirs:.2f} ms per cycle of txn at that rate (fitted to txn's points): ratio {mine / theirs:.2f}."
+    )
+    return {"points": rows, "ours_rate": rate, "ours_servers_ms": mine, "txn_servers_ms_at_that_rate": theirs}
+
+
+def cost_at(rate: float, points: list[tuple[float, float]]) -> float:
+    """The cost per cycle at ``rate`` on the curve ``cost = a + b / rate`` fitted to
+    ``points`` (rate, cost) by least squares: a per-cycle part and a part per second shared
+    by the cycles of that second."""
+    if len({x for x, _ in points}) < 2:
+        return statistics.median(y for _, y in points) if points else float("nan")
+    slope, intercept = statistics.linear_regression([1 / x for x, _ in points], [y for _, y in points])
+    return intercept + slope / rate
+
+
 def lockers_list(text: str) -> list[int]:
     values = [int(v) for v in text.split(",") if v.strip()]
     if not values or min(values) < 1:
@@ -961,7 +1020,7 @@ def lockers_list(text: str) -> list[int]:
 
 
 #: The parts ``--skip`` can leave out.
-PARTS = ("curve", "held", "keys")
+PARTS = ("curve", "held", "keys", "rate")
 
 
 def parts_list(text: str) -> set[str]:
@@ -981,7 +1040,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--procs", type=int, default=PROCS_MAX, help=f"at most this many locker processes (default {PROCS_MAX})")
     parser.add_argument("--churn", action="store_true", help="also measure session churn through a recycling celery worker")
     parser.add_argument("--celery", action="store_true", help="also run locked tasks through a threads-pool celery worker")
-    parser.add_argument("--skip", type=parts_list, default=set(), help="parts to skip, comma-separated: curve, held, keys")
+    parser.add_argument("--skip", type=parts_list, default=set(), help="parts to skip, comma-separated: curve, held, keys, rate")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results to PATH as JSON")
     parser.add_argument(
         "--plots", type=Path, metavar="DIR", help="write capacity.png and capacity.svg into DIR (needs matplotlib)"
@@ -1040,6 +1099,8 @@ def main(argv: list[str] | None = None) -> int:
                 ok = ok and all("error" not in r and not r["lost_count"] and not r["refused_count"] for r in held)
             if "keys" not in skip:
                 results["keys"] = key_growth(topo, plan)
+            if "rate" not in skip:
+                results["rate"] = equal_rates(topo, plan)
             if args.churn or args.celery:
                 redis_server = start_redis(workdir)
             if args.churn:

@@ -34,6 +34,7 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Collection
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
@@ -245,11 +246,30 @@ class LeaderElectedMixin:
         log.info("beat: embedded in worker pid %s: leaves the election when that worker ends, also if it is killed", worker)
 
     def reap_entries(self) -> EntryCleanup | None:
-        """What the leader's sweep cleans besides free lock keys: the tick marks and state of
-        removed entries (see :mod:`.reap`), for a scheduler that keeps state in Consul."""
+        """What the leader's sweep cleans besides free lock keys (see :mod:`.reap`): the tick
+        marks naming this beat (``consul_lock_beat_name``) of entries that are not in
+        :meth:`entry_names` any more."""
+        return EntryCleanup(None, self._entry_segments, self._fence, beat=self.beat_config.name)
+
+    def entry_names(self) -> Collection[str] | None:
+        """The names of every entry this beat has now, disabled ones included (called from
+        the sweeper's thread); None while it cannot tell, and then the sweep removes no
+        mark. This default says None: a scheduler wrapped by :func:`leader_elected` that
+        does not say which entries it has keeps the marks of removed ones."""
         return None
 
     # -- internals -----------------------------------------------------------------------------
+
+    def _entry_segments(self) -> set[str] | None:
+        """The KV key segments (``ticks.key_part``) of :meth:`entry_names`."""
+        names = self.entry_names()
+        return None if names is None else {key_part(name) for name in names}
+
+    def _fence(self) -> tuple[str, str] | None:
+        """(leader lock key, session) while leading: what the sweep's deletes are fenced by."""
+        lock = self.election.lock if self.election is not None else None
+        sid = lock.session_id if lock is not None and self._leading() else None
+        return (lock.key, sid) if lock is not None and sid is not None else None
 
     def _start_sweeper(self) -> None:
         """Once first elected: sweep the key prefix every consul_lock_beat_reap_interval while
@@ -390,10 +410,23 @@ def leader_elected(scheduler_cls: type[Scheduler]) -> type[Scheduler]:
     return type(f"LeaderElected{scheduler_cls.__name__}", (LeaderElectedMixin, scheduler_cls), {"__module__": __name__})
 
 
-LeaderPersistentScheduler = leader_elected(PersistentScheduler)
-"""Celery's default scheduler (local shelve file), leader-elected: only the leader sends; each
-instance's file holds its own last-run times, so a new leader goes by its own file (or none):
-ticks may be repeated or skipped at a failover. Prefer ConsulLeaderScheduler."""
+class LeaderPersistentScheduler(leader_elected(PersistentScheduler)):  # type: ignore[misc]  # Celery is untyped
+    """Celery's default scheduler (local shelve file), leader-elected: only the leader sends;
+    each instance's file holds its own last-run times, so a new leader goes by its own file
+    (or none): ticks may be repeated or skipped at a failover. Prefer ConsulLeaderScheduler."""
+
+    #: The schedule's entry names as the leader last saw them, in its main thread (the
+    #: sweeper's thread must not read the shelve file while the scheduler writes it).
+    _names: frozenset[str] | None = None
+
+    def on_elected(self) -> None:
+        self._names = frozenset(self.schedule)
+
+    def after_send(self, entry: Any) -> None:
+        self._names = frozenset(self.schedule)
+
+    def entry_names(self) -> frozenset[str] | None:
+        return self._names
 
 
 class ConsulLeaderScheduler(LeaderElectedMixin, Scheduler):  # type: ignore[misc]  # Celery is untyped
@@ -467,23 +500,17 @@ class ConsulLeaderScheduler(LeaderElectedMixin, Scheduler):  # type: ignore[misc
         super().close()
 
     def reap_entries(self) -> EntryCleanup:
-        return EntryCleanup(self.beat_config.state_prefix, self._entry_segments, self._fence)
+        """The marks and the schedule state (in Consul) of removed entries."""
+        return EntryCleanup(self.beat_config.state_prefix, self._entry_segments, self._fence, beat=self.beat_config.name)
 
-    def _entry_segments(self) -> set[str] | None:
-        """The KV key segments of every entry this beat has: config entries, runtime ones
-        (disabled ones too: their timing is kept), what the schedule holds now; None until
-        the runtime schedule has been read (then a removed entry cannot be told apart)."""
+    def entry_names(self) -> set[str] | None:
+        """Config entries, runtime ones (disabled ones too: their timing is kept), what the
+        schedule holds now; None until the runtime schedule has been read (then a removed
+        entry cannot be told apart)."""
         runtime = self.runtime
         if runtime is None or runtime.snapshot is None:
             return None
-        names = {*self.schedule.copy(), *(self.app.conf.beat_schedule or {}), *runtime.snapshot.entries}
-        return {key_part(name) for name in names}
-
-    def _fence(self) -> tuple[str, str] | None:
-        """(leader lock key, session) while leading: what the sweep's deletes are fenced by."""
-        lock = self.election.lock if self.election is not None else None
-        sid = lock.session_id if lock is not None and self._leading() else None
-        return (lock.key, sid) if lock is not None and sid is not None else None
+        return {*self.schedule.copy(), *(self.app.conf.beat_schedule or {}), *runtime.snapshot.entries}
 
     # -- runtime schedule ----------------------------------------------------------------------
 

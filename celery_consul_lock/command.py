@@ -442,7 +442,7 @@ def release(ctx: click.Context, key: str, yes: bool) -> None:
 @click.option("--dry-run", is_flag=True, help="Remove nothing: print what would be removed.")
 @click.pass_context
 def reap(ctx: click.Context, dry_run: bool) -> None:
-    """Remove the free lock keys under the key prefix whose keep time has passed."""
+    """Remove the free lock keys and dead semaphore keys under the key prefix whose time has come."""
     try:
         settings = ConsulSettings.from_celery(ctx.obj.app.conf)
         client = ConsulClient(settings)
@@ -456,7 +456,8 @@ def reap(ctx: click.Context, dry_run: bool) -> None:
     for key in report.removed:
         click.echo(f"{verb} {key}")
     kept = ", ".join(f"{count} {why}" for why, count in sorted(report.kept.items())) or "none"
-    click.echo(f"{verb} {len(report.removed)} of {report.keys} keys under {settings.key_prefix!r}; lock keys kept: {kept}")
+    under = f"{len(report.removed)} of {report.keys} keys under {settings.key_prefix!r}"
+    click.echo(f"{verb} {under}; lock and semaphore keys kept: {kept}")
 
 
 @consul_lock.command(cls=CeleryCommand)

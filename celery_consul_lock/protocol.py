@@ -11,7 +11,9 @@ Three headers (Celery copies a message's headers into ``task.request``, also int
 - :data:`LEADER_HEADER` (``consul_lock_leader``): the sending beat leader, a mapping
   ``{"scheduler", "token", "instance", "sent_at", "elected_at"}`` (:func:`leader_header`);
   a worker drops a message its leader sent after a newer leader was elected
-  (:func:`stale_leader`).
+  (:func:`stale_leader`). ``scheduler`` is the beat's name (``consul_lock_beat_name``): the
+  run records it in the tick's mark as the beat whose entry it is (:func:`beat_of_request`),
+  so that beat's leader can remove the mark once the entry is gone (see :mod:`.reap`).
 - :data:`LOCK_OPTIONS_HEADER` (``consul_lock``): per-call overrides of a task's lock options,
   e.g. ``task.apply_async(args, headers={"consul_lock": {"on_held": "wait"}})``.
 
@@ -36,6 +38,7 @@ __all__ = [
     "RESERVATION_HEADER",
     "TICK_HEADER",
     "Tick",
+    "beat_of_request",
     "crontab_tick",
     "header_value",
     "interval_tick",
@@ -160,6 +163,14 @@ def tick_of_request(request: Any) -> Tick | None:
     """The request's tick id; raises ValueError naming the header on a malformed one."""
     value = header_value(request, TICK_HEADER)
     return Tick.parse(value) if value else None
+
+
+def beat_of_request(request: Any) -> str | None:
+    """The name of the beat that sent the request's tick (its :data:`LEADER_HEADER`'s
+    ``scheduler``), or None for a message no beat of ours sent."""
+    header = header_value(request, LEADER_HEADER)
+    name = header.get("scheduler") if isinstance(header, Mapping) else None
+    return name if isinstance(name, str) and name else None
 
 
 def options_override(request: Any) -> Any:

@@ -28,11 +28,15 @@ a real OS thread per process, removing the keys due together in one transaction)
 sweep (:func:`sweep`) of the whole key prefix for keys whose releaser is gone (recycled,
 crashed, a ``celery-consul-lock run``) or which were freed by a session's end: the beat
 leader runs one every ``consul_lock_beat_reap_interval``, and ``celery consul-lock reap``
-runs one on demand. The beat leader also removes the tick mark and schedule state of entries
-that are in neither its config nor its runtime schedule once they have not been written for
-``consul_lock_reap_after`` (a rolling deploy may still run an old config meanwhile), fenced
-by its leader lock; never a mark a ``celery-consul-lock run`` wrapper has written (it
-carries ``runner``): a cron line is an entry no beat knows.
+runs one on demand. Every sweep also removes semaphores' contender keys no session holds,
+``consul_lock_reap_after`` after their last write, and then each ``.lock`` left with no live
+holder and no contender key (the Go client's ``Semaphore.Destroy`` rules, check-and-set on
+the index read: an admission racing it either retries or keeps its slot). The beat leader
+also removes the tick marks naming its beat (:data:`.ticks.BEAT_FIELD`), and the schedule
+state, of entries it no longer has (:class:`EntryCleanup`) once they have not been written
+for ``consul_lock_reap_after`` (a rolling deploy may still run an old config meanwhile),
+fenced by its leader lock; never a mark a ``celery-consul-lock run`` wrapper has written (it
+carries ``runner``: a cron line is an entry no beat knows) or one naming another beat.
 
 Limit: keep times are compared with this host's clock; clocks skewed by more than a small
 part of ``consul_lock_reap_after`` shorten or lengthen them by the skew.
@@ -40,6 +44,7 @@ part of ``consul_lock_reap_after`` shorten or lengthen them by the skew.
 
 from __future__ import annotations
 
+import bisect
 import heapq
 import itertools
 import json
@@ -51,10 +56,11 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from . import native
-from .consul import LOCK_FLAG, ConsulClient, KVEntry, kv_delete_cas, shared_client
+from .consul import LOCK_FLAG, SEMAPHORE_FLAG, ConsulClient, KVEntry, kv_delete_cas, shared_client
 from .errors import ConsulLockError, ConsulUnavailable
+from .semaphore_state import SEMAPHORE_KEY, SemaphoreState
 from .settings import ConsulSettings
-from .ticks import MARKS_PREFIX, RUNNER_FIELD
+from .ticks import BEAT_FIELD, MARKS_PREFIX, RUNNER_FIELD, beat_of
 
 __all__ = [
     "KEEP_FIELD",
@@ -135,6 +141,12 @@ class IndexClock:
         than every sample."""
         return next((t for i, t in self.samples if i >= index), None)
 
+    def aged(self, index: int, reap_after: float, now: float) -> bool:
+        """True if the write at ``index`` happened at least ``reap_after`` seconds before
+        ``now`` (epoch s), as far as the samples tell (False when they cannot)."""
+        written = self.written_by(index)
+        return written is not None and written + reap_after <= now
+
     def with_sample(self, index: int, at: float, reap_after: float) -> IndexClock | None:
         """The clock with the sample (``index``, ``at``) added, older samples thinned; None
         when the newest sample is recent enough that nothing needs writing."""
@@ -165,8 +177,7 @@ def verdict(entry: KVEntry, now: float, reap_after: float, clock: IndexClock | N
     until = kept_until(entry.value)
     if until is not None:
         return None if until <= now else "in keep time"
-    written = clock.written_by(entry.modify_index) if clock is not None else None
-    return None if written is not None and written + reap_after <= now else "recently freed"
+    return None if clock is not None and clock.aged(entry.modify_index, reap_after, now) else "recently freed"
 
 
 def kept_until(value: bytes | None) -> float | None:
@@ -338,20 +349,26 @@ def reap_later(settings: ConsulSettings, key: str, at: float) -> None:
 
 @dataclass(frozen=True)
 class EntryCleanup:
-    """What a beat leader's sweep also cleans: the tick marks and schedule state of entries
-    this beat no longer has. ``known`` gives the key segments (``ticks.key_part``) of the
-    entries it has now; ``fence`` the (leader lock key, session) its deletes are fenced by."""
+    """What a beat leader's sweep also cleans: the tick marks, and the schedule state where
+    the scheduler keeps one in Consul, of entries this beat no longer has."""
 
-    state_prefix: str
-    #: The key segments of the entries the beat has now; None while it cannot tell.
+    #: Where the beat keeps its entries' state (``.../beat/<name>/entries/``); None: nowhere.
+    state_prefix: str | None
+    #: The key segments (``ticks.key_part``) of the entries the beat has now; None while it
+    #: cannot tell (nothing is removed then).
     known: Callable[[], Collection[str] | None]
+    #: (leader lock key, session) while leading, which the deletes are fenced by; else None.
     fence: Callable[[], tuple[str, str] | None]
+    #: The beat's name (``consul_lock_beat_name``): a mark naming it (:data:`.ticks.
+    #: BEAT_FIELD`) is of this beat's entry. None: only unnamed marks of entries with state
+    #: under ``state_prefix`` are.
+    beat: str | None = None
 
 
 @dataclass
 class SweepReport:
     """What a sweep did: keys removed (or, in a dry run, that would be), and why others of
-    the lock keys stayed (reason -> count)."""
+    the lock and semaphore keys stayed (reason -> count)."""
 
     removed: list[str] = field(default_factory=list)
     kept: dict[Kept, int] = field(default_factory=dict)
@@ -393,6 +410,7 @@ def sweep(
         else:
             report.keep(why)
     report.removed += [e.key for e in doomed] if dry_run else _delete(client, doomed)
+    report.removed += _clean_semaphores(client, listed, clock, seen_at, settings.reap_after, dry_run, report)
     if entries is not None:
         report.removed += _clean_entries(client, settings, listed, entries, clock, seen_at, dry_run)
     if report.removed:
@@ -455,6 +473,51 @@ def _delete(client: ConsulClient, entries: list[KVEntry]) -> list[str]:
     return removed
 
 
+def _clean_semaphores(
+    client: ConsulClient,
+    listed: list[KVEntry],
+    clock: IndexClock,
+    now: float,
+    reap_after: float,
+    dry_run: bool,
+    report: SweepReport,
+) -> list[str]:
+    """Delete the semaphores' contender keys no session holds once reap_after has passed
+    since their last write, then each ``.lock`` left with no live holder and no contender
+    key (:meth:`.SemaphoreState.unused_once`), each by check-and-set on the index read. A
+    semaphore whose ``.lock`` is not one (or unreadable) is left alone."""
+    folders = sorted({e.key.rpartition("/")[0] + "/" for e in listed if e.flags == SEMAPHORE_FLAG and "/" in e.key})
+    if not folders:
+        return []
+    ordered = sorted(listed, key=lambda e: e.key)
+    keys = [e.key for e in ordered]
+    dead: list[KVEntry] = []
+    emptied: list[tuple[KVEntry, set[str]]] = []
+    for folder in folders:
+        # Every key under the folder ("/" + 1 is "0"), nested ones too: as an admission reads it.
+        under = ordered[bisect.bisect_left(keys, folder) : bisect.bisect_left(keys, folder[:-1] + "0")]
+        try:
+            state = SemaphoreState.parse(folder + SEMAPHORE_KEY, under)
+        except ConsulLockError as exc:
+            log.debug("not sweeping the semaphore at %s: %s", folder, exc)
+            continue
+        gone = [e for e in state.dead_contenders() if clock.aged(e.modify_index, reap_after, now)]
+        leaving = {e.key for e in gone}
+        for entry in state.contenders.values():
+            if entry.flags == SEMAPHORE_FLAG and entry.key not in leaving:
+                report.keep("held" if entry.session else "recently freed")
+        dead += gone
+        if state.unused_once(leaving):
+            emptied.append((next(e for e in under if e.key == state.key), leaving))
+        elif state.index:
+            report.keep("held")
+    if dry_run:
+        return [e.key for e in dead] + [lock.key for lock, _ in emptied]
+    removed = _delete(client, dead)
+    deleted = set(removed)
+    return removed + _delete(client, [lock for lock, leaving in emptied if leaving <= deleted])
+
+
 def _clean_entries(
     client: ConsulClient,
     settings: ConsulSettings,
@@ -464,30 +527,30 @@ def _clean_entries(
     now: float,
     dry_run: bool,
 ) -> list[str]:
-    """Delete the state and mark of each entry with state under ``cleanup.state_prefix`` that
-    the beat no longer has and nobody wrote for reap_after, in one transaction per entry
-    fenced by the leader lock. A mark written by ``celery-consul-lock run`` stays, and so
-    does a mark of an entry without state here (this beat never sent it)."""
-    marks_prefix = settings.key_prefix + MARKS_PREFIX
-    by_key = {e.key: e for e in listed}
+    """Delete the state and mark of each entry of this beat (state under
+    ``cleanup.state_prefix``, or a mark naming ``cleanup.beat``) that it no longer has and
+    nobody wrote for reap_after, in one transaction per entry fenced by the leader lock.
+    Only the beat's own marks go (:func:`_beats_mark`)."""
     segments = cleanup.known()
     if segments is None:
         return []
     known = set(segments)
+    marks_prefix = settings.key_prefix + MARKS_PREFIX
+    states: dict[str, KVEntry] = {}
+    marks: dict[str, KVEntry] = {}
+    for entry in listed:
+        if cleanup.state_prefix and entry.key.startswith(cleanup.state_prefix):
+            states[entry.key[len(cleanup.state_prefix) :]] = entry
+        elif entry.key.startswith(marks_prefix):
+            marks[entry.key[len(marks_prefix) :]] = entry
     removed = []
-    for entry in list(by_key.values()):
-        if not entry.key.startswith(cleanup.state_prefix):
+    for segment in sorted((states.keys() | marks.keys()) - known):
+        state, mark = states.get(segment), marks.get(segment)
+        if mark is not None and not _beats_mark(mark, cleanup.beat, state is not None):
+            mark = None
+        doomed = [e for e in (state, mark) if e is not None]
+        if not doomed or not clock.aged(max(e.modify_index for e in doomed), settings.reap_after, now):
             continue
-        segment = entry.key[len(cleanup.state_prefix) :]
-        if segment in known:
-            continue
-        mark = by_key.get(marks_prefix + segment)
-        if mark is not None and _written_by_cron(mark):
-            mark = None  # a cron wrapper's too: it stays
-        written = clock.written_by(max(entry.modify_index, mark.modify_index if mark else 0))
-        if written is None or written + settings.reap_after > now:
-            continue
-        doomed = [e for e in (entry, mark) if e is not None]
         if dry_run:
             removed += [e.key for e in doomed]
             continue
@@ -504,11 +567,18 @@ def _clean_entries(
     return removed
 
 
-def _written_by_cron(mark: KVEntry) -> bool:
-    """True if a ``celery-consul-lock run`` wrapper has written the tick mark (it names itself
-    in ``runner``), or the mark cannot be read (then it is not known to be the beat's alone)."""
+def _beats_mark(mark: KVEntry, beat: str | None, has_state: bool) -> bool:
+    """True if the tick mark is the beat's (named ``beat``) to remove with its entry: it names
+    that beat (:data:`.ticks.BEAT_FIELD`), or names none and the entry has state here (a mark
+    of an older version). Never a mark a ``celery-consul-lock run`` wrapper wrote (it names
+    itself in ``runner``: a cron line is an entry no beat knows), one naming another beat or
+    several, or one that cannot be read."""
     try:
         data = json.loads(mark.value or b"{}")
     except ValueError:
-        return True
-    return not isinstance(data, dict) or RUNNER_FIELD in data
+        return False
+    if not isinstance(data, dict) or RUNNER_FIELD in data:
+        return False
+    if BEAT_FIELD in data:
+        return beat is not None and beat_of(data) == beat
+    return has_state

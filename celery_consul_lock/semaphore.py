@@ -20,7 +20,10 @@ holders are all gone (the last to leave deletes ``.lock``, as ``consul lock`` do
 Admission writes the contender key and ``.lock`` in one transaction (after one read of the
 prefix), leaving deletes both in one transaction: an acquire + release costs two writes
 and a read, where a lock costs two writes. Sessions, renewals, self-fencing, the watcher
-and loss reporting are :class:`ConsulLock`'s, unchanged.
+and loss reporting are :class:`ConsulLock`'s, unchanged. What stays after the holders: a dead
+holder's contender key is deleted by the next admission, or by a sweep (:mod:`.reap`) once
+``consul_lock_reap_after`` has passed since its session ended; the sweep then deletes an
+emptied ``.lock`` too (see :meth:`.SemaphoreState.unused_once`).
 
 Guarantee: while Consul works and every holder follows the recipe, at most N sessions are
 listed as live holders at any moment. Limit: a slot is a lease like a lock, and a holder
@@ -37,7 +40,6 @@ from __future__ import annotations
 
 import base64
 import functools
-import json
 import logging
 import os
 import threading
@@ -46,10 +48,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .consul import SEMAPHORE_FLAG, ConsulClient, KVEntry, shared_client
+from .consul import SEMAPHORE_FLAG, ConsulClient, shared_client
 from .errors import ConsulLockError, InvalidSetting, SemaphoreConflict, SemaphoreLimitConflict, SessionGone
 from .holder import LockHolder, holder_of
 from .lock import LOCK_DELAY_RETRY, WAIT_MAX, ConsulLock, Holding
+from .semaphore_state import SEMAPHORE_KEY, SemaphoreState, decode_lock, encode_lock
 from .session import LockSession
 from .settings import ConsulSettings
 from .watch import Snapshot, follow, wait_for_change
@@ -58,77 +61,10 @@ __all__ = ["SEMAPHORE_KEY", "ConsulSemaphore", "SemaphoreState"]
 
 acquire_log = logging.getLogger("celery_consul_lock.semaphore.acquire")
 
-#: The coordination key's name inside the prefix (the Go client's DefaultSemaphoreKey).
-SEMAPHORE_KEY = ".lock"
 #: Sessionless contender keys (left by dead holders of ours: our sessions free, not delete,
 #: their keys) deleted along with an admission, at most this many at a time: the
 #: transaction stays small (Consul allows 64 operations).
 PRUNE_PER_ADMISSION = 8
-
-
-@dataclass(frozen=True)
-class SemaphoreState:
-    """A semaphore as stored in Consul: its limit and live holders.
-
-    ``limit`` is None when ``.lock`` does not exist (no holder). ``holders`` are the session
-    IDs listed in ``.lock`` whose contender key is still held by that session; ``listed`` all
-    of those in ``.lock``, dead ones included. ``index`` is ``.lock``'s ModifyIndex (0:
-    absent), the check-and-set index of the next change."""
-
-    key: str
-    limit: int | None
-    index: int
-    holders: frozenset[str]
-    listed: frozenset[str]
-    #: The contender keys under the prefix, by the session ID in their name.
-    contenders: dict[str, KVEntry]
-
-    @classmethod
-    def parse(cls, key: str, entries: list[KVEntry]) -> SemaphoreState:
-        """Read the listing of a semaphore's prefix; raises :class:`SemaphoreConflict` when
-        ``.lock`` is not a semaphore's, :class:`ConsulLockError` when its value is not the
-        recipe's JSON."""
-        prefix = key[: -len(SEMAPHORE_KEY)]
-        lock_entry = None
-        contenders: dict[str, KVEntry] = {}
-        alive: set[str] = set()
-        for entry in entries:
-            if entry.session:
-                alive.add(entry.session)
-            if entry.key == key:
-                lock_entry = entry
-            elif entry.key.startswith(prefix) and "/" not in entry.key[len(prefix) :]:
-                contenders[entry.key[len(prefix) :]] = entry
-        if lock_entry is None:
-            return cls(key, None, 0, frozenset(), frozenset(), contenders)
-        if lock_entry.flags != SEMAPHORE_FLAG:
-            raise SemaphoreConflict(key, lock_entry.flags)
-        limit, listed = _decode(key, lock_entry.value)
-        return cls(key, limit, lock_entry.modify_index, frozenset(listed & alive), frozenset(listed), contenders)
-
-    def stale_contenders(self) -> list[str]:
-        """Contender keys of ours whose session is gone (nobody can take them again)."""
-        return [e.key for e in self.contenders.values() if e.flags == SEMAPHORE_FLAG and not e.session]
-
-
-def _decode(key: str, value: bytes | None) -> tuple[int | None, set[str]]:
-    if not value:
-        return None, set()
-    try:
-        data = json.loads(value)
-        limit = data.get("Limit")
-        holders = data.get("Holders") or {}
-        if not isinstance(limit, int) or not isinstance(holders, dict):
-            raise ValueError("no Limit or Holders")
-    except (ValueError, AttributeError) as exc:
-        raise ConsulLockError(f"semaphore key {key!r} does not hold the recipe's JSON ({exc}); refusing to use it") from None
-    return limit, {str(sid) for sid, on in holders.items() if on}
-
-
-def _encode(limit: int, holders: frozenset[str] | set[str]) -> str:
-    """``.lock``'s value as the Go client writes it (base64, for a transaction)."""
-    text = json.dumps({"Limit": limit, "Holders": dict.fromkeys(sorted(holders), True)}, separators=(",", ":"))
-    return base64.b64encode(text.encode()).decode()
 
 
 @dataclass(slots=True)
@@ -313,7 +249,7 @@ class ConsulSemaphore(ConsulLock):
                 "KV": {
                     "Verb": "cas",
                     "Key": self.key,
-                    "Value": _encode(self.limit, holders),
+                    "Value": encode_lock(self.limit, holders),
                     "Flags": SEMAPHORE_FLAG,
                     "Index": state.index,
                 }
@@ -369,7 +305,7 @@ class ConsulSemaphore(ConsulLock):
                 _, entry = client.kv_get(self.key)
                 if entry is not None and entry.flags != SEMAPHORE_FLAG:
                     raise SemaphoreConflict(self.key, entry.flags)
-                _, listed = _decode(self.key, entry.value if entry else None)
+                _, listed = decode_lock(self.key, entry.value if entry else None)
                 guess = (entry.modify_index if entry else 0, frozenset(listed))
             index, holders = guess
             ops: list[dict[str, Any]] = [{"KV": {"Verb": "delete", "Key": f"{self._dir}{sid}"}}]
@@ -380,7 +316,7 @@ class ConsulSemaphore(ConsulLock):
                         "KV": {
                             "Verb": "cas",
                             "Key": self.key,
-                            "Value": _encode(self.limit, holders - {sid}),
+                            "Value": encode_lock(self.limit, holders - {sid}),
                             "Flags": SEMAPHORE_FLAG,
                             "Index": index,
                         }

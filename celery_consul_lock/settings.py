@@ -418,8 +418,9 @@ CONSUL_SETTINGS: tuple[Setting, ...] = (
         "reap_after",
         seconds(at_least=0, why="expected a number of seconds >= 0"),
         DEFAULT_REAP_AFTER,
-        "a free lock key, and the tick mark and beat state of a removed entry, are removed from KV this long after "
-        "their last use ([KV layout](concepts.md#kv-layout)); at least the broker's redelivery window",
+        "a free lock key, a dead semaphore holder's key, and the tick mark and beat state of a removed entry, "
+        "are removed from KV this long after their last use ([KV layout](concepts.md#kv-layout)); at least the "
+        "broker's redelivery window",
     ),
 )
 _BY_NAME = {s.name: s for s in CONSUL_SETTINGS}

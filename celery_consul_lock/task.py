@@ -46,6 +46,7 @@ from .protocol import (
     REQUEUE_HEADER,
     RESERVATION_HEADER,
     Tick,
+    beat_of_request,
     header_value,
     options_override,
     requeues,
@@ -57,7 +58,7 @@ from .reservation import Reservation, cancel, reservation_ttl, reserve
 from .semaphore import SEMAPHORE_KEY, ConsulSemaphore, validate_limit
 from .session import close_sessions
 from .settings import FAIL_POLICIES, ConsulSettings, FailPolicy, Setting, boolean, one_of, read_celery, seconds, validate_key
-from .ticks import Mark, change_mark, read_mark
+from .ticks import Mark, attributed, change_mark, read_mark
 
 __all__ = [
     "EAGER_MODES",
@@ -409,9 +410,10 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
                 restore = True  # a skipped run must not restart the cooldown
                 return self._skip(lock.key, "cooldown", None, tick, task_id, why=cooling)
             mark: Mark | None = None
+            beat = beat_of_request(request) if tick is not None else None
             if tick is not None:
                 try:
-                    opened = self._open_tick(lock, settings, tick)
+                    opened = self._open_tick(lock, settings, tick, beat)
                 except ConsulUnavailable as exc:
                     if settings.fail_policy != "open":
                         self._consul_unavailable(exc, request, tick)
@@ -424,7 +426,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             signals.send(signals.task_lock_acquired, self, key=lock.key, fencing_token=lock.fencing_token, task_id=task_id)
             result = self._run_body(lock, options, task_id, args, kwargs)
             if tick is not None and mark is not None:
-                self._record_tick(lock, settings, tick, mark, task_id)
+                self._record_tick(lock, settings, tick, mark, task_id, beat)
             return result
         except (SystemExit, KeyboardInterrupt):
             # The process is ending mid-run: a cold shutdown's SIGTERM to the pool process
@@ -561,17 +563,17 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
         )
         return "acquired" if lock.acquire(timeout=bound) else "held"
 
-    def _open_tick(self, lock: ConsulLock, settings: ConsulSettings, tick: Tick) -> Mark | str:
+    def _open_tick(self, lock: ConsulLock, settings: ConsulSettings, tick: Tick, beat: str | None) -> Mark | str:
         """Mark ``tick`` open before its body runs (a later retry or redelivery of it must
-        run even if a later tick completes meanwhile). Returns the mark, or why the tick
-        must not run."""
+        run even if a later tick completes meanwhile), naming ``beat`` (the sending beat's
+        name) as the beat whose entry it is. Returns the mark, or why the tick must not run."""
         client = shared_client(settings)
         opened = change_mark(  # writes nothing when the mark says the tick must not run
             client,
             settings,
             tick.entry,
             read_mark(client, settings, tick.entry),
-            lambda m: None if m.covers(tick) else m.opened(tick, time.time()),
+            lambda m: None if m.covers(tick) else attributed(m.opened(tick, time.time()), beat),
             lock_key=lock.fence_key,
             session=lock.session_id or "",
         )
@@ -652,7 +654,9 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             # Raised asynchronously as a bare class: give it the key and the reason.
             raise LockLostAbort(lock.key, lock.lost_reason or exc.reason) from None
 
-    def _record_tick(self, lock: ConsulLock, settings: ConsulSettings, tick: Tick, mark: Mark, task_id: str | None) -> None:
+    def _record_tick(
+        self, lock: ConsulLock, settings: ConsulSettings, tick: Tick, mark: Mark, task_id: str | None, beat: str | None
+    ) -> None:
         sid = lock.session_id
         extra = {"task_id": task_id}
         written = sid is not None and change_mark(
@@ -660,7 +664,7 @@ class ConsulLockedTask(Task):  # type: ignore[misc]
             settings,
             tick.entry,
             mark,
-            lambda m: m.completed(tick, extra),
+            lambda m: attributed(m.completed(tick, extra), beat),
             lock_key=lock.fence_key,
             session=sid,
         )

@@ -28,7 +28,7 @@ from .errors import ConsulLockError
 from .protocol import Tick, crontab_tick, interval_tick  # noqa: F401  (import path kept: ticks.crontab_tick)
 from .settings import ConsulSettings, validate_key
 
-__all__ = ["Mark", "change_mark", "key_part", "mark_key", "read_mark"]
+__all__ = ["Mark", "attributed", "beat_of", "change_mark", "key_part", "mark_key", "read_mark"]
 
 log = logging.getLogger("celery_consul_lock.ticks")
 
@@ -38,6 +38,13 @@ MARKS_PREFIX = "celery-consul-lock/ticks/"
 #: and completes: a mark with it belongs to a cron line (no beat knows its entry), and the
 #: beat's sweep never removes it (see :mod:`.reap`).
 RUNNER_FIELD = "runner"
+
+#: The field in which a mark names the beat whose entry it is: the beat name (``consul_lock_
+#: beat_name``) that the tick's leader header (:data:`~.protocol.LEADER_HEADER`) carries. That
+#: beat's leader removes the mark once the entry is gone from its schedule (see :mod:`.reap`).
+#: Null when beats of different names wrote it (then no beat's sweep removes it); absent in a
+#: mark only runs of other senders wrote (an older version, a tick sent by hand).
+BEAT_FIELD = "beat"
 
 #: How long a tick stays open (started, not completed) in its entry's mark: a retry or
 #: redelivery of it arriving later than this after its first start, once a later tick has
@@ -124,6 +131,21 @@ class Mark:
         if self.epoch is None or tick.epoch > self.epoch:
             data.update(due=_due(tick), epoch=tick.epoch, **extra)
         return data
+
+
+def attributed(data: dict[str, Any] | None, beat: str | None) -> dict[str, Any] | None:
+    """``data`` (a mark about to be written; None: nothing to write) naming ``beat`` as the
+    beat whose entry it is (see :data:`BEAT_FIELD`): set when it names none yet, null when it
+    names another; unchanged for a run of a tick no beat of ours sent (``beat`` None)."""
+    if data is None or beat is None or data.get(BEAT_FIELD) == beat:
+        return data
+    return {**data, BEAT_FIELD: beat if BEAT_FIELD not in data else None}
+
+
+def beat_of(data: dict[str, Any]) -> str | None:
+    """The beat a mark's data names as its entry's (see :data:`BEAT_FIELD`), or None."""
+    beat = data.get(BEAT_FIELD)
+    return beat if isinstance(beat, str) else None
 
 
 def _due(tick: Tick) -> str:

@@ -77,3 +77,20 @@ def test_connections_to_counts_this_processs_established_connections_to_one_addr
         finally:
             for s in clients + accepted:
                 s.close()
+
+
+def test_cost_at_a_rate_fits_a_per_cycle_part_and_a_part_per_second(capacity) -> None:
+    # 2 ms per cycle plus 0.5 CPU-seconds per second shared by the cycles of that second.
+    points = [(rate, 2.0 + 500.0 / rate) for rate in (150.0, 250.0, 400.0)]
+    assert capacity.cost_at(200.0, points) == pytest.approx(2.0 + 500.0 / 200.0)
+    assert capacity.cost_at(1000.0, points) == pytest.approx(2.5)
+    assert capacity.cost_at(300.0, [(300.0, 3.0)]) == 3.0  # one rate: nothing to fit
+
+
+def test_cpu_per_cycle_of_a_point_is_the_median_over_its_rounds(capacity) -> None:
+    rounds = [
+        capacity.Point("ours", 16, 4, 100.0, [], [], {"cores": {}, "cpu_ms_per_cycle": {"servers": v, "lockers": v / 10}})
+        for v in (3.0, 9.0, 4.0)
+    ]
+    used = capacity.median_usage(rounds)
+    assert used["cpu_ms_per_cycle"] == {"servers": 4.0, "lockers": 0.4}

@@ -7,9 +7,9 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from celery_consul_lock.protocol import stale_leader
+from celery_consul_lock.protocol import LEADER_HEADER, beat_of_request, leader_header, stale_leader
 from celery_consul_lock.task import _delivery_finished
-from celery_consul_lock.ticks import DONE_TICKS_KEPT, OPEN_TICK_RETENTION, OPEN_TICKS_MAX, Mark, Tick
+from celery_consul_lock.ticks import DONE_TICKS_KEPT, OPEN_TICK_RETENTION, OPEN_TICKS_MAX, Mark, Tick, attributed, beat_of
 
 DUE = datetime(2026, 11, 26, 3, 0, tzinfo=timezone.utc)
 
@@ -83,6 +83,35 @@ def _forget_leaders(monkeypatch):
     from celery_consul_lock import protocol
 
     monkeypatch.setattr(protocol, "_LEADERS", {})
+
+
+def test_a_mark_names_the_beat_that_sent_its_ticks_and_none_once_two_beats_did():
+    # The beat name comes from the leader header, also from a header of version 0.1 (no
+    # sent_at); a message without one (sent by hand, another scheduler) names no beat.
+    class Request:
+        def __init__(self, headers: dict) -> None:
+            self.headers = headers
+
+    ours = Request({LEADER_HEADER: leader_header("nightly", 7, "host-1-ab", 1.0, 2.0)})
+    old = Request({LEADER_HEADER: {"scheduler": "nightly", "token": 3, "instance": "host-2-cd"}})
+    assert beat_of_request(ours) == beat_of_request(old) == "nightly"
+    assert beat_of_request(Request({})) is None
+    assert beat_of_request(Request({LEADER_HEADER: "garbage"})) is None
+
+    mark = after(EMPTY, attributed(EMPTY.opened(tick(0), 1.0), "nightly"))
+    assert beat_of(mark.data) == "nightly"
+    # A run without a beat (a retry that lost its headers) keeps the name; so does the
+    # completion; and a write that changes nothing stays nothing.
+    mark = after(mark, attributed(mark.completed(tick(0), {"task_id": "t"}), None))
+    assert beat_of(mark.data) == "nightly"
+    assert attributed(None, "nightly") is None
+    # An unnamed mark (older version) is named by the next run of a beat's tick.
+    legacy = Mark(0.0, 1, {"epoch": 0.0, "due": "x", "open": {}, "done": [0.0]})
+    assert beat_of(attributed(legacy.completed(tick(1), {}), "nightly")) == "nightly"
+    # Another beat writing the same entry's mark: nobody's alone any more, for good.
+    shared = after(mark, attributed(mark.opened(tick(5), 3.0), "hourly"))
+    assert "beat" in shared.data and beat_of(shared.data) is None
+    assert beat_of(attributed(shared.completed(tick(5), {}), "nightly")) is None
 
 
 def test_a_message_is_stale_only_if_sent_after_a_newer_leader_was_elected():

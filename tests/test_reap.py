@@ -9,6 +9,7 @@ import base64
 import itertools
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -17,20 +18,22 @@ import threading
 import time
 import urllib.error
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from celery_consul_lock import ConsulLock, ConsulSettings, reap
+from celery_consul_lock import ConsulLock, ConsulSemaphore, ConsulSettings, reap
 from celery_consul_lock.consul import LOCK_FLAG, ConsulClient, kv_set
 from celery_consul_lock.reap import CLOCK_KEY, CLOCK_SAMPLES, EntryCleanup, IndexClock, sweep
-from celery_consul_lock.testing import spawn
+from celery_consul_lock.testing import spawn, start_beat
 from celery_consul_lock.ticks import MARKS_PREFIX
 
 from .servers import ROOT, ConsulAgent, start_consul, wait_for
 from .test_command import consul_lock_cmd
 from .test_gevent import GREEN_ENV
 from .test_interop import _consul_bin, _kv
+from .test_semaphore import cli
 from .test_task import runs
 from .workers import wait_results, worker_env
 
@@ -378,6 +381,18 @@ def test_a_forked_child_starts_with_an_empty_reaper_queue(consul, prefix):
 # -- the beat's entries -----------------------------------------------------------------------------
 
 
+#: A tick mark's value as a completed run leaves it (see ticks.Mark).
+MARK = {"due": "2026-01-01T00:00:00", "epoch": 1.0, "task_id": "t-1", "open": {}, "done": [1.0]}
+
+
+def _put_marks(consul: ConsulAgent, prefix: str, marks: dict[str, dict]) -> None:
+    """Write the tick marks ``marks`` (entry -> value) under ``prefix``."""
+    client = ConsulClient(ConsulSettings(address=consul.address))
+    for name, value in marks.items():
+        assert client.kv_put(prefix + MARKS_PREFIX + name, json.dumps(value).encode())
+    client.close()
+
+
 def test_the_sweep_removes_the_state_and_mark_of_removed_entries_and_keeps_cron_marks(consul, prefix):
     settings = _settings(consul, prefix, reap_after=1.0)
     state_prefix = f"{prefix}celery-consul-lock/beat/proj/entries/"
@@ -395,25 +410,31 @@ def test_the_sweep_removes_the_state_and_mark_of_removed_entries_and_keeps_cron_
         state_prefix + "shared": state,  # removed, but a cron line shares its mark
         marks + "shared": cron_mark,
         marks + "cron-only": {"open": {"1.0": 1.0}, "runner": "celery-consul-lock run on host pid 1"},
+        marks + "late": {**task_mark, "beat": "proj"},  # a late retry's mark, its state removed before
+        state_prefix + "foreign": state,  # removed here, but its mark is another beat's now
+        marks + "foreign": {**task_mark, "beat": "other-beat"},
     }
     client = ConsulClient(settings)
     puts = [kv_set(k, json.dumps(v).encode()) for k, v in writes.items()]
     assert client.kv_fenced(leader.key, leader.session_id, puts, action="writing a beat's state").ok
-    cleanup = EntryCleanup(state_prefix, lambda: {"kept"}, lambda: (leader.key, leader.session_id))
+    cleanup = EntryCleanup(state_prefix, lambda: {"kept"}, lambda: (leader.key, leader.session_id), beat="proj")
     try:
         first = sweep(client, settings, entries=cleanup)
         assert first.removed == [], "removed before reap_after passed since their last write"
         # A sweeper that does not hold the leader lock removes nothing.
         other = ConsulLock("locks/other/.lock", settings=settings, private_session=True)
         assert other.acquire()
-        deposed = EntryCleanup(state_prefix, lambda: {"kept"}, lambda: (leader.key, other.session_id))
+        deposed = EntryCleanup(state_prefix, lambda: {"kept"}, lambda: (leader.key, other.session_id), beat="proj")
         time.sleep(1.2)  # past reap_after since the first sweep's clock sample
         assert sweep(client, settings, entries=deposed).removed == []
         other.release()
         done = sweep(client, settings, entries=cleanup)
-        assert sorted(done.removed) == sorted([state_prefix + "gone", marks + "gone", state_prefix + "shared"])
+        assert sorted(done.removed) == sorted(
+            [state_prefix + "gone", marks + "gone", state_prefix + "shared", marks + "late", state_prefix + "foreign"]
+        )
         left = set(_keys(consul, prefix))
         assert {state_prefix + "kept", marks + "kept", marks + "shared", marks + "cron-only", prefix + CLOCK_KEY} <= left
+        assert marks + "foreign" in left
     finally:
         client.close()
         leader.release()
@@ -445,6 +466,38 @@ def test_a_slot_opened_by_the_cron_wrapper_names_it_and_the_sweep_keeps_that_mar
         leader.release()
 
 
+def test_the_sweep_removes_only_the_marks_naming_its_beat_of_entries_it_no_longer_has(consul, prefix):
+    # A scheduler that keeps no state in Consul (the persistent one, Django's): its sweep
+    # goes by the beat each mark names.
+    settings = _settings(consul, prefix, reap_after=1.0)
+    marks = prefix + MARKS_PREFIX
+    writes = {
+        "kept": {**MARK, "beat": "proj"},  # an entry the beat has
+        "gone": {**MARK, "beat": "proj"},  # removed from its schedule
+        "unnamed": MARK,  # an older version's mark: nobody can tell whose
+        "elsewhere": {**MARK, "beat": "other-beat"},
+        "shared": {**MARK, "beat": None},  # two beats wrote it
+        "cron": {**MARK, "beat": "proj", "runner": "celery-consul-lock run on host pid 1"},
+    }
+    _put_marks(consul, prefix, writes)
+    client = ConsulClient(settings)
+    leader = ConsulLock("locks/proj/beat/.lock", settings=settings)
+    assert leader.acquire()
+    cleanup = EntryCleanup(None, lambda: {"kept"}, lambda: (leader.key, leader.session_id), beat="proj")
+    try:
+        assert sweep(client, settings, entries=cleanup).removed == [], "removed before reap_after since its last write"
+        time.sleep(1.2)  # past reap_after since the first sweep's clock sample
+        unsure = EntryCleanup(None, lambda: None, lambda: (leader.key, leader.session_id), beat="proj")
+        assert sweep(client, settings, entries=unsure).removed == [], "removed while the beat could not tell its entries"
+        assert sweep(client, settings, entries=cleanup, dry_run=True).removed == [marks + "gone"]
+        assert _kv(consul, marks + "gone") is not None
+        assert sweep(client, settings, entries=cleanup).removed == [marks + "gone"]
+        assert {marks + name for name in writes if name != "gone"} <= set(_keys(consul, prefix))
+    finally:
+        client.close()
+        leader.release()
+
+
 def test_the_beat_leader_sweeps_free_keys_and_removed_entries(harness, consul, prefix):
     # A free key left by a process that is gone (no keep time: its session ended), and the
     # state of two entries, one no longer in the schedule, all written before the beat
@@ -464,6 +517,301 @@ def test_the_beat_leader_sweeps_free_keys_and_removed_entries(harness, consul, p
     wait_for(lambda: _kv(consul, leftover) is None, 30, "the leader's sweep to remove the left-over key", procs=[beat])
     wait_for(lambda: _kv(consul, state_prefix + "removed-entry") is None, 30, "the removed entry's state to go", procs=[beat])
     assert _kv(consul, state_prefix + "heartbeat") is not None, "the state of an entry the beat has was removed"
+
+
+def _follow_named_mark(consul: ConsulAgent, key: str, beat: str, procs) -> KeyWrites:
+    """Wait for the mark at ``key`` to name ``beat`` (written by a run of that beat's tick),
+    then follow its writes from there: from before its last one."""
+
+    def named() -> bool:
+        return _kv(consul, key) is not None and _value(consul, key).get("beat") == beat
+
+    wait_for(named, 60, f"{key} to name the beat {beat}", procs=procs)
+    return KeyWrites(consul, key)
+
+
+class KeyWrites:
+    """Follows one key from a thread (polled every 0.05 s) from before its last write until
+    it is removed: when its ModifyIndex was last seen changing, and when it was gone."""
+
+    def __init__(self, consul: ConsulAgent, key: str) -> None:
+        self.consul, self.key = consul, key
+        self.index: int | None = None
+        self.last_write = self.gone_at = 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.05):
+            kv = _kv(self.consul, self.key)
+            if kv is None:
+                self.gone_at = time.monotonic()
+                return
+            if kv["ModifyIndex"] != self.index:
+                self.index, self.last_write = kv["ModifyIndex"], time.monotonic()
+
+    def wait_removed(self, reap_after: float, timeout: float, procs) -> None:
+        """Wait for the removal; fail if it came less than ``reap_after`` after the last write."""
+        try:
+            wait_for(lambda: self.gone_at, timeout, f"the sweep to remove {self.key}", procs=procs)
+        finally:
+            self._stop.set()
+        quiet = self.gone_at - self.last_write
+        assert quiet >= reap_after - 0.2, f"removed {quiet:.2f} s after its last write (reap_after {reap_after})"
+
+
+def test_a_persistent_scheduler_beat_removes_the_marks_of_entries_gone_from_beat_schedule(
+    consul, prefix, workers, redis_server, tmp_path
+):
+    # A LeaderPersistentScheduler beat runs entry "old-entry" (every 1 s): its runs' marks
+    # name the beat. Restarted with only "heartbeat" (every hour: not sent meanwhile), its
+    # sweep (every 0.5 s) removes old-entry's mark once unwritten for reap_after (2 s); the
+    # mark of the entry it has, an unnamed mark and another beat's stay, though older.
+    beat_name, reap_after = f"ps-{uuid.uuid4().hex[:6]}", 2.0
+    marks = prefix + MARKS_PREFIX
+    common = {
+        "TEST_KEY_PREFIX": prefix,
+        "TEST_REAP_AFTER": str(reap_after),
+        "TEST_REAP_INTERVAL": "0.5",
+        "TEST_BEAT_NAME": beat_name,
+    }
+    (worker,) = workers(1, env=common)
+    _put_marks(
+        consul, prefix, {"heartbeat": {**MARK, "beat": beat_name}, "unnamed": MARK, "elsewhere": {**MARK, "beat": "other"}}
+    )
+    beat_env = worker_env(redis_server.url, consul.address, **common)
+    scheduler = "celery_consul_lock.beat:LeaderPersistentScheduler"
+    first = start_beat(
+        "first",
+        tmp_path,
+        {**beat_env, "TEST_BEAT_ENTRY": "old-entry", "TEST_BEAT_INTERVAL": "1"},
+        app_path="tests.proj.app",
+        scheduler=scheduler,
+        cwd=ROOT,
+    )
+    try:
+        writes = _follow_named_mark(consul, marks + "old-entry", beat_name, [first, worker])
+    finally:
+        first.stop()
+    second = start_beat(
+        "second", tmp_path, {**beat_env, "TEST_BEAT_INTERVAL": "3600"}, app_path="tests.proj.app", scheduler=scheduler, cwd=ROOT
+    )
+    try:
+        wait_for(lambda: "elected leader" in second.log_text(), 60, "the second beat to lead", procs=[second])
+        writes.wait_removed(reap_after, 60, [second, worker])
+        assert {marks + n for n in ("heartbeat", "unnamed", "elsewhere")} <= set(_keys(consul, prefix))
+    finally:
+        second.stop()
+
+
+DJANGO_ORM = textwrap.dedent(
+    """
+    import sys
+    import django
+    django.setup()
+    from django_celery_beat.models import IntervalSchedule, PeriodicTask
+    action, name = sys.argv[1:3]
+    if action == "add-disabled":
+        every, _ = IntervalSchedule.objects.get_or_create(every=3600, period=IntervalSchedule.SECONDS)
+        PeriodicTask.objects.create(name=name, task="proj.heartbeat", interval=every, enabled=False)
+    else:
+        assert PeriodicTask.objects.filter(name=name).delete()[0] == 1
+    """
+)
+
+
+def test_a_django_database_scheduler_beat_removes_the_marks_of_deleted_periodic_tasks(
+    consul, prefix, workers, redis_server, tmp_path
+):
+    # django-celery-beat's LeaderDatabaseScheduler runs "heartbeat" (every 1 s, from
+    # CELERY_BEAT_SCHEDULE); a disabled periodic task and an unnamed mark exist beside it.
+    # Once "heartbeat" is deleted from the database (as the admin does), the leader's sweep
+    # removes its mark after reap_after (2 s); the disabled task's mark stays, and so does
+    # the unnamed one.
+    beat_name, reap_after = f"dj-{uuid.uuid4().hex[:6]}", 2.0
+    marks = prefix + MARKS_PREFIX
+    (worker,) = workers(1, env={"TEST_KEY_PREFIX": prefix, "TEST_REAP_AFTER": str(reap_after)})
+    env = worker_env(
+        redis_server.url,
+        consul.address,
+        TEST_SQLITE=str(tmp_path / "db.sqlite3"),
+        DJANGO_SETTINGS_MODULE="tests.djproj.settings",
+        TEST_BEAT_NAME=beat_name,
+        TEST_CONSUL_LOCK_KEY_PREFIX=prefix,
+        TEST_CONSUL_LOCK_REAP_AFTER=str(reap_after),
+        TEST_CONSUL_LOCK_BEAT_REAP_INTERVAL="0.5",
+    )
+    subprocess.run([sys.executable, "-m", "django", "migrate", "-v", "0"], env=env, cwd=ROOT, check=True)
+    subprocess.run([sys.executable, "-c", DJANGO_ORM, "add-disabled", "disabled-entry"], env=env, cwd=ROOT, check=True)
+    _put_marks(consul, prefix, {"disabled-entry": {**MARK, "beat": beat_name}, "unnamed": MARK})
+    scheduler = "celery_consul_lock.contrib.django_celery_beat:LeaderDatabaseScheduler"
+    beat = start_beat("dj", tmp_path, env, app_path="tests.djproj.celery_app", scheduler=scheduler, cwd=ROOT)
+    try:
+        writes = _follow_named_mark(consul, marks + "heartbeat", beat_name, [beat, worker])
+        subprocess.run([sys.executable, "-c", DJANGO_ORM, "delete", "heartbeat"], env=env, cwd=ROOT, check=True)
+        writes.wait_removed(reap_after, 60, [beat, worker])
+        assert {marks + "disabled-entry", marks + "unnamed"} <= set(_keys(consul, prefix))
+        assert "could not read the periodic tasks" not in beat.log_text()
+    finally:
+        beat.stop()
+
+
+# -- semaphores --------------------------------------------------------------------------------------
+
+SEMAPHORE_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from celery_consul_lock import ConsulSemaphore, ConsulSettings
+    address, prefix, flag = sys.argv[1:4]
+    settings = ConsulSettings(address=address, lock_delay=1.0, ttl=10, key_prefix=prefix)
+    shared = ConsulSemaphore("sem/shared", 2, settings=settings, name="doomed")
+    alone = ConsulSemaphore("sem/alone", 1, settings=settings, name="doomed")
+    assert shared.acquire(timeout=10) and alone.acquire(timeout=10)
+    open(flag, "w").close()
+    time.sleep(3600)
+    """
+)
+
+
+def test_a_sigkilled_semaphore_holders_contender_keys_and_emptied_lock_are_swept_and_live_ones_stay(consul, prefix, tmp_path):
+    # A process holds a slot of "sem/shared" (limit 2, beside a live holder here) and of
+    # "sem/alone" (limit 1), and is SIGKILLed: Consul ends its session by its TTL, freeing its
+    # contender keys. Nobody takes the semaphores again. A sweep removes both dead contender
+    # keys once reap_after (1 s) has passed since then, and "sem/alone"'s .lock (no live
+    # holder, no contender left); the live holder's contender key and "sem/shared"'s .lock stay.
+    settings = _settings(consul, prefix, reap_after=1.0)
+    live = ConsulSemaphore("sem/shared", 2, settings=settings)
+    holder = spawn(
+        "holder", [sys.executable, "-c", SEMAPHORE_HOLDER, consul.address, prefix, str(tmp_path / "held")], tmp_path, cwd=ROOT
+    )
+    client = ConsulClient(settings)
+    try:
+        wait_for(lambda: (tmp_path / "held").exists(), 30, "the holder to take its slots", procs=[holder])
+        assert live.acquire(timeout=10)
+        dead = [k for k in _keys(consul, prefix) if k.rsplit("/", 1)[1] not in (".lock", live.session_id)]
+        assert len(dead) == 2, _keys(consul, prefix)
+        holder.kill()
+        wait_for(lambda: not any((_kv(consul, k) or {}).get("Session") for k in dead), 45, "Consul to end the killed session")
+        first = sweep(client, settings)
+        assert first.removed == [], "removed before reap_after since its session ended"
+        assert first.kept.get("recently freed") == 2 and first.kept.get("held", 0) >= 2, first.kept
+        alone_lock = f"{prefix}sem/alone/.lock"
+        done = wait_for(lambda: sweep(client, settings).removed, 20, "a sweep to remove the dead contender keys")
+        assert sorted(done) == sorted([*dead, alone_lock]), done
+        left = set(_keys(consul, prefix))
+        assert {f"{prefix}sem/shared/.lock", f"{prefix}sem/shared/{live.session_id}"} <= left
+        assert not [k for k in left if k.startswith(f"{prefix}sem/alone/")]
+        assert live.held and live.check() is None
+        # The semaphores work on: "sem/alone" starts afresh, "sem/shared" counts one holder.
+        again = ConsulSemaphore("sem/alone", 1, settings=settings, private_session=True)
+        assert again.acquire(blocking=False) and again.release()
+        assert [h.session for h in ConsulSemaphore.holders("sem/shared", settings=settings)] == [live.session_id]
+    finally:
+        client.close()
+        live.release()
+        holder.stop()
+
+
+def _dead_holder(consul: ConsulAgent, settings: ConsulSettings, prefix: str, limit: int = 1) -> str:
+    """A holder of ``prefix`` whose session ends: its contender key stays, free, and .lock
+    lists it. Returns the contender key."""
+    dead = ConsulSemaphore(prefix, limit, settings=settings, private_session=True)
+    assert dead.acquire(timeout=10)
+    key = dead.fence_key
+    consul.api(f"/v1/session/destroy/{dead.session_id}", "PUT")  # as a TTL's end does
+    wait_for(lambda: not _kv(consul, key).get("Session"), 10, "the contender key to lose its session")
+    return key
+
+
+class ListThen(ConsulClient):
+    """A client that runs ``then`` once right after its next prefix listing answered: to put
+    another client's write between a sweep's read and its deletes."""
+
+    then: Callable[[], None] | None = None
+
+    def kv_list(self, prefix: str, **kw) -> tuple[int, list]:
+        answer = super().kv_list(prefix, **kw)
+        then, self.then = self.then, None
+        if then is not None:
+            then()
+        return answer
+
+
+def test_an_admission_between_the_sweeps_read_and_its_deletes_keeps_its_slot(consul, prefix):
+    # The sweep reads the semaphore with only a dead holder (reap_after 0: its key may go at
+    # once); then a contender is admitted (its .lock check-and-set wins); then the sweep
+    # deletes: the dead key goes, .lock's delete fails its check-and-set and the slot stays.
+    settings = _settings(consul, prefix, reap_after=0.0)
+    dead_key = _dead_holder(consul, settings, "sem/raced")
+    lock_key = f"{prefix}sem/raced/.lock"
+    sem = ConsulSemaphore("sem/raced", 1, settings=settings)
+    client = ListThen(settings)
+    client.then = lambda: sem.acquire(timeout=10) or pytest.fail("the contender was not admitted")
+    try:
+        report = sweep(client, settings)
+        assert sem.held and dead_key in report.removed and lock_key not in report.removed, report
+        assert json.loads(base64.b64decode(_kv(consul, lock_key)["Value"]))["Holders"] == {sem.session_id: True}
+        assert _kv(consul, sem.fence_key)["Session"] == sem.session_id
+        assert sweep(client, settings).removed == [] and sem.held and sem.check() is None
+    finally:
+        client.close()
+        sem.release()
+
+
+def test_a_sweep_between_an_admissions_read_and_its_write_makes_it_retry_and_take_the_slot(consul, prefix):
+    # The contender reads the semaphore (a dead holder listed); a sweep removes the dead key
+    # and .lock; the contender's transaction then fails its .lock check-and-set, it reads
+    # again and is admitted into a .lock created afresh.
+    settings = _settings(consul, prefix, reap_after=0.0)
+    dead_key = _dead_holder(consul, settings, "sem/raced")
+    lock_key = f"{prefix}sem/raced/.lock"
+    swept: list[list[str]] = []
+
+    class SweptBeforeWriting(ConsulSemaphore):
+        def _enter(self, client, session, sid, state, holders):
+            if not swept:
+                swept.append(sweep(ConsulClient(settings), settings).removed)
+            return super()._enter(client, session, sid, state, holders)
+
+    sem = SweptBeforeWriting("sem/raced", 1, settings=settings)
+    try:
+        assert sem.acquire(timeout=10)
+        assert sorted(swept[0]) == sorted([dead_key, lock_key]), swept
+        assert json.loads(base64.b64decode(_kv(consul, lock_key)["Value"]))["Holders"] == {sem.session_id: True}
+        assert sem.held and _kv(consul, dead_key) is None
+    finally:
+        sem.release()
+
+
+def test_consul_lock_semaphore_holders_never_see_their_keys_removed(consul, prefix, tmp_path):
+    # Two loops of four `consul lock -n 2 -verbose` runs each (the Go client's semaphore: it
+    # writes its contender key, then .lock by check-and-set; `Release` leaves an empty .lock)
+    # while sweeps run back to back with reap_after 0, beside a dead holder of ours: every
+    # run completes without "Lock lost", the sweeps remove the dead key and emptied .lock
+    # keys between the runs, and at the end nothing of the semaphore is left.
+    settings = _settings(consul, prefix, reap_after=0.0)
+    dead_key = _dead_holder(consul, settings, "sem/cli", limit=2)
+    one = " ".join(shlex.quote(a) for a in cli(consul, f"{prefix}sem/cli", 2, "sleep 0.3; echo child-done", "-verbose"))
+    loop = f"for i in 1 2 3 4; do {one} || exit $?; sleep 0.$((RANDOM % 3)); done"
+    stop, removed = threading.Event(), []
+    sweeper = _sweeping(settings, stop, removed)
+    loops = [spawn(f"cli-loop{i}", ["bash", "-c", loop], tmp_path) for i in range(2)]
+    try:
+        codes = [p.wait(90) for p in loops]
+    finally:
+        stop.set()
+        sweeper.join(10)
+        for p in loops:
+            p.stop()
+    logs = [p.log_text() for p in loops]
+    assert codes == [0, 0] and all("Lock lost" not in t and t.count("child-done") == 4 for t in logs), logs
+    lock_key = f"{prefix}sem/cli/.lock"
+    assert dead_key in removed and lock_key in removed, removed
+    client = ConsulClient(settings)
+    sweep(client, settings)
+    client.close()
+    assert not [k for k in _keys(consul, prefix) if k.startswith(f"{prefix}sem/cli/")]
 
 
 # -- the command --------------------------------------------------------------------------------------

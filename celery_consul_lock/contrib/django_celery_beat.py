@@ -16,19 +16,26 @@ Two differences from a plain DatabaseScheduler, both so that a tick is not sent 
 - on election it takes in the change its own set-up made to the schedule before the first
   send (see :meth:`LeaderDatabaseScheduler.on_elected`).
 
+Its leader's sweep removes the tick marks of entries deleted from the database (see
+:mod:`celery_consul_lock.reap`); a disabled entry (a one-off entry after its run) keeps its mark.
+
 Install with ``pip install celery-consul-lock[django]``.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+from django.db import DatabaseError, connections
 from django_celery_beat.schedulers import DatabaseScheduler
 
 from ..beat import leader_elected
 from ..internals import check_django_celery_beat
 
 __all__ = ["LeaderDatabaseScheduler"]
+
+log = logging.getLogger("celery_consul_lock.beat")
 
 
 class LeaderDatabaseScheduler(leader_elected(DatabaseScheduler)):  # type: ignore[misc]
@@ -51,3 +58,15 @@ class LeaderDatabaseScheduler(leader_elected(DatabaseScheduler)):  # type: ignor
 
     def after_send(self, entry: Any) -> None:
         self.sync()
+
+    def entry_names(self) -> list[str] | None:
+        """Every periodic task's name in the database, disabled ones too; None when the
+        database cannot be read. Called in the sweeper's thread, which uses a database
+        connection of its own (Django's are per thread), closed after the read."""
+        try:
+            return list(self.Model.objects.values_list("name", flat=True))
+        except DatabaseError as exc:
+            log.warning("beat: could not read the periodic tasks' names (their removed entries' marks stay): %s", exc)
+            return None
+        finally:
+            connections.close_all()

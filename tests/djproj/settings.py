@@ -14,3 +14,6 @@ CELERY_RESULT_BACKEND = CELERY_BROKER_URL
 CELERY_CONSUL_LOCK_LOCK_DELAY = 2
 CELERY_CONSUL_LOCK_BEAT_NAME = os.environ.get("TEST_BEAT_NAME", "djproj")
 CELERY_BEAT_SCHEDULE = {"heartbeat": {"task": "proj.heartbeat", "schedule": 1.0}}
+for _name in ("KEY_PREFIX", "REAP_AFTER", "BEAT_REAP_INTERVAL"):  # a test's own part of the KV store, its delays
+    if os.environ.get(f"TEST_CONSUL_LOCK_{_name}"):
+        globals()[f"CELERY_CONSUL_LOCK_{_name}"] = os.environ[f"TEST_CONSUL_LOCK_{_name}"]

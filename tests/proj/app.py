@@ -65,7 +65,7 @@ if os.environ.get("TEST_BEAT_STALL_TIMEOUT"):
     app.conf.consul_lock_beat_stall_timeout = float(os.environ["TEST_BEAT_STALL_TIMEOUT"])
 if os.environ.get("TEST_BEAT_INTERVAL"):
     app.conf.beat_schedule = {
-        "heartbeat": {
+        os.environ.get("TEST_BEAT_ENTRY", "heartbeat"): {
             "task": os.environ.get("TEST_BEAT_TASK", "proj.heartbeat"),
             "schedule": float(os.environ["TEST_BEAT_INTERVAL"]),
         },
