@@ -9,9 +9,10 @@ semaphore's slot by its own rule. Waiters (a lock or a semaphore waiting for a h
 change) subscribe to the same watcher and are woken when what they saw changes, instead of
 each holding a connection in a blocking query of its own.
 
-The folders (:func:`watch_folders`): each followed path's folder, cut to the same depth, as
-deep as keeps them at most WATCH_QUERIES (``locks/a/`` and ``reports/b/`` are read as two
-folders, not as the whole KV store; ``locks/1/`` to ``locks/9/`` as ``locks/``). So a process
+The folders (:func:`watch_folders`): each followed path's folder, the two whose common
+folder is deepest merged into it while they are more than WATCH_QUERIES (``locks/a/`` and
+``reports/b/`` are read as two folders, not as the whole KV store; ``locks/1/`` to
+``locks/9/`` and ``reports/b/`` as ``locks/`` and ``reports/b/``). So a process
 keeps at most WATCH_QUERIES connections and WATCH_QUERIES + 1 threads for watching however
 many locks it holds or waits for (before #16: one thread and one connection per held lock).
 The price: each answer lists every key under its folder, so its size grows with the keys
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import itertools
 import logging
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -204,18 +206,18 @@ def _folder_of(path: str) -> str:
     return path[: cut + 1] if cut >= 0 else path
 
 
-def _cut(folder: str, depth: int) -> str:
-    """``folder`` cut after its ``depth``-th ``/`` (itself when it has fewer)."""
-    at = -1
-    for _ in range(depth):
+def _parents(folder: str) -> list[str]:
+    """The folders ``folder`` is under, outermost first: ``["", "a/", "a/b/"]`` for ``a/b/c/``."""
+    parents = [""]
+    at = folder.find("/")
+    while 0 <= at < len(folder) - 1:
+        parents.append(folder[: at + 1])
         at = folder.find("/", at + 1)
-        if at < 0:
-            return folder
-    return folder[: at + 1]
+    return parents
 
 
 def _outermost(prefixes: Iterable[str]) -> list[str]:
-    """The prefixes that no other one starts (sorted): reading them reads the others too."""
+    """The prefixes that start with no other one (sorted): reading them reads the others too."""
     kept: list[str] = []
     for prefix in sorted(set(prefixes)):
         if not kept or not prefix.startswith(kept[-1]):
@@ -225,23 +227,37 @@ def _outermost(prefixes: Iterable[str]) -> list[str]:
 
 def watch_folders(paths: Iterable[str], limit: int = WATCH_QUERIES) -> tuple[str, ...]:
     """The folders to read so that every path in ``paths`` is under one of them (sorted;
-    ``()`` for no paths): the paths' folders, all cut at the deepest depth that leaves at
-    most ``limit`` of them, or ``("",)`` (the whole KV store) when even their top-level
-    folders are more than ``limit``.
+    ``()`` for no paths): the paths' folders, merged while they are more than ``limit``, each
+    time the two whose common folder is deepest (into that folder, which then also covers the
+    others under it). ``("",)``, the whole KV store, only when the paths are in more than
+    ``limit`` top-level folders (or keys outside every folder).
 
-    One depth for all, rather than merging the two closest folders again and again: it costs
-    one pass per depth (a few), and when folders must be merged the answer is the same
-    as the pairwise merge's for the usual shapes (``locks/<task>/`` beside a few other
-    folders). Folders as deep as possible, because an answer lists every key under its
-    folder (released keys stay for hours, see :mod:`.reap`)."""
+    Folders as deep as possible, because an answer lists every key under its folder (released
+    keys stay for hours, see :mod:`.reap`). Cost: one pass over the folders and their parent
+    folders (about 1 ms for 1,000 folders here), not one per merge."""
     folders = _outermost(_folder_of(path) for path in paths)
     if len(folders) <= limit:
         return tuple(folders)
-    for depth in range(max(f.count("/") for f in folders) - 1, 0, -1):
-        cut = _outermost(_cut(f, depth) for f in folders)
-        if len(cut) <= limit:
-            return tuple(cut)
-    return ("",)
+    # How many folders to read each parent folder holds; the deepest parent that holds two
+    # or more is the common folder of the closest two.
+    count: dict[str, int] = {}
+    for folder in folders:
+        for parent in _parents(folder):
+            count[parent] = count.get(parent, 0) + 1
+    total, merged = len(folders), []
+    levels = itertools.groupby(sorted(count, key=lambda p: -p.count("/")), key=lambda p: p.count("/"))
+    for _, level in levels:  # deepest first; at one depth, the parent holding most first
+        for parent in sorted(level, key=lambda p: (-count[p], p)):
+            held = count[parent]  # final: what is under it was merged before
+            if held < 2:
+                continue
+            merged.append(parent)
+            total -= held - 1
+            for above in _parents(parent) if parent else []:
+                count[above] -= held - 1
+            if total <= limit:
+                return tuple(_outermost([*folders, *merged]))
+    return tuple(_outermost([*folders, *merged]))
 
 
 @dataclass(eq=False)
@@ -365,8 +381,13 @@ class Watcher:
             with self._mutex:
                 self._wake.clear()
                 due = self._follow_due()
-                if self._outside or self._dropped:
-                    self._assign(watch_folders(x.path for x in (*self._held, *self._waiters)))
+                replan, self._outside, self._dropped = self._outside or self._dropped, False, False
+                paths = [x.path for x in (*self._held, *self._waiters)] if replan else []
+            # Chosen outside the mutex (a millisecond per 1,000 paths), which callers take too.
+            folders = watch_folders(paths) if replan else None
+            with self._mutex:
+                if folders is not None:
+                    self._assign(folders)
                 starts = [r for r in self._readers if r.folder is not None and not r.running]
                 for reader in starts:
                     reader.running = True
@@ -413,13 +434,19 @@ class Watcher:
         return due
 
     def _assign(self, folders: tuple[str, ...]) -> None:
-        """Under the mutex: give each of ``folders`` to a reader. A reader keeps its folder if
-        it is still wanted; one whose query in progress covers a new folder takes it at its
-        next query; any other reader given a new folder, or none, is interrupted."""
-        self._outside = self._dropped = False
-        if folders == self._folders:
-            return
-        self._folders = folders
+        """Under the mutex: read ``folders`` from now on. A reader keeps its folder if it is
+        still wanted; one whose query in progress covers a new folder takes it at its next
+        query; any other reader given a new folder, or none, is interrupted."""
+        if folders != self._folders:
+            self._folders = folders
+            self._give(folders)
+        # A waiter that came meanwhile, under a folder read before but not now: again, at once.
+        if not self._outside and not all(self._covered(w.path) for w in self._waiters):
+            self._outside = True
+            self._wake.set()
+
+    def _give(self, folders: tuple[str, ...]) -> None:
+        """Under the mutex: the readers' part of :meth:`_assign`."""
         new = [f for f in folders if all(r.folder != f for r in self._readers)]
         free = [r for r in self._readers if r.folder not in folders]
         for folder in list(new):  # first those whose query in progress covers a new folder

@@ -11,7 +11,7 @@ def entry(key: str, modify_index: int, session: str | None = "s1") -> KVEntry:
     return KVEntry(key, b"", 0, session, 1, modify_index, 1)
 
 
-def test_the_watched_folders_are_the_paths_folders_cut_as_deep_as_keeps_them_within_the_limit():
+def test_the_watched_folders_are_the_paths_folders_the_closest_merged_while_over_the_limit():
     assert watch_folders([]) == ()
     assert watch_folders(["locks/a/.lock"]) == ("locks/a/",)
     assert watch_folders(["locks/a/.lock", "locks/a/.lock", "locks/a/x"]) == ("locks/a/",)
@@ -19,11 +19,17 @@ def test_the_watched_folders_are_the_paths_folders_cut_as_deep_as_keeps_them_wit
     assert watch_folders(["locks/a/.lock", "reports/b/.lock", "sem/x/"], 3) == ("locks/a/", "reports/b/", "sem/x/")
     # A folder under another one followed is read with it.
     assert watch_folders(["sem/x/", "sem/x/y/.lock", "sem/.lock"], 3) == ("sem/",)
-    # More than the limit: all cut at the deepest depth that leaves at most the limit.
-    assert watch_folders([f"locks/report-{n}/.lock" for n in range(9)] + ["jobs/b/.lock"], 3) == ("jobs/", "locks/")
+    # More than the limit: the two whose common folder is deepest merged into it (which then
+    # covers the others under it), again while over the limit; the rest stay as deep.
+    assert watch_folders([f"locks/report-{n}/.lock" for n in range(9)] + ["jobs/b/.lock"], 3) == ("jobs/b/", "locks/")
     app = ["app/locks/1/.lock", "app/locks/2/.lock", "app/locks/3/.lock", "app/sem/x/"]
-    assert watch_folders(app, 3) == ("app/locks/", "app/sem/")
+    assert watch_folders(app, 3) == ("app/locks/", "app/sem/x/")
     assert watch_folders(app, 4) == ("app/locks/1/", "app/locks/2/", "app/locks/3/", "app/sem/x/")
+    assert watch_folders(app, 1) == ("app/",)
+    deep = ["a/b/c/1/.lock", "a/b/c/2/.lock", "a/b/d/.lock", "a/e/.lock", "f/g/.lock"]
+    assert watch_folders(deep, 4) == ("a/b/c/", "a/b/d/", "a/e/", "f/g/")
+    assert watch_folders(deep, 3) == ("a/b/", "a/e/", "f/g/")
+    assert watch_folders(deep, 2) == ("a/", "f/g/")
     assert watch_folders(["a/x/.lock", "a/y/.lock"], 1) == ("a/",)
     # Keys in no folder: the key itself (a prefix: "mylock" also lists "mylock2").
     assert watch_folders(["mylock", "mylock2", "locks/a/.lock"], 3) == ("locks/a/", "mylock")

@@ -162,7 +162,7 @@ def test_more_folders_than_the_watcher_reads_are_merged_as_they_come_and_every_l
                 5 + WATCH_DELAY,
                 f"the watcher to read a folder over {folder}",
             )
-        final = tuple(sorted((f"{tag}/", f"{tag}-other/")))
+        final = tuple(sorted((f"{tag}/", f"{tag}-other/x/")))  # the five merged, the other as deep
         wait_for(lambda: watched(settings) == final, 5, f"the watcher to read {final}")
         # Each lost in turn, by a delete or a free; the others stay held.
         for n, lock in enumerate(locks):
