@@ -15,6 +15,8 @@ left to follow.
 from __future__ import annotations
 
 import os
+import random
+import statistics
 import threading
 import time
 import uuid
@@ -324,3 +326,69 @@ def test_the_watchers_connection_closes_once_nothing_is_left_to_follow(settings,
     # watcher kept it a minute).
     wait_for(lambda: watched(settings) == (), 5, "the watcher to stop reading")
     wait_for(lambda: agent_connections(os.getpid(), port) <= holding - 1, 5, "the watcher's connection to close")
+
+
+def test_every_delete_is_seen_and_no_lock_lost_falsely_while_the_folders_read_keep_changing(settings, consul):
+    """Threads take locks in 15 folders (more than WATCH_QUERIES, fewer at times), hold each a
+    random while, and some keys are deleted behind them: the folders read change again and
+    again (merged, split, interrupted), and still every delete is seen within the bound, no
+    lock released normally was reported lost, and every waiter got its key."""
+    settings = settings.replace(max_connections=10)
+    tag = uuid.uuid4().hex[:8]
+    folders = [f"{tag}/t{n}/s{m}" for n in range(5) for m in range(3)]
+    stop = time.monotonic() + 12
+    seen: list[float] = []
+    missed, false_losses, waits, errors = [], [], [], []
+
+    def holder(n: int) -> None:
+        rnd = random.Random(n)
+        try:
+            while time.monotonic() < stop:
+                lock = ConsulLock(f"{rnd.choice(folders)}/k{n}/.lock", settings=settings)
+                assert lock.acquire(blocking=False), lock.key
+                hold = rnd.choice([0.1, 0.3, 0.8, 1.2])
+                time.sleep(hold)  # not an assertion: the lock's hold time
+                if hold >= 0.8 and rnd.random() < 0.5:
+                    at = time.monotonic()
+                    consul.api(f"/v1/kv/{lock.key}", "DELETE")
+                    if lock.lost.wait(LOSS_BOUND):
+                        seen.append(time.monotonic() - at)
+                    else:
+                        missed.append(lock.key)
+                elif lock.lost.is_set():
+                    false_losses.append((lock.key, lock.lost_reason))
+                lock.release()
+        except BaseException as exc:  # shown by the assertion below
+            errors.append(exc)
+
+    def waiter(n: int) -> None:
+        rnd = random.Random(100 + n)
+        try:
+            while time.monotonic() < stop:
+                key = f"{tag}/w{n}/x/.lock"
+                first, second = ConsulLock(key, settings=settings), ConsulLock(key, settings=settings.replace(ttl=11))
+                assert first.acquire(blocking=False)
+                got: list[bool] = []
+                t = threading.Thread(target=lambda g=got, s=second: g.append(s.acquire(timeout=LOSS_BOUND + 5)), daemon=True)
+                t.start()
+                time.sleep(rnd.choice([0.2, 0.7]))  # not an assertion: the waiter waits meanwhile
+                first.release()
+                t.join(LOSS_BOUND + 10)
+                waits.append(bool(got and got[0]))
+                second.release()
+        except BaseException as exc:  # shown by the assertion below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=holder, args=(n,)) for n in range(16)]
+    threads += [threading.Thread(target=waiter, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    print(
+        f"{len(seen)} deletes seen (median {statistics.median(seen):.2f} s, at most {max(seen):.2f} s), "
+        f"{len(missed)} missed, {len(false_losses)} false losses, {sum(waits)} of {len(waits)} waits got the key"
+    )
+    assert not errors, errors[:3]
+    assert seen and not missed and not false_losses, (missed, false_losses)
+    assert waits and all(waits), waits
