@@ -9,7 +9,8 @@ for a key in a folder nothing else of the process is under. Every read the watch
 recorded (the client's ``kv_list`` wrapped, its answer untouched). Then: locks released before
 they are followed cost no read; under gevent, a query on a real socket is interrupted and a
 lock in a new folder is acquired and watched; the watcher's connection closes when nothing is
-left to follow.
+left to follow; and threads taking locks in many folders, some deleted behind them, while the
+folders read keep changing.
 """
 
 from __future__ import annotations
