@@ -1,7 +1,7 @@
 """Capacity: locked cycles per second a three-server Consul cluster sustains, and what limits it.
 
 Run: ``python bench/capacity.py [--quick] [--churn] [--celery] [--json PATH] [--plots DIR]
-[--lockers 1,4,16,64] [--rounds N] [--seconds S] [--procs N] [--skip curve,held,keys,rate]``
+[--lockers 1,4,16,64] [--rounds N] [--seconds S] [--procs N] [--skip curve,held,keys,rate] [--split-cores]``
 (``make bench-capacity`` runs everything with the plot, in the bench environment, which has
 matplotlib; without ``--plots`` the plain ``.venv`` does; ``--replot JSON --plots DIR`` only
 draws an earlier run's plot). About 15 minutes in full, 4 with ``--quick``.
@@ -68,6 +68,11 @@ directories: every Raft log write is fsynced to this machine's disk) and one *cl
 6. ``--celery``: **through Celery.** A worker with ``-P threads -c 16`` on the client agent
    runs a burst of no-ops, unlocked and as ``ConsulLockedTask`` with a key per task.
 
+``--split-cores`` pins the three servers to the upper half of the machine's CPUs and the
+client agent and the lockers to the other half, as separate server and application hosts
+are: the lockers' CPU is then not taken from the servers (on one shared machine it is, and a
+flow whose own code costs more CPU slows the servers down for that reason alone).
+
 The machine's disk fsync latency is probed first (a 4 KiB write + fdatasync in place, in
 the data directory's file system): Raft's writes cannot be faster than it. Every figure
 depends on this machine; ``--json`` keeps them all. Exits 1 if the target at 16 lockers is
@@ -78,6 +83,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import itertools
 import json
 import multiprocessing
@@ -274,9 +280,18 @@ def usage(before: Snapshot, after: Snapshot) -> dict[str, Any]:
     return {"cores": cores, "raft": raft, "limit": limit_of(cores, raft), "requests": requests}
 
 
+#: With ``--split-cores``: the CPUs the servers are pinned to (the rest run the client agent
+#: and the lockers, as an application host does); None: everything shares every CPU.
+SERVER_CPUS: set[int] | None = None
+
+
 def limit_of(cores: dict[str, float], raft: dict[str, float]) -> str:
     """The resource that stops a point going faster (see the module's doc)."""
     ncpu = os.cpu_count() or 1
+    if SERVER_CPUS:
+        servers = sum(v for k, v in cores.items() if k.startswith("server"))
+        if servers >= CPU_BUSY * len(SERVER_CPUS):
+            return f"the servers' CPU ({servers:.2f} of their {len(SERVER_CPUS)} core(s) busy)"
     if cores["machine"] >= CPU_BUSY * ncpu:
         parts = {k: v for k, v in cores.items() if k not in ("machine", "iowait", "lockers max")}
         top = max(parts, key=lambda k: parts[k])
@@ -288,6 +303,29 @@ def limit_of(cores: dict[str, float], raft: dict[str, float]) -> str:
     if cores["client agent"] >= CPU_BUSY:
         return f"client agent CPU ({cores['client agent']:.2f} core)"
     return "latency: lockers wait on their commits (neither CPU nor disk is full)"
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Run every thread of process ``pid`` on ``cpus`` only (threads it starts later inherit
+    it from their creator)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(ProcessLookupError):  # a thread that ended meanwhile
+            os.sched_setaffinity(int(tid), cpus)
+
+
+def split_cores(cluster: ConsulCluster, agent: ConsulAgent) -> tuple[set[int], set[int]]:
+    """Pin the servers to the upper half of this machine's CPUs, and the client agent and
+    this process (so every locker it forks) to the rest: the deployment's separate server and
+    application hosts, on one machine. Returns (servers' CPUs, the application's CPUs)."""
+    ncpu = os.cpu_count() or 1
+    if ncpu < 2:
+        raise SystemExit("--split-cores needs at least 2 CPUs")
+    servers, app = set(range(ncpu // 2, ncpu)), set(range(ncpu // 2))
+    for server in cluster.agents:
+        pin(server.proc.pid, servers)
+    pin(agent.proc.pid, app)
+    pin(os.getpid(), app)
+    return servers, app
 
 
 def fsync_probe(folder: Path, count: int = 100) -> dict[str, float]:
@@ -1038,6 +1076,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=0, help="rounds per point (default 3, --quick 1)")
     parser.add_argument("--seconds", type=float, default=0.0, help="measured seconds per point (default 10, --quick 3)")
     parser.add_argument("--procs", type=int, default=PROCS_MAX, help=f"at most this many locker processes (default {PROCS_MAX})")
+    parser.add_argument(
+        "--split-cores",
+        action="store_true",
+        help="pin the servers to half the CPUs and the client agent and lockers to the other half",
+    )
     parser.add_argument("--churn", action="store_true", help="also measure session churn through a recycling celery worker")
     parser.add_argument("--celery", action="store_true", help="also run locked tasks through a threads-pool celery worker")
     parser.add_argument("--skip", type=parts_list, default=set(), help="parts to skip, comma-separated: curve, held, keys, rate")
@@ -1072,6 +1115,14 @@ def main(argv: list[str] | None = None) -> int:
             agent = start_client_agent(workdir, cluster, CLIENT_BIND, "bench-node", hcl=[TELEMETRY_HCL])
             agent.wait_ready(timeout=60)
             topo = Topology(cluster, agent)
+            if args.split_cores:
+                global SERVER_CPUS
+                SERVER_CPUS, app_cpus = split_cores(cluster, agent)
+                results["split_cores"] = {"servers": sorted(SERVER_CPUS), "client agent and lockers": sorted(app_cpus)}
+                print(
+                    f"--split-cores: the 3 servers run on CPU(s) {sorted(SERVER_CPUS)}, the client agent and the lockers "
+                    f"on {sorted(app_cpus)} (separate server and application hosts, on one machine)."
+                )
             config = topo.leader.api("/v1/agent/self")
             results["consul"] = {
                 "version": config["Config"]["Version"],

@@ -94,3 +94,13 @@ def test_cpu_per_cycle_of_a_point_is_the_median_over_its_rounds(capacity) -> Non
     ]
     used = capacity.median_usage(rounds)
     assert used["cpu_ms_per_cycle"] == {"servers": 4.0, "lockers": 0.4}
+
+
+def test_with_split_cores_the_servers_core_is_named_when_they_fill_it(capacity, monkeypatch) -> None:
+    monkeypatch.setattr(capacity.os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(capacity, "SERVER_CPUS", {1})
+    cores = {"machine": 1.95, "client agent": 0.3, "lockers": 0.3, "lockers max": 0.1, "iowait": 0.0}
+    full = {**cores, "server1": 0.3, "server2*": 0.45, "server3": 0.25}
+    assert capacity.limit_of(full, {"leader_disk_share": 0.5}).startswith("the servers' CPU (1.00 of their 1 core(s)")
+    idle = {**cores, "server1": 0.2, "server2*": 0.3, "server3": 0.2}
+    assert capacity.limit_of(idle, {"leader_disk_share": 0.5}).startswith("machine CPU")
