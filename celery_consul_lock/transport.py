@@ -7,6 +7,14 @@ This speaks just the HTTP/1.1 that Consul's agent answers: one request at a time
 connection, ``Content-Length`` or chunked bodies, reconnecting when the agent closed an
 idle connection. TLS goes through :mod:`ssl` with the context the caller builds.
 
+Under gevent, the real OS threads of :mod:`.native` (renewer, watcher) speak TLS through an
+:class:`ssl.SSLObject` over memory buffers (:class:`_TLSOverBIO`), not ``wrap_socket``: the
+unpatched ``ssl.SSLSocket._create`` calls ``super(SSLSocket, self)`` with the module-global
+name, which gevent's patching has pointed at gevent's class, so wrapping a real socket
+raises ``TypeError``. An ``SSLObject`` does no I/O of its own: the real socket carries its
+bytes (with its timeout, and :meth:`Connection.interrupt` still shuts it down), and its
+errors are the same ``ssl`` exceptions. Everywhere else ``wrap_socket`` is used, as before.
+
 :class:`ConnectionPool` shares a few such connections between the threads (or greenlets) of
 a process: a request takes one for its own duration only, so the connections a process
 keeps open to its agent are bounded by the pool's size, not by its number of threads.
@@ -16,9 +24,11 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import io
 import socket
 import ssl
-from typing import BinaryIO
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 from . import native as _native
 
@@ -55,6 +65,8 @@ class Connection:
         self.native = native
         self._sock: socket.socket | None = None
         self._file: object | None = None
+        #: Sends a request's bytes (the socket's sendall, or through TLS on its own).
+        self._send: Callable[[bytes], object] = _not_connected
         #: Set by interrupt(): every request raises Interrupted until resume().
         self._interrupted = False
         self._host_header = f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
@@ -122,7 +134,7 @@ class Connection:
                     raise Interrupted("the request was interrupted")
                 if sock.gettimeout() != timeout:
                     sock.settimeout(timeout)
-                sock.sendall(payload)
+                self._send(payload)
                 status, resp_headers, content, close = read_response(self._file, method)  # type: ignore[arg-type]
             except BaseException as exc:
                 self.close()
@@ -144,11 +156,95 @@ class Connection:
         else:
             sock = socket.create_connection((self.host, self.port), timeout=timeout)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if self.ssl_context is not None:
-            sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+        try:
+            if self.ssl_context is not None and self.native and _native.green():
+                tls = _TLSOverBIO(sock, self.ssl_context, self.host)
+                self._file, self._send = io.BufferedReader(tls), tls.write
+            else:
+                if self.ssl_context is not None:
+                    sock = self.ssl_context.wrap_socket(sock, server_hostname=self.host)
+                self._file, self._send = sock.makefile("rb"), sock.sendall
+        except BaseException:
+            sock.close()
+            raise
         self._sock = sock
-        self._file = sock.makefile("rb")
         return sock
+
+
+def _not_connected(data: bytes) -> None:
+    raise AssertionError("not connected")
+
+
+class _TLSOverBIO(io.RawIOBase):
+    """TLS on a connected real socket through an :class:`ssl.SSLObject` (see the module's
+    docstring for why): the handshake (verifying ``server_hostname``) happens here, then
+    :meth:`readinto` and :meth:`write` move bytes between the socket and the TLS object.
+    The socket's timeout bounds every wait (TimeoutError); ssl errors pass through as
+    ``wrap_socket``'s would. The peer's end of the stream, with or without TLS's
+    close_notify, reads as the end (as ``wrap_socket``'s default ``suppress_ragged_eofs``).
+    Closing sends close_notify if it can; the caller closes the socket."""
+
+    def __init__(self, sock: socket.socket, context: ssl.SSLContext, server_hostname: str) -> None:
+        super().__init__()
+        self._sock = sock
+        self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._tls = context.wrap_bio(self._incoming, self._outgoing, server_hostname=server_hostname)
+        self._step(self._tls.do_handshake)
+
+    def _step(self, operation: Callable[..., Any], *args: Any) -> Any:
+        """``operation(*args)``, feeding it bytes from the socket until it has enough, and
+        sending what it wrote."""
+        while True:
+            try:
+                result = operation(*args)
+            except ssl.SSLWantReadError:
+                self._flush()
+                data = self._sock.recv(_RECV_BYTES)
+                if data:
+                    self._incoming.write(data)
+                else:
+                    self._incoming.write_eof()
+            except ssl.SSLWantWriteError:  # memory BIOs grow, but the protocol allows it
+                self._flush()
+            else:
+                self._flush()
+                return result
+
+    def _flush(self) -> None:
+        if self._outgoing.pending:
+            self._sock.sendall(self._outgoing.read())
+
+    def readable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int:
+        try:
+            return int(self._step(self._tls.read, len(buffer), buffer))
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return 0
+
+    def write(self, data: Any) -> int:
+        """Send all of ``data`` (as ``socket.sendall``); returns its length."""
+        return int(self._step(self._tls.write, data))
+
+    def close(self) -> None:
+        if not self.closed:
+            # No module globals (interpreter exit, see Connection.close); any failure is a
+            # connection that is going away anyway. unwrap() raises SSLWantReadError once it
+            # has written close_notify (it would wait for the peer's): send it, wait for none.
+            for step in (self._tls.unwrap, self._flush):
+                try:  # noqa: SIM105 (no contextlib at interpreter exit)
+                    step()
+                except Exception:
+                    pass
+        super().close()
+
+
+#: Bytes read from the socket at a time under TLS (a TLS record is at most 16 KiB).
+_RECV_BYTES = 32 * 1024
 
 
 def read_response(f: BinaryIO, method: str) -> tuple[int, Headers, bytes, bool]:

@@ -191,6 +191,56 @@ def test_a_real_worker_runs_a_locked_task_over_https_from_celery_settings(agent,
     assert "Traceback" not in worker.log_text()
 
 
+def test_a_gevent_worker_keeps_and_watches_its_lock_over_https_from_its_real_threads(
+    agent, tls, proj, r, redis_server, tmp_path
+):
+    """``celery worker -P gevent`` over HTTPS: the session renewer and the watcher are real OS
+    threads with real sockets (native.py), and gevent's patching of ``ssl`` must not keep
+    them from speaking TLS. A body that blocks the whole process (no greenlet runs) for
+    several fencing windows keeps its lock only if the renewer renews over TLS; a key
+    deleted behind a body's back is seen as lost only if the watcher reads over TLS."""
+    (tmp_path / "tlsconf.py").write_text(
+        f"consul_lock_address = {agent.url!r}\n"
+        f"consul_lock_ca_file = {str(tls.ca)!r}\n"
+        f"consul_lock_client_cert = {str(tls.client_cert)!r}\n"
+        f"consul_lock_client_key = {str(tls.client_key)!r}\n"
+    )
+    # TTL 10 s, lock-delay 2 s: renewals every 0.5 s, a renewer that cannot renew for 2 s
+    # loses the lock at its fencing deadline.
+    env = worker_env(redis_server.url, "", TEST_TTL="10", TEST_LOCK_DELAY="2")
+    del env["CONSUL_HTTP_ADDR"]
+    env.update(CELERY_CONFIG_MODULE="tlsconf", PYTHONPATH=f"{ROOT}{os.pathsep}{tmp_path}")
+    worker = start_worker(proj.app, tmp_path, env, pool="gevent", concurrency=10)
+    try:
+        # 6 s blocked (three fencing windows, far past WATCH_DELAY): only the real threads run.
+        assert proj.blocking.delay(6.0).get(timeout=60) == "finished"
+        (end,) = [json.loads(x) for x in r.lrange("runs", 0, -1) if json.loads(x)["kind"] == "end"]
+        assert end["held"] is True and end["lost"] is None, end
+        assert " lost" not in worker.log_text(), worker.log_text()[-3000:]
+        assert not agent.api("/v1/kv/locks/blocking/.lock")[0].get("Session")
+        # The watcher follows a held lock over TLS: a key deleted behind the body's back is lost.
+        result = proj.checked.delay(60.0)
+        deadline = time.monotonic() + 30
+        while not [x for x in r.lrange("runs", 0, -1) if json.loads(x).get("task") == "checked"]:
+            worker.check_alive()
+            assert time.monotonic() < deadline, "the checked run did not start"
+            time.sleep(0.1)
+        time.sleep(1.0)  # past WATCH_DELAY: the watcher follows the key now
+        agent.api("/v1/kv/locks/proj.checked/.lock", "DELETE")
+        with pytest.raises(Exception) as info:
+            result.get(timeout=30)
+        assert type(info.value).__name__ == "LockLost", info.value
+        assert [json.loads(x)["kind"] for x in r.lrange("runs", 0, -1) if json.loads(x).get("task") == "checked"] == [
+            "start",
+            "lost",
+        ]
+    finally:
+        worker.stop()
+    log = worker.log_text()
+    assert "lock locks/proj.checked/.lock lost" in log, log[-3000:]
+    assert "TypeError" not in log and "Traceback" not in log.split("locks/proj.checked/.lock lost")[0], log[-3000:]
+
+
 def test_a_wrong_ca_fails_with_a_message_naming_the_address_and_the_setting(agent, tls, other_ca, key, clean_env):
     lock = ConsulLock(key, address=agent.address, **tls_settings(tls, ca_file=str(other_ca.ca)))
     with pytest.raises(ConsulUnavailable) as info:
