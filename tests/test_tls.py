@@ -24,6 +24,7 @@ from celery_consul_lock import ConsulLock, ConsulLockError, ConsulSettings, Cons
 from celery_consul_lock.consul import LOCK_FLAG
 
 from .servers import ROOT, TLSConsulAgent, TLSFiles, make_tls_files, start_consul_tls, wait_consul_ready
+from .test_gevent import run_green_child
 from .workers import start_worker, worker_env
 
 #: Every CONSUL_* variable the settings read; tests that set some clear all of them first.
@@ -191,9 +192,7 @@ def test_a_real_worker_runs_a_locked_task_over_https_from_celery_settings(agent,
     assert "Traceback" not in worker.log_text()
 
 
-def test_a_gevent_worker_keeps_and_watches_its_lock_over_https_from_its_real_threads(
-    agent, tls, proj, r, redis_server, tmp_path
-):
+def test_a_gevent_worker_keeps_and_watches_its_lock_over_https_from_its_real_threads(agent, tls, proj, r, redis_server, tmp_path):
     """``celery worker -P gevent`` over HTTPS: the session renewer and the watcher are real OS
     threads with real sockets (native.py), and gevent's patching of ``ssl`` must not keep
     them from speaking TLS. A body that blocks the whole process (no greenlet runs) for
@@ -239,6 +238,69 @@ def test_a_gevent_worker_keeps_and_watches_its_lock_over_https_from_its_real_thr
     log = worker.log_text()
     assert "lock locks/proj.checked/.lock lost" in log, log[-3000:]
     assert "TypeError" not in log and "Traceback" not in log.split("locks/proj.checked/.lock lost")[0], log[-3000:]
+
+
+def test_the_real_threads_tls_under_gevent_verifies_fails_clearly_and_can_be_interrupted(agent, tls, other_ca, key):
+    """The TLS that our real threads speak under gevent (an SSLObject over the real socket,
+    see transport.py), from one of them in a patched child process: it reads through the
+    verified agent, a wrong CA and a missing client certificate give the same messages as
+    elsewhere, and interrupt() ends a blocking query at once."""
+    good = tls_settings(tls)
+    wrong_ca = tls_settings(tls, ca_file=str(other_ca.ca))
+    no_cert = tls_settings(tls, client_cert=None, client_key=None)
+    out = run_green_child(
+        f"""
+        from celery_consul_lock import ConsulSettings, ConsulUnavailable
+        from celery_consul_lock.consul import ConsulClient
+        from celery_consul_lock.transport import _TLSOverBIO
+
+        out, blocked = {{}}, []
+
+        def client(settings):
+            return ConsulClient(ConsulSettings(address={agent.address!r}, **settings), native=True)
+
+        def failure(settings):
+            try:
+                client(settings).kv_get({key!r})
+            except ConsulUnavailable as exc:
+                return str(exc)
+
+        def real():
+            try:
+                c = client({good!r})
+                index, entry = c.kv_get({key!r})
+                out["read"] = [index > 0, entry is None, type(c._pool._all[0]._file.raw) is _TLSOverBIO]
+                out["wrong_ca"] = failure({wrong_ca!r})
+                out["no_cert"] = failure({no_cert!r})
+                blocked.append(c)
+                out["blocking"] = True
+                started = time.monotonic()
+                try:
+                    c.kv_get({key!r}, index=index, wait=60)
+                except ConsulUnavailable as exc:
+                    out["interrupted"] = [str(exc), time.monotonic() - started]
+            finally:
+                out["done"] = True
+
+        gevent.sleep(0)
+        native.start_thread(real, (), "tls")
+        until(lambda: "blocking" in out, 30)
+        gevent.sleep(1.0)
+        interrupted_at = time.monotonic()
+        blocked[0].interrupt()
+        until(lambda: "done" in out, 30)
+        out["after_interrupt"] = time.monotonic() - interrupted_at
+        print(json.dumps(out))
+        """
+    )
+    assert out["read"] == [True, True, True], out
+    assert agent.url in out["wrong_ca"] and "TLS verification of the agent's certificate failed" in out["wrong_ca"], out
+    assert "consul_lock_ca_file / CONSUL_CACERT" in out["wrong_ca"], out
+    assert agent.url in out["no_cert"] and "the agent requires a client certificate" in out["no_cert"], out
+    message, _ = out["interrupted"]
+    assert agent.url in message, out
+    assert out["after_interrupt"] < 5, out
+    print(f"interrupted after {out['after_interrupt']:.2f} s: {message}")
 
 
 def test_a_wrong_ca_fails_with_a_message_naming_the_address_and_the_setting(agent, tls, other_ca, key, clean_env):
