@@ -235,7 +235,8 @@ class _TLSOverBIO(io.RawIOBase):
             # No module globals (interpreter exit, see Connection.close); any failure is a
             # connection that is going away anyway. unwrap() raises SSLWantReadError once it
             # has written close_notify (it would wait for the peer's): send it, wait for none.
-            for step in (self._tls.unwrap, self._flush):
+            steps: tuple[Callable[[], object], ...] = (lambda: self._tls.unwrap(), self._flush)  # no _tls if wrap_bio failed
+            for step in steps:
                 try:  # noqa: SIM105 (no contextlib at interpreter exit)
                     step()
                 except Exception:
