@@ -849,7 +849,7 @@ def churn(topo: Topology, plan: Plan, workdir: Path, redis_url: str) -> dict[str
     """Session churn: what the cluster carries, and a real recycling worker (see the doc)."""
     n = plan.churn_tasks
     print(
-        "\n4. Session churn. What the cluster carries: sessions created + destroyed back to back (two Raft"
+        "\n5. Session churn. What the cluster carries: sessions created + destroyed back to back (two Raft"
         f"\n   writes, as a recycled pool process does) by 1 and {TARGET_LOCKERS} lockers ({plan.key_seconds:g} s each):"
     )
     out: dict[str, Any] = {"cluster": {}}
@@ -890,7 +890,7 @@ def celery_tasks(topo: Topology, plan: Plan, workdir: Path, redis_url: str) -> d
     """Locked no-ops against unlocked ones through a threads-pool worker of TARGET_LOCKERS."""
     n = plan.churn_tasks * 10
     print(
-        f"\n5. Through Celery: a worker with -P threads -c {TARGET_LOCKERS} on the client agent runs {n} no-op tasks"
+        f"\n6. Through Celery: a worker with -P threads -c {TARGET_LOCKERS} on the client agent runs {n} no-op tasks"
         "\n   sent at once: unlocked, and as ConsulLockedTask with a key per task (Celery's own cost is in both)."
     )
     cases = {
